@@ -1,0 +1,38 @@
+# Two commands do all the set-up: `make run` (the main job) and `make test` (the test suite).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+WS     ?= runs/emoji
+ENCODER ?= pixels
+
+.PHONY: run test lint bench gpu clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+# Emoji gallery -> embeddings -> index -> every directed domain pair -> report.
+run: $(BIN)/.installed
+	$(BIN)/cdir data emoji -w $(WS)
+	$(BIN)/cdir embed -w $(WS) --encoder $(ENCODER)
+	$(BIN)/cdir index build -w $(WS) --encoder $(ENCODER) --type flat
+	$(BIN)/cdir eval -w $(WS) --encoder $(ENCODER)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/bench_eval.py
+
+# Swap faiss-cpu for the GPU build (both import as `faiss`, so never keep both).
+gpu: $(BIN)/.installed
+	$(BIN)/python -m pip uninstall -y faiss-cpu
+	$(BIN)/python -m pip install -e ".[gpu]"
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,5 @@
+import sys
+
+from cdir.cli import main
+
+sys.exit(main())

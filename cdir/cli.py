@@ -1,0 +1,82 @@
+"""The `cdir` command line. Each sub-command lives in `cdir/commands/<name>.py` and exposes
+`register(subparsers)` and `run(args)`; heavy libraries are imported inside `run`, so `cdir --help`
+stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from cdir.errors import CdirError
+
+COMMANDS = ("data", "embed", "caption", "index", "search", "eval", "train", "demo")
+
+DESCRIPTION = """\
+cdir: cross-domain image retrieval. Given an image in one visual style (a sketch, a clipart,
+a painting, a photo), find the images of the same thing in other styles.
+
+A workspace (-w DIR) holds each stage's output; every stage resumes and skips finished work:
+  cdir data officehome ROOT -w runs/oh        describe a gallery (or: domainnet, folder, csv, emoji)
+  cdir embed  -w runs/oh --encoder clip:ViT-B-32/openai     image embeddings
+  cdir caption -w runs/oh --captioner hf:Salesforce/blip-image-captioning-base
+  cdir index build -w runs/oh --encoder clip:ViT-B-32/openai --type flat
+  cdir search -w runs/oh --image query.jpg --domain Clipart -k 10
+  cdir eval   -w runs/oh --encoder clip:ViT-B-32/openai   every directed domain pair
+  cdir train synco --config configs/emoji_small.yaml      self-supervised pretraining
+  cdir demo   -w runs/oh                                   the Gradio search demo
+
+Model specs: clip:ARCH/PRETRAINED (open_clip), st:ID-OR-PATH (sentence-transformers),
+hf:ID-OR-PATH (captioner), ckpt:PATH (a checkpoint of this project or MoCo/SynCo), pixels.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cdir", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cdir {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"cdir.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"cdir.commands.{name}":
+                raise
+            continue  # a command not part of this build
+        module.register(sub)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cdir")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CdirError as e:
+        print(f"cdir {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cdir {args.command}: interrupted; finished work is kept, re-run to continue",
+              file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `cdir search ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

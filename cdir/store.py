@@ -1,0 +1,115 @@
+"""Resumable on-disk embedding store: shards of L2-normalised float32 vectors with their ids.
+
+<dir>/info.json             spec, dim, kind, params
+<dir>/shard_00000.npy       (n, dim) float32
+<dir>/shard_00000.ids.json  the n ids of that shard, written after the vectors (its presence marks the
+                            shard complete, so a killed run never leaves a half-counted shard)
+<dir>/failed.json           images that could not be read: [{id, path, reason}]
+
+Rows are keyed by manifest id, not position, so a changed gallery reuses what is still valid and an
+interrupted run continues without duplicated or missing rows.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cdir.errors import CdirError
+from cdir.io import atomic_path, read_json, write_json
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+_SHARD = re.compile(r"shard_(\d{5})\.ids\.json$")
+
+
+class EmbeddingStore:
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+
+    # -- metadata ------------------------------------------------------------------------------
+    @property
+    def info_path(self) -> Path:
+        return self.dir / "info.json"
+
+    def info(self) -> dict:
+        return read_json(self.info_path) if self.info_path.exists() else {}
+
+    def exists(self) -> bool:
+        return self.info_path.exists()
+
+    def open(self, spec: str, dim: int, **params) -> None:
+        """Start or continue a store for ``spec``; refuse to mix vectors from different settings."""
+        info = self.info()
+        want = {"spec": spec, "dim": int(dim), "params": params}
+        if info and (info.get("spec"), info.get("dim"), info.get("params")) != (
+                spec, int(dim), params):
+            raise CdirError(
+                f"{self.dir} holds embeddings of {info.get('spec')} (dim {info.get('dim')}, "
+                f"{info.get('params')}), not {spec} (dim {dim}, {params}): delete it to re-embed")
+        if not info:
+            write_json(self.info_path, want)
+
+    # -- shards --------------------------------------------------------------------------------
+    def _shards(self) -> list[int]:
+        if not self.dir.exists():
+            return []
+        return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _SHARD.match(p.name)))
+
+    def done_ids(self) -> set[str]:
+        done: set[str] = set()
+        for i in self._shards():
+            done.update(read_json(self.dir / f"shard_{i:05d}.ids.json"))
+        return done
+
+    def failed(self) -> list[dict]:
+        path = self.dir / "failed.json"
+        return read_json(path) if path.exists() else []
+
+    def add_failed(self, records: list[dict]) -> None:
+        if records:
+            known = {r["id"]: r for r in self.failed()}
+            known.update({r["id"]: r for r in records})
+            write_json(self.dir / "failed.json", sorted(known.values(), key=lambda r: r["id"]))
+
+    def append(self, ids: list[str], vectors: np.ndarray) -> None:
+        """Write one shard. Vectors are L2-normalised here so every consumer can rely on it."""
+        if len(ids) == 0:
+            return
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape[0] != len(ids):
+            raise ValueError(f"{len(ids)} ids for {vectors.shape[0]} vectors")
+        if not np.isfinite(vectors).all():
+            raise CdirError(f"non-finite embeddings produced for e.g. {ids[0]!r}")
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        n = (self._shards() or [-1])[-1] + 1
+        with atomic_path(self.dir / f"shard_{n:05d}.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, vectors)
+        write_json(self.dir / f"shard_{n:05d}.ids.json", list(ids))
+
+    # -- reading -------------------------------------------------------------------------------
+    def load(self, manifest: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return (vectors, valid): vectors in manifest row order (zeros where missing) and a boolean
+        mask of rows that have a vector. Without a manifest, all stored rows in shard order."""
+        shards = self._shards()
+        if not shards:
+            raise CdirError(f"no embeddings in {self.dir}: run `cdir embed` first")
+        ids: list[str] = []
+        blocks = []
+        for i in shards:
+            ids.extend(read_json(self.dir / f"shard_{i:05d}.ids.json"))
+            blocks.append(np.load(self.dir / f"shard_{i:05d}.npy"))
+        stored = np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
+        if manifest is None:
+            return stored, np.ones(len(stored), bool)
+        pos = {id_: j for j, id_ in enumerate(ids)}  # a later shard wins if an id was re-embedded
+        rows = np.array([pos.get(i, -1) for i in manifest["id"].tolist()], dtype=np.int64)
+        valid = rows >= 0
+        out = np.zeros((len(manifest), stored.shape[1]), np.float32)
+        out[valid] = stored[rows[valid]]
+        return out, valid

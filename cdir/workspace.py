@@ -1,0 +1,63 @@
+"""The on-disk workspace: where each pipeline stage reads its inputs and writes its outputs.
+
+<ws>/manifest.parquet, <ws>/captions/<key>.parquet, <ws>/embeddings/<key>/, <ws>/indexes/<name>.faiss,
+<ws>/reports/<run>/ (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from cdir.errors import CdirError
+
+
+def spec_key(spec: str) -> str:
+    """A filesystem-safe, collision-free key for a model spec or any parameter string."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", spec).strip("-.")[:60] or "x"
+    return f"{readable}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
+
+
+class Workspace:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def info_path(self) -> Path:
+        """Facts about the gallery (dataset kind, source root) written by `cdir data`."""
+        return self.root / "gallery.json"
+
+    def embeddings_dir(self, spec: str) -> Path:
+        return self.root / "embeddings" / spec_key(spec)
+
+    def captions_path(self, key: str) -> Path:
+        return self.root / "captions" / f"{spec_key(key)}.parquet"
+
+    def index_path(self, name: str) -> Path:
+        return self.root / "indexes" / f"{name}.faiss"
+
+    def reports_dir(self, run: str) -> Path:
+        return self.root / "reports" / run
+
+    def require(self) -> Workspace:
+        if not self.manifest_path.exists():
+            raise CdirError(
+                f"{self.root} is not a cdir workspace (no manifest.parquet): "
+                "create it with `cdir data {emoji|folder|officehome|domainnet|csv} ... -w "
+                f"{self.root}`")
+        return self
+
+    def manifest(self):
+        from cdir.manifest import load_manifest
+
+        return load_manifest(self.require().manifest_path)
+
+    def info(self) -> dict:
+        from cdir.io import read_json
+
+        return read_json(self.info_path) if self.info_path.exists() else {}
