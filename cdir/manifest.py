@@ -22,8 +22,8 @@ COLUMNS = ["id", "path", "domain", "label", "class_name", "split"]
 def make_manifest(rows: list[dict], extra_columns: tuple[str, ...] = ()) -> pd.DataFrame:
     """Build a manifest from dicts with id, path, domain, class_name (and optional split, extras).
 
-    Labels are assigned from the byte-sorted class names; rows are sorted by (domain, class, id) so the
-    same files always give the same manifest.
+    Labels are assigned from the byte-sorted class names; rows are sorted by (domain, class, id)
+    so the same files always give the same manifest.
     """
     import pandas as pd
 
@@ -63,7 +63,7 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
 
     path = Path(path)
     if not path.exists():
-        raise CdirError(f"no manifest at {path}: create one first with `cdir data ... -w WORKSPACE`")
+        raise CdirError(f"no manifest at {path}: create one with `cdir data ... -w WORKSPACE`")
     df = pd.read_parquet(path)
     validate(df)
     return df
@@ -81,4 +81,5 @@ def fingerprint(df: pd.DataFrame) -> str:
 def summary(df: pd.DataFrame) -> str:
     per_domain = df.groupby("domain", sort=True).size()
     parts = ", ".join(f"{d} {n}" for d, n in per_domain.items())
-    return f"{len(df)} images, {df['class_name'].nunique()} classes, {len(per_domain)} domains ({parts})"
+    n_classes = df["class_name"].nunique()
+    return f"{len(df)} images, {n_classes} classes, {len(per_domain)} domains ({parts})"

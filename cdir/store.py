@@ -2,8 +2,8 @@
 
 <dir>/info.json             spec, dim, kind, params
 <dir>/shard_00000.npy       (n, dim) float32
-<dir>/shard_00000.ids.json  the n ids of that shard, written after the vectors (its presence marks the
-                            shard complete, so a killed run never leaves a half-counted shard)
+<dir>/shard_00000.ids.json  the n ids of that shard, written after the vectors (its presence marks
+                            the shard complete, so a killed run never leaves a half-counted shard)
 <dir>/failed.json           images that could not be read: [{id, path, reason}]
 
 Rows are keyed by manifest id, not position, so a changed gallery reuses what is still valid and an
@@ -94,8 +94,8 @@ class EmbeddingStore:
 
     # -- reading -------------------------------------------------------------------------------
     def load(self, manifest: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Return (vectors, valid): vectors in manifest row order (zeros where missing) and a boolean
-        mask of rows that have a vector. Without a manifest, all stored rows in shard order."""
+        """Return (vectors, valid): vectors in manifest row order (zeros where missing) and a
+        boolean mask of rows that have a vector. Without a manifest, all rows in shard order."""
         shards = self._shards()
         if not shards:
             raise CdirError(f"no embeddings in {self.dir}: run `cdir embed` first")

@@ -1,7 +1,7 @@
 """The on-disk workspace: where each pipeline stage reads its inputs and writes its outputs.
 
-<ws>/manifest.parquet, <ws>/captions/<key>.parquet, <ws>/embeddings/<key>/, <ws>/indexes/<name>.faiss,
-<ws>/reports/<run>/ (see DESIGN.md).
+<ws>/manifest.parquet, <ws>/captions/<key>.parquet, <ws>/embeddings/<key>/,
+<ws>/indexes/<name>.faiss, <ws>/reports/<run>/ (see DESIGN.md).
 """
 
 from __future__ import annotations
