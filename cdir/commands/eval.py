@@ -1,0 +1,62 @@
+"""`cdir eval`: cross-domain retrieval on every directed domain pair (default), or the SSL
+protocols `knn` and `linear` on a labelled folder."""
+
+from __future__ import annotations
+
+import argparse
+
+KINDS = ("retrieval", "knn", "linear")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate retrieval on every directed domain pair (or kNN / linear probe)",
+        description="Evaluate cross-domain retrieval: every image of domain A queries all images "
+        "of domain B, for every ordered pair (A, B). Writes a Markdown/CSV/JSON table, a heatmap "
+        "and a retrieval gallery to WORKSPACE/reports/RUN/. `cdir eval knn|linear` runs the "
+        "self-supervised evaluation protocols on a labelled folder instead.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("kind", nargs="?", choices=KINDS, default="retrieval",
+                   help="what to evaluate")
+    p.add_argument("-w", "--workspace", help="workspace directory (retrieval)")
+    p.add_argument("--encoder", help="image encoder spec of the `visual` mode (and kNN/linear)")
+    p.add_argument("--mode", default=None,
+                   help="comma-separated modes: visual, cm-text, cm-image, fusion "
+                        "(default: every mode the other options configure)")
+    p.add_argument("--captions", help="caption source (captioner spec or imported name) for the "
+                                      "cm-* modes; default: the only one in the workspace")
+    p.add_argument("--text-encoder", help="text encoder of cm-text, e.g. st:all-MiniLM-L6-v2")
+    p.add_argument("--clip", help="CLIP spec of cm-image (image tower × text tower)")
+    p.add_argument("--fuse", help="modes fused by `fusion` (default: all configured modes)")
+    p.add_argument("--weights", help="fusion weights, e.g. visual=0.3,cm-text=0.7 (default 1 each)")
+    p.add_argument("--fusion-method", choices=("zscore", "rrf"), default="zscore")
+    p.add_argument("--sweep", action="store_true",
+                   help="choose fusion weights on a held-out half of the queries, report the other")
+    p.add_argument("--protocol", choices=("ucdir",), default="ucdir",
+                   help="ucdir: the UCDIR-family protocol (P@k with t=min(k,R)), beside standard "
+                        "precision@k, recall@k and mAP@R")
+    p.add_argument("--ks", help="comma-separated k values (default: 1,5,15 for Office-Home and "
+                                "folders, 50,100,200 for DomainNet)")
+    p.add_argument("--pairs", help="directed pairs to evaluate, e.g. Art:Clipart,Clipart:Art "
+                                   "(default: every ordered pair of distinct domains)")
+    p.add_argument("--run", help="report name under WORKSPACE/reports/ (default: from the specs)")
+    p.add_argument("--examples", type=int, default=4,
+                   help="sample queries per pair shown in the retrieval gallery")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--data", help="labelled image folder ROOT/<class>/<image> (knn, linear)")
+    p.add_argument("--val-data", help="separate labelled folder to evaluate on (knn, linear)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.kind == "retrieval":
+        from cdir.evaluate import run_retrieval_eval
+
+        return run_retrieval_eval(args)
+    from cdir.errors import CdirError
+
+    try:
+        from eval.ssl import run_ssl_eval
+    except ImportError:
+        raise CdirError(f"`cdir eval {args.kind}` is not available in this build") from None
+    return run_ssl_eval(args)

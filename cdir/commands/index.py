@@ -1,0 +1,59 @@
+"""`cdir index build|info`: FAISS indexes over a workspace's image or caption embeddings."""
+
+from __future__ import annotations
+
+import argparse
+
+TYPES = ("flat", "ivf", "ivfpq", "hnsw")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="build or inspect FAISS indexes over embeddings",
+                       description="Build a FAISS index over the embeddings of a workspace, or "
+                       "show what the workspace's indexes hold.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    b = actions.add_parser(
+        "build", help="build (or extend) an index",
+        description="Build a cosine index over image embeddings (--encoder) or caption "
+        "embeddings (--captions with --text-encoder). If an index of the same encoder and type "
+        "exists and the gallery only grew, the new images are added to it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("-w", "--workspace", required=True)
+    b.add_argument("--encoder", help="image encoder spec whose embeddings are indexed")
+    b.add_argument("--captions", help="index caption embeddings of this caption source instead")
+    b.add_argument("--text-encoder", help="text encoder of the caption embeddings")
+    b.add_argument("--type", choices=TYPES, default="flat",
+                   help="flat: exact; ivf / ivfpq: inverted lists (faster, approximate, "
+                        "ivfpq compressed); hnsw: graph")
+    b.add_argument("--name", help="index name (default: from the encoder and type)")
+    gpu = b.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", dest="gpu", action="store_true", default=None,
+                     help="require a GPU (faiss-gpu and a CUDA device)")
+    gpu.add_argument("--cpu", dest="gpu", action="store_false", help="stay on the CPU")
+    b.add_argument("--nlist", type=int, help="IVF lists (default ≈ 4·√N)")
+    b.add_argument("--m", type=int, help="PQ sub-quantizers (ivfpq) or graph degree (hnsw)")
+    b.add_argument("--rebuild", action="store_true", help="rebuild even if it could be extended")
+    b.set_defaults(func=run_build)
+    i = actions.add_parser("info", help="list the indexes of a workspace")
+    i.add_argument("-w", "--workspace", required=True)
+    i.set_defaults(func=run_info)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from cdir.indexing import build_workspace_index
+
+    build_workspace_index(args)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from cdir.indexing import list_indexes
+
+    rows = list_indexes(args.workspace)
+    if not rows:
+        print(f"no indexes in {args.workspace}: build one with `cdir index build`")
+        return 0
+    for r in rows:
+        print(f"{r['name']}: {r['kind']} over {r['count']} vectors of {r['encoder_spec']} "
+              f"(dim {r['dim']}){'' if r['current'] else '  [stale: the gallery changed]'}")
+    return 0

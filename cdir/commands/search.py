@@ -1,0 +1,58 @@
+"""`cdir search`: the top-k gallery images for query images, optionally within one domain."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="search a workspace index with query images",
+                       description="Search a workspace index with one or more query images. "
+                       "The query is encoded like the index's vectors (image encoder, or caption "
+                       "+ text encoder for caption indexes).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-w", "--workspace", required=True)
+    p.add_argument("--image", action="append", required=True, metavar="PATH",
+                   help="query image (repeat for several)")
+    p.add_argument("-k", type=int, default=10, help="results per query")
+    p.add_argument("--domain", help="only return images of this domain")
+    p.add_argument("--index", help="index name (default: the only index, or the --encoder one)")
+    p.add_argument("--encoder", help="pick the index built with this encoder")
+    p.add_argument("--mode", choices=("visual", "cm-text", "cm-image"),
+                   help="for caption indexes: caption the query (cm-text) or use the CLIP image "
+                        "tower (cm-image)")
+    p.add_argument("--captioner", help="captioner for the query (default: the gallery's)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from cdir.errors import CdirError
+    from cdir.images import load_image
+    from cdir.search import Searcher
+
+    if args.k < 1:
+        raise CdirError("-k must be at least 1")
+    images = [load_image(p) for p in args.image]  # a bad query is an error, not a skip
+    searcher = Searcher(args.workspace, index=args.index, encoder=args.encoder, mode=args.mode,
+                        captioner=args.captioner, device=args.device)
+    results, captions = searcher.search(images, k=args.k, domain=args.domain)
+    if args.json:
+        print(json.dumps([{"query": q, "caption": captions[i] if captions else None,
+                           "results": [asdict(h) for h in hits]}
+                          for i, (q, hits) in enumerate(zip(args.image, results, strict=True))],
+                         indent=2))
+        return 0
+    for i, (query, hits) in enumerate(zip(args.image, results, strict=True)):
+        caption = f'  caption: "{captions[i]}"' if captions else ""
+        print(f"query {query}{caption}")
+        for h in hits:
+            print(f"  {h.rank:3d}  {h.score:7.4f}  {h.domain:<12} {h.class_name:<24} {h.path}")
+    where = f" in {args.domain}" if args.domain else ""
+    print(f"{len(images)} quer{'y' if len(images) == 1 else 'ies'}, top {args.k}{where}, "
+          f"{searcher.mode} search of {searcher.spec}")
+    return 0

@@ -1,0 +1,116 @@
+"""Searching a workspace index with new query images: shared by `cdir search` and the demo.
+
+An index over image embeddings is queried with the same image encoder. An index over caption
+embeddings (``<text encoder>@captions:<source>``) is queried either with the query's own caption,
+generated on the fly by the captioner that wrote the gallery's captions (cm-text), or — when the
+text encoder is a CLIP — with the query image through the CLIP image tower (cm-image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cdir.errors import CdirError
+from cdir.workspace import Workspace
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    id: str
+    path: str
+    domain: str
+    class_name: str
+
+
+class Searcher:
+    def __init__(self, workspace: str, index: str | None = None, encoder: str | None = None,
+                 mode: str | None = None, captioner: str | None = None,
+                 device: str | None = None, gpu: bool | None = None):
+        from cdir.indexing import open_index
+
+        self.ws = Workspace(workspace).require()
+        self.manifest = self.ws.manifest().set_index("id", drop=False)
+        self.index = open_index(self.ws, index, encoder, gpu=gpu)
+        self.spec = self.index.meta.encoder_spec
+        self.device = device
+        text_spec, sep, source = self.spec.partition("@captions:")
+        self.caption_source = source if sep else None
+        self.text_spec = text_spec if sep else None
+        if self.caption_source is None:
+            self.mode = "visual"
+        else:
+            default = "cm-image" if text_spec.startswith("clip:") and not captioner else "cm-text"
+            self.mode = mode or default
+        if mode and mode != self.mode and self.caption_source is None:
+            raise CdirError(f"index {self.spec} holds image embeddings: only mode visual applies")
+        self.captioner_spec = captioner
+        self._image_encoder = self._text_encoder = self._captioner = None
+
+    # -- encoders, loaded on first use -----------------------------------------------------------
+    def _encode_images(self, images: list[Image.Image], spec: str) -> np.ndarray:
+        import torch
+
+        from encoders.image import load_image_encoder
+
+        if self._image_encoder is None:
+            self._image_encoder = load_image_encoder(spec, device=self.device)
+        enc = self._image_encoder
+        batch = torch.stack([enc.transform(im) for im in images]).to(enc.device)
+        with torch.inference_mode():
+            x = enc.encode(batch).float().cpu().numpy()
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    def caption(self, images: list[Image.Image]) -> list[str]:
+        """The query's own caption, by the captioner that captioned the gallery (or --captioner)."""
+        from cdir.captions import captioner_of_source
+        from encoders.captioners import load_captioner
+
+        if self._captioner is None:
+            spec = self.captioner_spec or captioner_of_source(self.ws, self.caption_source)
+            if spec is None:
+                raise CdirError(f"the captions {self.caption_source!r} were imported, not "
+                                "generated: give --captioner hf:... to caption the query")
+            self._captioner = load_captioner(spec, device=self.device)
+        return self._captioner.caption(images)
+
+    def query_vectors(self, images: list[Image.Image]) -> tuple[np.ndarray, list[str] | None]:
+        if self.mode == "visual":
+            return self._encode_images(images, self.spec), None
+        if self.mode == "cm-image":
+            if not self.text_spec.startswith("clip:"):
+                raise CdirError("cm-image needs an index of CLIP text embeddings of captions")
+            return self._encode_images(images, self.text_spec), None
+        from encoders.text import load_text_encoder
+
+        captions = self.caption(images)
+        if self._text_encoder is None:
+            self._text_encoder = load_text_encoder(self.text_spec, device=self.device)
+        return self._text_encoder.encode(captions), captions
+
+    # -- search ------------------------------------------------------------------------------------
+    def search(self, images: list[Image.Image], k: int = 10, domain: str | None = None
+               ) -> tuple[list[list[Hit]], list[str] | None]:
+        if domain is not None and domain not in self.index.domain_names:
+            raise CdirError(f"unknown domain {domain!r}; the index has "
+                            f"{', '.join(self.index.domain_names)}")
+        q, captions = self.query_vectors(images)
+        res = self.index.search(q, k=k, domain=domain)
+        out = []
+        for scores, ids in zip(res.scores, res.ids, strict=True):
+            hits = []
+            for rank, (s, id_) in enumerate(zip(scores, ids, strict=True), 1):
+                if not id_:
+                    continue
+                row = self.manifest.loc[id_]
+                hits.append(Hit(rank, float(s), id_, str(row["path"]), str(row["domain"]),
+                                str(row["class_name"])))
+            out.append(hits)
+        return out, captions

