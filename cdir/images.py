@@ -13,6 +13,9 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 # Decoding a truncated file must fail, not yield a half-grey image silently.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# load_image enforces the decompression-bomb limit itself (thread-safely), so Pillow's warning
+# would only repeat it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class BadImage(CdirError):
@@ -33,9 +36,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
         canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
         canvas.alpha_composite(img)
         return canvas.convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits before converting
-        img = img.point(lambda v: v / 256).convert("L")
+    if img.mode.startswith("I"):
+        # 16/32-bit greyscale: scale to 8 bits (via mode I: point() rejects I;16B)
+        img = img.convert("I").point(lambda v: v / 256).convert("L")
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
@@ -44,15 +47,17 @@ def load_image(path: str | Path) -> Image.Image:
     including images over Pillow's decompression-bomb limit."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return to_rgb(img)
+        with Image.open(path) as img:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.size[0] * img.size[1] > limit:
+                raise BadImage(f"{path}: too large ({img.size[0]}×{img.size[1]} pixels, over "
+                               f"Pillow's decompression-bomb limit of {limit})")
+            img.load()
+            return to_rgb(img)
     except FileNotFoundError:
         raise BadImage(f"{path}: file not found") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(f"{path}: too large ({e.__class__.__name__})") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"{path}: too large ({e})") from None
     except Image.UnidentifiedImageError:
         size = path.stat().st_size if path.exists() else 0
         raise BadImage(f"{path}: not an image" + (" (empty file)" if size == 0 else "")) from None
