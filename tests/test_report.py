@@ -1,0 +1,91 @@
+"""Report files: tables, heatmap and the retrieval gallery, from a real (tiny) evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from eval.protocol import evaluate_pairs
+from eval.report import format_table, write_report
+from eval.topk import CosineScorer
+
+torch.set_num_threads(1)
+
+
+def _gallery(tmp_path) -> tuple[pd.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(0)
+    rows, vecs = [], []
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    for d in ("photo", "sketch", "art"):
+        for c, rgb in colours.items():
+            for i in range(3):
+                p = tmp_path / "img" / d / c / f"{i}.png"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (40 + 10 * i, 30), rgb).save(p)
+                rows.append({"id": f"{d}/{c}/{i}.png", "path": str(p), "domain": d,
+                             "class_name": c, "split": "all"})
+                v = np.array([1.0, 0.0] if c == "red" else [0.0, 1.0]) + 1.5 * rng.random(2)
+                vecs.append(v / np.linalg.norm(v))
+    df = pd.DataFrame(rows)
+    df["label"] = (df["class_name"] == "red").astype(int)  # blue=0, red=1 (byte-sorted names)
+    rows[0]["path"] = str(tmp_path / "missing.png")  # one unreadable image: a placeholder tile
+    df.loc[0, "path"] = rows[0]["path"]
+    return df, np.asarray(vecs, dtype=np.float32)
+
+
+def test_write_report_writes_every_file(tmp_path):
+    df, vecs = _gallery(tmp_path)
+    res = evaluate_pairs(CosineScorer(vecs, device="cpu"), df, ks=(1, 3), keep_examples=2,
+                         progress=False)
+    paths = write_report(res, tmp_path / "report", "tiny | test", manifest=df)
+    assert set(paths) == {"md", "csv", "json", "heatmap", "gallery_png", "gallery_html"}
+    for p in paths.values():
+        assert p.exists() and p.stat().st_size > 0
+    assert not list((tmp_path / "report").glob(".*.tmp"))  # no temp files left behind
+
+    pairs = [r["pair"] for r in res if r["pair"] != "mean"]
+    assert len(pairs) == 6
+    md = paths["md"].read_text(encoding="utf-8")
+    assert md.startswith("# tiny | test")
+    for pair in pairs:
+        assert f"| {pair} |" in md
+    assert "| **mean** |" in md and "P@1" in md and "mAP@R" in md
+
+    with open(paths["csv"], newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert [r["pair"] for r in table] == pairs + ["mean"]
+    assert float(table[0]["P@1"]) == res[0]["P@1"]
+
+    data = json.loads(paths["json"].read_text(encoding="utf-8"))
+    assert data["title"] == "tiny | test"
+    assert [r["pair"] for r in data["results"]] == pairs + ["mean"]
+    assert all("examples" not in r for r in data["results"])
+    assert len(data["examples"]) == 12
+
+    with Image.open(paths["heatmap"]) as im:
+        assert im.width > 100 and im.height > 100
+    with Image.open(paths["gallery_png"]) as im:
+        assert im.height > 12 * 112  # one strip per example query
+        px = np.asarray(im.convert("RGB"))
+    assert ((px == (46, 160, 67)).all(axis=2)).sum() > 100  # green frames of hits
+    html = paths["gallery_html"].read_text(encoding="utf-8")
+    assert html.count("data:image/jpeg;base64,") == 12 * 4  # query + top 3, embedded
+    assert 'class="hit"' in html and "photo→sketch" in html
+
+
+def test_report_without_examples_and_with_nan(tmp_path):
+    res = [{"pair": "x→y", "query_domain": "x", "gallery_domain": "y", "n_queries": 2,
+            "n_gallery": 3, "P@1": float("nan"), "mAP@R": 12.5},
+           {"pair": "mean", "query_domain": "", "gallery_domain": "", "n_queries": 2,
+            "n_gallery": None, "P@1": float("nan"), "mAP@R": 12.5}]
+    paths = write_report(res, tmp_path, "nan")
+    assert set(paths) == {"md", "csv", "json", "heatmap"}
+    assert json.loads(paths["json"].read_text())["results"][0]["P@1"] is None
+    table = format_table(res)
+    assert "| x→y | 2 | 3 | n/a | 12.50 |" in table
+    assert table.splitlines()[0] == "| pair | n_queries | n_gallery | P@1 | mAP@R |"
