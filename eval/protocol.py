@@ -85,6 +85,7 @@ def evaluate_pairs(
     keep_examples: int = 0,
     example_k: int | None = None,
     progress: bool = True,
+    query_mask: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every directed domain pair; one result row per pair plus a final ``mean`` row.
 
@@ -93,6 +94,8 @@ def evaluate_pairs(
     the pairs (unweighted, as papers average pairs); its n_queries is the total and n_gallery None.
     With ``keep_examples > 0`` each pair row also holds ``examples``: that many sample queries with
     their top ``example_k`` results (default min(max(ks), 10)) for the retrieval gallery.
+    ``query_mask`` (bool per manifest row) restricts the queries, never the gallery: e.g. to tune
+    fusion weights on one half of the queries and report on the other.
     """
     from tqdm.auto import tqdm
 
@@ -123,13 +126,16 @@ def evaluate_pairs(
     n_labels = int(labels.max()) + 1
     example_k = example_k or min(max(ks), DEFAULT_EXAMPLE_K)
 
-    total = sum(int((domains == a).sum()) for a, _ in pairs)
+    is_query = np.ones(len(manifest), bool) if query_mask is None else np.asarray(query_mask, bool)
+    if is_query.shape != (len(manifest),):
+        raise ValueError(f"query_mask must have one entry per manifest row ({len(manifest)})")
+    total = sum(int(((domains == a) & is_query).sum()) for a, _ in pairs)
     bar = tqdm(total=total, desc="eval", unit="query", disable=not progress)
     results: list[dict[str, Any]] = []
     try:
         for a, b in pairs:
             bar.set_postfix_str(pair_name(a, b))
-            q_rows = np.flatnonzero(domains == a)
+            q_rows = np.flatnonzero((domains == a) & is_query)
             g_rows = np.flatnonzero(domains == b)  # ascending: ties go to the lower manifest row
             q_lab, g_lab = labels[q_rows], labels[g_rows]
             n_rel = np.bincount(g_lab, minlength=n_labels)[q_lab]
