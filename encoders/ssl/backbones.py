@@ -1,0 +1,120 @@
+"""ResNet feature extractors for self-supervised pretraining.
+
+``build_backbone(name, width=1.0, small_stem=False)`` returns ``(module, feature_dim)``; the module
+maps images (B, 3, H, W) to global-average-pooled features (B, feature_dim); it has no classifier.
+
+The trunk reuses torchvision's residual blocks and keeps torchvision's attribute names (``conv1``,
+``bn1``, ``layer1`` ... ``layer4``), so at ``width=1`` with the ImageNet stem its ``state_dict`` has
+exactly the keys and shapes of ``torchvision.models.resnetXX(weights=None)`` minus ``fc.*``. That is
+what lets reference MoCo/SynCo checkpoints (``module.encoder_q.*``) load after stripping the prefix.
+
+Stems:
+- ImageNet (``resnet18``, ``resnet50``): 7x7 stride-2 conv + 3x3 stride-2 max-pool (224 px).
+- CIFAR (``cifar_resnet18``, ``cifar_resnet50``): 3x3 stride-1 conv, no max-pool (32 px).
+- small (``small_stem=True``): 3x3 stride-2 conv, no max-pool (64-96 px).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from cdir.errors import CdirError
+
+_ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
+BACKBONES = (
+    "resnet18", "resnet34", "resnet50", "cifar_resnet18", "cifar_resnet34", "cifar_resnet50",
+)
+
+
+class ResNetTrunk(nn.Module):
+    """A torchvision-compatible ResNet without the classifier; returns pooled features."""
+
+    def __init__(
+        self,
+        block: type[nn.Module],
+        layers: list[int],
+        width: float = 1.0,
+        stem: str = "imagenet",
+    ) -> None:
+        super().__init__()
+        if width <= 0:
+            raise CdirError(f"backbone width must be positive, got {width}")
+        widths = [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
+        self.inplanes = widths[0]
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
+        elif stem in ("cifar", "small"):
+            stride = 1 if stem == "cifar" else 2
+            self.conv1 = nn.Conv2d(3, widths[0], 3, stride=stride, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            raise CdirError(f"unknown stem {stem!r}; use imagenet, cifar or small")
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, widths[0], layers[0], 1)
+        self.layer2 = self._make_layer(block, widths[1], layers[1], 2)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], 2)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = widths[3] * block.expansion
+        # Same initialisation as torchvision's ResNet (zero_init_residual=False).
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(
+        self, block: type[nn.Module], planes: int, blocks: int, stride: int
+    ) -> nn.Sequential:
+        downsample = None
+        out = planes * block.expansion
+        if stride != 1 or self.inplanes != out:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, out, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out),
+            )
+        mods = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = out
+        mods += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def build_backbone(name: str, **kwargs: object) -> tuple[nn.Module, int]:
+    """Build a ResNet feature extractor by name; returns ``(module, feature_dim)``.
+
+    Keyword options: ``width`` (float, channel multiplier, default 1.0) and ``small_stem`` (bool,
+    3x3 stride-2 stem without max-pool; only for the ImageNet-stem names).
+    """
+    unknown = set(kwargs) - {"width", "small_stem"}
+    if unknown:
+        raise CdirError(
+            f"unknown backbone option(s) {sorted(unknown)} for {name!r}; valid: width, small_stem"
+        )
+    width = float(kwargs.get("width", 1.0))  # type: ignore[arg-type]
+    small_stem = bool(kwargs.get("small_stem", False))
+    base, stem = name, "imagenet"
+    if name.startswith("cifar_"):
+        base, stem = name[len("cifar_"):], "cifar"
+        if small_stem:
+            raise CdirError(f"{name!r} already has the CIFAR stem; drop small_stem or use {base!r}")
+    elif small_stem:
+        stem = "small"
+    if base not in _ARCHS:
+        raise CdirError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    block, layers = _ARCHS[base]
+    model = ResNetTrunk(block, layers, width=width, stem=stem)
+    return model, model.out_dim

@@ -1,0 +1,290 @@
+"""SynCo's synthetic hard negatives (spec ``methods.md`` §1.4-§1.5), as vectorised pure functions.
+
+Shapes: ``q`` is (B, d) (the *detached* query), ``n`` / ``n2`` are (B, m, d) sampled hard negatives,
+every generator returns (B, m, d) **unit** vectors with no autograd history. Random coefficients are
+drawn independently per (query, synthetic sample) from ``generator`` (torch's global RNG when
+``None``); each generator draws exactly one tensor, of the shape given in its docstring, so a
+per-sample reference can reproduce the draws.
+
+| # | generator      | formula (before L2 normalisation)                   | coefficient        |
+|---|----------------|-----------------------------------------------------|--------------------|
+| 1 | ``interpolate``| a*q + (1 - a)*n                                     | a ~ U(0, 0.5)      |
+| 2 | ``extrapolate``| q + b*(n - q)  (code, default) / n + b*(n - q) (paper) | b ~ U(1, 1.5)   |
+| 3 | ``mixup``      | g*n + (1 - g)*n2                                    | g ~ U(0, 1)        |
+| 4 | ``add_noise``  | n + e, e ~ N(0, sigma^2 I)                          | sigma = 0.01       |
+| 5 | ``perturb``    | n + delta * grad_n(q.n) = n + delta*q               | delta = 0.01       |
+| 6 | ``adversarial``| n + eta * sign(grad_n(q.n)) = n + eta*sign(q)       | eta = 0.01         |
+
+Types 5 and 6 use the closed form of the gradient (d(q.n)/dn = q) instead of the reference's
+per-sample autograd loop. ``perturb_impl="finite_difference"`` reproduces the reference before
+commit c214637 (a random probe p ~ N(0, eps^2 I), g = q.p/eps, then n + delta*g*p or
+n + eta*sign(g)*p; in effect a copy of n), for anyone reproducing the Aug-Sep 2024 checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cdir.errors import CdirError
+
+_T = torch.Tensor
+_Gen = torch.Generator | None
+EXTRAPOLATE_FROM = ("query", "negative")
+PERTURB_IMPLS = ("closed_form", "finite_difference")
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """In-place L2 normalisation along the last dim."""
+    return x.div_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12))
+
+
+def _uniform(
+    shape: tuple[int, ...], lo: float, hi: float, like: torch.Tensor,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
+    return u.mul_(hi - lo).add_(lo)
+
+
+def _coef_shape(n: torch.Tensor) -> tuple[int, int, int]:
+    return (n.shape[0], n.shape[1], 1)
+
+
+# In-place kernels: ``n`` is a scratch tensor (B, m, d) that is overwritten with the result. The
+# fused ``synthesize`` runs them on slices of its gathered sources, which avoids a temporary per
+# type and the final concatenation; the public functions run them on a copy.
+
+
+def _interpolate_(q: _T, n: _T, alpha_max: float, generator: _Gen) -> _T:
+    a = _uniform(_coef_shape(n), 0.0, alpha_max, n, generator)
+    return _unit(n.mul_(1.0 - a).addcmul_(a, q.unsqueeze(1)))  # a q + (1 - a) n
+
+
+def _extrapolate_(
+    q: _T, n: _T, beta_max: float, extrapolate_from: str, generator: _Gen
+) -> _T:
+    if extrapolate_from not in EXTRAPOLATE_FROM:
+        raise CdirError(f"extrapolate_from must be one of {EXTRAPOLATE_FROM}, got "
+                        f"{extrapolate_from!r}")
+    b = _uniform(_coef_shape(n), 1.0, beta_max, n, generator)
+    if extrapolate_from == "query":
+        return _unit(n.mul_(b).addcmul_(1.0 - b, q.unsqueeze(1)))  # q + b (n - q)
+    return _unit(n.mul_(1.0 + b).addcmul_(b, q.unsqueeze(1), value=-1.0))  # n + b (n - q)
+
+
+def _mixup_(n: _T, n2: _T, gamma_max: float, generator: _Gen) -> _T:
+    g = _uniform(_coef_shape(n), 0.0, gamma_max, n, generator)
+    return _unit(n.mul_(g).addcmul_(1.0 - g, n2))  # g n + (1 - g) n2
+
+
+def _add_noise_(n: _T, sigma: float, generator: _Gen) -> _T:
+    e = torch.randn(n.shape, generator=generator, device=n.device, dtype=n.dtype)
+    return _unit(n.add_(e, alpha=sigma))
+
+
+def _fd_probe(
+    q: _T, n: _T, eps: float, generator: _Gen
+) -> tuple[_T, _T]:
+    """Legacy finite-difference 'gradient': probe p ~ N(0, eps^2 I) with shape (B, m, d) and the
+    directional derivative g = q.p / eps with shape (B, m, 1)."""
+    p = torch.randn(n.shape, generator=generator, device=n.device, dtype=n.dtype).mul_(eps)
+    g = torch.einsum("bd,bmd->bm", q, p).unsqueeze(-1).div_(eps)
+    return p, g
+
+
+def _perturb_(
+    q: _T, n: _T, delta: float, impl: str, fd_eps: float, generator: _Gen
+) -> _T:
+    if impl == "closed_form":
+        return _unit(n.add_(q.unsqueeze(1), alpha=delta))  # n + delta * d(q.n)/dn
+    if impl == "finite_difference":
+        p, g = _fd_probe(q, n, fd_eps, generator)
+        return _unit(n.addcmul_(p, g, value=delta))
+    raise CdirError(f"perturb_impl must be one of {PERTURB_IMPLS}, got {impl!r}")
+
+
+def _adversarial_(
+    q: _T, n: _T, eta: float, impl: str, fd_eps: float, generator: _Gen
+) -> _T:
+    if impl == "closed_form":
+        return _unit(n.add_(torch.sign(q).unsqueeze(1), alpha=eta))  # n + eta sign(d(q.n)/dn)
+    if impl == "finite_difference":
+        p, g = _fd_probe(q, n, fd_eps, generator)
+        return _unit(n.addcmul_(p, torch.sign(g), value=eta))
+    raise CdirError(f"perturb_impl must be one of {PERTURB_IMPLS}, got {impl!r}")
+
+
+@torch.no_grad()
+def interpolate(
+    q: torch.Tensor, n: torch.Tensor, alpha_max: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Type 1: s = a*q + (1-a)*n, a ~ U(0, alpha_max) drawn with shape (B, m, 1)."""
+    return _interpolate_(q.detach(), n.detach().clone(), alpha_max, generator)
+
+
+@torch.no_grad()
+def extrapolate(
+    q: torch.Tensor, n: torch.Tensor, beta_max: float = 1.5, extrapolate_from: str = "query",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Type 2, b ~ U(1, beta_max) drawn with shape (B, m, 1).
+
+    ``extrapolate_from="query"`` (reference code, default): s = q + b*(n - q), a step of (b - 1)
+    beyond n. ``"negative"`` (docstring/paper): s = n + b*(n - q), 1 to 1.5 units beyond n.
+    """
+    return _extrapolate_(q.detach(), n.detach().clone(), beta_max, extrapolate_from, generator)
+
+
+@torch.no_grad()
+def mixup(
+    n: torch.Tensor, n2: torch.Tensor, gamma_max: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Type 3: s = g*n + (1-g)*n2, g ~ U(0, gamma_max) drawn with shape (B, m, 1)."""
+    return _mixup_(n.detach().clone(), n2.detach(), gamma_max, generator)
+
+
+@torch.no_grad()
+def add_noise(
+    n: torch.Tensor, sigma: float = 0.01, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Type 4: s = n + e, e ~ N(0, sigma^2 I); draws a standard normal with shape (B, m, d)."""
+    return _add_noise_(n.detach().clone(), sigma, generator)
+
+
+@torch.no_grad()
+def perturb(
+    q: torch.Tensor, n: torch.Tensor, delta: float = 0.01, impl: str = "closed_form",
+    fd_eps: float = 1e-5, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Type 5: s = n + delta * grad_n(q.n) = n + delta*q (closed form; draws nothing).
+
+    ``impl="finite_difference"``: s = n + delta*g*p with the legacy probe (draws p, (B, m, d)).
+    """
+    return _perturb_(q.detach(), n.detach().clone(), delta, impl, fd_eps, generator)
+
+
+@torch.no_grad()
+def adversarial(
+    q: torch.Tensor, n: torch.Tensor, eta: float = 0.01, impl: str = "closed_form",
+    fd_eps: float = 1e-5, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Type 6: s = n + eta * sign(grad_n(q.n)) = n + eta*sign(q) (closed form; draws nothing).
+
+    ``impl="finite_difference"``: s = n + eta*sign(g)*p with the legacy probe (draws p, (B, m, d)).
+    """
+    return _adversarial_(q.detach(), n.detach().clone(), eta, impl, fd_eps, generator)
+
+
+# --------------------------------------------------------------------------------------------
+# hard-negative selection and the fused generator
+
+
+@dataclass
+class SyntheticConfig:
+    """SynCo synthetic-negative settings; defaults are the CLI defaults of spec §1.4-§1.6."""
+
+    n_hard: int = 1024  # N: top-N queue entries per query (--n-hard)
+    n1: int = 256  # interpolated
+    n2: int = 256  # extrapolated
+    n3: int = 256  # mixup
+    n4: int = 64  # noise-injected
+    n5: int = 64  # perturbed
+    n6: int = 64  # adversarial
+    alpha_max: float = 0.5  # hard_alpha
+    beta_max: float = 1.5  # hard_beta
+    gamma_max: float = 1.0  # hard_gamma
+    sigma: float = 0.01  # --sigma (history: 0.01 -> 0.1 -> 0.01; v2 uses 0.1)
+    delta: float = 0.01  # --delta
+    eta: float = 0.01  # --eta
+    extrapolate_from: str = "query"  # "query" = reference code, "negative" = paper formula
+    perturb_impl: str = "closed_form"  # or "finite_difference" (pre-c214637 reference)
+    fd_eps: float = 1e-5
+
+    @property
+    def counts(self) -> tuple[int, int, int, int, int, int]:
+        return (self.n1, self.n2, self.n3, self.n4, self.n5, self.n6)
+
+    @property
+    def total(self) -> int:
+        """Synthetic negatives per query (960 with the defaults)."""
+        return sum(self.counts)
+
+    def validate(self, queue_size: int | None = None) -> None:
+        if any(c < 0 for c in self.counts):
+            raise CdirError(f"synco: counts n1..n6 must be >= 0, got {self.counts}")
+        if self.total > 0:
+            if self.n_hard < 1:
+                raise CdirError("synco: n_hard must be >= 1 when synthetic negatives are on")
+            big = max(self.counts)
+            if big > self.n_hard:
+                # The reference asserts N >= N_i for every type.
+                raise CdirError(f"synco: n_hard ({self.n_hard}) must be >= every count n1..n6 "
+                                f"(largest is {big})")
+            if queue_size is not None and self.n_hard > queue_size:
+                raise CdirError(f"synco: n_hard ({self.n_hard}) exceeds queue_size ({queue_size});"
+                                " lower n_hard or grow the queue")
+        if self.extrapolate_from not in EXTRAPOLATE_FROM:
+            raise CdirError(f"synco: extrapolate_from must be one of {EXTRAPOLATE_FROM}")
+        if self.perturb_impl not in PERTURB_IMPLS:
+            raise CdirError(f"synco: perturb_impl must be one of {PERTURB_IMPLS}")
+        if min(self.sigma, self.delta, self.eta, self.fd_eps) < 0:
+            raise CdirError("synco: sigma, delta, eta and fd_eps must be >= 0")
+        if not (self.alpha_max >= 0 and self.beta_max >= 1 and self.gamma_max >= 0):
+            raise CdirError("synco: need alpha_max >= 0, beta_max >= 1, gamma_max >= 0")
+
+
+@torch.no_grad()
+def select_hard(neg_logits: torch.Tensor, n_hard: int) -> torch.Tensor:
+    """Indices (B, n_hard) of each query's ``n_hard`` most similar queue entries (unsorted)."""
+    k = min(int(n_hard), neg_logits.shape[1])
+    return torch.topk(neg_logits.detach(), k, dim=1, sorted=False).indices
+
+
+@torch.no_grad()
+def synthesize(
+    q: torch.Tensor,
+    queue: torch.Tensor,
+    hard_idx: torch.Tensor,
+    cfg: SyntheticConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """All synthetic negatives of all queries, (B, cfg.total, d), unit-norm, detached.
+
+    Sources are drawn uniformly with replacement from each query's hard set, independently per
+    query and synthetic sample (two independent draws for mixup), with one fused draw and one
+    gather. Output order along dim 1: types 1..6 with counts n1..n6.
+
+    Draws, in order: source positions (B, n1+n2+n3+n4+n5+n6+n3) laid out as
+    [type 1 | type 2 | type 3 first | type 4 | type 5 | type 6 | type 3 second], then the
+    coefficients of generators 1..6 in type order. The generators overwrite the gathered sources in
+    place, and the result is a view of that buffer (no concatenation).
+    """
+    q = q.detach()
+    b, d = q.shape
+    c1, c2, c3, c4, c5, c6 = cfg.counts
+    total = cfg.total
+    if total == 0:
+        return q.new_zeros((b, 0, d))
+    n_src = total + c3
+    pos = torch.randint(hard_idx.shape[1], (b, n_src), generator=generator, device=q.device)
+    rows = hard_idx.gather(1, pos)
+    src = queue.detach().index_select(0, rows.reshape(-1)).view(b, n_src, d)
+    n1, n2, n3, n4, n5, n6, n3b = src.split([c1, c2, c3, c4, c5, c6, c3], dim=1)
+    if c1:
+        _interpolate_(q, n1, cfg.alpha_max, generator)
+    if c2:
+        _extrapolate_(q, n2, cfg.beta_max, cfg.extrapolate_from, generator)
+    if c3:
+        _mixup_(n3, n3b, cfg.gamma_max, generator)
+    # Each type is gated by its own count (the reference swaps the type-4/5 flags, spec §1.5).
+    if c4:
+        _add_noise_(n4, cfg.sigma, generator)
+    if c5:
+        _perturb_(q, n5, cfg.delta, cfg.perturb_impl, cfg.fd_eps, generator)
+    if c6:
+        _adversarial_(q, n6, cfg.eta, cfg.perturb_impl, cfg.fd_eps, generator)
+    return src[:, :total]
