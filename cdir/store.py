@@ -74,7 +74,12 @@ class EmbeddingStore:
         if records:
             known = {r["id"]: r for r in self.failed()}
             known.update({r["id"]: r for r in records})
-            write_json(self.dir / "failed.json", sorted(known.values(), key=lambda r: r["id"]))
+            self.set_failed(list(known.values()))
+
+    def set_failed(self, records: list[dict]) -> None:
+        """Replace the list of unreadable images (a retried image that now loads leaves it)."""
+        if records or (self.dir / "failed.json").exists():
+            write_json(self.dir / "failed.json", sorted(records, key=lambda r: r["id"]))
 
     def append(self, ids: list[str], vectors: np.ndarray) -> None:
         """Write one shard. Vectors are L2-normalised here so every consumer can rely on it."""

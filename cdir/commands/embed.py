@@ -1,0 +1,94 @@
+"""`cdir embed`: image embeddings of a workspace's gallery, or text embeddings of one of its
+caption sources (resumable, sharded, L2-normalised)."""
+
+from __future__ import annotations
+
+import argparse
+
+ENCODER_HELP = """\
+image encoder spec:
+  clip:ARCH/PRETRAINED   open_clip, e.g. clip:ViT-B-32/openai, clip:hf-hub:ORG/NAME,
+                         clip:ViT-B-32/path/to/weights.pt, clip:path/to/config.json/random
+  ckpt:PATH              a `cdir train` checkpoint, a MoCo/SynCo checkpoint or a torchvision
+                         state dict (ckpt:PATH?arch=NAME for non-ResNets, ?size=PX to override the
+                         input size); ckpt:timm:NAME?file=PATH for timm
+  pixels                 32x32 greyscale pixels: the sanity floor
+
+caption embeddings (for the cm-text and cm-image modes of `cdir eval`):
+  cdir embed -w WS --captions SOURCE --text-encoder st:all-MiniLM-L6-v2
+  cdir embed -w WS --captions SOURCE --text-encoder clip:ViT-B-32/openai
+  SOURCE is a captioner spec or imported name as listed by `cdir caption -w WS --list`."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed", help="compute image embeddings of the gallery (resumable)",
+        description="Embed every image of the workspace manifest with an image encoder.\n"
+        "Vectors are L2-normalised and written in shards to WORKSPACE/embeddings/<key>/.\n"
+        "An interrupted run continues where it stopped: rows already embedded are skipped.\n"
+        "Unreadable images are skipped, listed in failed.json and retried on the next run.",
+        epilog=ENCODER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-w", "--workspace", required=True, help="workspace directory")
+    _add_image_options(p)
+    p.add_argument("--captions", metavar="SOURCE", nargs="?", const="",
+                   help="embed the captions of this source instead of the images (no value: "
+                        "the workspace's only caption source)")
+    p.add_argument("--text-encoder", metavar="SPEC",
+                   help="text encoder of the captions: st:ID-OR-PATH or clip:ARCH/PRETRAINED")
+    p.set_defaults(func=run)
+
+
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", metavar="SPEC", help="image encoder spec (see below)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes decoding images (default min(4, CPUs); "
+                        "0 = in the main process)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where the encoder runs (default: cuda when available)")
+    p.add_argument("--shard-rows", type=int, default=4096,
+                   help="rows per shard file: an interruption loses at most one shard "
+                        "(default 4096)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="embed at most N of the missing rows (a quick check; re-run to finish)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (the summary line is still printed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cdir.errors import CdirError
+
+    if args.captions is not None or args.text_encoder:
+        if not args.text_encoder:
+            raise CdirError("embedding captions needs --text-encoder, e.g. "
+                            "st:all-MiniLM-L6-v2 or clip:ViT-B-32/openai")
+        if args.encoder:
+            raise CdirError("give either --encoder (images) or --captions/--text-encoder")
+        from cdir.text_embed import embed_captions
+        from cdir.workspace import Workspace
+
+        embed_captions(Workspace(args.workspace), args.captions or None, args.text_encoder,
+                       device=args.device, progress=not args.no_progress)
+        return 0
+    if not args.encoder:
+        raise CdirError("give the image encoder: --encoder SPEC, e.g. --encoder pixels or "
+                        "--encoder clip:ViT-B-32/openai (see `cdir embed --help`)")
+    return _run_images(args)
+
+
+def _run_images(args: argparse.Namespace) -> int:
+    import sys
+
+    from cdir.embed import embed_images, failure_report
+    from cdir.workspace import Workspace
+
+    summary = embed_images(
+        Workspace(args.workspace).require(), args.encoder, batch_size=args.batch_size,
+        num_workers=args.workers, device=args.device, shard_rows=args.shard_rows,
+        limit=args.limit, progress=not args.no_progress)
+    if args.no_progress:  # embed_images printed nothing: still say what was written
+        if summary["failures"]:
+            print(failure_report(summary["failures"], f"{summary['dir']}/failed.json"),
+                  file=sys.stderr)
+        print(summary["line"])
+    return 0

@@ -1,0 +1,200 @@
+"""Image embedding extraction: manifest rows -> L2-normalised vectors in an EmbeddingStore.
+
+Resumable and deterministic: rows already in the store are skipped; the rest are embedded in
+manifest order and written in shards of ``shard_rows`` (each shard lands atomically with its ids),
+so an interrupted run loses at most the shard in flight and the next run continues with exactly the
+missing rows. Unreadable images are skipped, recorded in ``failed.json`` and listed at the end; they
+never abort the run, and they are retried on the next run (a fixed file then gets embedded).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cdir.images import load_image
+from cdir.store import EmbeddingStore
+from cdir.workspace import Workspace
+
+SHOW_FAILURES = 5
+
+
+def _reason(path: str, e: BaseException) -> str:
+    """One line without the path (the record carries it): 'not an image (empty file)'."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    if text.startswith(f"{path}: "):
+        return text[len(path) + 2:]
+    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+
+
+class ImageRows(Dataset):
+    """Item i -> (i, tensor, None) or (i, None, reason): a bad file is data, not an exception."""
+
+    def __init__(self, paths: list[str], transform: Callable):
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        path = self.paths[i]
+        try:
+            return i, self.transform(load_image(path)), None
+        except Exception as e:  # noqa: BLE001 - corrupt files must never stop the run
+            return i, None, _reason(path, e)
+
+
+def collate_rows(items: list) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:
+    """(positions of the good items, their stacked tensors or None, [(position, reason)])."""
+    good = [(i, x) for i, x, err in items if err is None]
+    bad = [(i, err) for i, _, err in items if err is not None]
+    idx = torch.tensor([i for i, _ in good], dtype=torch.long)
+    return idx, (torch.stack([x for _, x in good]) if good else None), bad
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int = 64,
+                 num_workers: int | None = None, device: str | None = None,
+                 shard_rows: int = 4096, limit: int | None = None, progress: bool = True,
+                 encoder: Any = None,
+                 callback: Callable[[int, int], None] | None = None) -> dict:
+    """Embed the workspace's images with ``spec`` into ``ws.embeddings_dir(spec)``.
+
+    Only rows whose id is not yet stored are embedded (at most ``limit`` of them), in manifest
+    order. ``encoder`` reuses an already loaded ImageEncoder of the same spec; ``callback(done,
+    total)`` runs after every batch. Returns a summary dict (and prints its line when ``progress``).
+    """
+    from tqdm.auto import tqdm
+
+    from encoders.image import load_image_encoder
+
+    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    if batch_size < 1 or shard_rows < 1:
+        from cdir.errors import CdirError
+
+        raise CdirError(f"batch size and shard rows must be positive ({batch_size}, {shard_rows})")
+    df = ws.manifest()
+    spec = spec.strip()
+    enc = encoder if encoder is not None else load_image_encoder(spec, device)
+    store = EmbeddingStore(ws.embeddings_dir(spec))
+    store.open(spec, enc.dim, **enc.params)
+
+    ids = df["id"].astype(str).tolist()
+    paths = df["path"].astype(str).tolist()
+    done = store.done_ids()
+    old_failed = {r["id"]: r for r in store.failed()}
+    todo = [j for j, i in enumerate(ids) if i not in done]  # earlier failures are retried
+    already = len(ids) - len(todo)
+    if limit is not None:
+        todo = todo[:max(0, int(limit))]
+    workers = default_workers() if num_workers is None else max(0, int(num_workers))
+
+    new_ids: list[str] = []
+    new_vecs: list[np.ndarray] = []
+    failures: dict[str, dict] = {}
+    embedded: set[str] = set()  # ids embedded in this run (they leave failed.json)
+    state = {"written": 0, "rows": 0}
+
+    def flush(final: bool) -> None:
+        """Write full shards (all pending rows when final) and the failure list."""
+        wrote = False
+        while new_ids and (final or len(new_ids) >= shard_rows):
+            vecs = np.concatenate(new_vecs) if len(new_vecs) > 1 else new_vecs[0]
+            n = min(shard_rows, len(new_ids))
+            store.append(new_ids[:n], vecs[:n])
+            del new_ids[:n]
+            new_vecs[:] = [vecs[n:]] if len(vecs) > n else []
+            state["written"] += n
+            wrote = True
+        # failures go out with the shards (unwritten ones are simply retried after a kill)
+        if wrote or final:
+            _write_failed(store, old_failed, failures, embedded)
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="img", desc=f"embed {spec}", disable=not progress,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        if todo:
+            loader = DataLoader(
+                ImageRows([paths[j] for j in todo], enc.transform), batch_size=batch_size,
+                shuffle=False, num_workers=workers, collate_fn=collate_rows,
+                pin_memory=enc.device.type == "cuda",
+                prefetch_factor=4 if workers else None)
+            for idx, x, bad in loader:
+                if x is not None:
+                    vecs = enc.encode(x).numpy().astype(np.float32, copy=False)
+                    finite = np.isfinite(vecs).all(axis=1)
+                    if not finite.all():  # e.g. an fp16 overflow: that row, not the run
+                        bad = bad + [(i, "non-finite embedding")
+                                     for i, ok in zip(idx.tolist(), finite, strict=True) if not ok]
+                        idx, vecs = idx[torch.from_numpy(finite)], vecs[finite]
+                    batch_ids = [ids[todo[i]] for i in idx.tolist()]
+                    new_vecs.append(vecs)
+                    new_ids.extend(batch_ids)
+                    embedded.update(batch_ids)
+                for i, reason in bad:
+                    row = todo[i]
+                    failures[ids[row]] = {"id": ids[row], "path": paths[row], "reason": reason}
+                n = len(idx) + len(bad)
+                state["rows"] += n
+                bar.update(n)
+                if failures:
+                    bar.set_postfix(failed=len(failures), refresh=False)
+                flush(final=False)
+                if callback is not None:
+                    callback(state["rows"], len(todo))
+    finally:
+        bar.close()
+        flush(final=True)  # also on Ctrl-C / errors: finished vectors are complete, keep them
+    seconds = time.perf_counter() - t0
+
+    failed_total = len(store.failed())
+    rate = state["rows"] / seconds if seconds > 0 and state["rows"] else 0.0
+    summary = {
+        "spec": spec, "dim": enc.dim, "dir": str(store.dir), "device": str(enc.device),
+        "total": len(ids), "new": state["written"], "already_done": already,
+        "failed": len(failures), "failed_total": failed_total,
+        "remaining": len(ids) - already - state["written"] - len(failures),
+        "seconds": round(seconds, 3), "images_per_s": round(rate, 2),
+        "failures": sorted(failures.values(), key=lambda r: r["id"]),
+    }
+    summary["line"] = summary_line(summary)
+    if progress:
+        if failures:
+            print(failure_report(summary["failures"], store.dir / "failed.json"), file=sys.stderr)
+        print(summary["line"])
+    return summary
+
+
+def _write_failed(store: EmbeddingStore, old: dict[str, dict], new: dict[str, dict],
+                  embedded: set[str]) -> None:
+    """failed.json = earlier failures not fixed in this run + this run's failures."""
+    merged = {k: r for k, r in old.items() if k not in embedded}
+    merged.update(new)
+    store.set_failed(list(merged.values()))
+
+
+def summary_line(s: dict) -> str:
+    left = f", {s['remaining']} left" if s["remaining"] > 0 else ""
+    speed = f" at {s['images_per_s']:.1f} images/s" if s["images_per_s"] else ""
+    return (f"embedded {s['new']} new, {s['already_done']} already done, {s['failed']} failed"
+            f"{left} ({s['dim']}-d {s['spec']} on {s['device']}{speed}) -> {s['dir']}")
+
+
+def failure_report(records: list[dict], where: os.PathLike | str) -> str:
+    lines = [f"{len(records)} image(s) could not be read and were skipped (listed in {where}):"]
+    lines += [f"  {r['id']}: {r['reason']}" for r in records[:SHOW_FAILURES]]
+    if len(records) > SHOW_FAILURES:
+        lines.append(f"  ... and {len(records) - SHOW_FAILURES} more")
+    return "\n".join(lines)

@@ -1,0 +1,275 @@
+"""open_clip models from `clip:` specs, shared by the image tower (`cdir embed`) and the text tower
+(captions). One process loads each spec once (`load_open_clip` caches it).
+
+Spec grammar: ``clip:ARCH/PRETRAINED`` (the ``clip:`` prefix is optional here).
+
+ARCH is one of
+  * an open_clip model name: ``ViT-B-32``, ``ViT-L-14``, ``RN50``, ... (``open_clip.list_models()``;
+    these names never contain ``/``);
+  * ``hf-hub:ORG/NAME``: an open_clip repository on the Hugging Face hub, which carries its own
+    config and weights, so nothing follows NAME
+    (``clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K``);
+  * a path to a model-config JSON (``embed_dim``, ``vision_cfg``, ``text_cfg``), registered with
+    ``open_clip.add_model_config`` under its file stem: custom or tiny architectures;
+  * a local folder with ``open_clip_config.json`` and weights (a hub repository copied by hand);
+    nothing follows it.
+
+PRETRAINED is one of
+  * an open_clip tag of ARCH: ``openai``, ``laion2b_s34b_b79k``, ...
+    (``open_clip.list_pretrained()``); taken from the Hugging Face cache, downloaded only when
+    missing there and the hub is reachable;
+  * a local checkpoint file (relative or absolute; may contain ``/``);
+  * ``random``: random weights (seeded, so identical in every process), for tests and throughput
+    benchmarks only; a warning is printed.
+
+Where the spec splits: after a model name, at the first ``/`` (``clip:ViT-B-32/ckpt/my.pt`` is
+ARCH ``ViT-B-32`` with the file ``ckpt/my.pt``); after a JSON config, right after ``.json/``
+(``clip:cfg/tiny.json/random``; an absolute checkpoint gives a double slash:
+``clip:/cfg/tiny.json//data/tiny.pt``).
+
+Offline (HF_HUB_OFFLINE=1, or no route to the hub) with weights that are not cached, loading fails
+at once with ModelUnavailable naming the model and how to provide it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cdir.errors import CdirError, ModelUnavailable
+
+PREFIX = "clip:"
+RANDOM = "random"
+RANDOM_SEED = 0
+_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+_cache: dict[str, tuple[Any, Any, Any, dict]] = {}
+_lock = threading.Lock()
+_registered_configs: set[str] = set()
+
+
+@dataclass
+class ClipSpec:
+    """A parsed ``clip:`` spec. ``kind``: name | json | hf-hub | folder."""
+
+    spec: str
+    kind: str
+    arch: str
+    pretrained: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _known_models() -> list[str]:
+    import open_clip
+
+    return open_clip.list_models()
+
+
+def parse_clip_spec(spec: str) -> ClipSpec:
+    """Split a ``clip:`` spec into architecture and weights (see the module docstring)."""
+    full = spec if spec.startswith(PREFIX) else PREFIX + spec
+    body = full[len(PREFIX):].strip()
+    usage = ("use clip:ARCH/PRETRAINED, e.g. clip:ViT-B-32/openai, clip:hf-hub:ORG/NAME, "
+             "clip:path/to/config.json/random or clip:ViT-B-32/path/to/weights.pt")
+    if not body:
+        raise CdirError(f"empty clip spec {spec!r}: {usage}")
+    if body.startswith("hf-hub:"):
+        parts = body[len("hf-hub:"):].split("/")
+        if len(parts) != 2 or not all(parts):
+            raise CdirError(f"{full}: hf-hub models are clip:hf-hub:ORG/NAME (their weights come "
+                            "from the repository, so nothing follows NAME)")
+        return ClipSpec(full, "hf-hub", "/".join(parts))
+    if ".json/" in body or body.endswith(".json"):
+        cut = body.find(".json/")
+        arch, pretrained = (body, None) if cut < 0 else (body[:cut + 5], body[cut + 6:] or None)
+        return ClipSpec(full, "json", arch, pretrained)
+    head, _, rest = body.partition("/")
+    if head in _known_models():
+        return ClipSpec(full, "name", head, rest or None)
+    folder = Path(body).expanduser()
+    if folder.is_dir():
+        return ClipSpec(full, "folder", str(folder))
+    raise CdirError(f"{full}: unknown open_clip architecture {head!r} (not a model name of "
+                    f"open_clip.list_models(), a .json config or a local folder); {usage}")
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+def _some(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def _register_json(path_str: str, spec: str) -> str:
+    """Register a model-config JSON with open_clip (once per process); returns its model name."""
+    import open_clip
+
+    path = Path(path_str).expanduser().resolve()
+    if not path.is_file():
+        raise CdirError(f"{spec}: model config {path_str} not found")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CdirError(f"{spec}: cannot read model config {path}: {e}") from None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+    if missing:
+        raise CdirError(f"{spec}: {path} is not an open_clip model config (lacks "
+                        f"{', '.join(missing)})")
+    if str(path) not in _registered_configs:
+        open_clip.add_model_config(path)
+        _registered_configs.add(str(path))
+    return path.stem
+
+
+def _how_to_provide(arch: str, tag: str, repo: str) -> str:
+    return ("provide it: on a machine with internet run `python -c \"import open_clip; "
+            f"open_clip.create_model('{arch}', pretrained='{tag}')\"` and copy the "
+            f"models--{repo.replace('/', '--')} folder of its ~/.cache/huggingface/hub here "
+            f"(or point HF_HOME at it), or pass a local checkpoint: clip:{arch}/PATH")
+
+
+def _resolve_weights(cs: ClipSpec, name: str) -> tuple[str | None, dict, str]:
+    """(checkpoint path or None for random, create_model kwargs, weights fingerprint)."""
+    import open_clip
+
+    from encoders.hub import file_fingerprint, hub_file
+
+    tag = cs.pretrained
+    if tag is None:
+        tags = open_clip.list_pretrained_tags_by_model(name) if cs.kind == "name" else []
+        known = f" (tags of {name}: {_some(tags)})" if tags else ""
+        raise CdirError(f"{cs.spec}: no weights given; use {PREFIX}{cs.arch}/TAG{known}, "
+                        f"{PREFIX}{cs.arch}/PATH-TO-CHECKPOINT or {PREFIX}{cs.arch}/{RANDOM}")
+    if tag == RANDOM:
+        _warn(f"{cs.spec}: random weights (seed {RANDOM_SEED}), for tests and throughput "
+              "benchmarks only: its embeddings mean nothing")
+        # open_clip would otherwise fetch pretrained HF text towers for configs that name one
+        return None, {"pretrained_text": False}, f"random-seed{RANDOM_SEED}"
+    pcfg = open_clip.get_pretrained_cfg(name, tag) if cs.kind == "name" else {}
+    if pcfg:
+        kwargs: dict[str, Any] = {}
+        if pcfg.get("quick_gelu"):  # e.g. the OpenAI weights were trained with QuickGELU
+            kwargs["force_quick_gelu"] = True
+        for key, arg in (("mean", "image_mean"), ("std", "image_std"),
+                         ("interpolation", "image_interpolation"),
+                         ("resize_mode", "image_resize_mode")):
+            if pcfg.get(key) is not None:
+                kwargs[arg] = pcfg[key]
+        if pcfg.get("file"):
+            return pcfg["file"], kwargs, f"tag:{tag}"
+        # open_clip's convention: "org/repo/" means the default file names, else "org/repo/file"
+        hub = pcfg["hf_hub"]
+        if hub.endswith("/"):
+            repo, filename = hub.rstrip("/"), ""
+        else:
+            repo, _, filename = hub.rpartition("/")
+        names = [filename] if filename else list(_WEIGHT_FILES)
+        if filename and filename.endswith((".bin", ".pth")):
+            names.insert(0, filename.rsplit(".", 1)[0] + ".safetensors")
+        path = hub_file(repo, names, cs.spec, _how_to_provide(name, tag, repo))
+        return path, kwargs, f"tag:{tag}"
+    path = Path(tag).expanduser()
+    if path.is_file():
+        return str(path), {}, file_fingerprint(path)
+    tags = open_clip.list_pretrained_tags_by_model(name) if cs.kind == "name" else []
+    known = f"; tags of {name}: {_some(tags)}" if tags else ""
+    raise CdirError(f"{cs.spec}: {tag!r} is neither an open_clip tag of {name} nor an existing "
+                    f"checkpoint file{known}")
+
+
+def _hub_folder(cs: ClipSpec) -> str:
+    """The local snapshot folder of an hf-hub: repo (config + weights), fetched if needed."""
+    from encoders.hub import hub_file
+
+    how = (f"provide it: on a machine with internet run `python -c \"import open_clip; "
+           f"open_clip.create_model('hf-hub:{cs.arch}')\"` and copy the "
+           f"models--{cs.arch.replace('/', '--')} folder of its ~/.cache/huggingface/hub here "
+           "(or point HF_HOME at it), or pass the downloaded folder: clip:PATH-TO-FOLDER")
+    config = hub_file(cs.arch, ["open_clip_config.json"], cs.spec, how)
+    weights = hub_file(cs.arch, list(_WEIGHT_FILES), cs.spec, how)
+    if Path(config).parent != Path(weights).parent:
+        raise ModelUnavailable(f"{cs.spec}: the cached config and weights of {cs.arch} are from "
+                               f"different revisions; {how}")
+    return str(Path(config).parent)
+
+
+def _load_uncached(cs: ClipSpec) -> tuple[Any, Any, Any, dict]:
+    import open_clip
+    import torch
+
+    from encoders.hub import file_fingerprint
+
+    kwargs: dict[str, Any] = {}
+    if cs.kind in ("hf-hub", "folder"):
+        folder = _hub_folder(cs) if cs.kind == "hf-hub" else cs.arch
+        if not (Path(folder) / "open_clip_config.json").is_file():
+            raise CdirError(f"{cs.spec}: {folder} has no open_clip_config.json")
+        weights = [p for n in ("*.safetensors", "*.bin", "*.pth") for p in Path(folder).glob(n)]
+        if not weights:  # open_clip would silently build random weights
+            raise ModelUnavailable(f"{cs.spec}: no weights (*.safetensors, *.bin, *.pth) in "
+                                   f"{folder}")
+        name, checkpoint = f"local-dir:{folder}", None
+        fingerprint = (f"hf-hub:{Path(folder).name}" if cs.kind == "hf-hub"
+                       else file_fingerprint(sorted(weights)[0]))
+    else:
+        name = _register_json(cs.arch, cs.spec) if cs.kind == "json" else cs.arch
+        checkpoint, kwargs, fingerprint = _resolve_weights(cs, name)
+    quiet = _DropRandomInitWarning() if fingerprint.startswith(RANDOM) else None
+    root = logging.getLogger()
+    try:
+        if quiet:  # we printed our own warning for random weights
+            root.addFilter(quiet)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)  # random weights are the same in every process
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=checkpoint, **kwargs)
+        tokenizer = open_clip.get_tokenizer(name)
+    except (ModelUnavailable, CdirError):
+        raise
+    except Exception as e:  # noqa: BLE001 - wrong checkpoint for the arch, broken files
+        lines = str(e).strip().splitlines()
+        raise CdirError(f"cannot load {cs.spec}: {lines[0][:300] if lines else repr(e)}") from e
+    finally:
+        if quiet:
+            root.removeFilter(quiet)
+    model.eval()
+    info = {"spec": cs.spec, "arch": name, "weights": fingerprint,
+            "image_size": getattr(model.visual, "image_size", None)}
+    return model, preprocess, tokenizer, info
+
+
+def load_open_clip(spec: str) -> tuple[Any, Any, Any]:
+    """(model, preprocess, tokenizer) of a ``clip:`` spec; loaded once per process.
+
+    ``model`` is an open_clip CLIP in eval mode on the CPU as loaded; the object is shared by every
+    caller of the same spec (image and text towers), so move it with ``.to(device)``. ``preprocess``
+    is the evaluation image transform (picklable), ``tokenizer(list[str]) -> LongTensor``.
+    """
+    model, preprocess, tokenizer, _ = load_open_clip_info(spec)
+    return model, preprocess, tokenizer
+
+
+def load_open_clip_info(spec: str) -> tuple[Any, Any, Any, dict]:
+    """`load_open_clip` plus a dict describing the weights (``weights``: a tag, hub repo, file
+    fingerprint or ``random-seed0``), used to tell embeddings of different weights apart."""
+    cs = parse_clip_spec(spec)
+    with _lock:
+        if cs.spec not in _cache:
+            _cache[cs.spec] = _load_uncached(cs)
+        return _cache[cs.spec]
+
+
+def clear_cache() -> None:
+    with _lock:
+        _cache.clear()

@@ -1,0 +1,396 @@
+"""Image encoders, named by the model spec strings of DESIGN.md.
+
+    clip:ARCH/PRETRAINED     open_clip image tower (grammar in encoders/clip.py)
+    ckpt:PATH[?arch=A&size=S]
+                             a checkpoint of this project (`cdir train`, full or exported), a
+                             reference MoCo/SynCo checkpoint (``state_dict`` with
+                             ``module.encoder_q.*``; the MLP ``fc`` head is dropped), or a plain
+                             torchvision state dict (ResNet depth inferred; any other torchvision
+                             model with ``?arch=NAME``, e.g. ``?arch=convnext_tiny``)
+    ckpt:timm:NAME[?file=PATH]
+                             a timm model with pretrained weights from PATH (default: the timm
+                             weights in the local Hugging Face cache)
+    pixels                   32x32 greyscale pixels minus their mean (dim 1024): the raw-pixel
+                             floor every learned encoder must beat
+
+`load_image_encoder(spec)` returns an `ImageEncoder`: ``transform(pil) -> Tensor`` is picklable (it
+runs in DataLoader workers) and ``encode(batch) -> Tensor (B, dim)`` gives L2-normalised float32
+rows on the CPU.
+
+Evaluation transform of ``ckpt:`` ResNets (UCDIR protocol): Resize 256 -> CenterCrop 224 ->
+ImageNet mean/std; a project checkpoint trained on small images uses the size and normalisation
+recorded in its config (Resize size*256/224 -> CenterCrop size), ``?size=S`` overrides the size.
+timm models use their own pretrained data config (size, crop, mean/std).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cdir.errors import CdirError, ModelUnavailable
+
+SCHEMES = {
+    "clip:": "clip:ARCH/PRETRAINED (open_clip, e.g. clip:ViT-B-32/openai)",
+    "ckpt:": "ckpt:PATH (a checkpoint of `cdir train`, MoCo/SynCo or torchvision; "
+             "ckpt:timm:NAME?file=PATH for timm)",
+    "pixels": "pixels (raw-pixel baseline)",
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PIXELS_SIZE = 32
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """None → CUDA when available, else CPU; an explicit CUDA request without a GPU is an error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CdirError(f"device {device} requested but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+class ImageEncoder:
+    """An image model behind one interface.
+
+    ``spec``: the spec string; ``dim``: embedding size; ``device``: where ``encode`` computes;
+    ``params``: what identifies the weights beyond the spec (stored with the embeddings so vectors
+    of different weights are never mixed); ``transform``: PIL RGB image -> input tensor.
+    """
+
+    spec: str
+    dim: int
+    device: torch.device
+    params: dict
+    transform: Callable[[Image.Image], torch.Tensor]
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        """Convenience for a few query images: transform, stack, encode → (n, dim) numpy."""
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        return self.encode(torch.stack([self.transform(im) for im in images])).numpy()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r}, dim={self.dim}, device={self.device})"
+
+
+class TorchImageEncoder(ImageEncoder):
+    """A torch module (or a function of one) mapping a batch to features; AMP on CUDA."""
+
+    def __init__(self, spec: str, model: torch.nn.Module, dim: int,
+                 transform: Callable[[Image.Image], torch.Tensor], device: torch.device,
+                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 params: dict | None = None, channels_last: bool = False):
+        self.spec, self.dim, self.device = spec, int(dim), device
+        self.transform = transform
+        self.params = dict(params or {})
+        self.model = model.to(device).eval()
+        self.channels_last = channels_last and device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._forward = forward or self.model
+        self.amp_dtype = None
+        if device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+               else contextlib.nullcontext())
+        with torch.inference_mode(), amp:
+            y = self._forward(x)
+        y = y.float().flatten(1)
+        return torch.nn.functional.normalize(y, dim=1).cpu()
+
+
+# -- pixels ----------------------------------------------------------------------------------------
+
+class PixelsTransform:
+    """PIL → 32x32 greyscale in [0, 1], flattened, minus its own mean (so brightness cancels)."""
+
+    def __init__(self, size: int = PIXELS_SIZE):
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        grey = img.convert("L").resize((self.size, self.size), Image.Resampling.BILINEAR)
+        a = np.asarray(grey, dtype=np.float32).reshape(-1) / 255.0
+        return torch.from_numpy(a - a.mean())
+
+    def __repr__(self) -> str:
+        return f"PixelsTransform(size={self.size})"
+
+
+class PixelsEncoder(ImageEncoder):
+    """The raw-pixel floor: no weights, the transform is the whole model (always on the CPU)."""
+
+    def __init__(self, spec: str = "pixels"):
+        self.spec, self.dim, self.device = spec, PIXELS_SIZE * PIXELS_SIZE, torch.device("cpu")
+        self.params = {"size": PIXELS_SIZE}
+        self.transform = PixelsTransform(PIXELS_SIZE)
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        # a flat image is all zeros after mean removal; it stays a zero vector (cosine 0 to all)
+        return torch.nn.functional.normalize(batch.float().flatten(1), dim=1)
+
+
+# -- clip ------------------------------------------------------------------------------------------
+
+def _clip_encoder(spec: str, device: torch.device) -> ImageEncoder:
+    from encoders.clip import load_open_clip_info
+
+    model, preprocess, _, info = load_open_clip_info(spec)
+    model = model.to(device)  # shared with the text tower of the same spec (see load_open_clip)
+    size = info.get("image_size") or 224
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    with torch.inference_mode():  # the output width, whatever the tower (ViT, ResNet, timm)
+        dim = int(model.encode_image(torch.zeros(1, 3, h, w, device=device)).shape[-1])
+    return TorchImageEncoder(info["spec"], model, dim, preprocess, device,
+                             forward=model.encode_image, params={"weights": info["weights"]})
+
+
+# -- ckpt ------------------------------------------------------------------------------------------
+
+def eval_transform(size: int = 224, resize_ratio: float = 256 / 224,
+                   mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
+    """Resize (short side size*ratio) -> CenterCrop(size) -> tensor -> normalise (picklable)."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(int(round(size * resize_ratio)), interpolation=T.InterpolationMode.BILINEAR),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(list(mean), list(std)),
+    ])
+
+
+def _parse_query(spec: str, body: str, allowed: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    if "?" not in body:
+        return body, {}
+    body, _, query = body.rpartition("?")
+    params = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise CdirError(f"{spec}: unknown option(s) {', '.join(unknown)}; "
+                        f"allowed: {', '.join(allowed)}")
+    return body, params
+
+
+def _size_param(spec: str, params: dict) -> int | None:
+    if "size" not in params:
+        return None
+    try:
+        size = int(params["size"])
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise CdirError(f"{spec}: size must be a positive integer, got {params['size']!r}")
+    return size
+
+
+def _torch_load(path: Path, spec: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be memory-mapped
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        lines = str(e).strip().splitlines()
+        raise CdirError(f"{spec}: cannot read {path} as a weights-only torch checkpoint "
+                        f"({lines[0][:200] if lines else e.__class__.__name__})") from None
+
+
+def _tensor_dicts(obj: Any) -> list[tuple[str, dict]]:
+    """Candidate state dicts in a checkpoint: the top level and common containers."""
+    out = []
+    if isinstance(obj, dict):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            out.append(("", obj))
+        for key in ("encoder", "state_dict", "model", "module", "teacher", "student"):
+            v = obj.get(key)
+            if isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
+                out.append((key, v))
+    return out
+
+
+def _describe_keys(ckpt: Any) -> str:
+    if not isinstance(ckpt, dict):
+        return f"a {type(ckpt).__name__}, not a dict"
+    parts = []
+    for name, sd in _tensor_dicts(ckpt)[:1]:
+        keys = list(sd)
+        where = f"{name!r} holds" if name else "tensors:"
+        parts.append(f"{where} {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} "
+                     f"({len(keys)} keys)")
+    if not parts:
+        keys = list(ckpt)
+        parts.append(f"top-level keys: {', '.join(map(str, keys[:12]))}"
+                     f"{' ...' if len(keys) > 12 else ''}")
+    return "; ".join(parts)
+
+
+def _strip_head(model: torch.nn.Module) -> tuple[str, int]:
+    """Replace the classifier by Identity; returns (its attribute path, feature dim).
+
+    ResNet-style ``fc`` goes whole (MoCo's ``fc`` is an MLP projection head, also not part of the
+    encoder); otherwise the last Linear layer (convnext/efficientnet ``classifier.N``, ViT
+    ``heads.head``), keeping any norm/flatten before it."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise CdirError(f"{type(model).__name__} has no Linear classifier to remove")
+    if isinstance(getattr(model, "fc", None), torch.nn.Module):
+        first = next(m for n, m in linears if n == "fc" or n.startswith("fc."))
+        name, dim = "fc", first.in_features
+    else:
+        name, last = linears[-1]
+        dim = last.in_features
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, torch.nn.Identity())
+    return name, dim
+
+
+def _torchvision_encoder(path: Path, arch: str, spec: str) -> tuple[torch.nn.Module, int]:
+    """Any torchvision classification model from a plain (or prefixed) state dict."""
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if arch not in names:
+        raise CdirError(f"{spec}: unknown torchvision architecture {arch!r} "
+                        "(see torchvision.models.list_models())")
+    model = torchvision.models.get_model(arch, weights=None)
+    head, dim = _strip_head(model)
+    want = set(model.state_dict())
+    ckpt = _torch_load(path, spec)
+    best: dict = {}
+    # the state dict may sit in a container and under a prefix (DataParallel, MoCo encoder_q)
+    for _, sd in _tensor_dicts(ckpt):
+        for prefix in ("module.encoder_q.", "encoder_q.module.", "encoder_q.", "module.", ""):
+            sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            if len(set(sub) & want) > len(set(best) & want):
+                best = sub
+    if not best:
+        raise CdirError(f"{spec}: no {arch} weights in {path}; found {_describe_keys(ckpt)}")
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in best.items()
+          if not (k == head or k.startswith(head + "."))}
+    missing, unexpected = sorted(want - set(sd)), sorted(set(sd) - want)
+    if missing or unexpected:
+        raise CdirError(f"{spec}: weights do not fit {arch}: missing {missing[:5]} "
+                        f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:  # same keys, other shapes (e.g. another width)
+        raise CdirError(f"{spec}: weights do not fit {arch}: "
+                        f"{str(e).strip().splitlines()[-1].strip()[:300]}") from None
+    return model, dim
+
+
+def _timm_encoder(spec: str, body: str, device: torch.device) -> ImageEncoder:
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    from encoders.hub import file_fingerprint, hub_file
+
+    name, params = _parse_query(spec, body[len("timm:"):], ("file",))
+    if not name or not timm.is_model(name):
+        raise CdirError(f"{spec}: unknown timm model {name!r} (see timm.list_models())")
+    file = params.get("file")
+    if file:
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise CdirError(f"{spec}: no such weights file {path}")
+    else:
+        from timm.models import get_pretrained_cfg
+
+        pcfg = get_pretrained_cfg(name)
+        if pcfg is None or not pcfg.hf_hub_id:
+            raise ModelUnavailable(f"{spec}: timm knows no downloadable weights for {name}; "
+                                   f"pass a local file: ckpt:timm:{name}?file=PATH")
+        how = (f"provide it: download {pcfg.hf_hub_id} on a machine with internet "
+               f"(`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`) and "
+               "copy its ~/.cache/huggingface/hub folder here, or pass "
+               f"ckpt:timm:{name}?file=PATH")
+        names = ["model.safetensors", "pytorch_model.bin"]
+        if getattr(pcfg, "hf_hub_filename", None):
+            names.insert(0, pcfg.hf_hub_filename)
+        path = Path(hub_file(pcfg.hf_hub_id, names, spec, how))
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0,
+                                  pretrained_cfg_overlay={"file": str(path)})
+    except Exception as e:  # noqa: BLE001 - wrong file for the model
+        lines = str(e).strip().splitlines()
+        raise CdirError(f"{spec}: cannot load {path} into timm {name}: "
+                        f"{lines[0][:300] if lines else e.__class__.__name__}") from None
+    transform = create_transform(**resolve_model_data_config(model), is_training=False)
+    return TorchImageEncoder(spec, model, int(model.num_features), transform, device,
+                             params={"weights": file_fingerprint(path)}, channels_last=True)
+
+
+def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
+    from encoders.hub import file_fingerprint
+
+    body = spec[len("ckpt:"):]
+    if body.startswith("timm:"):
+        return _timm_encoder(spec, body, device)
+    body, params = _parse_query(spec, body, ("arch", "size"))
+    if not body:
+        raise CdirError(f"{spec}: give a checkpoint path, e.g. ckpt:runs/synco/encoder.pt")
+    path = Path(body).expanduser()
+    if not path.is_file():
+        raise CdirError(f"{spec}: no such checkpoint file {path}")
+    size = _size_param(spec, params)
+    if params.get("arch"):
+        model, dim = _torchvision_encoder(path, params["arch"], spec)
+        transform = eval_transform(size or 224)
+    else:
+        from encoders.ssl.checkpoint import encoder_preprocess, load_encoder
+
+        try:
+            model, dim = load_encoder(path)
+            pp = encoder_preprocess(path)
+        except CdirError as e:
+            found = _describe_keys(_torch_load(path, spec))
+            why = str(e).removeprefix(f"{path}: ")
+            raise CdirError(f"{spec}: {why}; found {found}. A torchvision model other than a "
+                            f"ResNet needs ckpt:{body}?arch=NAME; timm weights: "
+                            f"ckpt:timm:NAME?file={body}") from None
+        transform = eval_transform(size or pp["size"], pp["eval_resize"], tuple(pp["mean"]),
+                                   tuple(pp["std"]))
+        size = size or pp["size"]
+    return TorchImageEncoder(spec, model, dim, transform, device, channels_last=True,
+                             params={"weights": file_fingerprint(path), "size": size or 224})
+
+
+# -- registry --------------------------------------------------------------------------------------
+
+def load_image_encoder(spec: str, device: str | torch.device | None = None) -> ImageEncoder:
+    """Build the image encoder named by ``spec`` on ``device`` (default: CUDA when available).
+
+    Raises CdirError for an unknown scheme or a bad spec, ModelUnavailable for weights that are
+    neither cached nor downloadable (naming the model and how to provide it)."""
+    spec = spec.strip()
+    dev = resolve_device(device)
+    if spec == "pixels":
+        return PixelsEncoder(spec)
+    if spec.startswith("clip:"):
+        return _clip_encoder(spec, dev)
+    if spec.startswith("ckpt:"):
+        return _ckpt_encoder(spec, dev)
+    hint = ""
+    if spec.startswith(("st:", "hf:")):
+        scheme = spec.split(":", 1)[0]
+        hint = f" ({scheme}: names a text encoder or captioner, not an image encoder)"
+    raise CdirError(f"unknown image encoder {spec!r}{hint}; known: " + "; ".join(SCHEMES.values()))
