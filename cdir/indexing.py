@@ -45,9 +45,14 @@ def build_workspace_index(args: argparse.Namespace) -> Path:
     path = ws.index_path(name)
     ids = manifest["id"].to_numpy()[ok].tolist()
     domains = manifest["domain"].astype(str).to_numpy()[ok].tolist()
-    params = {k: v for k, v in (("nlist", args.nlist), ("m", args.m)) if v}
+    m_name = {"ivfpq": "pq_m", "hnsw": "hnsw_m"}.get(args.type)
+    if args.m and not m_name:
+        raise CdirError("--m applies to --type ivfpq (sub-quantizers) or hnsw (graph degree)")
+    if args.nlist and args.type not in ("ivf", "ivfpq"):
+        raise CdirError("--nlist applies to --type ivf or ivfpq")
+    params = {k: v for k, v in (("nlist", args.nlist), (m_name, args.m)) if v}
     t0 = time.perf_counter()
-    if index_files(path).index.exists() and not args.rebuild:
+    if index_files(path).faiss.exists() and not args.rebuild:
         old = load_index(path, gpu=args.gpu)
         known = set(old.ids)
         grown = (old.meta.encoder_spec == spec and old.kind == args.type
