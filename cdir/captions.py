@@ -1,0 +1,654 @@
+"""The caption store: captions per (image, captioner, prompt, generation parameters) in a workspace.
+
+One *source* per key: a captioner key (``hf:<model>|max_new_tokens=30,...``, see
+`encoders.captioners.captioner_key`) or the name of an imported file. On disk, for
+``path = ws.captions_path(key)`` = ``<ws>/captions/<stem>.parquet``:
+
+    <stem>.parquet        compacted rows: id, caption, model, prompt, params (JSON text)
+    <stem>.parts/part-NNNNNN.parquet
+                          one file per captioned batch since the last compaction, each written
+                          atomically (temp file + rename): a run killed with SIGKILL loses at most
+                          the batch in flight, and the next run reads the parts it left
+    <stem>.json           the source's description: key, kind (model|import), model, family,
+                          prompt, params, counts, unreadable images ("failed")
+    <stem>.lock           held while a run writes (its pid; a dead holder's lock is taken over)
+
+Reading merges the compacted file and the parts; a later row wins for an id. A run compacts at its
+start (leftovers of a killed run) and at its end. Rows are keyed by manifest id, so a changed
+gallery keeps the captions that are still valid and a re-run captions only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cdir.errors import CdirError
+from cdir.io import atomic_path, read_json, write_json
+from cdir.workspace import Workspace
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+COLUMNS = ["id", "caption", "model", "prompt", "params"]
+DEFAULT_CAPTIONER = "hf:Salesforce/blip-image-captioning-base"
+SHOW = 5  # examples shown in messages
+_PART = re.compile(r"^part-(\d{6,})\.parquet$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@ -]{0,99}$")
+
+
+def _params_text(params: dict | str | None) -> str:
+    if isinstance(params, str):
+        return params
+    return json.dumps(params or {}, sort_keys=True, ensure_ascii=False)
+
+
+def _examples(items: list[str]) -> str:
+    shown = ", ".join(repr(x) for x in items[:SHOW])
+    return shown + (f", ... ({len(items) - SHOW} more)" if len(items) > SHOW else "")
+
+
+class CaptionStore:
+    """Captions of one source (a captioner key or an import name) in a workspace."""
+
+    def __init__(self, ws: Workspace | str | os.PathLike, key: str):
+        self.ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+        self.key = key
+        self.path = self.ws.captions_path(key)
+        self.parts_dir = self.path.with_suffix(".parts")
+        self.meta_path = self.path.with_suffix(".json")
+        self.lock_path = self.path.with_suffix(".lock")
+
+    # -- description -----------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.meta_path.exists() or self.path.exists() or bool(self._parts())
+
+    def meta(self) -> dict:
+        return read_json(self.meta_path) if self.meta_path.exists() else {}
+
+    def write_meta(self, **fields: Any) -> dict:
+        meta = self.meta()
+        meta.update(fields)
+        meta["key"] = self.key
+        meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        write_json(self.meta_path, meta)
+        return meta
+
+    # -- rows ------------------------------------------------------------------------------------
+    def _parts(self) -> list[Path]:
+        if not self.parts_dir.is_dir():
+            return []
+        return sorted(p for p in self.parts_dir.iterdir() if _PART.match(p.name))
+
+    def read(self) -> pd.DataFrame:
+        """All rows (compacted file + parts), one per id, the latest row winning."""
+        import pandas as pd
+
+        frames = [pd.read_parquet(self.path)] if self.path.exists() else []
+        frames += [pd.read_parquet(p) for p in self._parts()]
+        if not frames:
+            return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
+        df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        return df.drop_duplicates("id", keep="last").reset_index(drop=True)[COLUMNS]
+
+    def done_ids(self) -> set[str]:
+        return set(self.read()["id"].astype(str))
+
+    def append(self, ids: list[str], captions: list[str], model: str, prompt: str | None,
+               params: dict | str) -> Path | None:
+        """Write one part file (atomically): these rows survive a kill from now on."""
+        import pandas as pd
+
+        if len(ids) != len(captions):
+            raise ValueError(f"{len(ids)} ids for {len(captions)} captions")
+        if not ids:
+            return None
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        last = self._parts()
+        n = int(_PART.match(last[-1].name).group(1)) + 1 if last else 1  # type: ignore[union-attr]
+        df = pd.DataFrame({"id": [str(i) for i in ids], "caption": [str(c) for c in captions],
+                           "model": model, "prompt": prompt, "params": _params_text(params)})
+        df["prompt"] = df["prompt"].astype(object)
+        target = self.parts_dir / f"part-{n:06d}.parquet"
+        with atomic_path(target) as tmp:
+            df.to_parquet(tmp, index=False)
+        return target
+
+    def write_rows(self, df: pd.DataFrame) -> None:
+        """Replace the whole source with ``df`` (atomically), then drop the parts it includes."""
+        parts = self._parts()
+        with atomic_path(self.path) as tmp:
+            df[COLUMNS].to_parquet(tmp, index=False)
+        self._remove_parts(parts)
+
+    def compact(self) -> pd.DataFrame:
+        """Merge the parts into the compacted file. A kill in between leaves both, which read()
+        deduplicates, so nothing is lost or doubled."""
+        parts = self._parts()
+        df = self.read()
+        if parts:
+            with atomic_path(self.path) as tmp:
+                df.to_parquet(tmp, index=False)
+            self._remove_parts(parts)
+        return df
+
+    def _remove_parts(self, parts: list[Path]) -> None:
+        for p in parts:
+            p.unlink(missing_ok=True)
+        if self.parts_dir.is_dir():
+            for p in self.parts_dir.glob(".part-*.tmp"):  # temp files of a killed writer
+                p.unlink(missing_ok=True)
+            try:
+                self.parts_dir.rmdir()
+            except OSError:
+                pass  # not empty: a part written meanwhile stays for the next read
+
+    def aligned(self, manifest: pd.DataFrame) -> pd.Series:
+        """Captions in manifest row order (None where an image has no caption)."""
+        import pandas as pd
+
+        df = self.read()
+        lookup = dict(zip(df["id"].astype(str), df["caption"], strict=True))
+        return pd.Series([lookup.get(i) for i in manifest["id"].astype(str)], index=manifest.index,
+                         name="caption", dtype=object)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """One writer per source: a second run on the same source stops with a clear message."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = _read_pid(self.lock_path)
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise CdirError(
+                        f"another run (pid {pid}) is writing captions {self.key!r}: wait for it, "
+                        f"or delete {self.lock_path} if that process is gone") from None
+                self.lock_path.unlink(missing_ok=True)  # stale: its writer was killed
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            break
+        else:  # pragma: no cover - lost a race twice
+            raise CdirError(f"could not lock {self.lock_path}")
+        try:
+            yield
+        finally:
+            self.lock_path.unlink(missing_ok=True)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- listing and resolving sources ---------------------------------------------------------------
+
+def list_sources(ws: Workspace | str | os.PathLike) -> list[dict]:
+    """Every caption source of the workspace: key, kind, model, prompt, params, count, empty,
+    failed (count), path; sorted by key."""
+    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    folder = ws.root / "captions"
+    out = []
+    if folder.is_dir():
+        for meta_path in sorted(folder.glob("*.json")):
+            try:
+                meta = read_json(meta_path)
+            except (OSError, ValueError):
+                continue
+            if "key" not in meta:
+                continue
+            out.append({"key": meta["key"], "kind": meta.get("kind", "model"),
+                        "model": meta.get("model"), "prompt": meta.get("prompt"),
+                        "params": meta.get("params", {}), "count": meta.get("count", 0),
+                        "empty": meta.get("empty", 0), "failed": len(meta.get("failed", [])),
+                        "path": str(meta_path.with_suffix(".parquet"))})
+    return sorted(out, key=lambda s: s["key"])
+
+
+def resolve_source(ws: Workspace | str | os.PathLike, ref: str | None) -> str:
+    """The key of a caption source from ``ref``: its exact key, an import name, the file stem,
+    or a piece of the key that matches one source only. No ref: the only source, if just one."""
+    sources = list_sources(ws)
+    keys = [s["key"] for s in sources]
+    if not keys:
+        raise CdirError("this workspace has no captions yet: run `cdir caption -w WS "
+                        "--captioner hf:...` or import a file with --from-file")
+    listing = "; ".join(keys)
+    if not ref:
+        if len(keys) == 1:
+            return keys[0]
+        raise CdirError(f"several caption sources; pick one with --source: {listing}")
+    if ref in keys:
+        return ref
+    stems = {Path(s["path"]).stem: s["key"] for s in sources}
+    if ref in stems:
+        return stems[ref]
+    hits = [k for k in keys if ref in k]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise CdirError(f"{ref!r} matches several caption sources: {'; '.join(hits)}")
+    raise CdirError(f"no caption source {ref!r} in this workspace; there are: {listing}")
+
+
+def load_captions(ws: Workspace | str | os.PathLike, ref: str | None = None) -> pd.DataFrame:
+    """The rows of a caption source (id, caption, model, prompt, params)."""
+    return CaptionStore(ws, resolve_source(ws, ref)).read()
+
+
+# -- captioning a workspace ----------------------------------------------------------------------
+
+def _reason(path: str, e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    if text.startswith(f"{path}: "):
+        return text[len(path) + 2:]
+    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+
+
+def _load_batch(paths: list[str]) -> list[tuple[Any, str | None]]:
+    """(image, None) or (None, reason) per path: a corrupt file is data, not an exception."""
+    from cdir.images import load_image
+
+    out: list[tuple[Any, str | None]] = []
+    for p in paths:
+        try:
+            out.append((load_image(p), None))
+        except Exception as e:  # noqa: BLE001 - a bad file must never stop the run
+            out.append((None, _reason(p, e)))
+    return out
+
+
+def caption_workspace(
+    ws: Workspace | str | os.PathLike, spec: str = DEFAULT_CAPTIONER, batch_size: int = 32, *,
+    prompt: str | None = None, max_new_tokens: int = 30, min_new_tokens: int = 0,
+    num_beams: int = 1, device: str | None = None, dtype: str | None = None,
+    trust_remote_code: bool = False, limit: int | None = None, progress: bool = True,
+    captioner: Any = None, callback: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Caption the workspace's images that have no caption yet under this captioner's key.
+
+    Images are read in manifest order, ``batch_size`` at a time; each batch is stored as it
+    finishes. On out-of-memory the batch is halved (for the rest of the run) and retried.
+    Unreadable images are skipped and listed; empty captions are stored and counted. ``captioner``
+    reuses a loaded Captioner (then ``spec`` and the generation arguments are not used);
+    ``limit`` captions at most that many of the missing images. Returns a summary dict whose
+    ``line`` says what was written (printed when ``progress``).
+    """
+    from tqdm.auto import tqdm
+
+    from encoders.captioners import BatchHalver, resolve_captioner
+
+    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    if batch_size < 1:
+        raise CdirError(f"batch size must be >= 1, not {batch_size}")
+    df = ws.manifest()
+    if captioner is not None:
+        resolved = None
+        key, model, family = captioner.key, captioner.spec, captioner.family
+        params = dict(captioner.params)
+    else:
+        resolved = resolve_captioner(spec, prompt=prompt, max_new_tokens=max_new_tokens,
+                                     min_new_tokens=min_new_tokens, num_beams=num_beams,
+                                     trust_remote_code=trust_remote_code)
+        key, model, family, params = resolved.key, resolved.spec, resolved.family, \
+            dict(resolved.params)
+    store = CaptionStore(ws, key)
+    ids = df["id"].astype(str).tolist()
+    paths = df["path"].astype(str).tolist()
+
+    with store.lock():
+        meta = store.meta()
+        if not meta:
+            meta = store.write_meta(kind="model", model=model, family=family,
+                                    prompt=params.get("prompt"), params=params, count=0,
+                                    empty=0, failed=[])
+        elif meta.get("kind") != "model":
+            raise CdirError(f"caption source {key!r} holds imported captions, not a model's")
+        store.compact()  # fold in what a killed run left
+        done = store.done_ids()
+        old_failed = {r["id"]: r for r in meta.get("failed", [])}
+        todo = [j for j, i in enumerate(ids) if i not in done]  # earlier failures are retried
+        already = len(ids) - len(todo)
+        if limit is not None:
+            todo = todo[:max(0, int(limit))]
+
+        failures: dict[str, dict] = {}
+        captioned: set[str] = set()
+        state = {"new": 0, "empty": 0, "rows": 0, "shrinks": 0}
+        device_name = "-"
+        halver: BatchHalver | None = None
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(todo), unit="img", desc=f"caption {model}", disable=not progress,
+                   dynamic_ncols=True, file=sys.stderr)
+
+        def save_failed() -> None:
+            merged = {k: r for k, r in old_failed.items() if k not in captioned}
+            merged.update(failures)
+            store.write_meta(failed=sorted(merged.values(), key=lambda r: r["id"]))
+
+        try:
+            if todo:
+                cap = captioner
+
+                def shrunk(bs: int) -> None:
+                    state["shrinks"] += 1
+                    bar.write(f"out of memory: batch size halved to {bs}", file=sys.stderr)
+
+                batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    # decode the next batch's files while the model works on this one
+                    pending = pool.submit(_load_batch, [paths[j] for j in batches[0]])
+                    for b, rows in enumerate(batches):
+                        loaded = pending.result()
+                        if b + 1 < len(batches):
+                            pending = pool.submit(_load_batch,
+                                                  [paths[j] for j in batches[b + 1]])
+                        good = [(j, img) for j, (img, _) in zip(rows, loaded, strict=True)
+                                if img is not None]
+                        for j, (_, reason) in zip(rows, loaded, strict=True):
+                            if reason is not None:
+                                failures[ids[j]] = {"id": ids[j], "path": paths[j],
+                                                    "reason": reason}
+                        if good:
+                            if cap is None:
+                                # loaded on the first readable batch: a re-run that only retries
+                                # unreadable files never loads the model
+                                cap = resolved.load(device, dtype)
+                            if halver is None:
+                                device_name = str(getattr(cap, "device", "-"))
+                                halver = BatchHalver(batch_size, on_shrink=shrunk,
+                                                     where=f" on {device_name}")
+                            texts = halver.run(cap.caption, [img for _, img in good])
+                            good_ids = [ids[j] for j, _ in good]
+                            store.append(good_ids, texts, model, params.get("prompt"), params)
+                            captioned.update(good_ids)
+                            state["new"] += len(good)
+                            state["empty"] += sum(1 for t in texts if not t.strip())
+                        if any(reason is not None for _, reason in loaded):
+                            save_failed()
+                        state["rows"] += len(rows)
+                        bar.update(len(rows))
+                        if failures or state["empty"]:
+                            bar.set_postfix(failed=len(failures), empty=state["empty"],
+                                            refresh=False)
+                        if callback is not None:
+                            callback(state["rows"], len(todo))
+        finally:
+            bar.close()
+            if failures or captioned & old_failed.keys():
+                save_failed()
+            rows = store.compact()
+            n_empty = int((rows["caption"].astype(str).str.strip() == "").sum())
+            store.write_meta(count=len(rows), empty=n_empty)
+        seconds = time.perf_counter() - t0
+
+    rate = state["new"] / seconds if seconds > 0 and state["new"] else 0.0
+    summary = {
+        "key": key, "model": model, "family": family, "params": params,
+        "path": str(store.path), "device": device_name, "total": len(ids), "new": state["new"],
+        "already_done": already, "failed": len(failures), "empty": state["empty"],
+        "remaining": len(ids) - already - state["new"] - len(failures),
+        "batch_size": halver.batch_size if halver else batch_size,
+        "seconds": round(seconds, 3), "images_per_s": round(rate, 2),
+        "failures": sorted(failures.values(), key=lambda r: r["id"]),
+    }
+    summary["line"] = _summary_line(summary)
+    if progress:
+        if failures:
+            print(failure_report(summary["failures"], store.meta_path), file=sys.stderr)
+        if state["empty"]:
+            print(f"{state['empty']} caption(s) came out empty (stored as empty strings)",
+                  file=sys.stderr)
+        print(summary["line"])
+    return summary
+
+
+def _summary_line(s: dict) -> str:
+    left = f", {s['remaining']} left" if s["remaining"] > 0 else ""
+    empty = f", {s['empty']} empty" if s["empty"] else ""
+    speed = f" at {s['images_per_s']:.2f} images/s" if s["images_per_s"] else ""
+    return (f"captioned {s['new']} new, {s['already_done']} already done, {s['failed']} failed"
+            f"{empty}{left} ({s['key']} on {s['device']}{speed}) -> {s['path']}")
+
+
+def failure_report(records: list[dict], where: os.PathLike | str) -> str:
+    lines = [f"{len(records)} image(s) could not be read and were skipped (listed in {where}):"]
+    lines += [f"  {r['id']}: {r['reason']}" for r in records[:SHOW]]
+    if len(records) > SHOW:
+        lines.append(f"  ... and {len(records) - SHOW} more")
+    return "\n".join(lines)
+
+
+# -- import / export -----------------------------------------------------------------------------
+
+_ID_COLUMNS = ("id",)
+_PATH_COLUMNS = ("path", "image", "file", "filename", "filepath", "image_path")
+_CAPTION_COLUMNS = ("caption", "text", "captions")
+
+
+def _read_table(file: Path) -> pd.DataFrame:
+    """A CSV/TSV (all values as text, nothing turned into NaN) or JSON Lines file."""
+    import pandas as pd
+
+    if not file.is_file():
+        raise CdirError(f"no caption file at {file}")
+    suffix = file.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        try:
+            return pd.read_csv(file, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                               sep="\t" if suffix == ".tsv" else ",")
+        except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise CdirError(f"cannot read {file} as CSV: {_first_line(e)}") from None
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        text = file.read_text(encoding="utf-8-sig")
+        if suffix == ".json" or text.lstrip().startswith("["):
+            try:
+                records = json.loads(text)
+            except ValueError as e:
+                raise CdirError(f"cannot read {file} as JSON: {_first_line(e)}") from None
+            if not isinstance(records, list):
+                raise CdirError(f"{file}: expected a list of objects with id and caption")
+        else:
+            records = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except ValueError as e:
+                    raise CdirError(f"{file}, line {n}: not valid JSON ({_first_line(e)})") \
+                        from None
+        bad = [i for i, r in enumerate(records, 1) if not isinstance(r, dict)]
+        if bad:
+            raise CdirError(f"{file}: record {bad[0]} is not an object with id and caption")
+        df = pd.DataFrame(records)
+        for col in df.columns:
+            df[col] = [_text(v, nested=col == "params") for v in df[col]]
+        return df
+    raise CdirError(f"{file}: unknown caption file type {suffix!r}: use .csv, .tsv or .jsonl")
+
+
+def _text(v: Any, nested: bool = False) -> str | None:
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, sort_keys=True, ensure_ascii=False) if nested else json.dumps(v)
+    return str(v)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else e.__class__.__name__
+
+
+def import_captions(ws: Workspace | str | os.PathLike, file: str | os.PathLike,
+                    name: str | None = None) -> dict:
+    """Import captions from CSV/TSV/JSONL as the caption source ``name`` (default: the file
+    name). Columns: ``id`` (manifest id) or ``path`` (image path), and ``caption`` (or ``text``);
+    optional ``model``, ``prompt``, ``params`` are kept (an exported file imports back
+    unchanged). Unknown ids are skipped, images without a caption and empty captions are
+    reported; an existing source of that name is updated (its other rows are kept). The file is
+    checked in full before anything is written. Returns a summary with ``messages`` and ``line``.
+    """
+    import pandas as pd
+
+    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    file = Path(file)
+    name = (name if name is not None else file.stem).strip()
+    if not _NAME.match(name) or name.lower().startswith("hf"):
+        if name.lower().startswith("hf"):
+            raise CdirError(f"import name {name!r} must not start with 'hf' (kept for model "
+                            "captions): pick another --name")
+        raise CdirError(f"import name {name!r}: use letters, digits and . _ - + @ or spaces "
+                        "(at most 100 characters), e.g. --name my_captions")
+    manifest = ws.manifest()
+    table = _read_table(file)
+    cols = {c.lower().strip(): c for c in table.columns}
+    cap_col = next((cols[c] for c in _CAPTION_COLUMNS if c in cols), None)
+    id_col = next((cols[c] for c in _ID_COLUMNS if c in cols), None)
+    path_col = next((cols[c] for c in _PATH_COLUMNS if c in cols), None)
+    if cap_col is None or (id_col is None and path_col is None):
+        raise CdirError(f"{file} needs an 'id' (or 'path') column and a 'caption' column; it has "
+                        f"{', '.join(map(str, table.columns)) or 'no columns'}")
+    if len(table) == 0:
+        raise CdirError(f"{file} holds no captions")
+
+    known = manifest["id"].astype(str).tolist()
+    known_set = set(known)
+    if id_col is not None:
+        raw_ids = [("" if v is None else str(v)).strip() for v in table[id_col]]
+        ids = [i if i in known_set else None for i in raw_ids]
+    else:
+        by_path = {}
+        for i, p in zip(known, manifest["path"].astype(str), strict=True):
+            by_path[os.path.normpath(p)] = i
+        raw_ids = [("" if v is None else str(v)).strip() for v in table[path_col]]
+        ids = []
+        for v in raw_ids:
+            hit = by_path.get(os.path.normpath(os.path.abspath(os.path.expanduser(v)))) \
+                if v else None
+            ids.append(hit if hit else (v if v in known_set else None))
+    unknown = [r for r, i in zip(raw_ids, ids, strict=True) if i is None]
+    if len(unknown) == len(ids):
+        what = "ids" if id_col is not None else "paths"
+        raise CdirError(f"none of the {len(ids)} {what} in {file} is in the gallery (e.g. "
+                        f"{_examples(unknown)}); the {what} must be those of the workspace "
+                        f"manifest (e.g. {known[0]!r}); nothing was imported")
+
+    def column(label: str) -> list[str | None]:
+        col = cols.get(label)
+        return list(table[col]) if col is not None else [None] * len(table)
+
+    captions = [("" if v is None else str(v)) for v in table[cap_col]]
+    models, prompts, params = column("model"), column("prompt"), column("params")
+    rows: dict[str, tuple] = {}
+    conflicts: list[str] = []
+    for k, i in enumerate(ids):
+        if i is None:
+            continue
+        row = (captions[k], models[k] or f"file:{file.name}", prompts[k] or None,
+               params[k] or "{}")
+        if i in rows and rows[i][0] != row[0]:
+            conflicts.append(i)
+        rows[i] = row
+    if conflicts:
+        raise CdirError(f"{file} gives different captions for the same image: "
+                        f"{_examples(sorted(set(conflicts)))}; keep one row per image; "
+                        "nothing was imported")
+    new = pd.DataFrame([(i, *r) for i, r in rows.items()], columns=COLUMNS)
+    new["prompt"] = new["prompt"].astype(object)
+
+    store = CaptionStore(ws, name)
+    messages: list[str] = []
+    if unknown:
+        messages.append(f"{len(unknown)} row(s) of {file.name} name images that are not in the "
+                        f"gallery and were skipped: {_examples(unknown)}")
+    empty = [i for i, r in rows.items() if not r[0].strip()]
+    if empty:
+        messages.append(f"{len(empty)} caption(s) are empty (stored as empty strings): "
+                        f"{_examples(empty)}")
+    with store.lock():
+        meta = store.meta()
+        if meta and meta.get("kind") != "import":
+            raise CdirError(f"caption source {name!r} holds a model's captions: pick another "
+                            "--name")
+        old = store.read()
+        kept = old[~old["id"].astype(str).isin(rows.keys())]
+        updated = len(old) - len(kept)
+        merged = pd.concat([kept, new], ignore_index=True) if len(kept) else new
+        # manifest order, stale ids (no longer in the gallery) last
+        order = {i: n for n, i in enumerate(known)}
+        merged = merged.assign(_o=[order.get(i, len(order)) for i in merged["id"]]) \
+            .sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
+        store.write_rows(merged)
+        n_empty = int((merged["caption"].astype(str).str.strip() == "").sum())
+        store.write_meta(kind="import", model=f"file:{file.name}", family="import",
+                         source=str(file.resolve()), prompt=None, params={},
+                         count=len(merged), empty=n_empty, failed=[])
+    missing = len(known_set - set(merged["id"].astype(str)))
+    if missing:
+        messages.append(f"{missing} gallery image(s) have no caption in source {name!r}")
+    if len(kept):
+        messages.append(f"source {name!r} already had captions: {updated} replaced, "
+                        f"{len(kept)} kept")
+    line = (f"imported {len(rows)} caption(s) from {file} as {name!r} ({len(merged)} stored, "
+            f"{len(unknown)} skipped, {missing} gallery images without caption) -> {store.path}")
+    return {"key": name, "path": str(store.path), "imported": len(rows),
+            "skipped": len(unknown), "empty": len(empty), "missing": missing,
+            "stored": len(merged), "messages": messages, "line": line}
+
+
+def export_captions(ws: Workspace | str | os.PathLike, key: str | None,
+                    out: str | os.PathLike) -> dict:
+    """Write a caption source to CSV (``.csv``/``.tsv``) or JSON Lines (``.jsonl``), in manifest
+    order: columns id, caption, model, prompt, params. ``key`` may be any reference that
+    `resolve_source` accepts. Returns a summary with ``line``."""
+    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    key = resolve_source(ws, key)
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson"):
+        raise CdirError(f"{out}: export to .csv, .tsv or .jsonl")
+    df = CaptionStore(ws, key).read()
+    if ws.manifest_path.exists():
+        order = {i: n for n, i in enumerate(ws.manifest()["id"].astype(str))}
+        df = df.assign(_o=[order.get(i, len(order)) for i in df["id"].astype(str)]) \
+            .sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
+    with atomic_path(out) as tmp:
+        if suffix in (".csv", ".tsv"):
+            df.to_csv(tmp, index=False, sep="\t" if suffix == ".tsv" else ",",
+                      encoding="utf-8")
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for r in df.itertuples(index=False):
+                    try:
+                        params: Any = json.loads(r.params) if r.params else {}
+                    except ValueError:
+                        params = r.params
+                    f.write(json.dumps({"id": r.id, "caption": r.caption, "model": r.model,
+                                        "prompt": r.prompt, "params": params},
+                                       ensure_ascii=False) + "\n")
+    return {"key": key, "rows": len(df), "out": str(out),
+            "line": f"exported {len(df)} caption(s) of {key!r} -> {out}"}
