@@ -253,6 +253,17 @@ def resolve_source(ws: Workspace | str | os.PathLike, ref: str | None) -> str:
     raise CdirError(f"no caption source {ref!r} in this workspace; there are: {listing}")
 
 
+def captioner_of_source(ws: Workspace | str | os.PathLike, key: str
+                        ) -> tuple[str, dict] | None:
+    """(captioner spec, generation params) that wrote a source, to caption new queries the same
+    way; None for imported captions."""
+    meta = CaptionStore(ws, key).meta()
+    if meta.get("kind") != "model" or not meta.get("model"):
+        return None
+    gen = ("prompt", "max_new_tokens", "min_new_tokens", "num_beams")
+    return meta["model"], {k: v for k, v in (meta.get("params") or {}).items() if k in gen}
+
+
 def load_captions(ws: Workspace | str | os.PathLike, ref: str | None = None) -> pd.DataFrame:
     """The rows of a caption source (id, caption, model, prompt, params)."""
     return CaptionStore(ws, resolve_source(ws, ref)).read()

@@ -74,11 +74,15 @@ class Searcher:
         from encoders.captioners import load_captioner
 
         if self._captioner is None:
-            spec = self.captioner_spec or captioner_of_source(self.ws, self.caption_source)
-            if spec is None:
-                raise CdirError(f"the captions {self.caption_source!r} were imported, not "
-                                "generated: give --captioner hf:... to caption the query")
-            self._captioner = load_captioner(spec, device=self.device)
+            if self.captioner_spec:
+                spec, gen = self.captioner_spec, {}
+            else:
+                source = captioner_of_source(self.ws, self.caption_source)
+                if source is None:
+                    raise CdirError(f"the captions {self.caption_source!r} were imported, not "
+                                    "generated: give --captioner hf:... to caption the query")
+                spec, gen = source
+            self._captioner = load_captioner(spec, device=self.device, **gen)
         return self._captioner.caption(images)
 
     def query_vectors(self, images: list[Image.Image]) -> tuple[np.ndarray, list[str] | None]:
