@@ -11,7 +11,7 @@ import sys
 
 from cdir.errors import CdirError
 
-COMMANDS = ("data", "embed", "caption", "index", "search", "eval", "train", "demo")
+COMMANDS = ("data", "embed", "caption", "index", "search", "eval", "train", "reproduce")
 
 DESCRIPTION = """\
 cdir: cross-domain image retrieval. Given an image in one visual style (a sketch, a clipart,
@@ -25,7 +25,7 @@ A workspace (-w DIR) holds each stage's output; every stage resumes and skips fi
   cdir search -w runs/oh --image query.jpg --domain Clipart -k 10
   cdir eval   -w runs/oh --encoder clip:ViT-B-32/openai   every directed domain pair
   cdir train synco --config configs/emoji_small.yaml      self-supervised pretraining
-  cdir demo   -w runs/oh                                   the Gradio search demo
+  cdir reproduce configs/cm_officehome.yaml --root DIR     a paper's table, stage by stage
 
 Model specs: clip:ARCH/PRETRAINED (open_clip), st:ID-OR-PATH (sentence-transformers),
 hf:ID-OR-PATH (captioner), ckpt:PATH (a checkpoint of this project or MoCo/SynCo), pixels.

@@ -19,11 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cdir.images import load_image
+from cdir.images import failure_report, load_image
 from cdir.store import EmbeddingStore
 from cdir.workspace import Workspace
-
-SHOW_FAILURES = 5
 
 
 def _reason(path: str, e: BaseException) -> str:
@@ -192,9 +190,3 @@ def summary_line(s: dict) -> str:
             f"{left} ({s['dim']}-d {s['spec']} on {s['device']}{speed}) -> {s['dir']}")
 
 
-def failure_report(records: list[dict], where: os.PathLike | str) -> str:
-    lines = [f"{len(records)} image(s) could not be read and were skipped (listed in {where}):"]
-    lines += [f"  {r['id']}: {r['reason']}" for r in records[:SHOW_FAILURES]]
-    if len(records) > SHOW_FAILURES:
-        lines.append(f"  ... and {len(records) - SHOW_FAILURES} more")
-    return "\n".join(lines)
