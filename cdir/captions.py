@@ -428,6 +428,8 @@ def caption_workspace(
     summary["line"] = _summary_line(summary)
     if progress:
         if failures:
+            from cdir.images import failure_report
+
             print(failure_report(summary["failures"], store.meta_path), file=sys.stderr)
         if state["empty"]:
             print(f"{state['empty']} caption(s) came out empty (stored as empty strings)",
@@ -444,12 +446,6 @@ def _summary_line(s: dict) -> str:
             f"{empty}{left} ({s['key']} on {s['device']}{speed}) -> {s['path']}")
 
 
-def failure_report(records: list[dict], where: os.PathLike | str) -> str:
-    lines = [f"{len(records)} image(s) could not be read and were skipped (listed in {where}):"]
-    lines += [f"  {r['id']}: {r['reason']}" for r in records[:SHOW]]
-    if len(records) > SHOW:
-        lines.append(f"  ... and {len(records) - SHOW} more")
-    return "\n".join(lines)
 
 
 # -- import / export -----------------------------------------------------------------------------

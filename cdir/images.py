@@ -63,3 +63,12 @@ def load_image(path: str | Path) -> Image.Image:
         raise BadImage(f"{path}: not an image" + (" (empty file)" if size == 0 else "")) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImage(f"{path}: cannot decode ({e})") from None
+
+
+def failure_report(records: list[dict], where: str | Path, show: int = 5) -> str:
+    """The skipped images of a run ({id, reason} records), a few named, for the end of a job."""
+    lines = [f"{len(records)} image(s) could not be read and were skipped (listed in {where}):"]
+    lines += [f"  {r['id']}: {r['reason']}" for r in records[:show]]
+    if len(records) > show:
+        lines.append(f"  ... and {len(records) - show} more")
+    return "\n".join(lines)

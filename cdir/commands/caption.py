@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if args.name or args.source:
         raise CdirError("--name goes with --from-file, --source with --export")
 
-    from cdir.captions import DEFAULT_CAPTIONER, caption_workspace, failure_report
+    from cdir.captions import DEFAULT_CAPTIONER, caption_workspace
+    from cdir.images import failure_report
 
     summary = caption_workspace(
         ws.require(), args.captioner or DEFAULT_CAPTIONER, batch_size=args.batch_size,

@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_images(args: argparse.Namespace) -> int:
     import sys
 
-    from cdir.embed import embed_images, failure_report
+    from cdir.embed import embed_images
+    from cdir.images import failure_report
     from cdir.workspace import Workspace
 
     summary = embed_images(
