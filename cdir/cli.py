@@ -11,7 +11,8 @@ import sys
 
 from cdir.errors import CdirError
 
-COMMANDS = ("data", "embed", "caption", "index", "search", "eval", "train", "reproduce")
+COMMANDS = ("data", "embed", "caption", "index", "search", "eval", "train", "reproduce",
+            "demo")
 
 DESCRIPTION = """\
 cdir: cross-domain image retrieval. Given an image in one visual style (a sketch, a clipart,
@@ -26,6 +27,7 @@ A workspace (-w DIR) holds each stage's output; every stage resumes and skips fi
   cdir eval   -w runs/oh --encoder clip:ViT-B-32/openai   every directed domain pair
   cdir train synco --config configs/emoji_small.yaml      self-supervised pretraining
   cdir reproduce configs/cm_officehome.yaml --root DIR     a paper's table, stage by stage
+  cdir demo   -w runs/oh                                   the Gradio search demo
 
 Model specs: clip:ARCH/PRETRAINED (open_clip), st:ID-OR-PATH (sentence-transformers),
 hf:ID-OR-PATH (captioner), ckpt:PATH (a checkpoint of this project or MoCo/SynCo), pixels.
