@@ -450,7 +450,7 @@ _OH_ALIASES = {**_OH_FOLDERS, "ar": "Art", "cl": "Clipart", "pr": "Product", "rw
                "re": "Real World"}
 
 
-def _officehome_dirs(path: str) -> dict[str, str]:
+def officehome_dirs(path: str) -> dict[str, str]:
     """canonical domain -> folder name, for the Office-Home domain folders directly in ``path``."""
     dirs, _ = _listdir(path)
     found: dict[str, str] = {}
@@ -465,17 +465,29 @@ def _officehome_dirs(path: str) -> dict[str, str]:
     return found
 
 
+def _officehome_aliases(folders: dict[str, str]) -> dict[str, str]:
+    """normalised name -> canonical domain: the usual spellings, the literature's codes and the
+    folders present (``folders`` from :func:`officehome_dirs`)."""
+    return {**_OH_ALIASES, **{_norm(f): c for c, f in folders.items()}}
+
+
+def officehome_domain(name: str, folders: dict[str, str]) -> str | None:
+    """The canonical Office-Home domain that ``name`` means (a canonical name, a folder name or a
+    code such as Ar, Rw), or None; ``folders`` from :func:`officehome_dirs`."""
+    return name if name in folders else _officehome_aliases(folders).get(_norm(name))
+
+
 def find_officehome_root(root: str | os.PathLike) -> str:
     """The folder that holds the Office-Home domain folders: ``root`` itself, its
     ``OfficeHomeDataset_10072016`` folder, or its single sub-folder that has them."""
     root = _existing_dir(root)
-    if _officehome_dirs(root):
+    if officehome_dirs(root):
         return root
     top = os.path.join(root, OFFICEHOME_ARCHIVE_DIR)
-    if os.path.isdir(top) and _officehome_dirs(top):
+    if os.path.isdir(top) and officehome_dirs(top):
         return top
     subs = [os.path.join(root, d) for d in _listdir(root)[0]]
-    hits = [s for s in subs if _officehome_dirs(s)]
+    hits = [s for s in subs if officehome_dirs(s)]
     if len(hits) == 1:
         return hits[0]
     if len(hits) > 1:
@@ -500,11 +512,9 @@ def load_officehome(root: str | os.PathLike, domains: Iterable[str] | str | None
     base = find_officehome_root(root)
     split = _check_split(split)
     keep = resolve_classes(classes)
-    folders = _officehome_dirs(base)
+    folders = officehome_dirs(base)
     available = [d for d in OFFICEHOME_DOMAINS if d in folders]
-    aliases = dict(_OH_ALIASES)
-    aliases.update({_norm(f): c for c, f in folders.items()})
-    chosen = _pick_domains(available, domains, base, aliases)
+    chosen = _pick_domains(available, domains, base, _officehome_aliases(folders))
     others = [d for d in _listdir(base)[0] if _OH_FOLDERS.get(_norm(d)) is None]
     if others:
         warnings.warn(f"ignored folder(s) in {base} that are not Office-Home domains: "
@@ -535,7 +545,7 @@ _SPLIT_FILE_DIRS = ("", "splits", "split", "txt", "lists", "image_list", "image_
 _KNOWN_GAPS = {("painting", "t-shirt"): "known gap: the official painting_train.txt has no t-shirt"}
 
 
-def _domainnet_split_files(base: str) -> dict[str, dict[str, str]]:
+def domainnet_split_files(base: str) -> dict[str, dict[str, str]]:
     """domain -> {"train"|"test": path of <domain>_<split>.txt}, looked for in ``base`` and a few
     usual sub-folders (``splits/``, ``txt/``, ...)."""
     out: dict[str, dict[str, str]] = {}
@@ -562,10 +572,10 @@ def find_domainnet_root(root: str | os.PathLike) -> str:
     """The folder with the DomainNet domain folders or split files: ``root`` or a single
     sub-folder of it that has them (e.g. the parent of ``domainnet/`` or ``images/``)."""
     root = _existing_dir(root)
-    if _domainnet_dirs(root) or _domainnet_split_files(root):
+    if _domainnet_dirs(root) or domainnet_split_files(root):
         return root
     subs = [os.path.join(root, d) for d in _listdir(root)[0]]
-    hits = [s for s in subs if _domainnet_dirs(s) or _domainnet_split_files(s)]
+    hits = [s for s in subs if _domainnet_dirs(s) or domainnet_split_files(s)]
     if len(hits) == 1:
         return hits[0]
     dirs = _listdir(root)[0]
@@ -617,7 +627,7 @@ def load_domainnet(root: str | os.PathLike, domains: Iterable[str] | str | None 
         raise CdirError(f"DomainNet has train and test splits, not {split!r}")
     keep = resolve_classes(classes)
     keep_set = set(keep) if keep else None
-    lists = _domainnet_split_files(base)
+    lists = domainnet_split_files(base)
     dirs = _domainnet_dirs(base)
     available = [d for d in DOMAINNET_DOMAINS if d in lists or d in dirs]
     chosen = _pick_domains(available, domains, base)

@@ -125,6 +125,8 @@ def run_retrieval_eval(args: argparse.Namespace) -> int:
 
 def compare_modes(tables: dict[str, list[dict]], ks: tuple[int, ...]) -> str:
     """One Markdown table: a row per directed pair, the P@k of every mode side by side."""
+    from eval.report import format_value
+
     modes = list(tables)
     cols = [f"{m} P@{k}" for m in modes for k in ks]
     lines = ["| pair | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -134,11 +136,8 @@ def compare_modes(tables: dict[str, list[dict]], ks: tuple[int, ...]) -> str:
         cells = []
         for m in modes:
             row = by_mode[m].get(pair, {})
-            cells += [_fmt(row.get(f"P@{k}")) for k in ks]
+            cells += [format_value(row.get(f"P@{k}")) for k in ks]
         name = f"**{pair}**" if pair == "mean" else pair
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
-
-def _fmt(v) -> str:
-    return "" if v is None or v != v else f"{v:.2f}"

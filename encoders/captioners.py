@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from cdir.errors import CdirError, ModelUnavailable
-from encoders.hub import hub_reachable, offline
+from encoders.hub import download_blocked
 
 # family -> (what it covers, example checkpoints); shown when a family is not supported
 FAMILIES: dict[str, str] = {
@@ -120,10 +120,9 @@ class _Source:
             try:
                 return loader(self.target, local_files_only=True, **kwargs)
             except OSError:
-                if offline():
-                    raise _unavailable(self.target, "HF_HUB_OFFLINE is set") from None
-                if not hub_reachable():
-                    raise _unavailable(self.target, "the hub is unreachable") from None
+                blocked = download_blocked()
+                if blocked:
+                    raise _unavailable(self.target, blocked) from None
             self.cache_only = False  # not (fully) cached, but the hub answers: download
         try:
             return loader(self.target, **kwargs)

@@ -46,7 +46,7 @@ from cdir.errors import CdirError, ModelUnavailable
 PREFIX = "clip:"
 RANDOM = "random"
 RANDOM_SEED = 0
-_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 _cache: dict[str, tuple[Any, Any, Any, dict]] = {}
 _lock = threading.Lock()
@@ -139,6 +139,19 @@ def _how_to_provide(arch: str, tag: str, repo: str) -> str:
             f"(or point HF_HOME at it), or pass a local checkpoint: clip:{arch}/PATH")
 
 
+def hub_weights(hf_hub: str) -> tuple[str, str, list[str]]:
+    """(repo, file or "" for the default names, candidate file names) of the ``hf_hub`` entry of
+    an open_clip pretrained config: "org/repo/" means the default file names, else "org/repo/file"
+    (a .bin/.pth file is looked for as .safetensors first)."""
+    if hf_hub.endswith("/"):
+        return hf_hub.rstrip("/"), "", list(WEIGHT_FILES)
+    repo, _, filename = hf_hub.rpartition("/")
+    names = [filename]
+    if filename.endswith((".bin", ".pth")):
+        names.insert(0, filename.rsplit(".", 1)[0] + ".safetensors")
+    return repo, filename, names
+
+
 def _resolve_weights(cs: ClipSpec, name: str) -> tuple[str | None, dict, str]:
     """(checkpoint path or None for random, create_model kwargs, weights fingerprint)."""
     import open_clip
@@ -168,15 +181,7 @@ def _resolve_weights(cs: ClipSpec, name: str) -> tuple[str | None, dict, str]:
                 kwargs[arg] = pcfg[key]
         if pcfg.get("file"):
             return pcfg["file"], kwargs, f"tag:{tag}"
-        # open_clip's convention: "org/repo/" means the default file names, else "org/repo/file"
-        hub = pcfg["hf_hub"]
-        if hub.endswith("/"):
-            repo, filename = hub.rstrip("/"), ""
-        else:
-            repo, _, filename = hub.rpartition("/")
-        names = [filename] if filename else list(_WEIGHT_FILES)
-        if filename and filename.endswith((".bin", ".pth")):
-            names.insert(0, filename.rsplit(".", 1)[0] + ".safetensors")
+        repo, _, names = hub_weights(pcfg["hf_hub"])
         path = hub_file(repo, names, cs.spec, _how_to_provide(name, tag, repo))
         return path, kwargs, f"tag:{tag}"
     path = Path(tag).expanduser()
@@ -197,7 +202,7 @@ def _hub_folder(cs: ClipSpec) -> str:
            f"models--{cs.arch.replace('/', '--')} folder of its ~/.cache/huggingface/hub here "
            "(or point HF_HOME at it), or pass the downloaded folder: clip:PATH-TO-FOLDER")
     config = hub_file(cs.arch, ["open_clip_config.json"], cs.spec, how)
-    weights = hub_file(cs.arch, list(_WEIGHT_FILES), cs.spec, how)
+    weights = hub_file(cs.arch, list(WEIGHT_FILES), cs.spec, how)
     if Path(config).parent != Path(weights).parent:
         raise ModelUnavailable(f"{cs.spec}: the cached config and weights of {cs.arch} are from "
                                f"different revisions; {how}")

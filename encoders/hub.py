@@ -49,6 +49,15 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return _reachable(url.hostname or "huggingface.co", url.port or 443, timeout)
 
 
+def download_blocked() -> str | None:
+    """Why a file missing from the cache cannot be downloaded now, or None when it can."""
+    if offline():
+        return "HF_HUB_OFFLINE is set"
+    if not hub_reachable():
+        return "the hub is unreachable"
+    return None
+
+
 def cached_file(repo: str, filenames: list[str] | tuple[str, ...]) -> str | None:
     """The first of ``filenames`` present in the local hub cache for ``repo``, or None."""
     from huggingface_hub import try_to_load_from_cache
@@ -69,11 +78,10 @@ def hub_file(repo: str, filenames: list[str] | tuple[str, ...], model: str, how:
     path = cached_file(repo, filenames)
     if path:
         return path
-    where = f"not in the local Hugging Face cache ({hub_cache_dir()})"
-    if offline():
-        raise ModelUnavailable(f"{model}: {repo} is {where} and HF_HUB_OFFLINE is set; {how}")
-    if not hub_reachable():
-        raise ModelUnavailable(f"{model}: {repo} is {where} and the hub is unreachable; {how}")
+    blocked = download_blocked()
+    if blocked:
+        raise ModelUnavailable(f"{model}: {repo} is not in the local Hugging Face cache "
+                               f"({hub_cache_dir()}) and {blocked}; {how}")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 

@@ -57,7 +57,8 @@ def _metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     return cols
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A table cell: floats with 2 decimals, NaN as n/a, None as empty."""
     if v is None:
         return ""
     if isinstance(v, float):
@@ -66,7 +67,7 @@ def _fmt(v: Any) -> str:
 
 
 def _md_cell(v: Any) -> str:
-    return _fmt(v).replace("|", "\\|")
+    return format_value(v).replace("|", "\\|")
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
@@ -83,15 +84,16 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """``v`` with NaN as None and numpy scalars as Python numbers, for JSON."""
     if isinstance(v, float) and math.isnan(v):
         return None
     if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
+        return {k: jsonable(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if hasattr(v, "item"):  # numpy scalars
-        return _jsonable(v.item())
+        return jsonable(v.item())
     return v
 
 
@@ -122,8 +124,8 @@ def write_report(
         w.writeheader()
         for r in rows:
             w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in fields})
-    write_json(paths["json"], _jsonable({"title": title, "columns": fields, "results": rows,
-                                         "examples": examples}))
+    write_json(paths["json"], jsonable({"title": title, "columns": fields, "results": rows,
+                                        "examples": examples}))
     _write_heatmap(rows, cols, paths["heatmap"], title)
     if examples:
         examples = [_complete(ex, manifest) for ex in examples]

@@ -183,6 +183,19 @@ def test_officehome_domain_aliases(officehome_root: Path) -> None:
         ds.load_officehome(officehome_root, domains="Sketch")
 
 
+def test_officehome_domain_folders_and_names(make_officehome) -> None:
+    root = make_officehome(folder_names={"Real World": "Real_World"}, per_class=1)
+    folders = ds.officehome_dirs(str(root))
+    assert folders == {"Art": "Art", "Clipart": "Clipart", "Product": "Product",
+                       "Real World": "Real_World"}
+    names = {"Real World": "Real World", "Real_World": "Real World", "real world": "Real World",
+             "Rw": "Real World", "ar": "Art", "Clipart": "Clipart"}
+    assert {n: ds.officehome_domain(n, folders) for n in names} == names
+    assert ds.officehome_domain("Sketch", folders) is None
+    del folders["Product"]  # a canonical name still resolves; the caller sees it is absent
+    assert ds.officehome_domain("pr", folders) == "Product"
+
+
 def test_officehome_train_level_and_archive_top_folder(make_officehome) -> None:
     base = make_officehome(train_level=True, top_folder="OfficeHomeDataset_10072016",
                            folder_names={"Real World": "Real"}, per_class=2)
@@ -315,6 +328,15 @@ def test_domainnet_split_dir_and_parent_root(make_domainnet) -> None:
     assert set(df["split"]) == {"train", "test"} and len(df) == 16
     test = ds.load_domainnet(root, split="test")
     assert len(test) == 8 and set(test["split"]) == {"test"}
+
+
+def test_domainnet_split_files_are_found_in_usual_subfolders(make_domainnet) -> None:
+    root = make_domainnet(split_dir="txt", domains=("sketch", "real"))
+    (root / "txt" / "notes_train.txt").write_text("not a DomainNet domain\n")
+    files = ds.domainnet_split_files(str(root))
+    assert files == {d: {sp: str(root / "txt" / f"{d}_{sp}.txt") for sp in ("train", "test")}
+                     for d in ("real", "sketch")}
+    assert ds.domainnet_split_files(str(root / "sketch")) == {}
 
 
 def test_domainnet_images_subfolder_and_missing_domain_folder(make_domainnet) -> None:

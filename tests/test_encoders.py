@@ -194,6 +194,20 @@ def test_uncached_clip_offline_is_one_quick_error(spec, repo, empty_hub_cache, m
     assert "on a machine with internet" in msg and "clip:" in msg.split("or pass", 1)[1]
 
 
+def test_open_clip_hub_weight_names_and_download_blocked(monkeypatch):
+    from encoders.clip import WEIGHT_FILES, hub_weights
+    from encoders.hub import download_blocked
+
+    assert hub_weights("timm/vit_base_patch32_clip_224.openai/") == (
+        "timm/vit_base_patch32_clip_224.openai", "", list(WEIGHT_FILES))
+    assert hub_weights("org/repo/weights.bin") == (
+        "org/repo", "weights.bin", ["weights.safetensors", "weights.bin"])
+    assert hub_weights("org/repo/w.safetensors") == ("org/repo", "w.safetensors",
+                                                     ["w.safetensors"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert download_blocked() == "HF_HUB_OFFLINE is set"
+
+
 def test_uncached_clip_unreachable_hub_fails_fast(empty_hub_cache, monkeypatch):
     from encoders.image import load_image_encoder
 

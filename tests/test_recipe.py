@@ -16,7 +16,8 @@ import yaml
 
 from cdir import cli
 from cdir.errors import CdirError
-from cdir.recipe import apply_set, build_methods, load_recipe, recipe_from_dict
+from cdir.recipe.config import apply_set, load_recipe, recipe_from_dict
+from cdir.recipe.methods import build_methods
 from tests.conftest import write_domainnet_tree
 from tests.test_encoders import write_tiny_clip_config
 from tests.tiny_models import tiny_model_path

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from eval.protocol import evaluate_pairs
-from eval.report import format_table, write_report
+from eval.report import format_table, format_value, jsonable, write_report
 from eval.topk import CosineScorer
 
 torch.set_num_threads(1)
@@ -89,3 +89,7 @@ def test_report_without_examples_and_with_nan(tmp_path):
     table = format_table(res)
     assert "| x→y | 2 | 3 | n/a | 12.50 |" in table
     assert table.splitlines()[0] == "| pair | n_queries | n_gallery | P@1 | mAP@R |"
+    assert [format_value(v) for v in (None, float("nan"), 1 / 3, 7, "x")] == [
+        "", "n/a", "0.33", "7", "x"]
+    assert jsonable({"a": np.float64("nan"), "b": (np.int64(3), [np.float32(0.5)])}) == {
+        "a": None, "b": [3, [0.5]]}

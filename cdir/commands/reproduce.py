@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cdir.recipe import Runner, load_recipe
+    from cdir.recipe.config import load_recipe
+    from cdir.recipe.runner import Runner
 
     recipe = load_recipe(args.config, overrides=args.set, root=args.root,
                          workspace=args.workspace)
