@@ -277,7 +277,7 @@ def linear_probe_features(
             opt.step()
         sched.step()
         top1, top5 = accuracy()
-        if not np.isfinite(float(loss)):
+        if not np.isfinite(float(loss.detach())):
             raise CdirError(f"linear probe diverged at epoch {epoch + 1}; lower lr (now {lr})")
         if top1 > best:
             best, best_epoch = top1, epoch + 1

@@ -1,0 +1,175 @@
+"""`cdir train moco|synco|isd|isd_plus`: self-supervised pretraining; `cdir train export`:
+the encoder-only file; `cdir train evaluate`: kNN / linear probe of an encoder on a labelled folder.
+
+The same command runs in one process (CPU or one GPU) and under torchrun (DDP):
+    torchrun --nproc_per_node 4 -m cdir train synco --config configs/imagenet_synco_r50_200ep.yaml \
+        --data /data/imagenet/train
+"""
+
+from __future__ import annotations
+
+import argparse
+
+METHODS = ("moco", "synco", "isd", "isd_plus")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="self-supervised pretraining (MoCo v2, SynCo, ISD) and SSL evaluation",
+        description="Pretrain an image encoder without labels, export its encoder, or evaluate "
+        "an encoder with kNN / linear probe. Recipes live in configs/.",
+    )
+    actions = p.add_subparsers(dest="method", metavar="METHOD", required=True)
+    for name in METHODS:
+        m = actions.add_parser(
+            name, help=f"pretrain with {name}",
+            description=f"Pretrain with {name}. Settings come from the recipe (--config), its "
+            f"'methods.{name}' section, then --set, then the flags below. Writes latest.pt every "
+            "epoch, checkpoint_XXXX.pt every train.save_every epochs, encoder.pt at the end, "
+            "TensorBoard scalars in OUT/tb.",
+        )
+        m.add_argument("--config", help="YAML recipe (optional with --resume: the checkpoint's "
+                       "own config is used)")
+        m.add_argument("--data", help="training images: a folder (searched recursively) or a "
+                       "manifest .parquet/.csv with a path column")
+        m.add_argument("--out", help="output folder (default runs/<method>-<recipe>)")
+        m.add_argument("--resume", metavar="CKPT", help="checkpoint to resume from, or 'auto' "
+                       "for OUT/latest.pt when it exists")
+        m.add_argument("--epochs", type=int, help="total epochs (sets optim.epochs)")
+        m.add_argument("--batch-size", type=int, help="global batch size (sets optim.batch_size)")
+        m.add_argument("--workers", type=int, help="data loader workers per process")
+        m.add_argument("--seed", type=int, help="random seed (sets train.seed)")
+        m.add_argument("--monitor", help="labelled folder for kNN / P@1 monitoring "
+                       "(sets monitor.path)")
+        m.add_argument("--stop-at", type=int, metavar="EPOCH", help="stop after this many "
+                       "epochs in total (resume later with --resume); for jobs with a time limit")
+        m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any recipe value, e.g. --set optim.lr=0.06 "
+                       "--set method.queue_size=4096 (repeatable; values are YAML)")
+        m.set_defaults(func=run)
+
+    e = actions.add_parser(
+        "export", help="write the small encoder-only file of a checkpoint",
+        description="Keep only the retrieval encoder (backbone) of a training checkpoint: what "
+        "`ckpt:PATH` loads for embedding and search.",
+    )
+    e.add_argument("checkpoint")
+    e.add_argument("output")
+    e.add_argument("--half", action="store_true", help="store float16 weights (half the size)")
+    e.set_defaults(func=run_export)
+
+    v = actions.add_parser(
+        "evaluate", help="kNN and linear-probe accuracy of an encoder on a labelled folder",
+        description="Weighted kNN (DINO-style, k=20 and 1, T=0.07) and the MoCo linear probe on "
+        "cached features. Labelled folders: root/<class>/<img> or root/<domain>/<class>/<img>; "
+        "manifests with path and label columns also work.",
+    )
+    v.add_argument("encoder", help="checkpoint: this project's (full or exported) or a "
+                   "reference MoCo/SynCo/ISD one")
+    v.add_argument("--data", required=True, help="labelled training folder or manifest")
+    v.add_argument("--test", help="labelled test folder (default: kNN leave-one-out, linear "
+                   "probe on a stratified held-out fraction)")
+    v.add_argument("--protocol", choices=("knn", "linear", "both"), default="both")
+    v.add_argument("--epochs", type=int, default=100, help="linear-probe epochs")
+    v.add_argument("--lr", type=float, default=30.0, help="linear-probe learning rate")
+    v.add_argument("--normalize", choices=("l2", "standardize", "none"), default="l2",
+                   help="feature normalisation before the linear probe")
+    v.add_argument("--workers", type=int, default=0)
+    v.add_argument("--json", help="also write the results to this JSON file")
+    v.set_defaults(func=run_evaluate)
+
+
+def _config_from_args(args: argparse.Namespace):  # noqa: ANN202 - trainer imported lazily
+    from pathlib import Path
+
+    from cdir.errors import CdirError
+    from encoders.ssl import trainer
+    from encoders.ssl.checkpoint import load_checkpoint
+
+    direct: dict[str, object] = {}
+    for flag, key in (("data", "data.path"), ("out", "train.out"), ("epochs", "optim.epochs"),
+                      ("batch_size", "optim.batch_size"), ("workers", "data.workers"),
+                      ("seed", "train.seed"), ("monitor", "monitor.path")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            direct[key] = value
+
+    resume = args.resume
+    raw = trainer.load_recipe(args.config) if args.config else None
+    if resume == "auto":
+        if raw is not None:
+            probe = trainer.resolve_config(raw, args.method, Path(args.config).stem, args.set)
+            probe = trainer.apply_values(probe.to_dict(), direct)
+            out = Path(probe["train"]["out"]
+                       or trainer.default_out(trainer.Config.from_dict(probe)))
+        elif args.out:
+            out = Path(args.out)
+        else:
+            raise CdirError("--resume auto needs --config or --out to find latest.pt")
+        resume = str(out / "latest.pt") if (out / "latest.pt").exists() else None
+
+    ckpt = load_checkpoint(resume) if resume else None
+    if raw is not None:
+        cfg = trainer.resolve_config(raw, args.method, Path(args.config).stem, args.set)
+        d = trainer.apply_values(cfg.to_dict(), direct)
+        if ckpt is not None:
+            _report_differences(ckpt.get("config", {}), d)
+    elif ckpt is not None:
+        d = trainer.apply_overrides(ckpt["config"], args.set)
+        d = trainer.apply_values(d, direct)
+        if d.get("method") != args.method:
+            raise CdirError(f"{resume} was trained with {d.get('method')!r}, not {args.method!r}")
+    else:
+        raise CdirError("pass --config FILE (a recipe from configs/) or --resume CKPT")
+    return trainer.Config.from_dict(d), ckpt
+
+
+def _report_differences(old: dict, new: dict, prefix: str = "") -> None:
+    import sys
+
+    ignore = {"train.out", "data.path", "data.workers", "train.progress", "monitor.path"}
+    for k in sorted(set(old) | set(new)):
+        key = f"{prefix}{k}"
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            _report_differences(a, b, key + ".")
+        elif a != b and key not in ignore:
+            print(f"note: {key} is {b!r} now, {a!r} in the checkpoint", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from encoders.ssl.trainer import train
+
+    cfg, ckpt = _config_from_args(args)
+    train(cfg, resume=ckpt, stop_at=args.stop_at)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    from encoders.ssl.checkpoint import export_encoder
+
+    out = export_encoder(args.checkpoint, args.output, half=args.half)
+    size = Path(out).stat().st_size / 2**20
+    print(f"wrote {out} ({size:.1f} MiB)", file=sys.stderr)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from cdir.io import write_json
+    from eval.ssl import knn_eval, linear_probe
+
+    res: dict[str, object] = {"encoder": args.encoder, "data": args.data, "test": args.test}
+    if args.protocol in ("knn", "both"):
+        res["knn"] = knn_eval(args.encoder, args.data, args.test, workers=args.workers)
+    if args.protocol in ("linear", "both"):
+        res["linear"] = linear_probe(args.encoder, args.data, args.test, workers=args.workers,
+                                     epochs=args.epochs, lr=args.lr, normalize=args.normalize)
+    print(json.dumps(res, indent=2))
+    if args.json:
+        write_json(args.json, res)
+    return 0

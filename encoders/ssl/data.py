@@ -1,0 +1,220 @@
+"""Datasets and samplers for self-supervised pretraining and SSL evaluation.
+
+- :class:`UnlabelledImages`: every image under a folder (recursive) or listed in a manifest file;
+  each item is ``(views, index, ok)``. A corrupt image is replaced by the next readable one and
+  flagged ``ok=False`` so that the trainer can list it; a run never dies on one bad file.
+- :class:`LabelledImages` and :func:`labelled_set`: a labelled folder (``root/<class>/<img>`` or
+  ``root/<domain>/<class>/<img>``, e.g. the emoji gallery) or a manifest (``path``, ``label`` and
+  optional ``domain`` columns) for kNN, linear probe and the training monitor.
+- :class:`SeededSampler`: a shuffling sampler whose order is a pure function of (seed, epoch), so a
+  resumed run sees the same data order as an uninterrupted one. Under DDP the trainer uses
+  ``DistributedSampler`` with the same seed, which has the same property.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from cdir.errors import CdirError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MANIFEST_SUFFIXES = {".parquet", ".csv"}
+
+# How many following images to try when one is unreadable before giving up on the batch.
+_MAX_SUBSTITUTES = 32
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image as RGB on white; raises ``cdir.images.BadImage`` (a CdirError) if unreadable.
+
+    The one place images are opened here, so the project's loader is used everywhere."""
+    from cdir.images import load_image
+
+    return load_image(path)
+
+
+def _is_bad_image(exc: BaseException) -> bool:
+    from cdir.images import BadImage
+
+    return isinstance(exc, (BadImage, OSError, ValueError))
+
+
+def _read_manifest(path: Path):  # noqa: ANN202 - pandas imported lazily
+    import pandas as pd
+
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if "path" not in df.columns:
+        raise CdirError(f"{path}: a manifest needs a 'path' column (found {list(df.columns)})")
+    # relative paths are relative to the manifest's folder
+    base = path.parent
+    df["path"] = [str(p if os.path.isabs(p) else base / p) for p in df["path"].astype(str)]
+    return df
+
+
+def list_images(root: str | os.PathLike) -> list[str]:
+    """All image files under ``root`` (recursive, sorted, hidden entries skipped), or the ``path``
+    column of a manifest file (.parquet/.csv)."""
+    root = Path(root)
+    if root.is_file() and root.suffix.lower() in MANIFEST_SUFFIXES:
+        return list(_read_manifest(root)["path"])
+    if not root.is_dir():
+        raise CdirError(f"no image folder at {root}: pass --data DIR (a folder of images)")
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                out.append(os.path.join(dirpath, name))
+    if not out:
+        raise CdirError(f"no images found under {root} (looked for {sorted(IMAGE_EXTENSIONS)})")
+    return out
+
+
+class UnlabelledImages(Dataset):
+    """Images with no labels; ``transform`` maps a PIL image to one tensor or a list of views."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable) -> None:
+        if not paths:
+            raise CdirError("the training set is empty")
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[object, int, bool]:
+        n = len(self.paths)
+        for step in range(_MAX_SUBSTITUTES):
+            path = self.paths[(index + step) % n]
+            try:
+                img = load_rgb(path)
+            except Exception as e:  # noqa: BLE001 - any decode failure means "skip this file"
+                if not _is_bad_image(e):
+                    raise
+                continue
+            return self.transform(img), index, step == 0
+        raise CdirError(
+            f"{_MAX_SUBSTITUTES} unreadable images in a row from {self.paths[index]}; "
+            "check the data folder"
+        )
+
+
+@dataclass
+class LabelledSet:
+    """A labelled image list. ``domains`` is None when the folder has no domain level."""
+
+    paths: list[str]
+    labels: list[int]
+    class_names: list[str]
+    domains: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, rows: Sequence[int]) -> LabelledSet:
+        return LabelledSet(
+            [self.paths[i] for i in rows],
+            [self.labels[i] for i in rows],
+            self.class_names,
+            None if self.domains is None else [self.domains[i] for i in rows],
+        )
+
+
+def labelled_set(source: str | os.PathLike | LabelledSet) -> LabelledSet:
+    """A labelled set from a folder or a manifest file.
+
+    Folder layouts: ``root/<class>/<image>`` (labels only) or ``root/<domain>/<class>/<image>``
+    (the emoji gallery; labels and domains). Class names are byte-sorted and labels index them,
+    as in the project manifest. A manifest (.parquet/.csv) needs ``path`` and ``label`` columns
+    (``class_name`` and ``domain`` are used when present)."""
+    if isinstance(source, LabelledSet):
+        return source
+    root = Path(source)
+    if root.is_file() and root.suffix.lower() in MANIFEST_SUFFIXES:
+        df = _read_manifest(root)
+        if "label" not in df.columns:
+            raise CdirError(f"{root}: a labelled manifest needs a 'label' column")
+        labels = [int(v) for v in df["label"]]
+        if "class_name" in df.columns:
+            names = dict(zip(labels, df["class_name"].astype(str), strict=True))
+            class_names = [names.get(i, str(i)) for i in range(max(labels) + 1)]
+        else:
+            class_names = [str(i) for i in range(max(labels) + 1)]
+        domains = list(df["domain"].astype(str)) if "domain" in df.columns else None
+        return LabelledSet(list(df["path"]), labels, class_names, domains)
+
+    paths = list_images(root)
+    rel = [Path(p).relative_to(root).parts for p in paths]
+    depths = {len(r) for r in rel}
+    if depths == {2}:
+        classes = [r[0] for r in rel]
+        domains = None
+    elif depths == {3}:
+        classes = [r[1] for r in rel]
+        domains = [r[0] for r in rel]
+    else:
+        raise CdirError(
+            f"{root}: expected root/<class>/<image> or root/<domain>/<class>/<image>, "
+            f"found images at depths {sorted(depths)}"
+        )
+    class_names = sorted(set(classes))
+    index = {c: i for i, c in enumerate(class_names)}
+    return LabelledSet(paths, [index[c] for c in classes], class_names, domains)
+
+
+class LabelledImages(Dataset):
+    """Items ``(tensor, label, ok)``; an unreadable image yields a zero tensor and ``ok=False``
+    (evaluation drops those rows rather than silently substituting another image)."""
+
+    def __init__(self, data: LabelledSet, transform: Callable, size: int) -> None:
+        self.data = data
+        self.transform = transform
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
+        label = self.data.labels[index]
+        try:
+            img = load_rgb(self.data.paths[index])
+        except Exception as e:  # noqa: BLE001
+            if not _is_bad_image(e):
+                raise
+            print(f"skipping unreadable image: {e}", file=sys.stderr)
+            return torch.zeros(3, self.size, self.size), label, False
+        return self.transform(img), label, True
+
+
+class SeededSampler(Sampler[int]):
+    """Random order that depends only on (seed, epoch): call :meth:`set_epoch` before each epoch.
+
+    The single-process counterpart of ``DistributedSampler(seed=...)``: resuming at epoch e
+    replays exactly the order the uninterrupted run used."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.n = n
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
