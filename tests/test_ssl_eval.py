@@ -184,6 +184,6 @@ def test_evaluation_from_a_checkpoint_path(shapes_folder: Path, tmp_path: Path) 
     b = knn_eval(enc, shapes_folder, preprocess=PREP, progress=False)
     assert a["knn"] == b["knn"] and a["p1"] == b["p1"]
     out = tmp_path / "res.json"
-    assert main(["train", "evaluate", str(tmp_path / "enc.pt"), "--data", str(shapes_folder),
-                 "--protocol", "knn", "--json", str(out)]) == 0
+    assert main(["eval", "knn", "--encoder", f"ckpt:{tmp_path / 'enc.pt'}", "--data",
+                 str(shapes_folder), "--json", str(out)]) == 0
     assert out.is_file()

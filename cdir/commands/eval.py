@@ -43,8 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--examples", type=int, default=4,
                    help="sample queries per pair shown in the retrieval gallery")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--data", help="labelled image folder ROOT/<class>/<image> (knn, linear)")
-    p.add_argument("--val-data", help="separate labelled folder to evaluate on (knn, linear)")
+    p.add_argument("--data", help="labelled images (knn, linear): ROOT/<class>/<image>, "
+                                  "ROOT/<domain>/<class>/<image> or a manifest")
+    p.add_argument("--val-data", help="separate labelled folder to evaluate on (knn, linear; "
+                                      "default: kNN leave-one-out, linear probe on a held-out "
+                                      "stratified fifth)")
+    p.add_argument("--epochs", type=int, default=100, help="linear-probe epochs")
+    p.add_argument("--workers", type=int, default=0, help="image loader workers (knn, linear)")
+    p.add_argument("--json", help="also write the kNN / linear-probe results to this file")
     p.set_defaults(func=run)
 
 
@@ -53,10 +59,29 @@ def run(args: argparse.Namespace) -> int:
         from cdir.evaluate import run_retrieval_eval
 
         return run_retrieval_eval(args)
-    from cdir.errors import CdirError
-
-    try:
-        from eval.ssl import run_ssl_eval
-    except ImportError:
-        raise CdirError(f"`cdir eval {args.kind}` is not available in this build") from None
     return run_ssl_eval(args)
+
+
+def run_ssl_eval(args: argparse.Namespace) -> int:
+    """Weighted kNN (DINO-style) or the MoCo linear probe on cached features."""
+    import json
+
+    from cdir.errors import CdirError
+    from cdir.io import write_json
+    from eval.ssl import knn_eval, linear_probe
+
+    if not args.encoder or not args.data:
+        raise CdirError(f"cdir eval {args.kind} needs --encoder ckpt:PATH and --data DIR")
+    encoder = args.encoder.removeprefix("ckpt:")
+    if ":" in encoder.split("?")[0] and not encoder.startswith("/"):
+        raise CdirError(f"cdir eval {args.kind} takes a checkpoint (ckpt:PATH), not {args.encoder}")
+    res: dict[str, object] = {"encoder": args.encoder, "data": args.data, "test": args.val_data}
+    if args.kind == "knn":
+        res["knn"] = knn_eval(encoder, args.data, args.val_data, workers=args.workers)
+    else:
+        res["linear"] = linear_probe(encoder, args.data, args.val_data, workers=args.workers,
+                                     epochs=args.epochs)
+    print(json.dumps(res, indent=2))
+    if args.json:
+        write_json(args.json, res)
+    return 0

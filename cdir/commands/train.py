@@ -1,8 +1,8 @@
 """`cdir train moco|synco|isd|isd_plus`: self-supervised pretraining; `cdir train export`:
-the encoder-only file; `cdir train evaluate`: kNN / linear probe of an encoder on a labelled folder.
+the encoder-only file.
 
 The same command runs in one process (CPU or one GPU) and under torchrun (DDP):
-    torchrun --nproc_per_node 4 -m cdir train synco --config configs/imagenet_synco_r50_200ep.yaml \
+    torchrun --nproc_per_node 4 -m cdir train synco --config configs/imagenet_r50_200ep.yaml \
         --data /data/imagenet/train
 """
 
@@ -15,9 +15,10 @@ METHODS = ("moco", "synco", "isd", "isd_plus")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="self-supervised pretraining (MoCo v2, SynCo, ISD) and SSL evaluation",
-        description="Pretrain an image encoder without labels, export its encoder, or evaluate "
-        "an encoder with kNN / linear probe. Recipes live in configs/.",
+        "train", help="self-supervised pretraining (MoCo v2, SynCo, ISD)",
+        description="Pretrain an image encoder without labels, or export its encoder. Recipes "
+        "live in configs/. Evaluate it with `cdir eval knn|linear --encoder ckpt:PATH --data DIR`"
+        " or `cdir eval -w WORKSPACE --encoder ckpt:PATH` (cross-domain retrieval).",
     )
     actions = p.add_subparsers(dest="method", metavar="METHOD", required=True)
     for name in METHODS:
@@ -58,25 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--half", action="store_true", help="store float16 weights (half the size)")
     e.set_defaults(func=run_export)
 
-    v = actions.add_parser(
-        "evaluate", help="kNN and linear-probe accuracy of an encoder on a labelled folder",
-        description="Weighted kNN (DINO-style, k=20 and 1, T=0.07) and the MoCo linear probe on "
-        "cached features. Labelled folders: root/<class>/<img> or root/<domain>/<class>/<img>; "
-        "manifests with path and label columns also work.",
-    )
-    v.add_argument("encoder", help="checkpoint: this project's (full or exported) or a "
-                   "reference MoCo/SynCo/ISD one")
-    v.add_argument("--data", required=True, help="labelled training folder or manifest")
-    v.add_argument("--test", help="labelled test folder (default: kNN leave-one-out, linear "
-                   "probe on a stratified held-out fraction)")
-    v.add_argument("--protocol", choices=("knn", "linear", "both"), default="both")
-    v.add_argument("--epochs", type=int, default=100, help="linear-probe epochs")
-    v.add_argument("--lr", type=float, default=30.0, help="linear-probe learning rate")
-    v.add_argument("--normalize", choices=("l2", "standardize", "none"), default="l2",
-                   help="feature normalisation before the linear probe")
-    v.add_argument("--workers", type=int, default=0)
-    v.add_argument("--json", help="also write the results to this JSON file")
-    v.set_defaults(func=run_evaluate)
 
 
 def _config_from_args(args: argparse.Namespace):  # noqa: ANN202 - trainer imported lazily
@@ -157,19 +139,3 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from cdir.io import write_json
-    from eval.ssl import knn_eval, linear_probe
-
-    res: dict[str, object] = {"encoder": args.encoder, "data": args.data, "test": args.test}
-    if args.protocol in ("knn", "both"):
-        res["knn"] = knn_eval(args.encoder, args.data, args.test, workers=args.workers)
-    if args.protocol in ("linear", "both"):
-        res["linear"] = linear_probe(args.encoder, args.data, args.test, workers=args.workers,
-                                     epochs=args.epochs, lr=args.lr, normalize=args.normalize)
-    print(json.dumps(res, indent=2))
-    if args.json:
-        write_json(args.json, res)
-    return 0
