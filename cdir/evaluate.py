@@ -106,6 +106,8 @@ def run_retrieval_eval(args: argparse.Namespace) -> int:
             s for s in (cfg.encoder if mode in ("visual", "fusion") else None,
                         cfg.text_encoder if mode in ("cm-text", "fusion") else None,
                         cfg.clip if mode in ("cm-image", "fusion") else None) if s)
+        if sub_q is not None:
+            title += " (weights swept on one half of the queries; the other half reported)"
         out = out_root / mode if len(modes) > 1 else out_root
         write_report(results, out, title, manifest=sub)
         tables[mode] = results
