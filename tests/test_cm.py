@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from cdir.cli import main
-from tests.test_encoders import write_tiny_clip_config
-from tests.tiny_models import tiny_model_path
+from tests.tiny_models import tiny_model_path, write_tiny_clip_config
 
 torch.set_num_threads(1)
 MINILM = "st:sentence-transformers/all-MiniLM-L6-v2"

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from cdir.manifest import make_manifest, save_manifest
 from cdir.store import EmbeddingStore
 from cdir.workspace import Workspace
-from tests.test_encoders import write_tiny_clip_config
+from tests.tiny_models import write_tiny_clip_config
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

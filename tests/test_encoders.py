@@ -13,24 +13,9 @@ import torch
 from PIL import Image
 
 from cdir.errors import CdirError, ModelUnavailable
+from tests.tiny_models import TINY_CLIP, write_tiny_clip_config
 
 torch.set_num_threads(1)
-
-# A tiny CLIP: ViT 64 px / patch 16 / width 64 / 2 layers; text width 64 / 2 layers with the real
-# 77-token context and 49408-token vocabulary, so open_clip's bundled BPE tokenizer works.
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16,
-                   "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
-
-def write_tiny_clip_config(folder: Path, name: str = "cdir-tiny-clip") -> Path:
-    path = Path(folder) / f"{name}.json"
-    path.write_text(json.dumps(TINY_CLIP))
-    return path
-
 
 def picture(seed: int, size: tuple[int, int] = (80, 64)) -> Image.Image:
     rng = np.random.default_rng(seed)

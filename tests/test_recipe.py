@@ -19,8 +19,7 @@ from cdir.errors import CdirError
 from cdir.recipe.config import apply_set, load_recipe, recipe_from_dict
 from cdir.recipe.methods import build_methods
 from tests.conftest import write_domainnet_tree
-from tests.test_encoders import write_tiny_clip_config
-from tests.tiny_models import tiny_model_path
+from tests.tiny_models import tiny_model_path, write_tiny_clip_config
 
 torch.set_num_threads(1)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -1,4 +1,5 @@
-"""Tiny, randomly initialised captioning models built from configs, saved with working processors.
+"""Tiny, randomly initialised models built from configs: captioners saved with working processors,
+and an open_clip config (TINY_CLIP).
 
 Each builder writes a complete model folder (config, weights, processor, tokenizer) that loads with
 `from_pretrained(folder)` under HF_HUB_OFFLINE=1, exactly like a downloaded checkpoint, so the real
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -362,3 +364,19 @@ def tiny_model_path(family: str) -> Path:
         _ROOT.append(Path(tempfile.mkdtemp(prefix="cdir-tiny-models-")))
         atexit.register(shutil.rmtree, _ROOT[0], True)
     return build_tiny(family, _ROOT[0] / family)
+
+
+# A tiny CLIP: ViT 64 px / patch 16 / width 64 / 2 layers; text width 64 / 2 layers with the real
+# 77-token context and 49408-token vocabulary, so open_clip's bundled BPE tokenizer works.
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16,
+                   "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def write_tiny_clip_config(folder: Path, name: str = "cdir-tiny-clip") -> Path:
+    path = Path(folder) / f"{name}.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    return path
