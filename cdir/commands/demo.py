@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from cdir.cli import HelpFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the Gradio search demo over a workspace's indexes",
                        description="Serve a web page: drop a query image, choose a target "
                        "domain and an index, see the top-k results (and the query's caption "
                        "for caption indexes).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("-w", "--workspace", required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=7860)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from cdir.cli import HelpFormatter
+
 KINDS = ("retrieval", "knn", "linear")
 
 
@@ -15,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "of domain B, for every ordered pair (A, B). Writes a Markdown/CSV/JSON table, a heatmap "
         "and a retrieval gallery to WORKSPACE/reports/RUN/. `cdir eval knn|linear` runs the "
         "self-supervised evaluation protocols on a labelled folder instead.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("kind", nargs="?", choices=KINDS, default="retrieval",
                    help="what to evaluate")
     p.add_argument("-w", "--workspace", help="workspace directory (retrieval)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cdir.cli import HelpFormatter
+
 TYPES = ("flat", "ivf", "ivfpq", "hnsw")
 
 
@@ -17,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Build a cosine index over image embeddings (--encoder) or caption "
         "embeddings (--captions with --text-encoder). If an index of the same encoder and type "
         "exists and the gallery only grew, the new images are added to it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     b.add_argument("-w", "--workspace", required=True)
     b.add_argument("--encoder", help="image encoder spec whose embeddings are indexed")
     b.add_argument("--captions", help="index caption embeddings of this caption source instead")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from cdir.cli import HelpFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="search a workspace index with query images",
                        description="Search a workspace index with one or more query images. "
                        "The query is encoded like the index's vectors (image encoder, or caption "
                        "+ text encoder for caption indexes).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("-w", "--workspace", required=True)
     p.add_argument("--image", action="append", required=True, metavar="PATH",
                    help="query image (repeat for several)")
