@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 WS     ?= runs/emoji
-ENCODER ?= pixels
+ENCODER ?= ckpt:encoders/weights/emoji_synco.pt
 
 .PHONY: run test lint bench gpu clean
 
