@@ -1,8 +1,8 @@
 """The Gradio search demo: drop an image, pick a target domain, see the top-k of a workspace index.
 
-Built on `cdir.search.Searcher`, so it searches exactly as `cdir search` does: an image-embedding
-index with its image encoder, a caption index by captioning the query (cm-text) or through the CLIP
-image tower (cm-image).
+Built on `cdir.stages.search.Searcher`, so it searches exactly as `cdir search` does: an
+image-embedding index with its image encoder, a caption index by captioning the query (cm-text)
+or through the CLIP image tower (cm-image).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from cdir.errors import CdirError
-from cdir.images import load_image
-from cdir.indexing import list_indexes
-from cdir.search import Searcher
-from cdir.workspace import Workspace
+from cdir.core.errors import CdirError
+from cdir.core.images import load_image
+from cdir.core.workspace import Workspace
+from cdir.stages.index import list_indexes
+from cdir.stages.search import Searcher
 
 ALL_DOMAINS = "all domains"
 THUMB = 256

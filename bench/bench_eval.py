@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({'identical up to float rounding' if same else 'DIFFERENT'})")
     print("metrics (a): " + ", ".join(f"{k}={v:.3f}" for k, v in big["metrics"].items()))
     if args.json:
-        from cdir.io import write_json
+        from cdir.core.io import write_json
 
         write_json(args.json, {"args": {k: str(v) for k, v in vars(args).items()},
                                "runs": dict(zip(("a", "b", "c"), (big, naive, small),

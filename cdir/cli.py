@@ -9,7 +9,7 @@ import importlib
 import os
 import sys
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 
 COMMANDS = ("data", "embed", "caption", "index", "search", "eval", "train", "reproduce",
             "demo")

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from cdir.errors import CdirError, ModelUnavailable
+from cdir.core.errors import CdirError, ModelUnavailable, first_line
 from encoders.hub import download_blocked
 
 # family -> (what it covers, example checkpoints); shown when a family is not supported
@@ -94,10 +94,6 @@ def _unavailable(model_id: str, reason: str) -> ModelUnavailable:
         "hf:/path/to/folder")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else e.__class__.__name__
-
 
 @dataclass
 class _Source:
@@ -114,7 +110,7 @@ class _Source:
             try:
                 return loader(self.target, **kwargs)
             except OSError as e:
-                raise CdirError(f"cannot load the {what} from {self.target}: {_first_line(e)}") \
+                raise CdirError(f"cannot load the {what} from {self.target}: {first_line(e)}") \
                     from None
         if self.cache_only:
             try:
@@ -127,7 +123,7 @@ class _Source:
         try:
             return loader(self.target, **kwargs)
         except OSError as e:
-            raise _unavailable(self.target, _first_line(e)) from None
+            raise _unavailable(self.target, first_line(e)) from None
 
 
 def _source(target: str, trust_remote_code: bool) -> _Source:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdir.errors import CdirError, ModelUnavailable
+from cdir.core.errors import CdirError, ModelUnavailable
 
 PREFIX = "clip:"
 RANDOM = "random"

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from cdir.errors import ModelUnavailable
+from cdir.core.errors import ModelUnavailable, first_line
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -89,12 +89,12 @@ def hub_file(repo: str, filenames: list[str] | tuple[str, ...], model: str, how:
         try:
             return hf_hub_download(repo, name)
         except LocalEntryNotFoundError as e:  # network trouble after all
-            raise ModelUnavailable(f"{model}: download of {repo} failed ({_first_line(e)}); "
+            raise ModelUnavailable(f"{model}: download of {repo} failed ({first_line(e)}); "
                                    f"{how}") from None
         except EntryNotFoundError:
             continue  # the repo lacks this file name: try the next candidate
         except Exception as e:  # noqa: BLE001 - gated/missing repo, HTTP errors: one clear line
-            raise ModelUnavailable(f"{model}: download of {repo} failed ({_first_line(e)}); "
+            raise ModelUnavailable(f"{model}: download of {repo} failed ({first_line(e)}); "
                                    f"{how}") from None
     raise ModelUnavailable(f"{model}: {repo} has none of {', '.join(filenames)}; {how}")
 
@@ -112,7 +112,3 @@ def file_fingerprint(path: str | os.PathLike) -> str:
             h.update(f.read(1 << 20))
     return h.hexdigest()[:16]
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else e.__class__.__name__

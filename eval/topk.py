@@ -26,7 +26,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 
 # Working memory one query block may use (score matrix plus the temporaries of the selection).
 DEFAULT_MEMORY_BUDGET_MB = 256

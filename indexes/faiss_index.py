@@ -51,8 +51,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cdir.errors import CdirError
-from cdir.io import atomic_path
+from cdir.core.errors import CdirError
+from cdir.core.io import atomic_path
 
 log = logging.getLogger(__name__)
 

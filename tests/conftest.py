@@ -51,7 +51,7 @@ _CLASS_STYLE: dict[str, tuple[str, tuple[int, int, int]]] = {
     "Triangle": ("triangle", (20, 170, 40)),
 }
 
-# name -> substring expected in the BadImage reason from cdir.images.load_image
+# name -> substring expected in the BadImage reason from cdir.core.images.load_image
 CORRUPT_FILES: dict[str, str] = {
     "truncated.jpg": "cannot decode",
     "empty.jpg": "empty file",

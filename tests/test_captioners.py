@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdir.errors import CdirError, ModelUnavailable
+from cdir.core.errors import CdirError, ModelUnavailable
 from encoders.captioners import (
     DEFAULT_PROMPTS,
     BatchHalver,
@@ -23,7 +23,7 @@ from encoders.captioners import (
     resolve_captioner,
 )
 from tests.conftest import draw_shape
-from tests.tiny_models import FAMILIES, tiny_model_path
+from tests.helpers.tiny_models import FAMILIES, tiny_model_path
 
 # tiny model name -> detected family, where they differ
 FAMILY_OF = {"llava": "chat", "llava_next": "chat", "blip-2-t5": "blip-2"}

@@ -1,5 +1,6 @@
-"""cdir.captions: the caption store (resume, kill -9, corrupt files, OOM halving), import/export,
-and `cdir caption` on the command line. Uses the tiny BLIP from tests/tiny_models.py offline."""
+"""cdir.stages.caption: the caption store (resume, kill -9, corrupt files, OOM halving),
+import/export, and `cdir caption` on the command line. Uses the tiny BLIP from
+tests/helpers/tiny_models.py offline."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cdir.captions import (
+from cdir.core.errors import CdirError
+from cdir.core.manifest import make_manifest, save_manifest
+from cdir.core.workspace import Workspace
+from cdir.stages.caption import (
     COLUMNS,
     CaptionStore,
     caption_workspace,
@@ -25,12 +29,9 @@ from cdir.captions import (
     load_captions,
     resolve_source,
 )
-from cdir.errors import CdirError
-from cdir.manifest import make_manifest, save_manifest
-from cdir.workspace import Workspace
 from encoders.captioners import load_captioner
 from tests.conftest import write_shape_tree
-from tests.tiny_models import tiny_model_path
+from tests.helpers.tiny_models import tiny_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 GEN = {"max_new_tokens": 5, "min_new_tokens": 2}
@@ -156,7 +157,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import torch
     torch.set_num_threads(1)
-    from cdir.captions import caption_workspace
+    from cdir.stages.caption import caption_workspace
     from encoders.captioners import load_captioner
 
     inner = load_captioner({spec!r}, max_new_tokens=5, min_new_tokens=2)
@@ -226,7 +227,7 @@ def test_oom_halves_the_batch_and_the_run_goes_on(tmp_path: Path, captioner) -> 
     assert wrapped.calls[:3] == [8, 4, 2] and max(wrapped.calls[3:]) <= 2
     rows = CaptionStore(ws, captioner.key).read()
     # captions still belong to their images: the same as captioning one at a time
-    from cdir.images import load_image
+    from cdir.core.images import load_image
 
     df = ws.manifest().set_index("id")
     for i, c in list(zip(rows["id"], rows["caption"], strict=True))[:3]:

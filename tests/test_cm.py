@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cdir.cli import main
-from tests.tiny_models import tiny_model_path, write_tiny_clip_config
+from tests.helpers.tiny_models import tiny_model_path, write_tiny_clip_config
 
 torch.set_num_threads(1)
 MINILM = "st:sentence-transformers/all-MiniLM-L6-v2"

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from cdir.errors import CdirError
-from cdir.io import atomic_write, read_json, write_json
-from cdir.manifest import fingerprint, load_manifest, make_manifest, save_manifest
-from cdir.store import EmbeddingStore
-from cdir.workspace import Workspace, spec_key
+from cdir.core.errors import CdirError
+from cdir.core.io import atomic_write, read_json, write_json
+from cdir.core.manifest import fingerprint, load_manifest, make_manifest, save_manifest
+from cdir.core.store import EmbeddingStore
+from cdir.core.workspace import Workspace, spec_key
 
 
 def rows(n_per=2, domains=("b", "a"), classes=("Table", "TV", "apple")):

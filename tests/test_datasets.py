@@ -1,4 +1,4 @@
-"""Gallery loaders (cdir.datasets) and the `cdir data` command."""
+"""Gallery loaders (cdir.galleries.loaders) and the `cdir data` command."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cdir import datasets as ds
-from cdir.errors import CdirError
-from cdir.manifest import fingerprint, load_manifest
+from cdir.core.errors import CdirError
+from cdir.core.manifest import fingerprint, load_manifest
+from cdir.galleries import loaders as ds
 from tests.conftest import (
     DOMAINNET_MINI_CLASSES,
     OFFICEHOME_DOMAINS,

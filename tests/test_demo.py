@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cdir.cli import main
-from cdir.errors import CdirError
-from cdir.images import load_image
+from cdir.core.errors import CdirError
+from cdir.core.images import load_image
 
 torch.set_num_threads(1)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

@@ -9,7 +9,7 @@ import torch
 
 from cdir.cli import main
 from tests.conftest import write_shape_tree
-from tests.tiny_models import write_tiny_clip_config
+from tests.helpers.tiny_models import write_tiny_clip_config
 
 torch.set_num_threads(1)
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from cdir.manifest import make_manifest, save_manifest
-from cdir.store import EmbeddingStore
-from cdir.workspace import Workspace
-from tests.tiny_models import write_tiny_clip_config
+from cdir.core.manifest import make_manifest, save_manifest
+from cdir.core.store import EmbeddingStore
+from cdir.core.workspace import Workspace
+from tests.helpers.tiny_models import write_tiny_clip_config
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def tiny_clip(tmp_path_factory) -> str:
 
 
 def test_embed_pixels_gallery(gallery, tmp_path, capsys):
-    from cdir.embed import embed_images
+    from cdir.stages.embed import embed_images
 
     ws = clone_workspace(gallery, tmp_path / "ws")
     s = embed_images(ws, "pixels", batch_size=8, num_workers=0, shard_rows=16, progress=True)
@@ -129,7 +129,7 @@ def test_embed_pixels_gallery(gallery, tmp_path, capsys):
 
 
 def test_resume_after_limit_matches_uninterrupted(gallery, tiny_clip, tmp_path):
-    from cdir.embed import embed_images
+    from cdir.stages.embed import embed_images
 
     ref_ws = clone_workspace(gallery, tmp_path / "ref")
     s = embed_images(ref_ws, tiny_clip, batch_size=4, num_workers=0, shard_rows=8,
@@ -153,13 +153,13 @@ def test_resume_after_limit_matches_uninterrupted(gallery, tiny_clip, tmp_path):
 def test_resume_after_hard_kill(gallery, tiny_clip, tmp_path):
     """SIGKILL mid-run (after 20 of 36 rows, shards of 8): the two finished shards survive, the
     next run embeds exactly the other 20 rows, and the result equals an uninterrupted run."""
-    from cdir.embed import embed_images
+    from cdir.stages.embed import embed_images
 
     ws = clone_workspace(gallery, tmp_path / "ws")
     script = (
         "import os, signal, torch\n"
         "torch.set_num_threads(1)\n"
-        "from cdir.embed import embed_images\n"
+        "from cdir.stages.embed import embed_images\n"
         "def cb(done, total):\n"
         "    if done >= 20:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -185,7 +185,7 @@ def test_resume_after_hard_kill(gallery, tiny_clip, tmp_path):
 
 
 def test_corrupt_files_are_skipped_and_listed(gallery, tmp_path, capsys):
-    from cdir.embed import embed_images
+    from cdir.stages.embed import embed_images
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -229,7 +229,7 @@ def test_corrupt_files_are_skipped_and_listed(gallery, tmp_path, capsys):
 
 
 def test_workers_give_the_same_rows(gallery, tmp_path):
-    from cdir.embed import embed_images
+    from cdir.stages.embed import embed_images
 
     a = clone_workspace(gallery, tmp_path / "a")
     b = clone_workspace(gallery, tmp_path / "b")
@@ -263,7 +263,7 @@ def test_cli_embed(gallery, tmp_path, capsys):
 
 def test_non_finite_rows_are_listed_not_fatal(gallery, tmp_path):
     """A model that overflows on some inputs (fp16) loses those rows, not the run."""
-    from cdir.embed import embed_images
+    from cdir.stages.embed import embed_images
     from encoders.image import PixelsEncoder
 
     class Overflowing(PixelsEncoder):
@@ -284,7 +284,7 @@ def test_non_finite_rows_are_listed_not_fatal(gallery, tmp_path):
 
 def test_ctrl_c_keeps_every_finished_row(gallery, tmp_path):
     """On KeyboardInterrupt (or any error) the rows already encoded are flushed, not dropped."""
-    from cdir.embed import embed_images
+    from cdir.stages.embed import embed_images
 
     ws = clone_workspace(gallery, tmp_path / "ws")
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdir import emoji
-from cdir.errors import CdirError
-from cdir.io import read_json
+from cdir.core.errors import CdirError
+from cdir.core.io import read_json
+from cdir.galleries import emoji
 
 LIMIT = 40
 SIZE = 64

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cdir.errors import CdirError, ModelUnavailable
-from tests.tiny_models import TINY_CLIP, write_tiny_clip_config
+from cdir.core.errors import CdirError, ModelUnavailable
+from tests.helpers.tiny_models import TINY_CLIP, write_tiny_clip_config
 
 torch.set_num_threads(1)
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from cdir.errors import CdirError
-from cdir.fusion_sweep import tuning_half, weight_grid
-from cdir.retrieval import RRF_K, FusionScorer, parse_weights
+from cdir.core.errors import CdirError
+from cdir.stages.modes import parse_weights
+from eval.fusion import RRF_K, FusionScorer, tuning_half, weight_grid
 
 
 class Fixed:

@@ -1,4 +1,4 @@
-"""cdir.images.load_image on the files real galleries contain: corrupt, odd modes, huge."""
+"""cdir.core.images.load_image on the files real galleries contain: corrupt, odd modes, huge."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdir.errors import CdirError
-from cdir.images import BadImage, is_image_file, load_image
+from cdir.core.errors import CdirError
+from cdir.core.images import BadImage, is_image_file, load_image
 from tests.conftest import CORRUPT_FILES, draw_shape, make_bomb_png
 
 

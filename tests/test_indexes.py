@@ -9,7 +9,7 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from cdir.errors import CdirError  # noqa: E402
+from cdir.core.errors import CdirError  # noqa: E402
 from indexes import faiss_index as fi  # noqa: E402
 from indexes.faiss_index import (  # noqa: E402
     KINDS,

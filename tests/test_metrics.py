@@ -174,7 +174,7 @@ def test_block_size_from_memory_budget_is_bounded():
 
 
 def test_cosine_scorer_rejects_mismatched_towers():
-    from cdir.errors import CdirError
+    from cdir.core.errors import CdirError
 
     with pytest.raises(CdirError, match="dim"):
         CosineScorer(np.zeros((4, 3), np.float32), np.zeros((4, 5), np.float32), device="cpu")
@@ -183,7 +183,7 @@ def test_cosine_scorer_rejects_mismatched_towers():
 
 
 def test_nan_scores_are_reported():
-    from cdir.errors import CdirError
+    from cdir.core.errors import CdirError
 
     x = np.ones((4, 2), np.float32)
     x[2] = np.nan

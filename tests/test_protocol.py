@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 from eval.protocol import default_ks, default_pairs, evaluate_pairs, split_examples
 from eval.topk import CosineScorer
 

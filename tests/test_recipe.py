@@ -15,11 +15,11 @@ import torch
 import yaml
 
 from cdir import cli
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 from cdir.recipe.config import apply_set, load_recipe, recipe_from_dict
 from cdir.recipe.methods import build_methods
 from tests.conftest import write_domainnet_tree
-from tests.tiny_models import tiny_model_path, write_tiny_clip_config
+from tests.helpers.tiny_models import tiny_model_path, write_tiny_clip_config
 
 torch.set_num_threads(1)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -219,7 +219,7 @@ def test_emoji_recipe_end_to_end_then_rerun_skips(tmp_path, capsys):
 
 
 def test_domainnet_recipe_reports_the_unverified_subset(tmp_path):
-    from cdir.datasets import CLASS_SUBSETS
+    from cdir.galleries.loaders import CLASS_SUBSETS
 
     classes = CLASS_SUBSETS["ucdir7"].classes
     root = write_domainnet_tree(tmp_path / "dn", domains=("clipart", "sketch"), classes=classes,

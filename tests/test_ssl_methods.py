@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 from encoders.ssl import synthetic as syn
 from encoders.ssl.backbones import build_backbone
 from encoders.ssl.isd import ISDConfig, isd_loss

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 
 torch.set_num_threads(1)
 

@@ -73,8 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from cdir.errors import CdirError
-    from cdir.workspace import Workspace
+    from cdir.core.errors import CdirError
+    from cdir.core.workspace import Workspace
 
     ws = Workspace(args.workspace)
     modes = [m for m in ("from_file", "export", "list") if getattr(args, m)]
@@ -83,12 +83,12 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         return _list(ws)
     if args.export:
-        from cdir.captions import export_captions
+        from cdir.stages.caption import export_captions
 
         print(export_captions(ws.require(), args.source, args.export)["line"])
         return 0
     if args.from_file:
-        from cdir.captions import import_captions
+        from cdir.stages.caption import import_captions
 
         result = import_captions(ws.require(), args.from_file, args.name)
         for m in result["messages"]:
@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if args.name or args.source:
         raise CdirError("--name goes with --from-file, --source with --export")
 
-    from cdir.captions import DEFAULT_CAPTIONER, caption_workspace
-    from cdir.images import failure_report
+    from cdir.core.images import failure_report
+    from cdir.stages.caption import DEFAULT_CAPTIONER, caption_workspace
 
     summary = caption_workspace(
         ws.require(), args.captioner or DEFAULT_CAPTIONER, batch_size=args.batch_size,
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _list(ws) -> int:
-    from cdir.captions import list_sources
+    from cdir.stages.caption import list_sources
 
     sources = list_sources(ws)
     if not sources:

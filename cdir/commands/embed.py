@@ -56,7 +56,7 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cdir.errors import CdirError
+    from cdir.core.errors import CdirError
 
     if args.captions is not None or args.text_encoder:
         if not args.text_encoder:
@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
                             "st:all-MiniLM-L6-v2 or clip:ViT-B-32/openai")
         if args.encoder:
             raise CdirError("give either --encoder (images) or --captions/--text-encoder")
-        from cdir.text_embed import embed_captions
-        from cdir.workspace import Workspace
+        from cdir.core.workspace import Workspace
+        from cdir.stages.embed_captions import embed_captions
 
         embed_captions(Workspace(args.workspace), args.captions or None, args.text_encoder,
                        device=args.device, progress=not args.no_progress)
@@ -79,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
 def _run_images(args: argparse.Namespace) -> int:
     import sys
 
-    from cdir.embed import embed_images
-    from cdir.images import failure_report
-    from cdir.workspace import Workspace
+    from cdir.core.images import failure_report
+    from cdir.core.workspace import Workspace
+    from cdir.stages.embed import embed_images
 
     summary = embed_images(
         Workspace(args.workspace).require(), args.encoder, batch_size=args.batch_size,

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.kind == "retrieval":
-        from cdir.evaluate import run_retrieval_eval
+        from cdir.stages.evaluate import run_retrieval_eval
 
         return run_retrieval_eval(args)
     return run_ssl_eval(args)
@@ -68,8 +68,8 @@ def run_ssl_eval(args: argparse.Namespace) -> int:
     """Weighted kNN (DINO-style) or the MoCo linear probe on cached features."""
     import json
 
-    from cdir.errors import CdirError
-    from cdir.io import write_json
+    from cdir.core.errors import CdirError
+    from cdir.core.io import write_json
     from eval.ssl import knn_eval, linear_probe
 
     if not args.encoder or not args.data:

@@ -42,14 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from cdir.indexing import build_workspace_index
+    from cdir.stages.index import build_workspace_index
 
     build_workspace_index(args)
     return 0
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from cdir.indexing import list_indexes
+    from cdir.stages.index import list_indexes
 
     rows = list_indexes(args.workspace)
     if not rows:

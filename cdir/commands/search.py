@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from cdir.errors import CdirError
-    from cdir.images import load_image
-    from cdir.search import Searcher
+    from cdir.core.errors import CdirError
+    from cdir.core.images import load_image
+    from cdir.stages.search import Searcher
 
     if args.k < 1:
         raise CdirError("-k must be at least 1")

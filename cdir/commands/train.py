@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _config_from_args(args: argparse.Namespace):  # noqa: ANN202 - trainer imported lazily
     from pathlib import Path
 
-    from cdir.errors import CdirError
+    from cdir.core.errors import CdirError
     from encoders.ssl import trainer
     from encoders.ssl.checkpoint import load_checkpoint
 

@@ -39,8 +39,8 @@ from typing import Any
 
 import yaml
 
-from cdir.datasets import CLASS_SUBSETS, ClassSubset
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
+from cdir.galleries.loaders import CLASS_SUBSETS, ClassSubset
 
 SINGLE_MODES = ("visual", "cm-text", "cm-image")
 MODES = (*SINGLE_MODES, "fusion")
@@ -60,7 +60,7 @@ class DatasetConfig:
 
     @property
     def subset(self) -> ClassSubset | None:
-        """The named class subset (cdir.datasets.CLASS_SUBSETS) that ``classes`` names, if any."""
+        """The named class subset (galleries.loaders.CLASS_SUBSETS) that ``classes`` names."""
         return CLASS_SUBSETS.get(self.classes) if isinstance(self.classes, str) else None
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from cdir.core.workspace import spec_key
 from cdir.recipe.config import Recipe, fusion_parts
-from cdir.workspace import spec_key
 
 
 @dataclass

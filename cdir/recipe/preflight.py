@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-from cdir import datasets
-from cdir.emoji import find_assets
-from cdir.errors import CdirError
-from cdir.io import read_json
+from cdir.core.errors import CdirError
+from cdir.core.io import read_json
+from cdir.galleries import loaders as datasets
+from cdir.galleries.emoji import find_assets
 from cdir.recipe.config import DatasetConfig, Recipe, used_modes
 from cdir.recipe.methods import build_methods
 from encoders.clip import RANDOM, WEIGHT_FILES, hub_weights, parse_clip_spec

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from cdir.io import write_json, write_text
+from cdir.core.io import write_json, write_text
 from cdir.recipe.config import LiteratureEntry
 from eval.protocol import pair_name
 from eval.report import format_value, jsonable

@@ -14,7 +14,6 @@ interrupted work, so re-running a recipe continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import time
@@ -23,21 +22,21 @@ from pathlib import Path
 
 import torch
 
-from cdir.captions import CaptionStore, caption_workspace
-from cdir.commands import data as data_cmd
-from cdir.embed import embed_images
-from cdir.errors import CdirError
-from cdir.evaluate import parse_pairs
-from cdir.io import read_json, write_json
-from cdir.manifest import fingerprint
+from cdir.core.errors import CdirError
+from cdir.core.io import read_json, write_json
+from cdir.core.manifest import fingerprint
+from cdir.core.store import EmbeddingStore
+from cdir.core.workspace import Workspace
 from cdir.recipe.config import Recipe
 from cdir.recipe.methods import Method, build_methods
 from cdir.recipe.preflight import Check, preflight, skipped_specs
 from cdir.recipe.report import format_plan, format_preflight, write_reproduction
-from cdir.retrieval import ModeConfig, build_scorer
-from cdir.store import EmbeddingStore
-from cdir.text_embed import caption_embeddings_dir, embed_captions
-from cdir.workspace import Workspace
+from cdir.stages.caption import CaptionStore, caption_workspace
+from cdir.stages.embed import embed_images
+from cdir.stages.embed_captions import caption_embeddings_dir, embed_captions
+from cdir.stages.evaluate import parse_pairs
+from cdir.stages.gallery import describe_gallery
+from cdir.stages.modes import ModeConfig, build_scorer
 from encoders.captioners import resolve_captioner
 from eval.protocol import default_ks, evaluate_pairs, split_examples
 from eval.report import jsonable, write_report
@@ -168,16 +167,12 @@ class Runner:
 
     def _data(self, st: Stage) -> tuple[str, str]:
         ds, ws = self.r.dataset, self.ws
-        ns = argparse.Namespace(kind=ds.kind, workspace=str(self.ws_root))
+        domains = ",".join(ds.domains) if ds.domains else None
+        classes = ",".join(ds.classes) if isinstance(ds.classes, list) else ds.classes
         if ds.kind == "emoji":
-            ns.limit, ns.size = ds.limit, ds.size
             want = {"limit": ds.limit, "size": ds.size}
         else:
-            ns.root = ds.root
-            ns.domains = ",".join(ds.domains) if ds.domains else None
-            ns.classes = ",".join(ds.classes) if isinstance(ds.classes, list) else ds.classes
-            ns.split = ds.split
-            want = {"domains": ns.domains, "classes": ns.classes, "split": ns.split}
+            want = {"domains": domains, "classes": classes, "split": ds.split}
         info = ws.info()
         have = {k: (info.get("params") or {}).get(k) for k in want}
         same_root = ds.kind == "emoji" or _under(str(info.get("root", "")), ds.root)
@@ -186,7 +181,9 @@ class Runner:
                 and same_root:
             n = sum((info.get("counts") or {}).values())
             return "skipped", f"already done: {n} images in {ws.manifest_path}; delete it to rescan"
-        data_cmd.run(ns)
+        print(describe_gallery(self.ws_root, ds.kind, root=ds.root, domains=domains,
+                               classes=classes, split=ds.split, limit=ds.limit, size=ds.size,
+                               progress=self.progress)["summary"])
         return "ran", ""
 
     def _captions_key(self, i: int) -> str:

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 
 _ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),

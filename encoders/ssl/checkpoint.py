@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdir.errors import CdirError
-from cdir.io import atomic_path
+from cdir.core.errors import CdirError
+from cdir.core.io import atomic_path
 
 SCHEMA_VERSION = 1
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MANIFEST_SUFFIXES = {".parquet", ".csv"}
@@ -33,16 +33,16 @@ _MAX_SUBSTITUTES = 32
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image as RGB on white; raises ``cdir.images.BadImage`` (a CdirError) if unreadable.
+    """Decode an image as RGB on white; raises ``cdir.core.images.BadImage`` if unreadable.
 
     The one place images are opened here, so the project's loader is used everywhere."""
-    from cdir.images import load_image
+    from cdir.core.images import load_image
 
     return load_image(path)
 
 
 def _is_bad_image(exc: BaseException) -> bool:
-    from cdir.images import BadImage
+    from cdir.core.images import BadImage
 
     return isinstance(exc, (BadImage, OSError, ValueError))
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 from encoders.ssl.heads import isd_plus_predictor, isd_plus_projection, isd_predictor
 from encoders.ssl.moco import (
     MemoryQueue,

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 from encoders.ssl.heads import moco_head
 
 # --------------------------------------------------------------------------------------------

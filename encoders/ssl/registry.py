@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 from encoders.ssl.backbones import build_backbone
 from encoders.ssl.isd import ISD, ISDConfig
 from encoders.ssl.moco import MoCo, MoCoConfig, SSLMethod

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 
 _T = torch.Tensor
 _Gen = torch.Generator | None

@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cdir.errors import CdirError
-from cdir.io import write_text
+from cdir.core.errors import CdirError
+from cdir.core.io import write_text
 from encoders.ssl.augment import AugConfig
 
 METHODS = ("moco", "synco", "isd", "isd_plus")

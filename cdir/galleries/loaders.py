@@ -1,4 +1,4 @@
-"""Gallery loaders: turn a dataset on disk into a manifest (see :mod:`cdir.manifest`).
+"""Gallery loaders: turn a dataset on disk into a manifest (see :mod:`cdir.core.manifest`).
 
 Supported sources:
 
@@ -15,15 +15,15 @@ Common rules:
   machines); ``path`` is absolute.
 - ``label`` is the index of the class name in the byte-sorted list of the gallery's class names
   (``TV`` sorts before ``Table``), as the UCDIR family does with ``np.sort(os.listdir(...))``.
-- Files are recognised as images by extension only (:data:`cdir.images.IMAGE_EXTENSIONS`);
+- Files are recognised as images by extension only (:data:`cdir.core.images.IMAGE_EXTENSIONS`);
   nothing is decoded here (``cdir embed`` decodes and skips corrupt files). Hidden files and
   folders (``.*``) and macOS ``__MACOSX`` folders are ignored.
 - A UCDIR-style split level (``<domain>/train/<class>/...``, also ``test``/``val``) is recognised
   when a domain folder holds nothing but such folders; the split column then says which.
-- Problems the user must fix raise :class:`~cdir.errors.CdirError`; things worth knowing that do not
-  stop the load (missing listed images, classes absent from a domain, loose files) are reported
-  with :class:`DataWarning`. Images listed in a split file or table but absent on disk are dropped;
-  their paths are kept in ``df.attrs["missing"]``. ``df.attrs["root"]`` is the dataset folder the
+- Problems the user must fix raise :class:`~cdir.core.errors.CdirError`; things worth knowing that
+  do not stop the load (missing listed images, classes absent from a domain, loose files) are
+  reported with :class:`DataWarning`. Images listed in a split file or table but absent on disk are
+  dropped; their paths are kept in ``df.attrs["missing"]``. ``df.attrs["root"]`` is the dataset folder the
   ids are relative to (after finding e.g. ``OfficeHomeDataset_10072016/``).
 """
 
@@ -38,15 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cdir.errors import CdirError
-from cdir.images import IMAGE_EXTENSIONS
+from cdir.core.errors import CdirError
+from cdir.core.images import IMAGE_EXTENSIONS
+from cdir.galleries import DataWarning
 
 if TYPE_CHECKING:
     import pandas as pd
-
-
-class DataWarning(UserWarning):
-    """Something about the dataset worth telling the user that does not stop the load."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +361,7 @@ def _warn_coverage(rows: list[dict], domains: Sequence[str],
 
 def _finish(rows: list[dict], where: str, extra_columns: tuple[str, ...] = (),
             missing: list[str] | None = None) -> pd.DataFrame:
-    from cdir.manifest import make_manifest
+    from cdir.core.manifest import make_manifest
 
     if not rows:
         raise CdirError(f"no images found in {where} (looked for "
@@ -828,13 +825,3 @@ def load_table(path: str | os.PathLike, domains: Iterable[str] | str | None = No
                           f"were left out (e.g. {', '.join(gone[:3])})", DataWarning, stacklevel=2)
     _warn_coverage(rows, sorted({r["domain"] for r in rows}))
     return _finish(rows, p, extra_columns=extra_cols, missing=gone)
-
-
-# ---------------------------------------------------------------------------------------------
-
-LOADERS = {
-    "folder": load_folder,
-    "officehome": load_officehome,
-    "domainnet": load_domainnet,
-    "table": load_table,
-}

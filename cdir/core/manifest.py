@@ -10,8 +10,8 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cdir.errors import CdirError
-from cdir.io import atomic_path
+from cdir.core.errors import CdirError
+from cdir.core.io import atomic_path
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cdir.errors import CdirError
-from cdir.workspace import Workspace
+from cdir.core.errors import CdirError
+from cdir.core.workspace import Workspace
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -34,7 +34,7 @@ class Searcher:
     def __init__(self, workspace: str, index: str | None = None, encoder: str | None = None,
                  mode: str | None = None, captioner: str | None = None,
                  device: str | None = None, gpu: bool | None = None):
-        from cdir.indexing import open_index
+        from cdir.stages.index import open_index
 
         self.ws = Workspace(workspace).require()
         self.manifest = self.ws.manifest().set_index("id", drop=False)
@@ -70,7 +70,7 @@ class Searcher:
 
     def caption(self, images: list[Image.Image]) -> list[str]:
         """The query's own caption, by the captioner that captioned the gallery (or --captioner)."""
-        from cdir.captions import captioner_of_source
+        from cdir.stages.caption import captioner_of_source
         from encoders.captioners import load_captioner
 
         if self._captioner is None:

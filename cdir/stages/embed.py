@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cdir.images import failure_report, load_image
-from cdir.store import EmbeddingStore
-from cdir.workspace import Workspace
+from cdir.core.images import failure_report, load_image
+from cdir.core.store import EmbeddingStore
+from cdir.core.workspace import Workspace
 
 
 def _reason(path: str, e: BaseException) -> str:
@@ -79,7 +79,7 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
 
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     if batch_size < 1 or shard_rows < 1:
-        from cdir.errors import CdirError
+        from cdir.core.errors import CdirError
 
         raise CdirError(f"batch size and shard rows must be positive ({batch_size}, {shard_rows})")
     df = ws.manifest()

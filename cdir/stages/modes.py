@@ -18,17 +18,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 
 if TYPE_CHECKING:
     import pandas as pd
-    import torch
 
-    from cdir.workspace import Workspace
+    from cdir.core.workspace import Workspace
 
 MODES = ("visual", "cm-text", "cm-image", "fusion")
-FUSION_METHODS = ("zscore", "rrf")
-RRF_K = 60  # the constant of Cormack et al. (2009)
 
 
 @dataclass
@@ -44,7 +41,7 @@ class ModeConfig:
 
 def image_vectors(ws: Workspace, manifest: pd.DataFrame, spec: str
                   ) -> tuple[np.ndarray, np.ndarray]:
-    from cdir.store import EmbeddingStore
+    from cdir.core.store import EmbeddingStore
 
     store = EmbeddingStore(ws.embeddings_dir(spec))
     if not store.exists():
@@ -55,8 +52,8 @@ def image_vectors(ws: Workspace, manifest: pd.DataFrame, spec: str
 
 def caption_vectors(ws: Workspace, manifest: pd.DataFrame, captions: str | None,
                     text_spec: str) -> tuple[np.ndarray, np.ndarray]:
-    from cdir.store import EmbeddingStore
-    from cdir.text_embed import caption_embeddings_dir, resolve_caption_source
+    from cdir.core.store import EmbeddingStore
+    from cdir.stages.embed_captions import caption_embeddings_dir, resolve_caption_source
 
     key = resolve_caption_source(ws, captions)
     store = EmbeddingStore(caption_embeddings_dir(ws, key, text_spec))
@@ -64,46 +61,6 @@ def caption_vectors(ws: Workspace, manifest: pd.DataFrame, captions: str | None,
         raise CdirError(f"no embeddings of the captions {key!r} with {text_spec}: run "
                         f"`cdir embed -w {ws.root} --captions {key} --text-encoder {text_spec}`")
     return store.load(manifest)
-
-
-class FusionScorer:
-    """Combine scorers: ``zscore`` standardises each mode's scores per query over the gallery
-    (so modes on different scales weigh as intended) and sums them with the weights; ``rrf`` sums
-    weight / (RRF_K + rank) with ranks over the gallery."""
-
-    def __init__(self, scorers: list, weights: list[float], method: str = "zscore"):
-        if method not in FUSION_METHODS:
-            raise CdirError(f"unknown fusion method {method!r}: use {' or '.join(FUSION_METHODS)}")
-        if len(scorers) != len(weights) or not scorers:
-            raise CdirError("fusion needs one weight per fused mode")
-        self.scorers, self.weights, self.method = scorers, [float(w) for w in weights], method
-
-    @property
-    def num_rows(self) -> int:
-        return self.scorers[0].num_rows
-
-    def scores(self, query_rows: np.ndarray, gallery_rows: np.ndarray) -> torch.Tensor:
-        import torch
-
-        total = None
-        for scorer, w in zip(self.scorers, self.weights, strict=True):
-            if w == 0:
-                continue
-            s = scorer.scores(query_rows, gallery_rows).float()
-            if self.method == "zscore":
-                mean = s.mean(dim=1, keepdim=True)
-                std = s.std(dim=1, keepdim=True) if s.shape[1] > 1 else torch.ones_like(mean)
-                part = (s - mean) / std.clamp_min(1e-6)
-            else:
-                order = s.argsort(dim=1, descending=True, stable=True)
-                ranks = torch.empty_like(order)
-                ar = torch.arange(1, s.shape[1] + 1, device=s.device).expand_as(order)
-                ranks.scatter_(1, order, ar)
-                part = 1.0 / (RRF_K + ranks.float())
-            total = w * part if total is None else total + w * part
-        if total is None:
-            raise CdirError("every fusion weight is zero")
-        return total
 
 
 def configured_modes(cfg: ModeConfig) -> list[str]:
@@ -160,6 +117,8 @@ def build_scorer(ws: Workspace, manifest: pd.DataFrame, mode: str, cfg: ModeConf
     ok = np.logical_and.reduce([v[2] for v in vecs])
     scorers = [CosineScorer(q[ok], g[ok], device=device) for q, g, _ in vecs]
     weights = [cfg.weights.get(m, 1.0) for m in parts]
+    from eval.fusion import FusionScorer
+
     return FusionScorer(scorers, weights, cfg.fusion_method), ok
 
 

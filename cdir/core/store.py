@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cdir.errors import CdirError
-from cdir.io import atomic_path, read_json, write_json
+from cdir.core.errors import CdirError
+from cdir.core.io import atomic_path, read_json, write_json
 
 if TYPE_CHECKING:
     import pandas as pd

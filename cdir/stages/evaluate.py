@@ -6,9 +6,9 @@ import argparse
 import time
 from pathlib import Path
 
-from cdir.errors import CdirError
-from cdir.retrieval import MODES, ModeConfig, build_scorer, configured_modes, parse_weights
-from cdir.workspace import Workspace, spec_key
+from cdir.core.errors import CdirError
+from cdir.core.workspace import Workspace, spec_key
+from cdir.stages.modes import MODES, ModeConfig, build_scorer, configured_modes, parse_weights
 
 
 def parse_ks(text: str | None) -> tuple[int, ...] | None:
@@ -93,7 +93,7 @@ def run_retrieval_eval(args: argparse.Namespace) -> int:
             print(f"[{mode}] {int((~ok).sum())} of {len(manifest)} images have no vector "
                   "(unreadable or uncaptioned) and are left out")
         if args.sweep and mode == "fusion":
-            from cdir.fusion_sweep import sweep_weights
+            from eval.fusion import sweep_weights
 
             scorer, chosen, sub_q = sweep_weights(scorer, sub, pairs, ks, mode_names=(
                 list(cfg.fusion) or configured_modes(cfg)))
@@ -115,7 +115,7 @@ def run_retrieval_eval(args: argparse.Namespace) -> int:
         print(format_table(results))
     if len(modes) > 1:
         comparison = compare_modes(tables, ks)
-        from cdir.io import write_text
+        from cdir.core.io import write_text
 
         write_text(out_root / "comparison.md", f"# Modes compared (UCDIR P@k)\n\n{comparison}")
         print("## modes compared (UCDIR P@k)\n")

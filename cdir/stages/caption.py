@@ -31,9 +31,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cdir.errors import CdirError
-from cdir.io import atomic_path, read_json, write_json
-from cdir.workspace import Workspace
+from cdir.core.errors import CdirError, first_line
+from cdir.core.io import atomic_path, read_json, write_json
+from cdir.core.workspace import Workspace
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -280,7 +280,7 @@ def _reason(path: str, e: BaseException) -> str:
 
 def _load_batch(paths: list[str]) -> list[tuple[Any, str | None]]:
     """(image, None) or (None, reason) per path: a corrupt file is data, not an exception."""
-    from cdir.images import load_image
+    from cdir.core.images import load_image
 
     out: list[tuple[Any, str | None]] = []
     for p in paths:
@@ -428,7 +428,7 @@ def caption_workspace(
     summary["line"] = _summary_line(summary)
     if progress:
         if failures:
-            from cdir.images import failure_report
+            from cdir.core.images import failure_report
 
             print(failure_report(summary["failures"], store.meta_path), file=sys.stderr)
         if state["empty"]:
@@ -467,14 +467,14 @@ def _read_table(file: Path) -> pd.DataFrame:
             return pd.read_csv(file, dtype=str, keep_default_na=False, encoding="utf-8-sig",
                                sep="\t" if suffix == ".tsv" else ",")
         except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise CdirError(f"cannot read {file} as CSV: {_first_line(e)}") from None
+            raise CdirError(f"cannot read {file} as CSV: {first_line(e)}") from None
     if suffix in (".jsonl", ".ndjson", ".json"):
         text = file.read_text(encoding="utf-8-sig")
         if suffix == ".json" or text.lstrip().startswith("["):
             try:
                 records = json.loads(text)
             except ValueError as e:
-                raise CdirError(f"cannot read {file} as JSON: {_first_line(e)}") from None
+                raise CdirError(f"cannot read {file} as JSON: {first_line(e)}") from None
             if not isinstance(records, list):
                 raise CdirError(f"{file}: expected a list of objects with id and caption")
         else:
@@ -485,7 +485,7 @@ def _read_table(file: Path) -> pd.DataFrame:
                 try:
                     records.append(json.loads(line))
                 except ValueError as e:
-                    raise CdirError(f"{file}, line {n}: not valid JSON ({_first_line(e)})") \
+                    raise CdirError(f"{file}, line {n}: not valid JSON ({first_line(e)})") \
                         from None
         bad = [i for i, r in enumerate(records, 1) if not isinstance(r, dict)]
         if bad:
@@ -504,10 +504,6 @@ def _text(v: Any, nested: bool = False) -> str | None:
         return json.dumps(v, sort_keys=True, ensure_ascii=False) if nested else json.dumps(v)
     return str(v)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else e.__class__.__name__
 
 
 def import_captions(ws: Workspace | str | os.PathLike, file: str | os.PathLike,

@@ -7,3 +7,9 @@ class CdirError(Exception):
 
 class ModelUnavailable(CdirError):
     """A model that is neither cached locally nor reachable."""
+
+
+def first_line(e: BaseException, width: int = 200) -> str:
+    """An exception as one short line, for messages that name a cause without its traceback."""
+    text = str(e).strip().splitlines()
+    return text[0][:width] if text else e.__class__.__name__

@@ -10,7 +10,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from cdir.errors import CdirError
+from cdir.core.errors import CdirError
 
 
 def spec_key(spec: str) -> str:
@@ -53,11 +53,11 @@ class Workspace:
         return self
 
     def manifest(self):
-        from cdir.manifest import load_manifest
+        from cdir.core.manifest import load_manifest
 
         return load_manifest(self.require().manifest_path)
 
     def info(self) -> dict:
-        from cdir.io import read_json
+        from cdir.core.io import read_json
 
         return read_json(self.info_path) if self.info_path.exists() else {}

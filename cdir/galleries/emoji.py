@@ -35,8 +35,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cdir.errors import CdirError
-from cdir.io import atomic_path, read_json, write_json, write_text
+from cdir.core.errors import CdirError
+from cdir.core.io import atomic_path, read_json, write_json, write_text
 
 if TYPE_CHECKING:  # PIL is imported inside the functions that need it
     from PIL import Image, ImageFont

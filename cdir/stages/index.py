@@ -6,8 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from cdir.errors import CdirError
-from cdir.workspace import Workspace, spec_key
+from cdir.core.errors import CdirError
+from cdir.core.workspace import Workspace, spec_key
 
 
 def caption_spec(text_encoder: str, captions_key: str) -> str:
@@ -17,12 +17,12 @@ def caption_spec(text_encoder: str, captions_key: str) -> str:
 
 def index_vectors(ws: Workspace, manifest, args: argparse.Namespace):
     """(vectors, valid mask, spec) of what `cdir index build` was asked to index."""
-    from cdir.retrieval import caption_vectors, image_vectors
+    from cdir.stages.modes import caption_vectors, image_vectors
 
     if args.captions or args.text_encoder:
         if not args.text_encoder:
             raise CdirError("indexing captions needs --text-encoder (the one used by cdir embed)")
-        from cdir.text_embed import resolve_caption_source
+        from cdir.stages.embed_captions import resolve_caption_source
 
         key = resolve_caption_source(ws, args.captions)
         x, ok = caption_vectors(ws, manifest, key, args.text_encoder)
@@ -34,7 +34,7 @@ def index_vectors(ws: Workspace, manifest, args: argparse.Namespace):
 
 
 def build_workspace_index(args: argparse.Namespace) -> Path:
-    from cdir.manifest import fingerprint
+    from cdir.core.manifest import fingerprint
     from indexes.faiss_index import build_index, index_files, load_index
 
     ws = Workspace(args.workspace).require()
@@ -82,8 +82,8 @@ def build_workspace_index(args: argparse.Namespace) -> Path:
 
 
 def list_indexes(workspace: str | Path) -> list[dict]:
-    from cdir.io import read_json
-    from cdir.manifest import fingerprint
+    from cdir.core.io import read_json
+    from cdir.core.manifest import fingerprint
 
     ws = Workspace(workspace).require()
     fp = fingerprint(ws.manifest())
@@ -102,7 +102,7 @@ def open_index(ws: Workspace, name: str | None = None, encoder: str | None = Non
                gpu: bool | None = None):
     """The workspace index to search: by name, by encoder, or the only one there is. Refused when
     the gallery changed since it was built."""
-    from cdir.manifest import fingerprint
+    from cdir.core.manifest import fingerprint
     from indexes.faiss_index import load_index
 
     rows = list_indexes(ws.root)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cdir.errors import CdirError
-from cdir.workspace import Workspace
+from cdir.core.errors import CdirError
+from cdir.core.workspace import Workspace
 
 
 def resolve_caption_source(ws: Workspace, ref: str | None) -> str:
-    from cdir.captions import resolve_source
+    from cdir.stages.caption import resolve_source
 
     return resolve_source(ws, ref)
 
@@ -26,8 +26,8 @@ def embed_captions(ws: Workspace, captions: str | None, text_spec: str, batch_si
     """Embed the captions of one source that are not embedded yet; returns a summary."""
     from tqdm.auto import tqdm
 
-    from cdir.captions import CaptionStore
-    from cdir.store import EmbeddingStore
+    from cdir.core.store import EmbeddingStore
+    from cdir.stages.caption import CaptionStore
     from encoders.text import load_text_encoder
 
     ws.require()

@@ -1,0 +1,55 @@
+"""Gallery loaders: each kind of dataset becomes a manifest (``cdir.core.manifest``).
+
+``KINDS`` is the one list of gallery kinds and dispatches on them; loaders are imported when used,
+so that building the command line stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class DataWarning(UserWarning):
+    """Something about the dataset worth telling the user that does not stop the load."""
+
+
+@dataclass(frozen=True)
+class GalleryKind:
+    help: str
+    loader: str  # "module:function" below cdir.galleries
+    source: str | None = "ROOT"  # what the positional argument is: ROOT, TABLE or None (built in)
+    filters: bool = True  # takes domains, classes and split
+    progress: bool = True  # the loader shows a progress bar
+
+    def load(self, root: str | os.PathLike, domains: Iterable[str] | str | None = None,
+             split: str = "all", classes: Any = None, progress: bool = False) -> pd.DataFrame:
+        module, name = self.loader.split(":")
+        fn = getattr(importlib.import_module(f"cdir.galleries.{module}"), name)
+        kwargs: dict[str, Any] = {}
+        if self.filters:
+            kwargs.update(domains=domains, split=split, classes=classes)
+        if self.progress:
+            kwargs["progress"] = progress
+        return fn(root, **kwargs)
+
+
+KINDS: dict[str, GalleryKind] = {
+    "folder": GalleryKind("a ROOT/<domain>/<class>/<image> tree", "loaders:load_folder"),
+    "officehome": GalleryKind(
+        "Office-Home (Art, Clipart, Product, Real World; renamed folders accepted)",
+        "loaders:load_officehome"),
+    "domainnet": GalleryKind(
+        "DomainNet (split files <domain>_{train,test}.txt, or the bare folders)",
+        "loaders:load_domainnet"),
+    "csv": GalleryKind("a CSV/TSV/JSONL/Parquet table with path, domain and class columns",
+                       "loaders:load_table", source="TABLE", progress=False),
+    "emoji": GalleryKind("the built-in emoji gallery (3 art sets; no download needed)",
+                         "loaders:load_folder", source=None, filters=False),
+}

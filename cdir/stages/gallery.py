@@ -1,0 +1,110 @@
+"""The gallery stage: scan a dataset into the workspace manifest.
+
+Writes ``WORKSPACE/manifest.parquet`` (one row per image) and ``WORKSPACE/gallery.json`` (dataset
+kind, source root, fingerprint, per-domain counts, parameters). Images are found by extension and
+not decoded here; the embed and caption stages decode them and list the corrupt ones.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from cdir.core.errors import CdirError
+from cdir.core.io import write_json, write_text
+from cdir.core.manifest import fingerprint, save_manifest, summary
+from cdir.core.workspace import Workspace
+from cdir.galleries import KINDS, DataWarning
+
+
+def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.PathLike | None = None,
+                     domains: str | list[str] | None = None,
+                     classes: str | list[str] | None = None, split: str = "all",
+                     limit: int | None = None, size: int = 128,
+                     progress: bool = True) -> dict[str, Any]:
+    """Scan the gallery ``kind`` (a key of ``cdir.galleries.KINDS``) and write the manifest.
+
+    ``domains`` and ``classes`` are comma-separated text or lists; ``classes`` may also name a file
+    or a subset. ``limit`` and ``size`` apply to the emoji gallery only. Returns a summary with the
+    manifest path, counts, fingerprint and the one-line ``summary``."""
+    if kind not in KINDS:
+        raise CdirError(f"unknown gallery kind {kind!r}: use one of {', '.join(KINDS)}")
+    ws = Workspace(os.path.abspath(os.path.expanduser(str(workspace))))
+    if isinstance(domains, list | tuple):
+        domains = ",".join(domains)
+    if isinstance(classes, list | tuple):
+        classes = ",".join(classes)
+    split = split or "all"
+    params: dict = {"domains": domains, "classes": classes, "split": split}
+
+    if kind == "emoji":
+        from cdir.galleries.emoji import build_emoji_gallery
+
+        size = size or 128
+        root = str(ws.root / "gallery")
+        params = {"limit": limit, "size": size}
+        build_emoji_gallery(root, size=size, limit=limit)
+    else:
+        if root is None:
+            raise CdirError(f"the {kind} gallery needs its {'table' if kind == 'csv' else 'root'}")
+        root = os.path.abspath(os.path.expanduser(str(root)))
+        if not os.path.exists(root):
+            what = "table" if kind == "csv" else "dataset folder"
+            raise CdirError(f"{what} {root} does not exist")
+        if kind == "folder":
+            _check_workspace_outside(ws.root, root)
+    print(f"cdir data {kind}: scanning {root}", file=sys.stderr)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        df = KINDS[kind].load(root, domains=domains, split=split, classes=classes,
+                              progress=progress)
+    for w in caught:
+        if issubclass(w.category, DataWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+    root = str(df.attrs.get("root") or root)  # e.g. OfficeHomeDataset_10072016/ below ROOT
+    missing = list(df.attrs.pop("missing", []) or [])
+    df.attrs.clear()  # keep the parquet metadata small
+    if classes:
+        params["class_list"] = sorted(df["class_name"].unique().tolist())
+    old = ws.info().get("fingerprint") if ws.info_path.exists() else None
+    fp = fingerprint(df)
+    save_manifest(df, ws.manifest_path)
+    missing_path = ws.root / "missing_images.txt"
+    if missing:
+        write_text(missing_path, "\n".join(missing) + "\n")
+    elif missing_path.exists():
+        missing_path.unlink()
+    counts = {str(d): int(n) for d, n in df.groupby("domain", sort=True).size().items()}
+    write_json(ws.info_path, {
+        "dataset": "table" if kind == "csv" else kind,
+        "root": root,
+        "fingerprint": fp,
+        "counts": counts,
+        "classes": int(df["class_name"].nunique()),
+        "params": params,
+    })
+    if old and old != fp:
+        print(f"note: the gallery changed (fingerprint {old} -> {fp}); later stages will "
+              "recompute what depends on it", file=sys.stderr)
+    extra = f"; {len(missing)} listed image(s) missing, see {missing_path}" if missing else ""
+    return {"manifest": str(ws.manifest_path), "root": root, "fingerprint": fp,
+            "counts": counts, "missing": len(missing),
+            "summary": f"wrote {ws.manifest_path}: {summary(df)}{extra}"}
+
+
+def _check_workspace_outside(ws_root: Path, data_root: str) -> None:
+    """For `folder` galleries: a workspace inside the image folder would be scanned as a domain
+    (its plots are images). Hidden folders are skipped by the scan, so ROOT/.cdir is fine."""
+    rel = os.path.relpath(os.path.realpath(ws_root), os.path.realpath(data_root))
+    inside = rel == "." or not (rel == ".." or rel.startswith(".." + os.sep))
+    if inside and (rel == "." or not rel.split(os.sep)[0].startswith(".")):
+        raise CdirError(f"the workspace {ws_root} is inside the image folder {data_root}: its "
+                        "files would be read as images; use a workspace outside it (or a hidden "
+                        "folder such as ROOT/.cdir)")
