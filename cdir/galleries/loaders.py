@@ -23,8 +23,8 @@ Common rules:
 - Problems the user must fix raise :class:`~cdir.core.errors.CdirError`; things worth knowing that
   do not stop the load (missing listed images, classes absent from a domain, loose files) are
   reported with :class:`DataWarning`. Images listed in a split file or table but absent on disk are
-  dropped; their paths are kept in ``df.attrs["missing"]``. ``df.attrs["root"]`` is the dataset folder the
-  ids are relative to (after finding e.g. ``OfficeHomeDataset_10072016/``).
+  dropped; their paths are kept in ``df.attrs["missing"]``. ``df.attrs["root"]`` is the dataset
+  folder the ids are relative to (after finding e.g. ``OfficeHomeDataset_10072016/``).
 """
 
 from __future__ import annotations
