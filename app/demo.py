@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
@@ -16,7 +17,11 @@ from cdir.core.errors import CdirError
 from cdir.core.images import load_image
 from cdir.core.workspace import Workspace
 from cdir.stages.index import list_indexes
+from cdir.stages.modes import SINGLE_MODES
 from cdir.stages.search import Searcher
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 ALL_DOMAINS = "all domains"
 THUMB = 256
@@ -44,7 +49,7 @@ class DemoBackend:
                                                 device=self.device)
             return self._searchers[key]
 
-    def search(self, image, index: str, mode: str, domain: str, k: int
+    def search(self, image: Image.Image | None, index: str, mode: str, domain: str, k: int
                ) -> tuple[list[tuple], str]:
         """Gallery items (thumbnail, label) and a status line; errors become the status line."""
         if image is None:
@@ -77,7 +82,7 @@ def build_demo(workspace: str | Path, device: str | None = None) -> gr.Blocks:
             with gr.Column(scale=1):
                 query = gr.Image(type="pil", label="query image")
                 index = gr.Dropdown(backend.indexes, value=backend.indexes[0], label="index")
-                mode = gr.Radio(["auto", "visual", "cm-text", "cm-image"], value="auto",
+                mode = gr.Radio(["auto", *SINGLE_MODES], value="auto",
                                 label="mode (caption indexes: cm-text or cm-image)")
                 domain = gr.Dropdown([ALL_DOMAINS] + backend.domains, value=ALL_DOMAINS,
                                      label="search in domain")

@@ -34,7 +34,8 @@ def blip_base_random(device: str | None, dtype: str | None):
         BlipProcessor,
     )
 
-    from encoders.captioners import Captioner, pick_device, pick_dtype
+    from cdir.core.device import resolve_device, resolve_dtype
+    from encoders.captioners import Captioner
 
     config = BlipConfig()  # the defaults are BLIP-base's sizes
     tc = config.text_config
@@ -46,8 +47,8 @@ def blip_base_random(device: str | None, dtype: str | None):
         vocab[tok] = i
     tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]")
     processor = BlipProcessor(BlipImageProcessor(), tokenizer)
-    dev = pick_device(device)
-    dt = pick_dtype(dev, dtype)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dev, dtype)
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(config).to(dev, dt).eval()
     n_params = sum(p.numel() for p in model.parameters())

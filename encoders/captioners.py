@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from cdir.core.device import resolve_device, resolve_dtype
 from cdir.core.errors import CdirError, ModelUnavailable, first_line
 from encoders.hub import download_blocked
 
@@ -204,35 +205,6 @@ def resolve_captioner(spec: str, *, prompt: str | None = None,
                          source=src)
 
 
-# -- device and precision ----------------------------------------------------------------------
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CdirError(f"device {device!r} asked for, but CUDA is not available here: "
-                        "use --device cpu")
-    return dev
-
-
-def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU (half precision is slow there)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "", "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise CdirError(f"unknown dtype {dtype!r}: use one of auto, fp32, fp16, bf16")
-    return _DTYPES[dtype]
-
-
 # -- the captioner -----------------------------------------------------------------------------
 
 def _clean(text: str, prefixes: Sequence[str] = ()) -> str:
@@ -401,8 +373,8 @@ class _PairProcessor:
 
 def _load_model(cs: CaptionerSpec, device: str | torch.device | None = None,
                 dtype: str | torch.dtype | None = None) -> Captioner:
-    dev = pick_device(device) if not isinstance(device, torch.device) else device
-    dt = pick_dtype(dev, dtype)
+    dev = resolve_device(device) if not isinstance(device, torch.device) else device
+    dt = resolve_dtype(dev, dtype)
     assert cs.source is not None
     processor = _load_processor(cs)
     cls = _model_class(cs)

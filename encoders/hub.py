@@ -16,13 +16,15 @@ from urllib.parse import urlparse
 
 from cdir.core.errors import ModelUnavailable, first_line
 
-_TRUE = {"1", "on", "yes", "true"}
+# huggingface_hub's own reading of its boolean variables, so that we agree with it on "offline"
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def offline() -> bool:
-    """True when the user asked for offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    return any(os.environ.get(v, "").strip().lower() in _TRUE
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    """True when the user asked for offline mode: HF_HUB_OFFLINE (or, when that is unset,
+    TRANSFORMERS_OFFLINE) is 1, ON, YES or TRUE, in any case. The one offline rule here."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    return value is not None and value.upper() in _TRUE
 
 
 def hub_cache_dir() -> str:

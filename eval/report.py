@@ -39,7 +39,7 @@ THUMB = 112
 MAX_GALLERY_PNG_QUERIES = 120  # the PNG stays a reasonable size; the HTML shows every example
 
 NOTES = """\
-All values are percentages. P@k is the UCDIR precision (specs/cdir.md §2.2): t = min(k, R) with R
+All values are percentages. P@k is the UCDIR precision: t = min(k, R) with R
 the number of relevant gallery items, micro-averaged as sum(correct in top t) / sum(t); queries with
 R = 0 add nothing. prec@k is standard precision (hits in top k / k, mean over queries); recall@k is
 hits in top k / R (mean over queries with R > 0); mAP@R follows Musgrave et al. 2020. Every image of

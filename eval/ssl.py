@@ -19,27 +19,27 @@ cached features:
 
 ``encoder`` is an ``nn.Module`` (pass ``preprocess``) or a checkpoint path (project or reference
 MoCo/SynCo/ISD; the preprocessing is read from it).
+
+:func:`make_monitor` builds the trainer's per-epoch kNN / P@1 monitor from the same pieces.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from cdir.core.device import resolve_device
 from cdir.core.errors import CdirError
 from encoders.ssl.data import LabelledImages, LabelledSet, labelled_set
 
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+if TYPE_CHECKING:
+    from encoders.ssl.config import MonitorConfig
 
 
 def _resolve_encoder(
@@ -77,7 +77,7 @@ def extract_features(
     """Features (N, d) float32 on CPU and a bool mask of the readable images, in ``data`` order.
 
     The encoder runs in eval mode (frozen BN statistics); its mode is restored afterwards."""
-    dev = _device(device)
+    dev = resolve_device(device)
     transform, size = _eval_transform(preprocess or {})
     loader = torch.utils.data.DataLoader(
         LabelledImages(data, transform, size),
@@ -242,7 +242,7 @@ def linear_probe_features(
 
     Returns ``top1``/``top5`` of the last epoch (the result), ``best_top1`` and ``best_epoch``
     (for information only), and ``epochs``."""
-    dev = _device(device)
+    dev = resolve_device(device)
     xtr, xte = _normalise(train_feats, test_feats, normalize)
     ytr = torch.as_tensor(train_labels, dtype=torch.long)
     yte = torch.as_tensor(test_labels, dtype=torch.long)
@@ -381,3 +381,32 @@ def linear_probe(
     )
     res.update({"n_train": len(ftr), "n_test": len(fte), "classes": len(tr.class_names)})
     return res
+
+
+def make_monitor(
+    cfg: MonitorConfig, preprocess: dict, *, seed: int = 0, workers: int = 0
+) -> Callable[[nn.Module, torch.device], dict[str, float]]:
+    """The training monitor: ``monitor(encoder, device)`` -> kNN top-1/top-5 (leave-one-out) and
+    retrieval P@1 (cross-domain when the set has domains) on the labelled set ``cfg.path``, or a
+    fixed random subset of ``cfg.max_images`` of it (drawn from ``seed``)."""
+    data = labelled_set(cfg.path)
+    if cfg.max_images and len(data) > cfg.max_images:
+        g = torch.Generator().manual_seed(seed)
+        rows = sorted(torch.randperm(len(data), generator=g)[: cfg.max_images].tolist())
+        data = data.subset(rows)
+
+    def monitor(encoder: nn.Module, device: torch.device) -> dict[str, float]:
+        feats, ok = extract_features(encoder, data, preprocess, batch_size=cfg.batch_size,
+                                     device=device, workers=workers, progress=False)
+        keep = ok.nonzero().flatten()
+        feats = feats[keep]
+        labels = torch.tensor(data.labels)[keep]
+        domains = None
+        if data.domains is not None and len(set(data.domains)) > 1:
+            domains = [data.domains[i] for i in keep.tolist()]
+        res = knn_classify(feats, labels, k=cfg.k, temperature=cfg.temperature,
+                           num_classes=len(data.class_names))
+        return {"knn_top1": res["top1"], "knn_top5": res["top5"],
+                "p1": retrieval_p1(feats, labels, domains)}
+
+    return monitor

@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from cdir.core.device import resolve_device
 from cdir.core.errors import CdirError
 
 # Working memory one query block may use (score matrix plus the temporaries of the selection).
@@ -39,10 +40,6 @@ MAX_BLOCK_ROWS = 8192
 
 class Scorer(Protocol):
     def scores(self, query_rows: np.ndarray, gallery_rows: np.ndarray) -> torch.Tensor: ...
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _as_rows(rows: np.ndarray | list[int] | range) -> np.ndarray:
@@ -73,7 +70,7 @@ class CosineScorer:
         device: str | torch.device | None = None,
         normalize: bool = False,
     ):
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         q = self._to_tensor(query_vecs, normalize)
         g = q if gallery_vecs is None else self._to_tensor(gallery_vecs, normalize)
         if q.ndim != 2 or g.ndim != 2:

@@ -56,8 +56,6 @@ from cdir.core.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-KINDS = ("flat", "ivf", "ivfpq", "hnsw")
-GPU_KINDS = ("flat", "ivf", "ivfpq")  # what index_cpu_to_gpu can move; HNSW has no GPU version
 FORMAT_VERSION = 1
 # FAISS GPU k-selection limit (GPU_MAX_SELECTION_K); also the cap on nprobe for GPU IVF.
 GPU_MAX_K = 2048
@@ -66,13 +64,15 @@ MIN_POINTS_PER_CENTROID = 39
 PQ_MIN_POINTS_PER_CODE = 4
 TRAIN_POINTS_PER_CENTROID = 256  # FAISS's own cap (max_points_per_centroid): more is subsampled
 
-# params each kind accepts (user overrides are checked against these)
-_PARAM_NAMES: dict[str, tuple[str, ...]] = {
+# index kind -> the build/search parameters it accepts (user overrides are checked against these)
+KIND_PARAMS: dict[str, tuple[str, ...]] = {
     "flat": (),
     "ivf": ("nlist", "nprobe", "seed"),
     "ivfpq": ("nlist", "nprobe", "pq_m", "pq_nbits", "seed"),
     "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
 }
+KINDS = tuple(KIND_PARAMS)  # the index kinds, in the order `cdir index build --type` lists them
+GPU_KINDS = tuple(k for k in KINDS if k != "hnsw")  # what index_cpu_to_gpu can move
 
 
 # -------------------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def default_params(kind: str, n: int, dim: int, **overrides: Any) -> dict[str, A
     """
     if kind not in KINDS:
         raise CdirError(f"unknown index type {kind!r}: choose one of {', '.join(KINDS)}")
-    allowed = _PARAM_NAMES[kind]
+    allowed = KIND_PARAMS[kind]
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise CdirError(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cdir.core.device import resolve_dtype
 from cdir.core.errors import CdirError, ModelUnavailable
 from encoders.captioners import (
     DEFAULT_PROMPTS,
@@ -19,20 +20,16 @@ from encoders.captioners import (
     captioner_key,
     is_oom,
     load_captioner,
-    pick_dtype,
     resolve_captioner,
 )
-from tests.conftest import draw_shape
 from tests.helpers.tiny_models import FAMILIES, tiny_model_path
+from tests.helpers.trees import draw_shape
 
 # tiny model name -> detected family, where they differ
 FAMILY_OF = {"llava": "chat", "llava_next": "chat", "blip-2-t5": "blip-2"}
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("hf_offline")
 
 
 @pytest.fixture(scope="module")
@@ -183,10 +180,11 @@ def test_bad_specs_and_parameters(tmp_path: Path) -> None:
 
 def test_dtype_choice_and_half_precision_inputs() -> None:
     cpu = torch.device("cpu")
-    assert pick_dtype(cpu) == torch.float32
-    assert pick_dtype(cpu, "bf16") == torch.bfloat16 and pick_dtype(cpu, "fp16") == torch.float16
+    assert resolve_dtype(cpu) == torch.float32
+    assert resolve_dtype(cpu, "bf16") == torch.bfloat16
+    assert resolve_dtype(cpu, "fp16") == torch.float16
     with pytest.raises(CdirError, match="unknown dtype"):
-        pick_dtype(cpu, "int8")
+        resolve_dtype(cpu, "int8")
     # bf16 weights get bf16 pixels (the processor makes fp32): a mismatch would raise here
     cap = load_captioner(f"hf:{tiny_model_path('blip')}", dtype="bf16", max_new_tokens=3,
                          min_new_tokens=1)

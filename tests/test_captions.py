@@ -1,5 +1,5 @@
-"""cdir.stages.caption: the caption store (resume, kill -9, corrupt files, OOM halving),
-import/export, and `cdir caption` on the command line. Uses the tiny BLIP from
+"""cdir.core.caption_store and cdir.stages.caption: the caption store (resume, kill -9, corrupt
+files, OOM halving), import/export, and `cdir caption` on the command line. Uses the tiny BLIP from
 tests/helpers/tiny_models.py offline."""
 
 from __future__ import annotations
@@ -16,31 +16,26 @@ import pandas as pd
 import pytest
 import torch
 
-from cdir.core.errors import CdirError
-from cdir.core.manifest import make_manifest, save_manifest
-from cdir.core.workspace import Workspace
-from cdir.stages.caption import (
+from cdir.core.caption_store import (
     COLUMNS,
     CaptionStore,
-    caption_workspace,
-    export_captions,
-    import_captions,
     list_sources,
     load_captions,
     resolve_source,
 )
+from cdir.core.errors import CdirError
+from cdir.core.manifest import make_manifest, save_manifest
+from cdir.core.workspace import Workspace
+from cdir.stages.caption import caption_workspace, export_captions, import_captions
 from encoders.captioners import load_captioner
-from tests.conftest import write_shape_tree
 from tests.helpers.tiny_models import tiny_model_path
+from tests.helpers.trees import write_shape_tree
 
 REPO = Path(__file__).resolve().parents[1]
 GEN = {"max_new_tokens": 5, "min_new_tokens": 2}
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("hf_offline")
 
 
 @pytest.fixture(scope="module")

@@ -11,28 +11,20 @@ import pandas as pd
 import pytest
 import torch
 
-from cdir.cli import main
+from tests.helpers.cli import cdir, emoji_workspace
 from tests.helpers.tiny_models import tiny_model_path, write_tiny_clip_config
 
 torch.set_num_threads(1)
 MINILM = "st:sentence-transformers/all-MiniLM-L6-v2"
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def cdir(*args) -> int:
-    return main([str(a) for a in args])
+pytestmark = pytest.mark.usefixtures("hf_offline")
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
     os.environ["HF_HUB_OFFLINE"] = "1"
-    ws = tmp_path_factory.mktemp("cm") / "ws"
-    assert cdir("data", "emoji", "-w", ws, "--limit", "12") == 0
-    return ws
+    return emoji_workspace(tmp_path_factory.mktemp("cm"), 12)
 
 
 def handwritten_captions(ws: Path, out: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Gallery loaders (cdir.galleries.loaders) and the `cdir data` command."""
+"""Gallery loaders (cdir.galleries) and the `cdir data` command."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from cdir import galleries as ds
 from cdir.core.errors import CdirError
 from cdir.core.manifest import fingerprint, load_manifest
-from cdir.galleries import loaders as ds
-from tests.conftest import (
+from tests.helpers.trees import (
     DOMAINNET_MINI_CLASSES,
     OFFICEHOME_DOMAINS,
     SHAPE_CLASSES,
@@ -549,7 +549,7 @@ def test_data_command_emoji(tmp_path: Path, capsys) -> None:
 def test_shared_fixtures_are_sane(officehome_root: Path, corrupt_dir: Path) -> None:
     from PIL import Image
 
-    from tests.conftest import CORRUPT_FILES
+    from tests.helpers.trees import CORRUPT_FILES
 
     assert sorted(p.name for p in corrupt_dir.iterdir()) == sorted(CORRUPT_FILES)
     # every class has its own dominant colour, in every domain

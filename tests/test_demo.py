@@ -8,6 +8,7 @@ import torch
 from cdir.cli import main
 from cdir.core.errors import CdirError
 from cdir.core.images import load_image
+from tests.helpers.cli import cdir, emoji_workspace
 
 torch.set_num_threads(1)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -15,11 +16,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("demo") / "ws"
-    for args in (["data", "emoji", "-w", ws, "--limit", "10"],
-                 ["embed", "-w", ws, "--encoder", "pixels", "--workers", "0"],
-                 ["index", "build", "-w", ws, "--encoder", "pixels"]):
-        assert main([str(a) for a in args]) == 0
+    ws = emoji_workspace(tmp_path_factory.mktemp("demo"), 10)
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 0
     return ws
 
 

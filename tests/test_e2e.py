@@ -7,22 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdir.cli import main
-from tests.conftest import write_shape_tree
+from tests.helpers.cli import cdir, emoji_workspace
 from tests.helpers.tiny_models import write_tiny_clip_config
+from tests.helpers.trees import write_shape_tree
 
 torch.set_num_threads(1)
 
 
-def cdir(*args: str) -> int:
-    return main([str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
 def emoji_ws(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("emoji") / "ws"
-    assert cdir("data", "emoji", "-w", ws, "--limit", "30") == 0
-    return ws
+    return emoji_workspace(tmp_path_factory.mktemp("emoji"), 30)
 
 
 def test_emoji_pipeline(emoji_ws, capsys):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import zlib
@@ -21,6 +20,7 @@ from cdir.core.manifest import make_manifest, save_manifest
 from cdir.core.store import EmbeddingStore
 from cdir.core.workspace import Workspace
 from tests.helpers.tiny_models import write_tiny_clip_config
+from tests.helpers.trees import make_bomb_png
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -83,17 +83,6 @@ def stored_rows(ws: Workspace, spec: str) -> tuple[list[str], np.ndarray]:
         ids += json.loads(f.read_text())
     vectors, _ = EmbeddingStore(d).load()
     return ids, vectors
-
-
-def bomb_png(path: Path, width: int = 20000, height: int = 20000) -> None:
-    """A tiny file whose header claims 400 Mpx: Pillow's decompression-bomb guard must trip."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +184,7 @@ def test_corrupt_files_are_skipped_and_listed(gallery, tmp_path, capsys):
     (bad / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (bad / "empty.jpg").write_bytes(b"")
     (bad / "text.jpg").write_text("this is not an image\n")
-    bomb_png(bad / "bomb.png")
+    make_bomb_png(bad / "bomb.png", 20_000, 20_000)  # 400 Mpx: the decompression-bomb guard
     rows = [{"id": r.id, "path": r.path, "domain": r.domain, "class_name": r.class_name}
             for r in gallery.manifest().itertuples()]
     names = ("truncated.jpg", "empty.jpg", "text.jpg", "bomb.png")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from cdir.core.errors import CdirError
 from cdir.core.images import BadImage, is_image_file, load_image
-from tests.conftest import CORRUPT_FILES, draw_shape, make_bomb_png
+from tests.helpers.trees import CORRUPT_FILES, draw_shape, make_bomb_png
 
 
 def _jpeg_bytes() -> bytes:

@@ -15,11 +15,13 @@ import torch
 import yaml
 
 from cdir import cli
+from cdir.core.config import apply_sets
 from cdir.core.errors import CdirError
-from cdir.recipe.config import apply_set, load_recipe, recipe_from_dict
+from cdir.recipe.config import load_recipe, recipe_from_dict
 from cdir.recipe.methods import build_methods
-from tests.conftest import write_domainnet_tree
+from tests.helpers.cli import cdir
 from tests.helpers.tiny_models import tiny_model_path, write_tiny_clip_config
+from tests.helpers.trees import write_domainnet_tree
 
 torch.set_num_threads(1)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -29,18 +31,13 @@ EMOJI_PAIRS = {f"{a}→{b}" for a in ("noto_mono", "openmoji", "twemoji")
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def offline(hf_offline, monkeypatch, tmp_path):
     # an empty Hugging Face cache: whatever this machine has cached, the paper's models are absent
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     # `reproduce` is registered in cdir/cli.py by the lead; add it here if it is not (yet)
     monkeypatch.setattr(cli, "COMMANDS", tuple(dict.fromkeys((*cli.COMMANDS, "reproduce"))))
-
-
-def cdir(*args: object) -> int:
-    return cli.main([str(a) for a in args])
 
 
 def tiny_recipe(tmp_path: Path, base: str = "cm_emoji.yaml", **changes: object) -> Path:
@@ -87,17 +84,16 @@ def test_recipes_parse_with_the_literature_as_reported():
 
 def test_set_overrides_and_config_errors(tmp_path):
     d = {"captioners": ["hf:a/b"], "eval": {"ks": [1]}}
-    apply_set(d, "captioners.0.batch_size=4")  # a spec string becomes a mapping
-    apply_set(d, "eval.ks=[1, 5]")
-    apply_set(d, "dataset.root=/x")
+    d = apply_sets(d, ["captioners.0.batch_size=4",  # a spec string becomes a mapping
+                       "eval.ks=[1, 5]", "dataset.root=/x"])
     assert d == {"captioners": [{"spec": "hf:a/b", "batch_size": 4}], "eval": {"ks": [1, 5]},
                  "dataset": {"root": "/x"}}
-    apply_set(d, "captioners.1=hf:c/d")  # one past the end appends
+    d = apply_sets(d, ["captioners.1=hf:c/d"])  # one past the end appends
     assert d["captioners"][1] == "hf:c/d"
     with pytest.raises(CdirError, match="index"):
-        apply_set(d, "captioners.3.spec=x")
+        apply_sets(d, ["captioners.3.spec=x"])
     with pytest.raises(CdirError, match="key=value"):
-        apply_set(d, "captioners")
+        apply_sets(d, ["captioners"])
     with pytest.raises(CdirError, match="unknown key.*batch_sise"):
         load_recipe(CONFIGS / "cm_emoji.yaml", overrides=["batch.batch_sise=3"])
     with pytest.raises(CdirError, match="modes"):
@@ -219,7 +215,7 @@ def test_emoji_recipe_end_to_end_then_rerun_skips(tmp_path, capsys):
 
 
 def test_domainnet_recipe_reports_the_unverified_subset(tmp_path):
-    from cdir.galleries.loaders import CLASS_SUBSETS
+    from cdir.galleries.common import CLASS_SUBSETS
 
     classes = CLASS_SUBSETS["ucdir7"].classes
     root = write_domainnet_tree(tmp_path / "dn", domains=("clipart", "sketch"), classes=classes,

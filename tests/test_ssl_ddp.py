@@ -25,7 +25,8 @@ NO_FORWARD_BUFFER_SYNC = (
 
 
 def _check_collectives(rank: int) -> None:
-    from encoders.ssl.moco import concat_all_gather, ddp_shuffle, ddp_unshuffle
+    from cdir.core.dist import concat_all_gather
+    from encoders.ssl.moco import ddp_shuffle, ddp_unshuffle
 
     # gather: rank order, every rank sees the same global batch
     x = torch.arange(LOCAL_B * 3, dtype=torch.float32).view(LOCAL_B, 3) + 100 * rank

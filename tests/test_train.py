@@ -55,7 +55,7 @@ def _raw(data: Path, out: Path, method: str, epochs: int = 2, workers: int = 0) 
 
 
 def _cfg(data: Path, out: Path, method: str, **kw):  # noqa: ANN202
-    from encoders.ssl.trainer import resolve_config
+    from encoders.ssl.config import resolve_config
 
     return resolve_config(_raw(data, out, method, **kw), method, recipe="tiny")
 
@@ -217,7 +217,8 @@ def test_load_encoder_reads_reference_moco_checkpoint(tmp_path: Path) -> None:
 
 
 def test_config_resolution_and_overrides() -> None:
-    from encoders.ssl.trainer import apply_overrides, resolve_config
+    from cdir.core.config import apply_sets
+    from encoders.ssl.config import resolve_config
 
     raw = {
         "optim": {"lr": 0.03, "epochs": 10},
@@ -241,12 +242,13 @@ def test_config_resolution_and_overrides() -> None:
         resolve_config({"optim": {"learning_rate": 1}}, "moco")
     with pytest.raises(CdirError, match="recipe"):
         resolve_config({"aug": {"strong": "nope"}}, "moco")
-    d = apply_overrides(moco.to_dict(), ["model.backbone_kwargs={width: 0.5}", "train.amp=bf16"])
+    d = apply_sets(moco.to_dict(), ["model.backbone_kwargs={width: 0.5}", "train.amp=bf16"])
     assert d["model"]["backbone_kwargs"] == {"width": 0.5} and d["train"]["amp"] == "bf16"
 
 
 def test_lr_schedule() -> None:
-    from encoders.ssl.trainer import OptimConfig, lr_factor
+    from encoders.ssl.config import OptimConfig
+    from encoders.ssl.optim import lr_factor
 
     cos = OptimConfig(epochs=10, schedule="cosine")
     assert lr_factor(0, 5, cos) == 1.0 and lr_factor(4, 5, cos) == 1.0  # per epoch, like --cos
@@ -260,27 +262,30 @@ def test_lr_schedule() -> None:
 
 
 def test_recipes_resolve_for_every_method() -> None:
+    from cdir.core.config import load_yaml
+    from encoders.ssl.config import resolve_config
     from encoders.ssl.registry import method_options
-    from encoders.ssl.trainer import load_recipe, resolve_config
 
     names = ("emoji_small", "cifar10", "cifar100", "imagenet_r18_200ep", "imagenet_r50_200ep",
              "imagenet_r50_800ep")
     for path in (REPO / "configs" / f"{n}.yaml" for n in names):
-        raw = load_recipe(path)
+        raw = load_yaml(path)
         for method in raw["methods"]:
             cfg = resolve_config(raw, method, path.stem)
             assert set(cfg.method_kwargs) <= set(method_options(cfg.method_name)), path
-    emoji = resolve_config(load_recipe(REPO / "configs/emoji_small.yaml"), "moco")
+    emoji = resolve_config(load_yaml(REPO / "configs/emoji_small.yaml"), "moco")
     assert emoji.aug.strong == "emoji" and emoji.model.backbone_kwargs.get("small_stem")
 
 
 @pytest.mark.parametrize("method", ["moco", "synco", "isd"])
 def test_emoji_recipe_builds_and_steps(method: str, tmp_path: Path) -> None:
     """The CPU emoji recipe as written (backbone, heads, queue, augmentations) takes a step."""
+    from cdir.core.config import load_yaml
     from encoders.ssl.augment import build_multiview
-    from encoders.ssl.trainer import build_model, load_recipe, resolve_config
+    from encoders.ssl.config import resolve_config
+    from encoders.ssl.trainer import build_model
 
-    cfg = resolve_config(load_recipe(REPO / "configs/emoji_small.yaml"), method)
+    cfg = resolve_config(load_yaml(REPO / "configs/emoji_small.yaml"), method)
     model = build_model(cfg)
     mv = build_multiview(model.views, cfg.aug)
     img = Image.new("RGB", (128, 128), "white")

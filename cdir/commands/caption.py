@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from cdir.commands.common import add_command, add_workspace
+
 EPILOG = """\
 captioner families (detected from the model's config; hf:/path/to/folder works like a hub id):
   blip       Salesforce/blip-image-captioning-base (default), -large; --prompt is a text prefix
@@ -30,12 +32,12 @@ or in a local folder. Import files: CSV/TSV/JSONL with columns id (or path) and 
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "caption", help="caption the gallery images (resumable), or import/export captions",
+    p = add_command(
+        sub, "caption", help="caption the gallery images (resumable), or import/export captions",
         description="Caption every image of the workspace with a Hugging Face captioning model, "
         "import captions from a file as a named source, export a source, or list the sources.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-w", "--workspace", required=True, help="workspace directory")
+        epilog=EPILOG)
+    add_workspace(p, "workspace directory")
     g = p.add_argument_group("captioning with a model")
     g.add_argument("--captioner", metavar="SPEC", default=None,
                    help="hf:<hub id or folder> (default hf:Salesforce/blip-image-captioning-base)")
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _list(ws) -> int:
-    from cdir.stages.caption import list_sources
+    from cdir.core.caption_store import list_sources
 
     sources = list_sources(ws)
     if not sources:

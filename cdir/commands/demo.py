@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.cli import HelpFormatter
+from cdir.commands.common import add_command, add_device, add_workspace
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the Gradio search demo over a workspace's indexes",
-                       description="Serve a web page: drop a query image, choose a target "
-                       "domain and an index, see the top-k results (and the query's caption "
-                       "for caption indexes).",
-                       formatter_class=HelpFormatter)
-    p.add_argument("-w", "--workspace", required=True)
+    p = add_command(sub, "demo", help="the Gradio search demo over a workspace's indexes",
+                    description="Serve a web page: drop a query image, choose a target "
+                    "domain and an index, see the top-k results (and the query's caption "
+                    "for caption indexes).")
+    add_workspace(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_device(p)
     p.add_argument("--share", action="store_true", help="also open a public Gradio link")
     p.set_defaults(func=run)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from cdir.commands.common import add_command, add_workspace
+
 ENCODER_HELP = """\
 image encoder spec:
   clip:ARCH/PRETRAINED   open_clip, e.g. clip:ViT-B-32/openai, clip:hf-hub:ORG/NAME,
@@ -21,14 +23,14 @@ caption embeddings (for the cm-text and cm-image modes of `cdir eval`):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "embed", help="compute image embeddings of the gallery (resumable)",
+    p = add_command(
+        sub, "embed", help="compute image embeddings of the gallery (resumable)",
         description="Embed every image of the workspace manifest with an image encoder.\n"
         "Vectors are L2-normalised and written in shards to WORKSPACE/embeddings/<key>/.\n"
         "An interrupted run continues where it stopped: rows already embedded are skipped.\n"
         "Unreadable images are skipped, listed in failed.json and retried on the next run.",
-        epilog=ENCODER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-w", "--workspace", required=True, help="workspace directory")
+        epilog=ENCODER_HELP)
+    add_workspace(p, "workspace directory")
     _add_image_options(p)
     p.add_argument("--captions", metavar="SOURCE", nargs="?", const="",
                    help="embed the captions of this source instead of the images (no value: "
@@ -64,10 +66,9 @@ def run(args: argparse.Namespace) -> int:
                             "st:all-MiniLM-L6-v2 or clip:ViT-B-32/openai")
         if args.encoder:
             raise CdirError("give either --encoder (images) or --captions/--text-encoder")
-        from cdir.core.workspace import Workspace
-        from cdir.stages.embed_captions import embed_captions
+        from cdir.stages.embed import embed_captions
 
-        embed_captions(Workspace(args.workspace), args.captions or None, args.text_encoder,
+        embed_captions(args.workspace, args.captions or None, args.text_encoder,
                        device=args.device, progress=not args.no_progress)
         return 0
     if not args.encoder:

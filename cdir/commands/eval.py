@@ -5,25 +5,28 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.cli import HelpFormatter
+from cdir.commands.common import add_command, add_device, add_workspace
 
 KINDS = ("retrieval", "knn", "linear")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval", help="evaluate retrieval on every directed domain pair (or kNN / linear probe)",
+    from cdir.stages.modes import MODES
+    from eval.fusion import FUSION_METHODS
+
+    p = add_command(
+        sub, "eval",
+        help="evaluate retrieval on every directed domain pair (or kNN / linear probe)",
         description="Evaluate cross-domain retrieval: every image of domain A queries all images "
         "of domain B, for every ordered pair (A, B). Writes a Markdown/CSV/JSON table, a heatmap "
         "and a retrieval gallery to WORKSPACE/reports/RUN/. `cdir eval knn|linear` runs the "
-        "self-supervised evaluation protocols on a labelled folder instead.",
-        formatter_class=HelpFormatter)
+        "self-supervised evaluation protocols on a labelled folder instead.")
     p.add_argument("kind", nargs="?", choices=KINDS, default="retrieval",
                    help="what to evaluate")
-    p.add_argument("-w", "--workspace", help="workspace directory (retrieval)")
+    add_workspace(p, "workspace directory (retrieval)", required=False)
     p.add_argument("--encoder", help="image encoder spec of the `visual` mode (and kNN/linear)")
     p.add_argument("--mode", default=None,
-                   help="comma-separated modes: visual, cm-text, cm-image, fusion "
+                   help=f"comma-separated modes: {', '.join(MODES)} "
                         "(default: every mode the other options configure)")
     p.add_argument("--captions", help="caption source (captioner spec or imported name) for the "
                                       "cm-* modes; default: the only one in the workspace")
@@ -31,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip", help="CLIP spec of cm-image (image tower × text tower)")
     p.add_argument("--fuse", help="modes fused by `fusion` (default: all configured modes)")
     p.add_argument("--weights", help="fusion weights, e.g. visual=0.3,cm-text=0.7 (default 1 each)")
-    p.add_argument("--fusion-method", choices=("zscore", "rrf"), default="zscore")
+    p.add_argument("--fusion-method", choices=tuple(FUSION_METHODS), default="zscore")
     p.add_argument("--sweep", action="store_true",
                    help="choose fusion weights on a held-out half of the queries, report the other")
     p.add_argument("--protocol", choices=("ucdir",), default="ucdir",
@@ -44,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", help="report name under WORKSPACE/reports/ (default: from the specs)")
     p.add_argument("--examples", type=int, default=4,
                    help="sample queries per pair shown in the retrieval gallery")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_device(p)
     p.add_argument("--data", help="labelled images (knn, linear): ROOT/<class>/<image>, "
                                   "ROOT/<domain>/<class>/<image> or a manifest")
     p.add_argument("--val-data", help="separate labelled folder to evaluate on (knn, linear; "
@@ -57,11 +60,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.kind == "retrieval":
-        from cdir.stages.evaluate import run_retrieval_eval
+    if args.kind != "retrieval":
+        return run_ssl_eval(args)
+    from cdir.core.errors import CdirError
+    from cdir.stages.evaluate import evaluate
 
-        return run_retrieval_eval(args)
-    return run_ssl_eval(args)
+    if not args.workspace:
+        raise CdirError("give the workspace: cdir eval -w DIR --encoder SPEC")
+    summary = evaluate(
+        args.workspace, encoder=args.encoder, text_encoder=args.text_encoder, clip=args.clip,
+        captions=args.captions, modes=args.mode, fuse=args.fuse, weights=args.weights,
+        fusion_method=args.fusion_method, sweep=args.sweep, ks=args.ks, pairs=args.pairs,
+        run=args.run, examples=args.examples, device=args.device)
+    for line in summary["lines"]:
+        print(line)
+    print(summary["summary"])
+    return 0
 
 
 def run_ssl_eval(args: argparse.Namespace) -> int:

@@ -6,10 +6,10 @@ import argparse
 
 from cdir.cli import HelpFormatter
 
-TYPES = ("flat", "ivf", "ivfpq", "hnsw")
-
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from indexes.faiss_index import KINDS
+
     p = sub.add_parser("index", help="build or inspect FAISS indexes over embeddings",
                        description="Build a FAISS index over the embeddings of a workspace, or "
                        "show what the workspace's indexes hold.")
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--encoder", help="image encoder spec whose embeddings are indexed")
     b.add_argument("--captions", help="index caption embeddings of this caption source instead")
     b.add_argument("--text-encoder", help="text encoder of the caption embeddings")
-    b.add_argument("--type", choices=TYPES, default="flat",
+    b.add_argument("--type", choices=KINDS, default="flat",
                    help="flat: exact; ivf / ivfpq: inverted lists (faster, approximate, "
                         "ivfpq compressed); hnsw: graph")
     b.add_argument("--name", help="index name (default: from the encoder and type)")
@@ -42,9 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from cdir.stages.index import build_workspace_index
+    from cdir.stages.index import build_index
 
-    build_workspace_index(args)
+    summary = build_index(args.workspace, encoder=args.encoder, text_encoder=args.text_encoder,
+                          captions=args.captions, kind=args.type, name=args.name, gpu=args.gpu,
+                          nlist=args.nlist, m=args.m, rebuild=args.rebuild)
+    print(summary["summary"])
     return 0
 
 

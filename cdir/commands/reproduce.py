@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from cdir.commands.common import add_command
+
 EPILOG = """\
 stages (each skipped when its output is complete; re-run to continue an interrupted run):
   data            the gallery manifest (cdir data)
@@ -31,11 +33,11 @@ recipe are skipped instead.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "reproduce", help="run a reproduction recipe (configs/cm_*.yaml) end to end",
+    p = add_command(
+        sub, "reproduce", help="run a reproduction recipe (configs/cm_*.yaml) end to end",
         description="Run a YAML recipe: data -> caption -> embed captions -> embed images -> "
         "eval of every mode -> a report of our numbers beside the literature's.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG)
     p.add_argument("config", help="the YAML recipe, e.g. configs/cm_officehome.yaml")
     p.add_argument("--root", help="the dataset folder (sets dataset.root)")
     p.add_argument("-w", "--workspace",

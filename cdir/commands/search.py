@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.cli import HelpFormatter
+from cdir.commands.common import add_command, add_device, add_workspace
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("search", help="search a workspace index with query images",
-                       description="Search a workspace index with one or more query images. "
-                       "The query is encoded like the index's vectors (image encoder, or caption "
-                       "+ text encoder for caption indexes).",
-                       formatter_class=HelpFormatter)
-    p.add_argument("-w", "--workspace", required=True)
+    from cdir.stages.modes import SINGLE_MODES
+
+    p = add_command(sub, "search", help="search a workspace index with query images",
+                    description="Search a workspace index with one or more query images. "
+                    "The query is encoded like the index's vectors (image encoder, or caption "
+                    "+ text encoder for caption indexes).")
+    add_workspace(p)
     p.add_argument("--image", action="append", required=True, metavar="PATH",
                    help="query image (repeat for several)")
     p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--domain", help="only return images of this domain")
     p.add_argument("--index", help="index name (default: the only index, or the --encoder one)")
     p.add_argument("--encoder", help="pick the index built with this encoder")
-    p.add_argument("--mode", choices=("visual", "cm-text", "cm-image"),
+    p.add_argument("--mode", choices=SINGLE_MODES,
                    help="for caption indexes: caption the query (cm-text) or use the CLIP image "
                         "tower (cm-image)")
     p.add_argument("--captioner", help="captioner for the query (default: the gallery's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_device(p)
     p.set_defaults(func=run)
 
 

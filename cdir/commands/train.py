@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-METHODS = ("moco", "synco", "isd", "isd_plus")
+from encoders.ssl.registry import METHODS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,70 +60,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=run_export)
 
 
-
-def _config_from_args(args: argparse.Namespace):  # noqa: ANN202 - trainer imported lazily
-    from pathlib import Path
-
-    from cdir.core.errors import CdirError
-    from encoders.ssl import trainer
-    from encoders.ssl.checkpoint import load_checkpoint
-
-    direct: dict[str, object] = {}
-    for flag, key in (("data", "data.path"), ("out", "train.out"), ("epochs", "optim.epochs"),
-                      ("batch_size", "optim.batch_size"), ("workers", "data.workers"),
-                      ("seed", "train.seed"), ("monitor", "monitor.path")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            direct[key] = value
-
-    resume = args.resume
-    raw = trainer.load_recipe(args.config) if args.config else None
-    if resume == "auto":
-        if raw is not None:
-            probe = trainer.resolve_config(raw, args.method, Path(args.config).stem, args.set)
-            probe = trainer.apply_values(probe.to_dict(), direct)
-            out = Path(probe["train"]["out"]
-                       or trainer.default_out(trainer.Config.from_dict(probe)))
-        elif args.out:
-            out = Path(args.out)
-        else:
-            raise CdirError("--resume auto needs --config or --out to find latest.pt")
-        resume = str(out / "latest.pt") if (out / "latest.pt").exists() else None
-
-    ckpt = load_checkpoint(resume) if resume else None
-    if raw is not None:
-        cfg = trainer.resolve_config(raw, args.method, Path(args.config).stem, args.set)
-        d = trainer.apply_values(cfg.to_dict(), direct)
-        if ckpt is not None:
-            _report_differences(ckpt.get("config", {}), d)
-    elif ckpt is not None:
-        d = trainer.apply_overrides(ckpt["config"], args.set)
-        d = trainer.apply_values(d, direct)
-        if d.get("method") != args.method:
-            raise CdirError(f"{resume} was trained with {d.get('method')!r}, not {args.method!r}")
-    else:
-        raise CdirError("pass --config FILE (a recipe from configs/) or --resume CKPT")
-    return trainer.Config.from_dict(d), ckpt
-
-
-def _report_differences(old: dict, new: dict, prefix: str = "") -> None:
+def run(args: argparse.Namespace) -> int:
     import sys
 
-    ignore = {"train.out", "data.path", "data.workers", "train.progress", "monitor.path"}
-    for k in sorted(set(old) | set(new)):
-        key = f"{prefix}{k}"
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            _report_differences(a, b, key + ".")
-        elif a != b and key not in ignore:
-            print(f"note: {key} is {b!r} now, {a!r} in the checkpoint", file=sys.stderr)
+    from cdir.stages.train import summary_line, train_encoder
 
-
-def run(args: argparse.Namespace) -> int:
-    from encoders.ssl.trainer import train
-
-    cfg, ckpt = _config_from_args(args)
-    train(cfg, resume=ckpt, stop_at=args.stop_at)
+    summary = train_encoder(
+        args.method, args.config, args.set, data=args.data, out=args.out, epochs=args.epochs,
+        batch_size=args.batch_size, workers=args.workers, seed=args.seed, monitor=args.monitor,
+        resume=args.resume, stop_at=args.stop_at,
+    )
+    if summary["rank"] == 0:  # under torchrun every process runs the command; one reports
+        print(summary_line(summary), file=sys.stderr)
     return 0
 
 

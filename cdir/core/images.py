@@ -65,6 +65,14 @@ def load_image(path: str | Path) -> Image.Image:
         raise BadImage(f"{path}: cannot decode ({e})") from None
 
 
+def failure_reason(path: str, e: BaseException) -> str:
+    """One line without the path (the failure record carries it): 'not an image (empty file)'."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    if text.startswith(f"{path}: "):
+        return text[len(path) + 2:]
+    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+
+
 def failure_report(records: list[dict], where: str | Path, show: int = 5) -> str:
     """The skipped images of a run ({id, reason} records), a few named, for the end of a job."""
     lines = [f"{len(records)} image(s) could not be read and were skipped (listed in {where}):"]

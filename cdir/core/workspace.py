@@ -1,7 +1,7 @@
 """The on-disk workspace: where each pipeline stage reads its inputs and writes its outputs.
 
 <ws>/manifest.parquet, <ws>/captions/<key>.parquet, <ws>/embeddings/<key>/,
-<ws>/indexes/<name>.faiss, <ws>/reports/<run>/ (see DESIGN.md).
+<ws>/indexes/<name>.faiss, <ws>/reports/<run>/.
 """
 
 from __future__ import annotations
@@ -17,6 +17,21 @@ def spec_key(spec: str) -> str:
     """A filesystem-safe, collision-free key for a model spec or any parameter string."""
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", spec).strip("-.")[:60] or "x"
     return f"{readable}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
+
+
+_CAPTIONS = "@captions:"
+
+
+def caption_spec(text_encoder: str, captions_key: str) -> str:
+    """The spec of caption embeddings, ``<text encoder>@captions:<caption source key>``: it keys
+    their folder under ``embeddings/`` and is the encoder spec recorded by a caption index."""
+    return f"{text_encoder}{_CAPTIONS}{captions_key}"
+
+
+def split_caption_spec(spec: str) -> tuple[str, str] | None:
+    """(text encoder, caption source key) of a `caption_spec`; None for an image encoder spec."""
+    text_encoder, sep, key = spec.partition(_CAPTIONS)
+    return (text_encoder, key) if sep else None
 
 
 class Workspace:

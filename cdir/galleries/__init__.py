@@ -1,7 +1,16 @@
 """Gallery loaders: each kind of dataset becomes a manifest (``cdir.core.manifest``).
 
 ``KINDS`` is the one list of gallery kinds and dispatches on them; loaders are imported when used,
-so that building the command line stays fast.
+so that building the command line stays fast. The loaders' public names can also be read from this
+package (``galleries.load_folder``, ``galleries.resolve_classes``...): each is imported from its
+module on first use.
+
+    common       class subsets, folder walking, the rules shared by every loader
+    folder       ROOT/<domain>/<class>/<image> trees
+    officehome   Office-Home
+    domainnet    DomainNet
+    table        CSV/TSV/JSONL/Parquet tables
+    emoji        the built-in emoji gallery (rendered from PyPI packages)
 """
 
 from __future__ import annotations
@@ -41,15 +50,35 @@ class GalleryKind:
 
 
 KINDS: dict[str, GalleryKind] = {
-    "folder": GalleryKind("a ROOT/<domain>/<class>/<image> tree", "loaders:load_folder"),
+    "folder": GalleryKind("a ROOT/<domain>/<class>/<image> tree", "folder:load_folder"),
     "officehome": GalleryKind(
         "Office-Home (Art, Clipart, Product, Real World; renamed folders accepted)",
-        "loaders:load_officehome"),
+        "officehome:load_officehome"),
     "domainnet": GalleryKind(
         "DomainNet (split files <domain>_{train,test}.txt, or the bare folders)",
-        "loaders:load_domainnet"),
+        "domainnet:load_domainnet"),
     "csv": GalleryKind("a CSV/TSV/JSONL/Parquet table with path, domain and class columns",
-                       "loaders:load_table", source="TABLE", progress=False),
+                       "table:load_table", source="TABLE", progress=False),
     "emoji": GalleryKind("the built-in emoji gallery (3 art sets; no download needed)",
-                         "loaders:load_folder", source=None, filters=False),
+                         "folder:load_folder", source=None, filters=False),
 }
+
+
+# public name -> module below cdir.galleries, for the lazy attributes of the package
+_PUBLIC: dict[str, str] = {
+    "ClassSubset": "common", "CLASS_SUBSETS": "common", "SPLIT_DIRS": "common",
+    "resolve_classes": "common",
+    "load_folder": "folder",
+    "OFFICEHOME_DOMAINS": "officehome", "OFFICEHOME_ARCHIVE_DIR": "officehome",
+    "officehome_dirs": "officehome", "officehome_domain": "officehome",
+    "find_officehome_root": "officehome", "load_officehome": "officehome",
+    "DOMAINNET_DOMAINS": "domainnet", "domainnet_split_files": "domainnet",
+    "find_domainnet_root": "domainnet", "load_domainnet": "domainnet",
+    "load_table": "table",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f"cdir.galleries.{_PUBLIC[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

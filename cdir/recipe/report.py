@@ -13,6 +13,7 @@ import yaml
 
 from cdir.core.io import write_json, write_text
 from cdir.recipe.config import LiteratureEntry
+from cdir.stages.modes import MODES
 from eval.protocol import pair_name
 from eval.report import format_value, jsonable
 
@@ -21,10 +22,10 @@ if TYPE_CHECKING:
     from cdir.recipe.preflight import Check
     from cdir.recipe.runner import Runner, Stage
 
-# What the report says about the metrics (specs/cdir.md §1.3, §1.4, §2.2, §2.6).
+# What the report says about the metrics, ours and the literature's.
 OUR_METRIC = (
     "**Ours: UCDIR P@k** (the `retrieval_precision_cal` of conghui1002/UCDIR, also used by "
-    "ProtoOT; specs/cdir.md §2.2). For each query, R is the number of gallery images of its class "
+    "ProtoOT). For each query, R is the number of gallery images of its class "
     "and t = min(k, R); P@k = 100 × Σ(correct among the top t) / Σ t over all queries of the pair "
     "(a micro-average, truncated by R; *not* standard precision@k, which divides by k). Every "
     "image of domain A queries all images of domain B (transductive, no split), ranked by cosine "
@@ -41,22 +42,13 @@ LIT_METRIC = (
     "that is unverified. An entry without a stated k is shown in every P@k table, marked †; read "
     "those comparisons as indicative only until they are checked against the paper "
     "(arxiv.org/html/2403.15152v3). CM's BLIP-2 checkpoint, CLIP variant and captioning prompt are "
-    "not stated in any accessible source either (specs/cdir.md §1.2): the models below are this "
+    "not stated in any accessible source either: the models below are this "
     "recipe's choices.")
-MODE_TEXT = {
-    "cm-image": "query image (CLIP image tower) against the gallery's captions (the same CLIP's "
-                "text tower): the CM paper's image-to-caption matching",
-    "cm-text": "query caption against gallery captions, both through a text encoder "
-               "(caption-to-caption; a variant the later CM versions may use, unverified)",
-    "visual": "query image against gallery images with an image encoder (CM v1's CLIP "
-              "image-to-image ablation when the encoder is CLIP)",
-    "fusion": "weighted sum of per-query standardised scores of the modes named",
-}
 _SUBSET_WARNING = (
-    "  The UCDIR family evaluates DomainNet on 7 classes, but which 7 could not be checked "
-    "(specs/cdir.md §2.3): this list is a placeholder, so our DomainNet numbers are **not "
-    "comparable** with the literature's until the class list is confirmed against arXiv "
-    "2207.09721 §4 (fix it in cdir/datasets.py CLASS_SUBSETS, or set dataset.classes).")
+    "  The UCDIR family evaluates DomainNet on 7 classes, but which 7 could not be checked: "
+    "this list is a placeholder, so our DomainNet numbers are **not comparable** with the "
+    "literature's until the class list is confirmed against arXiv 2207.09721 §4 (fix it in "
+    "cdir/galleries/common.py CLASS_SUBSETS, or set dataset.classes).")
 _DAGGER_NOTE = (
     "† The source does not say which k (or which precision) this value is: it is repeated in "
     "every P@k table. Its metric name as reported is in the next section.")
@@ -145,8 +137,8 @@ def _setup(runner: Runner, methods: list[Method], info: dict, n_images: int,
     for m in methods:
         res = runner.results[m.id]
         left = res["n_total"] - res["n_used"] if res["n_total"] else 0
-        what = (f"{MODE_TEXT['fusion']} ({', '.join(m.fusion)}; {r.eval.fusion.method})"
-                if m.mode == "fusion" else MODE_TEXT[m.mode])
+        what = MODES[m.mode].about + (f" ({', '.join(m.fusion)}; {r.eval.fusion.method})"
+                                      if m.mode == "fusion" else "")
         models = "; ".join(f"{k} `{v}`" for k, v in (("image encoder", m.encoder),
                                                       ("text encoder", m.text_encoder),
                                                       ("CLIP", m.clip)) if v)

@@ -6,7 +6,7 @@ writes our numbers next to the ones the literature reports.
     checks = runner.preflight()  # what is present, what is missing and how to provide it
     runner.run()                 # data → caption → embed captions → embed images → eval → report
 
-The stages call the library in-process (`cdir data`'s loader, `caption_workspace`,
+The stages call the library in-process (`describe_gallery`, `caption_workspace`,
 `embed_captions`, `embed_images`, `build_scorer` + `evaluate_pairs`), in that order. Each stage is
 skipped when its output is already complete, and the library functions underneath resume
 interrupted work, so re-running a recipe continues where it stopped.
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from cdir.core.caption_store import CaptionStore
+from cdir.core.device import resolve_device
 from cdir.core.errors import CdirError
 from cdir.core.io import read_json, write_json
 from cdir.core.manifest import fingerprint
@@ -31,9 +33,8 @@ from cdir.recipe.config import Recipe
 from cdir.recipe.methods import Method, build_methods
 from cdir.recipe.preflight import Check, preflight, skipped_specs
 from cdir.recipe.report import format_plan, format_preflight, write_reproduction
-from cdir.stages.caption import CaptionStore, caption_workspace
-from cdir.stages.embed import embed_images
-from cdir.stages.embed_captions import caption_embeddings_dir, embed_captions
+from cdir.stages.caption import caption_workspace
+from cdir.stages.embed import caption_embeddings_dir, embed_captions, embed_images
 from cdir.stages.evaluate import parse_pairs
 from cdir.stages.gallery import describe_gallery
 from cdir.stages.modes import ModeConfig, build_scorer
@@ -122,11 +123,14 @@ class Runner:
         return f"{ds.kind} at {ds.root or '(root not set)'}: {doms}; {classes}; split {ds.split}"
 
     def device_line(self) -> str:
-        dev = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dev.startswith("cuda") and torch.cuda.is_available():
-            return f"{dev} ({torch.cuda.get_device_name(0)})"
-        if dev.startswith("cuda"):
-            return f"{dev} requested, but no CUDA GPU is visible"
+        try:
+            dev = resolve_device(self.device, flag="--set device")
+        except CdirError as e:  # shown in the plan; run() stops on it before any stage
+            if str(self.device).startswith("cuda"):
+                return f"{self.device} requested, but no CUDA GPU is visible"
+            return f"{self.device}: {e}"
+        if dev.type == "cuda":
+            return f"{dev} ({torch.cuda.get_device_name(dev.index or 0)})"
         big = [c.spec for c in self.r.captioners
                if any(w in c.spec.lower() for w in ("blip2", "llava", "flan", "large"))]
         return "cpu" + (f" (no GPU visible: captioning with {', '.join(big)} will be very slow)"
@@ -147,6 +151,7 @@ class Runner:
         if dry_run:
             print("dry run: nothing was run")
             return
+        resolve_device(self.device, flag="--set device")  # a GPU asked for but absent: stop now
         handlers = {"data": self._data, "caption": self._caption,
                     "embed-captions": self._embed_captions, "embed-images": self._embed_images,
                     "eval": self._eval}

@@ -1,22 +1,6 @@
-"""The caption store: captions per (image, captioner, prompt, generation parameters) in a workspace.
-
-One *source* per key: a captioner key (``hf:<model>|max_new_tokens=30,...``, see
-`encoders.captioners.captioner_key`) or the name of an imported file. On disk, for
-``path = ws.captions_path(key)`` = ``<ws>/captions/<stem>.parquet``:
-
-    <stem>.parquet        compacted rows: id, caption, model, prompt, params (JSON text)
-    <stem>.parts/part-NNNNNN.parquet
-                          one file per captioned batch since the last compaction, each written
-                          atomically (temp file + rename): a run killed with SIGKILL loses at most
-                          the batch in flight, and the next run reads the parts it left
-    <stem>.json           the source's description: key, kind (model|import), model, family,
-                          prompt, params, counts, unreadable images ("failed")
-    <stem>.lock           held while a run writes (its pid; a dead holder's lock is taken over)
-
-Reading merges the compacted file and the parts; a later row wins for an id. A run compacts at its
-start (leftovers of a killed run) and at its end. Rows are keyed by manifest id, so a changed
-gallery keeps the captions that are still valid and a re-run captions only what is missing.
-"""
+"""The caption stage: caption a workspace's images with a captioning model, and import / export
+caption files. The captions live in the caption store (`cdir.core.caption_store`): one source per
+captioner key (``hf:<model>|max_new_tokens=30,...``) or imported file name."""
 
 from __future__ import annotations
 
@@ -25,30 +9,22 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cdir.core.caption_store import COLUMNS, CaptionStore, resolve_source
 from cdir.core.errors import CdirError, first_line
-from cdir.core.io import atomic_path, read_json, write_json
+from cdir.core.io import atomic_path
 from cdir.core.workspace import Workspace
 
 if TYPE_CHECKING:
     import pandas as pd
 
-COLUMNS = ["id", "caption", "model", "prompt", "params"]
 DEFAULT_CAPTIONER = "hf:Salesforce/blip-image-captioning-base"
 SHOW = 5  # examples shown in messages
-_PART = re.compile(r"^part-(\d{6,})\.parquet$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@ -]{0,99}$")
-
-
-def _params_text(params: dict | str | None) -> str:
-    if isinstance(params, str):
-        return params
-    return json.dumps(params or {}, sort_keys=True, ensure_ascii=False)
 
 
 def _examples(items: list[str]) -> str:
@@ -56,238 +32,18 @@ def _examples(items: list[str]) -> str:
     return shown + (f", ... ({len(items) - SHOW} more)" if len(items) > SHOW else "")
 
 
-class CaptionStore:
-    """Captions of one source (a captioner key or an import name) in a workspace."""
-
-    def __init__(self, ws: Workspace | str | os.PathLike, key: str):
-        self.ws = ws if isinstance(ws, Workspace) else Workspace(ws)
-        self.key = key
-        self.path = self.ws.captions_path(key)
-        self.parts_dir = self.path.with_suffix(".parts")
-        self.meta_path = self.path.with_suffix(".json")
-        self.lock_path = self.path.with_suffix(".lock")
-
-    # -- description -----------------------------------------------------------------------------
-    def exists(self) -> bool:
-        return self.meta_path.exists() or self.path.exists() or bool(self._parts())
-
-    def meta(self) -> dict:
-        return read_json(self.meta_path) if self.meta_path.exists() else {}
-
-    def write_meta(self, **fields: Any) -> dict:
-        meta = self.meta()
-        meta.update(fields)
-        meta["key"] = self.key
-        meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        write_json(self.meta_path, meta)
-        return meta
-
-    # -- rows ------------------------------------------------------------------------------------
-    def _parts(self) -> list[Path]:
-        if not self.parts_dir.is_dir():
-            return []
-        return sorted(p for p in self.parts_dir.iterdir() if _PART.match(p.name))
-
-    def read(self) -> pd.DataFrame:
-        """All rows (compacted file + parts), one per id, the latest row winning."""
-        import pandas as pd
-
-        frames = [pd.read_parquet(self.path)] if self.path.exists() else []
-        frames += [pd.read_parquet(p) for p in self._parts()]
-        if not frames:
-            return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
-        df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-        return df.drop_duplicates("id", keep="last").reset_index(drop=True)[COLUMNS]
-
-    def done_ids(self) -> set[str]:
-        return set(self.read()["id"].astype(str))
-
-    def append(self, ids: list[str], captions: list[str], model: str, prompt: str | None,
-               params: dict | str) -> Path | None:
-        """Write one part file (atomically): these rows survive a kill from now on."""
-        import pandas as pd
-
-        if len(ids) != len(captions):
-            raise ValueError(f"{len(ids)} ids for {len(captions)} captions")
-        if not ids:
-            return None
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        last = self._parts()
-        n = int(_PART.match(last[-1].name).group(1)) + 1 if last else 1  # type: ignore[union-attr]
-        df = pd.DataFrame({"id": [str(i) for i in ids], "caption": [str(c) for c in captions],
-                           "model": model, "prompt": prompt, "params": _params_text(params)})
-        df["prompt"] = df["prompt"].astype(object)
-        target = self.parts_dir / f"part-{n:06d}.parquet"
-        with atomic_path(target) as tmp:
-            df.to_parquet(tmp, index=False)
-        return target
-
-    def write_rows(self, df: pd.DataFrame) -> None:
-        """Replace the whole source with ``df`` (atomically), then drop the parts it includes."""
-        parts = self._parts()
-        with atomic_path(self.path) as tmp:
-            df[COLUMNS].to_parquet(tmp, index=False)
-        self._remove_parts(parts)
-
-    def compact(self) -> pd.DataFrame:
-        """Merge the parts into the compacted file. A kill in between leaves both, which read()
-        deduplicates, so nothing is lost or doubled."""
-        parts = self._parts()
-        df = self.read()
-        if parts:
-            with atomic_path(self.path) as tmp:
-                df.to_parquet(tmp, index=False)
-            self._remove_parts(parts)
-        return df
-
-    def _remove_parts(self, parts: list[Path]) -> None:
-        for p in parts:
-            p.unlink(missing_ok=True)
-        if self.parts_dir.is_dir():
-            for p in self.parts_dir.glob(".part-*.tmp"):  # temp files of a killed writer
-                p.unlink(missing_ok=True)
-            try:
-                self.parts_dir.rmdir()
-            except OSError:
-                pass  # not empty: a part written meanwhile stays for the next read
-
-    def aligned(self, manifest: pd.DataFrame) -> pd.Series:
-        """Captions in manifest row order (None where an image has no caption)."""
-        import pandas as pd
-
-        df = self.read()
-        lookup = dict(zip(df["id"].astype(str), df["caption"], strict=True))
-        return pd.Series([lookup.get(i) for i in manifest["id"].astype(str)], index=manifest.index,
-                         name="caption", dtype=object)
-
-    @contextmanager
-    def lock(self) -> Iterator[None]:
-        """One writer per source: a second run on the same source stops with a clear message."""
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pid = _read_pid(self.lock_path)
-                if pid and pid != os.getpid() and _alive(pid):
-                    raise CdirError(
-                        f"another run (pid {pid}) is writing captions {self.key!r}: wait for it, "
-                        f"or delete {self.lock_path} if that process is gone") from None
-                self.lock_path.unlink(missing_ok=True)  # stale: its writer was killed
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            break
-        else:  # pragma: no cover - lost a race twice
-            raise CdirError(f"could not lock {self.lock_path}")
-        try:
-            yield
-        finally:
-            self.lock_path.unlink(missing_ok=True)
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip() or 0) or None
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# -- listing and resolving sources ---------------------------------------------------------------
-
-def list_sources(ws: Workspace | str | os.PathLike) -> list[dict]:
-    """Every caption source of the workspace: key, kind, model, prompt, params, count, empty,
-    failed (count), path; sorted by key."""
-    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
-    folder = ws.root / "captions"
-    out = []
-    if folder.is_dir():
-        for meta_path in sorted(folder.glob("*.json")):
-            try:
-                meta = read_json(meta_path)
-            except (OSError, ValueError):
-                continue
-            if "key" not in meta:
-                continue
-            out.append({"key": meta["key"], "kind": meta.get("kind", "model"),
-                        "model": meta.get("model"), "prompt": meta.get("prompt"),
-                        "params": meta.get("params", {}), "count": meta.get("count", 0),
-                        "empty": meta.get("empty", 0), "failed": len(meta.get("failed", [])),
-                        "path": str(meta_path.with_suffix(".parquet"))})
-    return sorted(out, key=lambda s: s["key"])
-
-
-def resolve_source(ws: Workspace | str | os.PathLike, ref: str | None) -> str:
-    """The key of a caption source from ``ref``: its exact key, an import name, the file stem,
-    or a piece of the key that matches one source only. No ref: the only source, if just one."""
-    sources = list_sources(ws)
-    keys = [s["key"] for s in sources]
-    if not keys:
-        raise CdirError("this workspace has no captions yet: run `cdir caption -w WS "
-                        "--captioner hf:...` or import a file with --from-file")
-    listing = "; ".join(keys)
-    if not ref:
-        if len(keys) == 1:
-            return keys[0]
-        raise CdirError(f"several caption sources; pick one with --source: {listing}")
-    if ref in keys:
-        return ref
-    stems = {Path(s["path"]).stem: s["key"] for s in sources}
-    if ref in stems:
-        return stems[ref]
-    hits = [k for k in keys if ref in k]
-    if len(hits) == 1:
-        return hits[0]
-    if hits:
-        raise CdirError(f"{ref!r} matches several caption sources: {'; '.join(hits)}")
-    raise CdirError(f"no caption source {ref!r} in this workspace; there are: {listing}")
-
-
-def captioner_of_source(ws: Workspace | str | os.PathLike, key: str
-                        ) -> tuple[str, dict] | None:
-    """(captioner spec, generation params) that wrote a source, to caption new queries the same
-    way; None for imported captions."""
-    meta = CaptionStore(ws, key).meta()
-    if meta.get("kind") != "model" or not meta.get("model"):
-        return None
-    gen = ("prompt", "max_new_tokens", "min_new_tokens", "num_beams")
-    return meta["model"], {k: v for k, v in (meta.get("params") or {}).items() if k in gen}
-
-
-def load_captions(ws: Workspace | str | os.PathLike, ref: str | None = None) -> pd.DataFrame:
-    """The rows of a caption source (id, caption, model, prompt, params)."""
-    return CaptionStore(ws, resolve_source(ws, ref)).read()
-
-
 # -- captioning a workspace ----------------------------------------------------------------------
-
-def _reason(path: str, e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [""])[0]
-    if text.startswith(f"{path}: "):
-        return text[len(path) + 2:]
-    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
-
 
 def _load_batch(paths: list[str]) -> list[tuple[Any, str | None]]:
     """(image, None) or (None, reason) per path: a corrupt file is data, not an exception."""
-    from cdir.core.images import load_image
+    from cdir.core.images import failure_reason, load_image
 
     out: list[tuple[Any, str | None]] = []
     for p in paths:
         try:
             out.append((load_image(p), None))
         except Exception as e:  # noqa: BLE001 - a bad file must never stop the run
-            out.append((None, _reason(p, e)))
+            out.append((None, failure_reason(p, e)))
     return out
 
 
@@ -446,8 +202,6 @@ def _summary_line(s: dict) -> str:
             f"{empty}{left} ({s['key']} on {s['device']}{speed}) -> {s['path']}")
 
 
-
-
 # -- import / export -----------------------------------------------------------------------------
 
 _ID_COLUMNS = ("id",)
@@ -503,7 +257,6 @@ def _text(v: Any, nested: bool = False) -> str | None:
     if isinstance(v, (dict, list)):
         return json.dumps(v, sort_keys=True, ensure_ascii=False) if nested else json.dumps(v)
     return str(v)
-
 
 
 def import_captions(ws: Workspace | str | os.PathLike, file: str | os.PathLike,

@@ -1,10 +1,13 @@
-"""Image embedding extraction: manifest rows -> L2-normalised vectors in an EmbeddingStore.
+"""The embed stage: image embeddings of the gallery, and text embeddings of a caption source, as
+L2-normalised vectors in an EmbeddingStore keyed by manifest id.
 
-Resumable and deterministic: rows already in the store are skipped; the rest are embedded in
-manifest order and written in shards of ``shard_rows`` (each shard lands atomically with its ids),
-so an interrupted run loses at most the shard in flight and the next run continues with exactly the
-missing rows. Unreadable images are skipped, recorded in ``failed.json`` and listed at the end; they
-never abort the run, and they are retried on the next run (a fixed file then gets embedded).
+Images are resumable and deterministic: rows already in the store are skipped; the rest are
+embedded in manifest order and written in shards of ``shard_rows`` (each shard lands atomically
+with its ids), so an interrupted run loses at most the shard in flight and the next run continues
+with exactly the missing rows. Unreadable images are skipped, recorded in ``failed.json`` and
+listed at the end; they never abort the run, and they are retried on the next run (a fixed file
+then gets embedded). Captions go the same way, one shard per chunk of ``chunk_rows`` captions,
+into the folder of their `caption_spec` (``<text encoder>@captions:<source>``).
 """
 
 from __future__ import annotations
@@ -13,23 +16,18 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cdir.core.images import failure_report, load_image
+from cdir.core.caption_store import CaptionStore, resolve_source
+from cdir.core.errors import CdirError
+from cdir.core.images import failure_reason, failure_report, load_image
 from cdir.core.store import EmbeddingStore
-from cdir.core.workspace import Workspace
-
-
-def _reason(path: str, e: BaseException) -> str:
-    """One line without the path (the record carries it): 'not an image (empty file)'."""
-    text = (str(e).strip().splitlines() or [""])[0]
-    if text.startswith(f"{path}: "):
-        return text[len(path) + 2:]
-    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+from cdir.core.workspace import Workspace, caption_spec
 
 
 class ImageRows(Dataset):
@@ -47,7 +45,7 @@ class ImageRows(Dataset):
         try:
             return i, self.transform(load_image(path)), None
         except Exception as e:  # noqa: BLE001 - corrupt files must never stop the run
-            return i, None, _reason(path, e)
+            return i, None, failure_reason(path, e)
 
 
 def collate_rows(items: list) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:
@@ -79,8 +77,6 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
 
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     if batch_size < 1 or shard_rows < 1:
-        from cdir.core.errors import CdirError
-
         raise CdirError(f"batch size and shard rows must be positive ({batch_size}, {shard_rows})")
     df = ws.manifest()
     spec = spec.strip()
@@ -190,3 +186,60 @@ def summary_line(s: dict) -> str:
             f"{left} ({s['dim']}-d {s['spec']} on {s['device']}{speed}) -> {s['dir']}")
 
 
+# -- captions ------------------------------------------------------------------------------------
+
+def caption_embeddings_dir(ws: Workspace, key: str, text_spec: str) -> Path:
+    """Where the embeddings of caption source ``key`` by the text encoder ``text_spec`` live."""
+    return ws.embeddings_dir(caption_spec(text_spec, key))
+
+
+def embed_captions(ws: Workspace | str | os.PathLike, captions: str | None, text_spec: str,
+                   batch_size: int = 256, device: str | None = None, chunk_rows: int = 4096,
+                   progress: bool = True) -> dict:
+    """Embed the captions of one source (``captions``: any reference `resolve_source` accepts;
+    None: the only source) that are not embedded yet. Prints and returns a summary whose ``line``
+    says what was written."""
+    from tqdm.auto import tqdm
+
+    from encoders.text import load_text_encoder
+
+    ws = (ws if isinstance(ws, Workspace) else Workspace(ws)).require()
+    key = resolve_source(ws, captions)
+    manifest = ws.manifest()
+    texts = CaptionStore(ws, key).aligned(manifest)
+    missing = int(texts.isna().sum())
+    if missing == len(manifest):
+        raise CdirError(f"the caption source {key!r} has no caption for any image of this "
+                        "gallery: caption it first with `cdir caption`")
+    empty = int((texts.fillna("x").str.strip() == "").sum())
+    out = caption_embeddings_dir(ws, key, text_spec)
+    store = EmbeddingStore(out)
+    done = store.done_ids()
+    todo = [(i, t) for i, t in zip(manifest["id"].astype(str), texts, strict=True)
+            if t is not None and i not in done]
+    t0 = time.perf_counter()
+    dim = store.info().get("dim")
+    if todo:
+        encoder = load_text_encoder(text_spec, device=device)
+        store.open(text_spec, encoder.dim, captions=key, **encoder.params)
+        dim = encoder.dim
+        bar = tqdm(total=len(todo), unit="caption", desc="embed captions", disable=not progress)
+        for start in range(0, len(todo), chunk_rows):
+            chunk = todo[start:start + chunk_rows]
+            vecs = encoder.encode([t for _, t in chunk], batch_size=batch_size)
+            store.append([i for i, _ in chunk], vecs)  # one shard per chunk: a kill loses one
+            bar.update(len(chunk))
+        bar.close()
+    summary = {"source": key, "text_encoder": text_spec, "embedded": len(todo),
+               "already_done": len(done), "missing_captions": missing, "empty_captions": empty,
+               "dim": dim, "dir": str(out), "seconds": time.perf_counter() - t0}
+    notes = []
+    if missing:
+        notes.append(f"{missing} images have no caption and are left out of the cm-* modes")
+    if empty:
+        notes.append(f"{empty} captions are empty")
+    summary["line"] = (f"embedded {len(todo)} captions of {key} with {text_spec} ({len(done)} "
+                       f"already done, dim {dim}) in {summary['seconds']:.1f}s → {out}"
+                       + ("; " + "; ".join(notes) if notes else ""))
+    print(summary["line"])  # also without progress: the recipe's log shows it
+    return summary

@@ -1,21 +1,39 @@
-"""The retrieval evaluation job behind `cdir eval`: modes → scorers → directed pairs → report."""
+"""The evaluate stage: retrieval on every directed domain pair, for each mode (modes → scorers →
+directed pairs → report under ``WORKSPACE/reports/RUN/``)."""
 
 from __future__ import annotations
 
-import argparse
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cdir.core.errors import CdirError
 from cdir.core.workspace import Workspace, spec_key
-from cdir.stages.modes import MODES, ModeConfig, build_scorer, configured_modes, parse_weights
+from cdir.stages.modes import (
+    MODES,
+    SINGLE_MODES,
+    ModeConfig,
+    build_scorer,
+    configured_modes,
+    mode_models,
+    parse_weights,
+)
 
 
-def parse_ks(text: str | None) -> tuple[int, ...] | None:
+def _names(value: str | Sequence[str] | None) -> list[str]:
+    """Comma-separated text or a list, as a list of non-empty names."""
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    return [str(x).strip() for x in items if str(x).strip()]
+
+
+def parse_ks(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """'1,5,15' (or a list) → (1, 5, 15); None when not given."""
     if not text:
         return None
     try:
-        ks = tuple(int(k) for k in text.split(","))
+        ks = tuple(int(k) for k in (text.split(",") if isinstance(text, str) else text))
     except ValueError:
         raise CdirError(f"--ks must be comma-separated integers, got {text!r}") from None
     if any(k < 1 for k in ks):
@@ -23,11 +41,13 @@ def parse_ks(text: str | None) -> tuple[int, ...] | None:
     return ks
 
 
-def parse_pairs(text: str | None, domains: list[str]) -> list[tuple[str, str]] | None:
+def parse_pairs(text: str | Sequence[str] | None, domains: list[str]
+                ) -> list[tuple[str, str]] | None:
+    """'Art:Clipart,Clipart:Art' (or a list of QUERY:GALLERY) → directed pairs; None: all."""
     if not text:
         return None
     pairs = []
-    for part in text.split(","):
+    for part in text.split(",") if isinstance(text, str) else text:
         a, sep, b = part.partition(":")
         if not sep:
             raise CdirError(f"bad pair {part!r}: use QUERY_DOMAIN:GALLERY_DOMAIN")
@@ -38,91 +58,98 @@ def parse_pairs(text: str | None, domains: list[str]) -> list[tuple[str, str]] |
     return pairs
 
 
-def mode_config(args: argparse.Namespace) -> ModeConfig:
-    fuse = tuple(m for m in (args.fuse or "").split(",") if m)
-    for m in fuse:
-        if m not in MODES[:3]:
-            raise CdirError(f"--fuse takes {', '.join(MODES[:3])}, not {m!r}")
-    return ModeConfig(encoder=args.encoder, text_encoder=args.text_encoder, clip=args.clip,
-                      captions=args.captions if (args.captions or args.text_encoder or args.clip)
-                      else None,
-                      fusion=fuse, weights=parse_weights(args.weights),
-                      fusion_method=args.fusion_method)
-
-
-def requested_modes(args: argparse.Namespace, cfg: ModeConfig) -> list[str]:
-    if args.mode:
-        modes = [m.strip() for m in args.mode.split(",") if m.strip()]
-        for m in modes:
+def _requested_modes(modes: str | Sequence[str] | None, cfg: ModeConfig) -> list[str]:
+    if modes:
+        names = _names(modes)
+        for m in names:
             if m not in MODES:
                 raise CdirError(f"unknown mode {m!r}: choose from {', '.join(MODES)}")
-        return modes
-    modes = configured_modes(cfg)
-    if not modes:
+        return names
+    names = configured_modes(cfg)
+    if not names:
         raise CdirError("nothing to evaluate: give --encoder SPEC (visual), and/or --captions with "
                         "--text-encoder (cm-text) or --clip (cm-image)")
-    return modes
+    return names
 
 
-def run_retrieval_eval(args: argparse.Namespace) -> int:
+def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
+             text_encoder: str | None = None, clip: str | None = None,
+             captions: str | None = None, modes: str | Sequence[str] | None = None,
+             fuse: str | Sequence[str] | None = None,
+             weights: str | dict[str, float] | None = None, fusion_method: str = "zscore",
+             sweep: bool = False, ks: str | Sequence[int] | None = None,
+             pairs: str | Sequence[str] | None = None, run: str | None = None,
+             examples: int = 4, device: str | None = None) -> dict[str, Any]:
+    """Evaluate every mode in ``modes`` (default: each mode the models given configure) on the
+    directed pairs ``pairs`` (default: all) at ``ks`` (default: the dataset's), and write the
+    reports to ``WORKSPACE/reports/RUN/`` (one folder per mode when there are several, and a
+    comparison). ``fuse``, ``weights`` and ``fusion_method`` configure ``fusion``; ``sweep``
+    chooses its weights on a held-out half of the queries.
+
+    Names and lists may be comma-separated text (as on the command line) or lists. Returns the
+    report folder, the modes, ks, pairs, each mode's result rows, the printed ``lines`` (notes and
+    tables, in order) and the one-line ``summary``."""
     from eval.protocol import default_ks, evaluate_pairs
     from eval.report import format_table, write_report
 
-    if not args.workspace:
-        raise CdirError("give the workspace: cdir eval -w DIR --encoder SPEC")
-    ws = Workspace(args.workspace).require()
+    ws = Workspace(workspace).require()
     manifest = ws.manifest()
     domains = sorted(manifest["domain"].astype(str).unique())
     if len(domains) < 2:
         raise CdirError(f"cross-domain evaluation needs at least two domains; {ws.root} has "
                         f"{len(domains)} ({', '.join(domains)})")
-    ks = parse_ks(args.ks) or default_ks(ws.info().get("dataset", "folder"))
-    pairs = parse_pairs(args.pairs, domains)
-    cfg = mode_config(args)
-    modes = requested_modes(args, cfg)
-    run_name = args.run or spec_key("|".join(
+    ks = parse_ks(ks) or default_ks(ws.info().get("dataset", "folder"))
+    pairs = parse_pairs(pairs, domains)
+    fused = tuple(_names(fuse))
+    for m in fused:
+        if m not in SINGLE_MODES:
+            raise CdirError(f"--fuse takes {', '.join(SINGLE_MODES)}, not {m!r}")
+    cfg = ModeConfig(encoder=encoder, text_encoder=text_encoder, clip=clip,
+                     captions=captions if (captions or text_encoder or clip) else None,
+                     fusion=fused,
+                     weights=dict(weights) if isinstance(weights, dict) else parse_weights(weights),
+                     fusion_method=fusion_method)
+    modes = _requested_modes(modes, cfg)
+    run_name = run or spec_key("|".join(
         [",".join(modes)] + [s for s in (cfg.encoder, cfg.text_encoder, cfg.clip, cfg.captions)
                              if s]))
     out_root = ws.reports_dir(run_name)
     t0 = time.perf_counter()
+    lines: list[str] = []
     tables: dict[str, list[dict]] = {}
     for mode in modes:
-        scorer, ok = build_scorer(ws, manifest, mode, cfg, device=args.device)
+        scorer, ok = build_scorer(ws, manifest, mode, cfg, device=device)
         sub = manifest[ok].reset_index(drop=True)
         if (~ok).any():
-            print(f"[{mode}] {int((~ok).sum())} of {len(manifest)} images have no vector "
-                  "(unreadable or uncaptioned) and are left out")
-        if args.sweep and mode == "fusion":
+            lines.append(f"[{mode}] {int((~ok).sum())} of {len(manifest)} images have no vector "
+                         "(unreadable or uncaptioned) and are left out")
+        if sweep and mode == "fusion":
             from eval.fusion import sweep_weights
 
             scorer, chosen, sub_q = sweep_weights(scorer, sub, pairs, ks, mode_names=(
                 list(cfg.fusion) or configured_modes(cfg)))
-            print(f"[fusion] weights chosen on the held-out half: {chosen}")
+            lines.append(f"[fusion] weights chosen on the held-out half: {chosen}")
         else:
             sub_q = None
-        results = evaluate_pairs(scorer, sub, pairs=pairs, ks=ks, keep_examples=args.examples,
+        results = evaluate_pairs(scorer, sub, pairs=pairs, ks=ks, keep_examples=examples,
                                  **({"query_mask": sub_q} if sub_q is not None else {}))
-        title = f"{mode}: " + ", ".join(
-            s for s in (cfg.encoder if mode in ("visual", "fusion") else None,
-                        cfg.text_encoder if mode in ("cm-text", "fusion") else None,
-                        cfg.clip if mode in ("cm-image", "fusion") else None) if s)
+        title = f"{mode}: " + ", ".join(mode_models(mode, cfg))
         if sub_q is not None:
             title += " (weights swept on one half of the queries; the other half reported)"
         out = out_root / mode if len(modes) > 1 else out_root
         write_report(results, out, title, manifest=sub)
         tables[mode] = results
-        print(f"\n## {title}\n")
-        print(format_table(results))
+        lines += [f"\n## {title}\n", format_table(results)]
     if len(modes) > 1:
         comparison = compare_modes(tables, ks)
         from cdir.core.io import write_text
 
         write_text(out_root / "comparison.md", f"# Modes compared (UCDIR P@k)\n\n{comparison}")
-        print("## modes compared (UCDIR P@k)\n")
-        print(comparison)
-    print(f"evaluated {len(modes)} mode(s) × {len(next(iter(tables.values()))) - 1} pairs in "
-          f"{time.perf_counter() - t0:.1f}s; report in {Path(out_root)}")
-    return 0
+        lines += ["## modes compared (UCDIR P@k)\n", comparison]
+    summary = (f"evaluated {len(modes)} mode(s) × {len(next(iter(tables.values()))) - 1} pairs "
+               f"in {time.perf_counter() - t0:.1f}s; report in {Path(out_root)}")
+    return {"report": str(out_root), "modes": modes, "ks": ks, "pairs": pairs,
+            "results": tables, "lines": lines, "summary": summary}
 
 
 def compare_modes(tables: dict[str, list[dict]], ks: tuple[int, ...]) -> str:
@@ -142,4 +169,3 @@ def compare_modes(tables: dict[str, list[dict]], ks: tuple[int, ...]) -> str:
         name = f"**{pair}**" if pair == "mean" else pair
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-

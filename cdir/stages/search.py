@@ -1,4 +1,5 @@
-"""Searching a workspace index with new query images: shared by `cdir search` and the demo.
+"""The search stage: a workspace index queried with new images, shared by `cdir search` and the
+demo.
 
 An index over image embeddings is queried with the same image encoder. An index over caption
 embeddings (``<text encoder>@captions:<source>``) is queried either with the query's own caption,
@@ -11,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from cdir.core.errors import CdirError
-from cdir.core.workspace import Workspace
+from cdir.core.workspace import Workspace, split_caption_spec
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL import Image
 
 
@@ -31,6 +31,9 @@ class Hit:
 
 
 class Searcher:
+    """One workspace index and the encoders that turn query images into its kind of vector (the
+    index by name, by encoder, or the only one; ``mode`` for caption indexes)."""
+
     def __init__(self, workspace: str, index: str | None = None, encoder: str | None = None,
                  mode: str | None = None, captioner: str | None = None,
                  device: str | None = None, gpu: bool | None = None):
@@ -41,13 +44,12 @@ class Searcher:
         self.index = open_index(self.ws, index, encoder, gpu=gpu)
         self.spec = self.index.meta.encoder_spec
         self.device = device
-        text_spec, sep, source = self.spec.partition("@captions:")
-        self.caption_source = source if sep else None
-        self.text_spec = text_spec if sep else None
+        self.text_spec, self.caption_source = split_caption_spec(self.spec) or (None, None)
         if self.caption_source is None:
             self.mode = "visual"
         else:
-            default = "cm-image" if text_spec.startswith("clip:") and not captioner else "cm-text"
+            default = ("cm-image" if self.text_spec.startswith("clip:") and not captioner
+                       else "cm-text")
             self.mode = mode or default
         if mode and mode != self.mode and self.caption_source is None:
             raise CdirError(f"index {self.spec} holds image embeddings: only mode visual applies")
@@ -56,21 +58,15 @@ class Searcher:
 
     # -- encoders, loaded on first use -----------------------------------------------------------
     def _encode_images(self, images: list[Image.Image], spec: str) -> np.ndarray:
-        import torch
-
         from encoders.image import load_image_encoder
 
         if self._image_encoder is None:
             self._image_encoder = load_image_encoder(spec, device=self.device)
-        enc = self._image_encoder
-        batch = torch.stack([enc.transform(im) for im in images]).to(enc.device)
-        with torch.inference_mode():
-            x = enc.encode(batch).float().cpu().numpy()
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return self._image_encoder.encode_images(images)
 
     def caption(self, images: list[Image.Image]) -> list[str]:
         """The query's own caption, by the captioner that captioned the gallery (or --captioner)."""
-        from cdir.stages.caption import captioner_of_source
+        from cdir.core.caption_store import captioner_of_source
         from encoders.captioners import load_captioner
 
         if self._captioner is None:

@@ -9,9 +9,9 @@ Recipes (each maps a PIL RGB image to a normalised tensor):
 - ``emoji``: a style-removing recipe for drawings on a white canvas (the emoji gallery). Measured
   on that gallery, the standard recipe alone scores *below* raw pixels, while random line art from
   edge maps, added dark outlines, posterisation, silhouettes, stroke thickening/thinning and strong
-  greyscale lift cross-domain P@1 several-fold (``specs/offline.md``). No horizontal flip (emoji
-  come in left/right pairs) and the colour jitter leaves the white background white, so that neither
-  becomes a cue that separates the art sets.
+  greyscale lift cross-domain P@1 several-fold. No horizontal flip (emoji come in left/right
+  pairs) and the colour jitter leaves the white background white, so that neither becomes a cue
+  that separates the art sets.
 - ``emoji_weak``: the crop of ``emoji`` alone (teacher view for ISD on drawings).
 
 All randomness comes from torch's global generator, which DataLoader seeds per worker, so a run
@@ -34,7 +34,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 RECIPES = ("moco_v2", "moco_v1", "weak", "emoji", "emoji_weak")
-STYLE_OPS = ("line_art", "outline", "posterize", "silhouette", "thicken", "thin")
 
 
 @dataclass
@@ -203,6 +202,7 @@ _STYLE_FNS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "thicken": thicken,
     "thin": thin,
 }
+STYLE_OPS = tuple(_STYLE_FNS)
 
 
 class RandomStyle:

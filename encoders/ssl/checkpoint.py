@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cdir.core.dist import all_gather_object, rank_world
 from cdir.core.errors import CdirError
 from cdir.core.io import atomic_path
 
@@ -76,6 +78,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def run_rng_state() -> dict[str, Any]:
+    """:func:`rng_state` of this process, plus every rank's under DDP (``"ranks"``). A collective
+    when there is a process group: every rank must call it."""
+    state = rng_state()
+    if rank_world()[1] > 1:
+        state = {**state, "ranks": all_gather_object(state)}
+    return state
+
+
+def restore_run_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`run_rng_state`'s capture: each rank its own draws when the number of
+    processes is unchanged; otherwise the same data order but other augmentation draws."""
+    rank, world = rank_world()
+    ranks = state.get("ranks")
+    if world > 1:
+        if ranks and len(ranks) == world:
+            set_rng_state(ranks[rank])
+            return
+        print(
+            "warning: resumed with a different number of processes; the data order is the same "
+            "but augmentation draws are not",
+            file=sys.stderr,
+        )
+        return
+    if ranks and len(ranks) != 1:
+        print("warning: resumed a multi-process run in one process; augmentation draws differ",
+              file=sys.stderr)
+    set_rng_state(state)
 
 
 # --- save / load --------------------------------------------------------------------------------

@@ -1,14 +1,18 @@
 """Datasets and samplers for self-supervised pretraining and SSL evaluation.
 
-- :class:`UnlabelledImages`: every image under a folder (recursive) or listed in a manifest file;
-  each item is ``(views, index, ok)``. A corrupt image is replaced by the next readable one and
-  flagged ``ok=False`` so that the trainer can list it; a run never dies on one bad file.
+- :func:`list_images` and :class:`UnlabelledImages`: the training images, every image under a
+  folder (recursive) or listed in a manifest file; each item is ``(views, index, ok)``. A corrupt
+  image is replaced by the next readable one and flagged ``ok=False`` so that the trainer can list
+  it; a run never dies on one bad file.
 - :class:`LabelledImages` and :func:`labelled_set`: a labelled folder (``root/<class>/<img>`` or
   ``root/<domain>/<class>/<img>``, e.g. the emoji gallery) or a manifest (``path``, ``label`` and
   optional ``domain`` columns) for kNN, linear probe and the training monitor.
 - :class:`SeededSampler`: a shuffling sampler whose order is a pure function of (seed, epoch), so a
   resumed run sees the same data order as an uninterrupted one. Under DDP the trainer uses
   ``DistributedSampler`` with the same seed, which has the same property.
+
+Images are decoded by ``cdir.core.images.load_image`` and gallery manifests read by
+``cdir.core.manifest.load_manifest``, as everywhere else in the project.
 """
 
 from __future__ import annotations
@@ -18,42 +22,45 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from cdir.core.errors import CdirError
+from cdir.core.images import IMAGE_EXTENSIONS, BadImage, load_image
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+if TYPE_CHECKING:
+    import pandas as pd
+
 MANIFEST_SUFFIXES = {".parquet", ".csv"}
 
 # How many following images to try when one is unreadable before giving up on the batch.
 _MAX_SUBSTITUTES = 32
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image as RGB on white; raises ``cdir.core.images.BadImage`` if unreadable.
-
-    The one place images are opened here, so the project's loader is used everywhere."""
-    from cdir.core.images import load_image
-
-    return load_image(path)
-
-
 def _is_bad_image(exc: BaseException) -> bool:
-    from cdir.core.images import BadImage
-
     return isinstance(exc, (BadImage, OSError, ValueError))
 
 
-def _read_manifest(path: Path):  # noqa: ANN202 - pandas imported lazily
+def read_manifest(path: Path) -> pd.DataFrame:
+    """The rows of a manifest file, paths made absolute (relative ones are relative to the file's
+    folder). A gallery manifest (a workspace's manifest.parquet, with every column of
+    ``cdir.core.manifest``) is read and checked by ``load_manifest``; any other .parquet/.csv
+    table needs only a ``path`` column."""
     import pandas as pd
 
-    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    from cdir.core.manifest import COLUMNS, load_manifest
+
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        gallery = set(COLUMNS) <= set(pq.read_schema(path).names)
+        df = load_manifest(path) if gallery else pd.read_parquet(path)
+    else:
+        df = pd.read_csv(path)
     if "path" not in df.columns:
         raise CdirError(f"{path}: a manifest needs a 'path' column (found {list(df.columns)})")
-    # relative paths are relative to the manifest's folder
     base = path.parent
     df["path"] = [str(p if os.path.isabs(p) else base / p) for p in df["path"].astype(str)]
     return df
@@ -64,7 +71,7 @@ def list_images(root: str | os.PathLike) -> list[str]:
     column of a manifest file (.parquet/.csv)."""
     root = Path(root)
     if root.is_file() and root.suffix.lower() in MANIFEST_SUFFIXES:
-        return list(_read_manifest(root)["path"])
+        return list(read_manifest(root)["path"])
     if not root.is_dir():
         raise CdirError(f"no image folder at {root}: pass --data DIR (a folder of images)")
     out: list[str] = []
@@ -95,7 +102,7 @@ class UnlabelledImages(Dataset):
         for step in range(_MAX_SUBSTITUTES):
             path = self.paths[(index + step) % n]
             try:
-                img = load_rgb(path)
+                img = load_image(path)
             except Exception as e:  # noqa: BLE001 - any decode failure means "skip this file"
                 if not _is_bad_image(e):
                     raise
@@ -134,12 +141,15 @@ def labelled_set(source: str | os.PathLike | LabelledSet) -> LabelledSet:
     Folder layouts: ``root/<class>/<image>`` (labels only) or ``root/<domain>/<class>/<image>``
     (the emoji gallery; labels and domains). Class names are byte-sorted and labels index them,
     as in the project manifest. A manifest (.parquet/.csv) needs ``path`` and ``label`` columns
-    (``class_name`` and ``domain`` are used when present)."""
+    (``class_name`` and ``domain`` are used when present).
+
+    The folder layouts are read here rather than by ``cdir.galleries`` (which encoders may not
+    import): kNN needs only paths, labels and domains, not ids, splits or a workspace."""
     if isinstance(source, LabelledSet):
         return source
     root = Path(source)
     if root.is_file() and root.suffix.lower() in MANIFEST_SUFFIXES:
-        df = _read_manifest(root)
+        df = read_manifest(root)
         if "label" not in df.columns:
             raise CdirError(f"{root}: a labelled manifest needs a 'label' column")
         labels = [int(v) for v in df["label"]]
@@ -185,7 +195,7 @@ class LabelledImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
         label = self.data.labels[index]
         try:
-            img = load_rgb(self.data.paths[index])
+            img = load_image(self.data.paths[index])
         except Exception as e:  # noqa: BLE001
             if not _is_bad_image(e):
                 raise

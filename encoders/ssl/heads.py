@@ -15,9 +15,9 @@ def mlp(
 ) -> nn.Sequential:
     """Linear -> [BatchNorm1d] -> ReLU -> Linear.
 
-    MoCo v2 / SynCo (spec §1.2): ``mlp(f, f, 128)`` with no BN.
-    ISD predictor (§2.3, ``train_isd.py``): ``mlp(f, f, f, batch_norm=True, first_bias=False)``.
-    ISD-plus projection (§2.3): ``mlp(f, 2f, f // 4, batch_norm=True)``; predictor
+    MoCo v2 / SynCo: ``mlp(f, f, 128)`` with no BN.
+    ISD predictor (``train_isd.py``): ``mlp(f, f, f, batch_norm=True, first_bias=False)``.
+    ISD-plus projection: ``mlp(f, 2f, f // 4, batch_norm=True)``; predictor
     ``mlp(f // 4, 2f, f // 4, batch_norm=True)``.
     """
     layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim, bias=first_bias)]

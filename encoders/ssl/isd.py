@@ -1,10 +1,10 @@
-"""ISD: Iterative Similarity Distillation (spec ``methods.md`` §2).
+"""ISD: Iterative Similarity Distillation.
 
 The teacher is an EMA of the student. For each image the teacher gives a softmax over its queue of
 past teacher embeddings (temperature tau_t); the student, from another augmentation and through a
 predictor, is trained to match it: L = mean_batch KL(p_T || p_S), p_S with temperature tau_s.
 
-Variants (§2.3):
+Variants:
 - ``isd`` (``train_isd.py``, ResNet-18 README recipe): the teacher embeds the raw pooled feature
   (f dims); student predictor Linear(f, f, no bias) -> BN -> ReLU -> Linear(f, f); one temperature
   0.02 for both; m = 0.999; both views strong.
@@ -28,15 +28,11 @@ from encoders.ssl.heads import isd_plus_predictor, isd_plus_projection, isd_pred
 from encoders.ssl.moco import (
     MemoryQueue,
     SSLMethod,
-    concat_all_gather,
-    ddp_shuffle,
-    ddp_unshuffle,
-    dist_ready,
-    effective_splits,
+    encode_momentum,
+    encode_online,
     frozen_copy,
     momentum_update,
     no_autocast,
-    split_forward,
 )
 
 AUGMENTATIONS = ("weak/strong", "weak/weak", "strong/weak", "strong/strong")
@@ -65,7 +61,7 @@ def isd_loss(
 
 @dataclass
 class ISDConfig:
-    """ISD hyperparameters; defaults = ``train_isd.py`` (§2.3). ``isd_plus`` overrides some."""
+    """ISD hyperparameters; defaults = ``train_isd.py``. ``isd_plus`` overrides some."""
 
     plus: bool = False
     queue_size: int = 128000  # --queue_size
@@ -122,28 +118,13 @@ class ISD(SSLMethod):
         momentum_update(self.proj_k, self.proj_q, self.cfg.momentum)
 
     def _encode_student(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.cfg.shuffle_bn and not dist_ready():
-            s = effective_splits(x.shape[0], self.cfg.bn_splits)
-            return split_forward(self._embed_s, x, s, shuffle=False)
-        return self._embed_s(x)
+        return encode_online(self._embed_s, x, self.training, self.cfg.shuffle_bn,
+                             self.cfg.bn_splits)
 
-    @torch.no_grad()
     def _encode_teacher(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.training:  # no shuffle and no collectives: eval may run on one rank only
-            y = self._embed_t(x)
-            return y, y
-        if dist_ready():
-            if self.cfg.shuffle_bn:
-                x_shuf, idx_unshuffle = ddp_shuffle(x)
-                return ddp_unshuffle(self._embed_t(x_shuf), idx_unshuffle)
-            t = self._embed_t(x)
-            return t, concat_all_gather(t)
-        if self.cfg.shuffle_bn:
-            s = effective_splits(x.shape[0], self.cfg.bn_splits)
-            t = split_forward(self._embed_t, x, s, shuffle=True)
-        else:
-            t = self._embed_t(x)
-        return t, t
+        """Teacher embeddings of the local batch and of the global batch (enqueued)."""
+        return encode_momentum(self._embed_t, x, self.training, self.cfg.shuffle_bn,
+                               self.cfg.bn_splits)
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         x_t, x_s = views
@@ -159,7 +140,7 @@ class ISD(SSLMethod):
             queue = self.queue.feats.clone()  # the enqueue below must not touch saved tensors
             loss, logits_s, logits_t = isd_loss(s, t, queue, self.cfg.temp_s, self.cfg.temp_t)
         if self.training:
-            self.queue.enqueue(t_all)  # similarities use the queue before the enqueue (§2.2)
+            self.queue.enqueue(t_all)  # similarities use the queue before the enqueue
         with torch.no_grad():
             out = {
                 "loss": loss,

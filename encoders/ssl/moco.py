@@ -1,13 +1,14 @@
-"""MoCo v2 (spec ``methods.md`` §1.2-§1.3) and the pieces SynCo and ISD share with it.
+"""MoCo v2 and the pieces SynCo and ISD share with it.
 
 Shared pieces:
 - ``SSLMethod``: the interface the trainer drives (``views``, ``forward(views) -> dict``,
   ``set_epoch``, ``encoder_prefix``).
-- distributed helpers that degrade to no-ops without a process group (``dist_ready``,
-  ``concat_all_gather``) and shuffle-BN across ranks (``ddp_shuffle`` / ``ddp_unshuffle``);
-- ``split_forward``: the single-process equivalent of shuffle-BN (virtual ranks);
+- shuffle-BN across ranks (``ddp_shuffle`` / ``ddp_unshuffle``, on the collectives of
+  ``cdir.core.dist``, which are no-ops without a process group); ``split_forward``: its
+  single-process equivalent (virtual ranks); ``encode_online`` / ``encode_momentum``: the one
+  encode path of the online and the momentum branch that MoCo, SynCo and ISD all use;
 - ``MemoryQueue``: a FIFO of unit vectors in a registered buffer, **row**-normalised at init
-  (the reference normalises columns, spec §1.2/§8), with wrap-around enqueue;
+  (the reference normalises columns), with wrap-around enqueue;
 - ``momentum_update``: theta_k <- m * theta_k + (1 - m) * theta_q, under no_grad.
 
 Everything from the embeddings on (normalisation, logits, softmax, loss) runs in float32 with
@@ -22,43 +23,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from cdir.core.dist import broadcast, concat_all_gather, dist_ready, rank_world
 from cdir.core.errors import CdirError
 from encoders.ssl.heads import moco_head
 
 # --------------------------------------------------------------------------------------------
-# distributed helpers
-
-
-def dist_ready() -> bool:
-    """True when a torch.distributed process group is initialised."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) without a process group."""
-    if dist_ready():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-@torch.no_grad()
-def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks along dim 0 (rank order); ``x`` itself without a group.
-
-    No gradient flows back through the gather (it is only used for keys and key images).
-    """
-    if not dist_ready():
-        return x
-    world = dist.get_world_size()
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+# shuffle-BN
 
 
 @torch.no_grad()
@@ -73,9 +46,7 @@ def ddp_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n_all = x_all.shape[0]
     if n_all != x.shape[0] * world:  # pragma: no cover - all_gather already insists on equal shapes
         raise RuntimeError("shuffle-BN needs the same batch size on every rank")
-    perm = torch.randperm(n_all, device=x.device)
-    if world > 1:
-        dist.broadcast(perm, src=0)
+    perm = broadcast(torch.randperm(n_all, device=x.device), src=0)
     idx_unshuffle = torch.argsort(perm)
     local = perm.view(world, -1)[rank]
     return x_all[local], idx_unshuffle
@@ -116,6 +87,41 @@ def split_forward(
     perm = torch.randperm(x.shape[0], device=x.device)
     y = torch.cat([fn(c) for c in x[perm].tensor_split(splits)], dim=0)
     return y[torch.argsort(perm)]
+
+
+Embed = Callable[[torch.Tensor], torch.Tensor]
+
+
+def encode_online(embed: Embed, x: torch.Tensor, training: bool, shuffle_bn: bool,
+                  bn_splits: int) -> torch.Tensor:
+    """The online (query / student) branch. In one training process with shuffle-BN it runs in
+    ``bn_splits`` chunks, so its BatchNorm statistics are per chunk like those of the keys; under
+    DDP each rank's batch already is one chunk."""
+    if training and shuffle_bn and not dist_ready():
+        return split_forward(embed, x, effective_splits(x.shape[0], bn_splits), shuffle=False)
+    return embed(x)
+
+
+@torch.no_grad()
+def encode_momentum(embed: Embed, x: torch.Tensor, training: bool, shuffle_bn: bool,
+                    bn_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The momentum (key / teacher) branch: embeddings of the local batch and of the global batch
+    in rank order (the latter goes into the queue). With shuffle-BN the batch is shuffled across
+    ranks (DDP) or across virtual ranks (one process) before the embedding."""
+    if not training:  # no shuffle and no collectives: eval may run on one rank only
+        y = embed(x)
+        return y, y
+    if dist_ready():
+        if shuffle_bn:
+            x_shuf, idx_unshuffle = ddp_shuffle(x)
+            return ddp_unshuffle(embed(x_shuf), idx_unshuffle)
+        y = embed(x)
+        return y, concat_all_gather(y)
+    if shuffle_bn:
+        y = split_forward(embed, x, effective_splits(x.shape[0], bn_splits), shuffle=True)
+    else:
+        y = embed(x)
+    return y, y
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +199,7 @@ def infonce_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> tor
 
 
 def infonce_loss(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy with the positive at index 0, averaged over the batch (spec §1.3)."""
+    """Cross-entropy with the positive at index 0, averaged over the batch."""
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits / temperature, target)
 
@@ -207,7 +213,7 @@ def no_autocast(device: torch.device) -> torch.autocast:
 
 
 class SSLMethod(nn.Module):
-    """Base class of the self-supervised methods (interface in ``briefs/ssl_interface.md``).
+    """Base class of the self-supervised methods: the interface the trainer drives.
 
     ``views`` names the augmentation each input view needs; ``forward(views)`` returns a dict with a
     differentiable scalar ``"loss"`` and detached scalar logs, and performs the momentum update and
@@ -237,7 +243,7 @@ class SSLMethod(nn.Module):
 
 @dataclass
 class MoCoConfig:
-    """MoCo v2 hyperparameters. Defaults: the SynCo/MoCo v2 recipe of spec §1.2 and §1.7."""
+    """MoCo v2 hyperparameters. Defaults: the SynCo/MoCo v2 recipe."""
 
     dim: int = 128  # --moco-dim
     mlp: bool = True  # --mlp: Linear(f, f) -> ReLU -> Linear(f, dim), no BN
@@ -291,29 +297,13 @@ class MoCo(SSLMethod):
         momentum_update(self.head_k, self.head_q, self.cfg.momentum)
 
     def _encode_query(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.cfg.shuffle_bn and not dist_ready():
-            s = effective_splits(x.shape[0], self.cfg.bn_splits)
-            return split_forward(self._embed_q, x, s, shuffle=False)
-        return self._embed_q(x)
+        return encode_online(self._embed_q, x, self.training, self.cfg.shuffle_bn,
+                             self.cfg.bn_splits)
 
-    @torch.no_grad()
     def _encode_key(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys for the local batch and for the global batch (the latter goes into the queue)."""
-        if not self.training:  # no shuffle and no collectives: eval may run on one rank only
-            y = self._embed_k(x)
-            return y, y
-        if dist_ready():
-            if self.cfg.shuffle_bn:
-                x_shuf, idx_unshuffle = ddp_shuffle(x)
-                return ddp_unshuffle(self._embed_k(x_shuf), idx_unshuffle)
-            k = self._embed_k(x)
-            return k, concat_all_gather(k)
-        if self.cfg.shuffle_bn:
-            s = effective_splits(x.shape[0], self.cfg.bn_splits)
-            k = split_forward(self._embed_k, x, s, shuffle=True)
-        else:
-            k = self._embed_k(x)
-        return k, k
+        return encode_momentum(self._embed_k, x, self.training, self.cfg.shuffle_bn,
+                               self.cfg.bn_splits)
 
     # loss ----------------------------------------------------------------------------------
     def _logits(
@@ -326,7 +316,7 @@ class MoCo(SSLMethod):
         q = self._encode_query(x_q)
         with torch.no_grad():
             if self.training:  # eval mode (e.g. a validation loss) changes no state
-                self._momentum_update()  # before the keys are computed (spec §1.2)
+                self._momentum_update()  # before the keys are computed, as in MoCo
             k, k_all = self._encode_key(x_k)
         with no_autocast(q.device):
             q = F.normalize(q.float(), dim=1)
@@ -337,7 +327,7 @@ class MoCo(SSLMethod):
             logits, logs = self._logits(q, k, queue)
             loss = infonce_loss(logits, self.cfg.temperature)
         if self.training:
-            self.queue.enqueue(k_all)  # after the logits, with the global batch (spec §1.2)
+            self.queue.enqueue(k_all)  # after the logits, with the global batch
         with torch.no_grad():
             out = {
                 "loss": loss,

@@ -10,44 +10,100 @@ Method keyword arguments are the fields of the method's config dataclass, flat:
 - ``isd`` / ``isd_plus``: ``ISDConfig`` fields (queue_size, momentum, temp_t, temp_s,
   augmentation, shuffle_bn, bn_splits); ``plus`` is fixed by the name.
 
-Defaults are the spec's (``methods.md`` §1.7 for MoCo/SynCo, §2.3 for ISD).
+Defaults are the papers' recipes (MoCo v2 / SynCo for moco and synco, ``train_isd.py`` and
+``train_isd_plus.py`` for ISD). The method modules (and torch) are imported when a method is built,
+so that the CLI can list the names cheaply.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdir.core.errors import CdirError
-from encoders.ssl.backbones import build_backbone
-from encoders.ssl.isd import ISD, ISDConfig
-from encoders.ssl.moco import MoCo, MoCoConfig, SSLMethod
-from encoders.ssl.synco import SynCo, SynCoConfig
-from encoders.ssl.synthetic import SyntheticConfig
 
-METHODS = ("moco", "synco", "isd", "isd_plus")
+if TYPE_CHECKING:
+    from torch import nn
 
-# ISD-plus recipe (train_isd_plus.py defaults + README, spec §2.3-§2.4).
+    from encoders.ssl.moco import SSLMethod
+
+# ISD-plus recipe (train_isd_plus.py defaults and its README).
 _ISD_PLUS_DEFAULTS: dict[str, Any] = {
     "plus": True, "momentum": 0.99, "temp_t": 0.01, "temp_s": 0.1, "augmentation": "weak/strong",
 }
-
-__all__ = ["METHODS", "SSLMethod", "build_method", "method_options"]
 
 
 def _names(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
+def _moco_options() -> list[str]:
+    from encoders.ssl.moco import MoCoConfig
+
+    return _names(MoCoConfig)
+
+
+def _moco(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
+    from encoders.ssl.moco import MoCo, MoCoConfig
+
+    return MoCo(net, feat_dim, MoCoConfig(**kw))
+
+
+def _synco_options() -> list[str]:
+    from encoders.ssl.synco import SynCoConfig
+    from encoders.ssl.synthetic import SyntheticConfig
+
+    return [n for n in _names(SynCoConfig) if n != "synthetic"] + _names(SyntheticConfig)
+
+
+def _synco(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
+    from encoders.ssl.synco import SynCo, SynCoConfig
+    from encoders.ssl.synthetic import SyntheticConfig
+
+    syn_keys = set(_names(SyntheticConfig))
+    syn = SyntheticConfig(**{k: v for k, v in kw.items() if k in syn_keys})
+    rest = {k: v for k, v in kw.items() if k not in syn_keys}
+    return SynCo(net, feat_dim, SynCoConfig(synthetic=syn, **rest))
+
+
+def _isd_options() -> list[str]:
+    from encoders.ssl.isd import ISDConfig
+
+    return [n for n in _names(ISDConfig) if n != "plus"]
+
+
+def _isd(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
+    from encoders.ssl.isd import ISD, ISDConfig
+
+    return ISD(net, feat_dim, ISDConfig(**kw))
+
+
+def _isd_plus(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
+    return _isd(net, feat_dim, {**_ISD_PLUS_DEFAULTS, **kw})
+
+
+# name -> (the keyword arguments it takes, builder(backbone, feature dim, kwargs))
+_REGISTRY: dict[str, tuple[Callable[[], list[str]], Callable[..., SSLMethod]]] = {
+    "moco": (_moco_options, _moco),
+    "synco": (_synco_options, _synco),
+    "isd": (_isd_options, _isd),
+    "isd_plus": (_isd_options, _isd_plus),
+}
+METHODS: tuple[str, ...] = tuple(_REGISTRY)
+
+__all__ = ["METHODS", "build_method", "method_options"]
+
+
+def _entry(name: str) -> tuple[Callable[[], list[str]], Callable[..., SSLMethod]]:
+    if name not in _REGISTRY:
+        raise CdirError(f"unknown SSL method {name!r}; choose one of {', '.join(METHODS)}")
+    return _REGISTRY[name]
+
+
 def method_options(name: str) -> list[str]:
     """The keyword arguments ``build_method`` accepts for method ``name``."""
-    if name == "moco":
-        return _names(MoCoConfig)
-    if name == "synco":
-        return [n for n in _names(SynCoConfig) if n != "synthetic"] + _names(SyntheticConfig)
-    if name in ("isd", "isd_plus"):
-        return [n for n in _names(ISDConfig) if n != "plus"]
-    raise CdirError(f"unknown SSL method {name!r}; choose one of {', '.join(METHODS)}")
+    return _entry(name)[0]()
 
 
 def build_method(
@@ -57,7 +113,10 @@ def build_method(
     **method_kwargs: Any,
 ) -> SSLMethod:
     """Build an SSL method around a fresh ``build_backbone(backbone, **backbone_kwargs)``."""
-    valid = method_options(name)
+    from encoders.ssl.backbones import build_backbone
+
+    options, make = _entry(name)
+    valid = options()
     unknown = sorted(set(method_kwargs) - set(valid))
     if unknown:
         raise CdirError(
@@ -65,17 +124,6 @@ def build_method(
         )
     backbone_kwargs = dict(backbone_kwargs or {})
     net, feat_dim = build_backbone(backbone, **backbone_kwargs)
-    method: SSLMethod
-    if name == "moco":
-        method = MoCo(net, feat_dim, MoCoConfig(**method_kwargs))
-    elif name == "synco":
-        syn_keys = set(_names(SyntheticConfig))
-        syn = SyntheticConfig(**{k: v for k, v in method_kwargs.items() if k in syn_keys})
-        rest = {k: v for k, v in method_kwargs.items() if k not in syn_keys}
-        method = SynCo(net, feat_dim, SynCoConfig(synthetic=syn, **rest))
-    else:
-        kw = dict(_ISD_PLUS_DEFAULTS) if name == "isd_plus" else {}
-        kw.update(method_kwargs)
-        method = ISD(net, feat_dim, ISDConfig(**kw))
+    method = make(net, feat_dim, method_kwargs)
     method.encoder_arch = {"name": backbone, "kwargs": backbone_kwargs}
     return method

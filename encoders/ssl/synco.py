@@ -1,10 +1,10 @@
-"""SynCo (spec ``methods.md`` §1): MoCo v2 plus synthetic hard negatives after a warm-up.
+"""SynCo: MoCo v2 plus synthetic hard negatives after a warm-up.
 
 For each query, after ``warmup_epochs`` epochs (0-based epoch >= warmup_epochs), the top
 ``n_hard`` queue entries by similarity are the hard set; n1..n6 synthetic negatives of the six types
 (``encoders.ssl.synthetic``) are built from it and appended to the negative logits. The loss stays
 (1 + K + sum n_i)-way InfoNCE. Synthetic vectors are constants: gradients reach the encoder only
-through q in q.s (spec §1.3).
+through q in q.s.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def synco_logits(
     negatives (B, cfg.total, d). ``q``, ``k`` and ``queue`` are unit rows (float32)."""
     pos = (q * k).sum(dim=1, keepdim=True)
     neg = q @ queue.t()
-    hard = select_hard(neg, cfg.n_hard)  # from the current queue, before the enqueue (§1.4)
+    hard = select_hard(neg, cfg.n_hard)  # from the current queue, before the enqueue
     syn = synthesize(q, queue, hard, cfg, generator)
     syn_logits = torch.bmm(syn, q.unsqueeze(2)).squeeze(2)
     return torch.cat([pos, neg, syn_logits], dim=1), syn
@@ -37,10 +37,10 @@ def synco_logits(
 
 @dataclass
 class SynCoConfig(MoCoConfig):
-    """MoCo v2 settings plus the synthetic-negative settings and the warm-up (spec §1.5-§1.7)."""
+    """MoCo v2 settings plus the synthetic-negative settings and the warm-up."""
 
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    warmup_epochs: int = 10  # synthetic negatives from 0-based epoch 10 on (§1.6)
+    warmup_epochs: int = 10  # synthetic negatives from 0-based epoch 10 on
 
 
 class SynCo(MoCo):

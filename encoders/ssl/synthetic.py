@@ -1,4 +1,4 @@
-"""SynCo's synthetic hard negatives (spec ``methods.md`` §1.4-§1.5), as vectorised pure functions.
+"""SynCo's synthetic hard negatives, as vectorised pure functions.
 
 Shapes: ``q`` is (B, d) (the *detached* query), ``n`` / ``n2`` are (B, m, d) sampled hard negatives,
 every generator returns (B, m, d) **unit** vectors with no autograd history. Random coefficients are
@@ -185,7 +185,7 @@ def adversarial(
 
 @dataclass
 class SyntheticConfig:
-    """SynCo synthetic-negative settings; defaults are the CLI defaults of spec §1.4-§1.6."""
+    """SynCo synthetic-negative settings; defaults are the reference CLI defaults."""
 
     n_hard: int = 1024  # N: top-N queue entries per query (--n-hard)
     n1: int = 256  # interpolated
@@ -280,7 +280,7 @@ def synthesize(
         _extrapolate_(q, n2, cfg.beta_max, cfg.extrapolate_from, generator)
     if c3:
         _mixup_(n3, n3b, cfg.gamma_max, generator)
-    # Each type is gated by its own count (the reference swaps the type-4/5 flags, spec §1.5).
+    # Each type is gated by its own count (the reference swaps the type-4/5 flags).
     if c4:
         _add_noise_(n4, cfg.sigma, generator)
     if c5:

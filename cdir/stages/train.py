@@ -1,0 +1,74 @@
+"""The training stage behind `cdir train METHOD`: the run config (recipe, --set, direct values,
+checkpoint), the kNN / P@1 monitor, then the trainer. Runs the same in one process and under
+torchrun (one call per process)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from cdir.core.dist import launch_rank
+
+# keyword argument of train_encoder -> the config key it sets
+DIRECT = {"data": "data.path", "out": "train.out", "epochs": "optim.epochs",
+          "batch_size": "optim.batch_size", "workers": "data.workers", "seed": "train.seed",
+          "monitor": "monitor.path"}
+
+
+def train_encoder(
+    method: str,
+    config: str | os.PathLike | None = None,
+    sets: Iterable[str] = (),
+    *,
+    data: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    seed: int | None = None,
+    monitor: str | os.PathLike | None = None,
+    resume: str | os.PathLike | None = None,
+    stop_at: int | None = None,
+) -> dict[str, Any]:
+    """Pretrain (or resume) ``method`` and return a summary of the call.
+
+    ``config`` is a YAML recipe, ``sets`` are ``key=value`` overrides (values YAML), the keyword
+    values (``data``, ``epochs``, ...) override both; ``resume`` is a checkpoint or ``"auto"``
+    (``OUT/latest.pt`` when it exists). The summary has ``method``, ``rank``, ``out``,
+    ``epochs_run``, ``epochs_done``, ``epochs``, ``steps``, ``images_per_s``, ``latest``,
+    ``encoder`` (None until the last epoch), ``skipped``, ``epoch_losses`` and ``monitor``."""
+    from encoders.ssl.config import run_config
+    from encoders.ssl.trainer import train
+
+    given = {"data": data, "out": out, "epochs": epochs, "batch_size": batch_size,
+             "workers": workers, "seed": seed, "monitor": monitor}
+    values = {DIRECT[k]: (os.fspath(v) if isinstance(v, os.PathLike) else v)
+              for k, v in given.items() if v is not None}
+    cfg, ckpt = run_config(method, config, sets, values, resume)
+    probe = None
+    if cfg.monitor.path and launch_rank() == 0:  # only the main process evaluates
+        from eval.ssl import make_monitor
+
+        preprocess = {"size": cfg.aug.size, "mean": cfg.aug.mean, "std": cfg.aug.std,
+                      "eval_resize": cfg.aug.eval_resize}
+        probe = make_monitor(cfg.monitor, preprocess, seed=cfg.train.seed,
+                             workers=cfg.data.workers)
+    res = train(cfg, resume=ckpt, stop_at=stop_at, monitor=probe)
+    return {
+        "method": cfg.method, "rank": res.rank, "out": str(res.out),
+        "epochs_run": len(res.epoch_losses), "epochs_done": res.epochs_done,
+        "epochs": cfg.optim.epochs, "steps": res.steps, "images_per_s": res.images_per_s,
+        "latest": str(res.latest), "encoder": str(res.encoder) if res.encoder else None,
+        "skipped": res.skipped, "epoch_losses": res.epoch_losses, "monitor": res.monitor,
+    }
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    """What a training call did, in one line."""
+    what = f"{s['encoder']} and {s['latest']}" if s["encoder"] else f"{s['latest']}"
+    line = (f"trained {s['method']} for {s['epochs_run']} epoch(s) (now {s['epochs_done']}/"
+            f"{s['epochs']}), {s['images_per_s']:.0f} img/s; wrote {what}")
+    if s["skipped"]:
+        line += f"; skipped {len(s['skipped'])} unreadable image(s), see skipped.txt"
+    return line
