@@ -71,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
         args.workspace, encoder=args.encoder, text_encoder=args.text_encoder, clip=args.clip,
         captions=args.captions, modes=args.mode, fuse=args.fuse, weights=args.weights,
         fusion_method=args.fusion_method, sweep=args.sweep, ks=args.ks, pairs=args.pairs,
-        run=args.run, examples=args.examples, device=args.device)
-    for line in summary["lines"]:
-        print(line)
+        run=args.run, examples=args.examples, device=args.device, echo=print)
     print(summary["summary"])
     return 0
 

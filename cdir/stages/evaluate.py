@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
              weights: str | dict[str, float] | None = None, fusion_method: str = "zscore",
              sweep: bool = False, ks: str | Sequence[int] | None = None,
              pairs: str | Sequence[str] | None = None, run: str | None = None,
-             examples: int = 4, device: str | None = None) -> dict[str, Any]:
+             examples: int = 4, device: str | None = None,
+             echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate every mode in ``modes`` (default: each mode the models given configure) on the
     directed pairs ``pairs`` (default: all) at ``ks`` (default: the dataset's), and write the
     reports to ``WORKSPACE/reports/RUN/`` (one folder per mode when there are several, and a
@@ -88,7 +89,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
 
     Names and lists may be comma-separated text (as on the command line) or lists. Returns the
     report folder, the modes, ks, pairs, each mode's result rows, the printed ``lines`` (notes and
-    tables, in order) and the one-line ``summary``."""
+    tables, in order) and the one-line ``summary``; ``echo`` gets each of those lines as soon as it
+    is known, so a long evaluation shows each mode's table when that mode is done."""
     from eval.protocol import default_ks, evaluate_pairs
     from eval.report import format_table, write_report
 
@@ -116,19 +118,26 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     out_root = ws.reports_dir(run_name)
     t0 = time.perf_counter()
     lines: list[str] = []
+
+    def say(*texts: str) -> None:
+        for text in texts:
+            lines.append(text)
+            if echo is not None:
+                echo(text)
+
     tables: dict[str, list[dict]] = {}
     for mode in modes:
         scorer, ok = build_scorer(ws, manifest, mode, cfg, device=device)
         sub = manifest[ok].reset_index(drop=True)
         if (~ok).any():
-            lines.append(f"[{mode}] {int((~ok).sum())} of {len(manifest)} images have no vector "
-                         "(unreadable or uncaptioned) and are left out")
+            say(f"[{mode}] {int((~ok).sum())} of {len(manifest)} images have no vector "
+                "(unreadable or uncaptioned) and are left out")
         if sweep and mode == "fusion":
             from eval.fusion import sweep_weights
 
             scorer, chosen, sub_q = sweep_weights(scorer, sub, pairs, ks, mode_names=(
                 list(cfg.fusion) or configured_modes(cfg)))
-            lines.append(f"[fusion] weights chosen on the held-out half: {chosen}")
+            say(f"[fusion] weights chosen on the held-out half: {chosen}")
         else:
             sub_q = None
         results = evaluate_pairs(scorer, sub, pairs=pairs, ks=ks, keep_examples=examples,
@@ -139,13 +148,13 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
         out = out_root / mode if len(modes) > 1 else out_root
         write_report(results, out, title, manifest=sub)
         tables[mode] = results
-        lines += [f"\n## {title}\n", format_table(results)]
+        say(f"\n## {title}\n", format_table(results))
     if len(modes) > 1:
         comparison = compare_modes(tables, ks)
         from cdir.core.io import write_text
 
         write_text(out_root / "comparison.md", f"# Modes compared (UCDIR P@k)\n\n{comparison}")
-        lines += ["## modes compared (UCDIR P@k)\n", comparison]
+        say("## modes compared (UCDIR P@k)\n", comparison)
     summary = (f"evaluated {len(modes)} mode(s) × {len(next(iter(tables.values()))) - 1} pairs "
                f"in {time.perf_counter() - t0:.1f}s; report in {Path(out_root)}")
     return {"report": str(out_root), "modes": modes, "ks": ks, "pairs": pairs,
