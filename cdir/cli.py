@@ -10,6 +10,7 @@ import os
 import sys
 
 from cdir.core.errors import CdirError
+from cdir.core.signals import exit_code, graceful
 
 COMMANDS = ("data", "embed", "caption", "index", "search", "eval", "train", "reproduce",
             "demo")
@@ -71,20 +72,27 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    with graceful():  # SIGTERM (kill, timeout, schedulers) keeps finished work, like Ctrl-C
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
+    command = "cdir"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        command = f"cdir {args.command}"
         return int(args.func(args) or 0)
     except CdirError as e:
-        print(f"cdir {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"cdir {args.command}: interrupted; finished work is kept, re-run to continue",
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as signals.Terminated
+        print(f"{command}: interrupted; finished work is kept, re-run to continue",
               file=sys.stderr)
-        return 130
+        return exit_code(e)
     except BrokenPipeError:  # e.g. `cdir search ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

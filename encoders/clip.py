@@ -39,9 +39,12 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdir.core.errors import CdirError, ModelUnavailable
+
+if TYPE_CHECKING:
+    from encoders.hub import ModelId
 
 PREFIX = "clip:"
 RANDOM = "random"
@@ -152,11 +155,11 @@ def hub_weights(hf_hub: str) -> tuple[str, str, list[str]]:
     return repo, filename, names
 
 
-def _resolve_weights(cs: ClipSpec, name: str) -> tuple[str | None, dict, str]:
-    """(checkpoint path or None for random, create_model kwargs, weights fingerprint)."""
+def _resolve_weights(cs: ClipSpec, name: str) -> tuple[str | None, dict]:
+    """(checkpoint path or None for random, create_model kwargs); fetches hub weights."""
     import open_clip
 
-    from encoders.hub import file_fingerprint, hub_file
+    from encoders.hub import hub_file
 
     tag = cs.pretrained
     if tag is None:
@@ -168,7 +171,7 @@ def _resolve_weights(cs: ClipSpec, name: str) -> tuple[str | None, dict, str]:
         _warn(f"{cs.spec}: random weights (seed {RANDOM_SEED}), for tests and throughput "
               "benchmarks only: its embeddings mean nothing")
         # open_clip would otherwise fetch pretrained HF text towers for configs that name one
-        return None, {"pretrained_text": False}, f"random-seed{RANDOM_SEED}"
+        return None, {"pretrained_text": False}
     pcfg = open_clip.get_pretrained_cfg(name, tag) if cs.kind == "name" else {}
     if pcfg:
         kwargs: dict[str, Any] = {}
@@ -180,13 +183,12 @@ def _resolve_weights(cs: ClipSpec, name: str) -> tuple[str | None, dict, str]:
             if pcfg.get(key) is not None:
                 kwargs[arg] = pcfg[key]
         if pcfg.get("file"):
-            return pcfg["file"], kwargs, f"tag:{tag}"
+            return pcfg["file"], kwargs
         repo, _, names = hub_weights(pcfg["hf_hub"])
-        path = hub_file(repo, names, cs.spec, _how_to_provide(name, tag, repo))
-        return path, kwargs, f"tag:{tag}"
+        return hub_file(repo, names, cs.spec, _how_to_provide(name, tag, repo)), kwargs
     path = Path(tag).expanduser()
     if path.is_file():
-        return str(path), {}, file_fingerprint(path)
+        return str(path), {}
     tags = open_clip.list_pretrained_tags_by_model(name) if cs.kind == "name" else []
     known = f"; tags of {name}: {_some(tags)}" if tags else ""
     raise CdirError(f"{cs.spec}: {tag!r} is neither an open_clip tag of {name} nor an existing "
@@ -209,28 +211,79 @@ def _hub_folder(cs: ClipSpec) -> str:
     return str(Path(config).parent)
 
 
+def _folder_weights(folder: str) -> list[Path]:
+    return sorted(p for n in ("*.safetensors", "*.bin", "*.pth") for p in Path(folder).glob(n))
+
+
+def clip_identity(spec: str, hints: dict | None = None) -> ModelId:
+    """What the weights of a ``clip:`` spec are, without building the model (see
+    `encoders.hub.model_identity`): ``tag:TAG@<hub blob>``, ``hf-hub:<snapshot revision>``, the
+    content hash of a checkpoint file, ``random-seed0``; a model-config JSON adds
+    ``@cfg:<its hash>`` (the same weights file in another architecture is another model)."""
+    from encoders.hub import ModelId, cached_blob_id, cached_file, file_fingerprint
+
+    try:
+        cs = parse_clip_spec(spec)
+    except CdirError:
+        return ModelId()
+    seen: dict[str, dict] = {}
+    if cs.kind == "hf-hub":
+        config = cached_file(cs.arch, ["open_clip_config.json"])
+        return ModelId(f"hf-hub:{Path(config).parent.name}") if config else ModelId()
+    if cs.kind == "folder":
+        weights = _folder_weights(cs.arch)
+        if not weights:
+            return ModelId()
+        return ModelId(file_fingerprint(weights[0], hints, seen), seen, str(weights[0]))
+    cfg = ""
+    if cs.kind == "json":
+        config = Path(cs.arch).expanduser()
+        if not config.is_file():
+            return ModelId()
+        cfg = f"@cfg:{file_fingerprint(config, hints, seen)}"
+    tag = cs.pretrained
+    if tag is None:
+        return ModelId()
+    if tag == RANDOM:
+        return ModelId(f"{RANDOM}-seed{RANDOM_SEED}{cfg}", seen)
+    if cs.kind == "name":
+        import open_clip
+
+        pcfg = open_clip.get_pretrained_cfg(cs.arch, tag)
+        if pcfg:
+            if pcfg.get("file"):
+                path = pcfg["file"] if Path(pcfg["file"]).is_file() else None
+            else:
+                repo, _, names = hub_weights(pcfg["hf_hub"])
+                path = cached_file(repo, names)
+            if not path:
+                return ModelId()
+            return ModelId(f"tag:{tag}@{cached_blob_id(path, hints, seen)}", seen, str(path))
+    path = Path(tag).expanduser()
+    if not path.is_file():
+        return ModelId()
+    return ModelId(f"{file_fingerprint(path, hints, seen)}{cfg}", seen, str(path))
+
+
 def _load_uncached(cs: ClipSpec) -> tuple[Any, Any, Any, dict]:
     import open_clip
     import torch
-
-    from encoders.hub import file_fingerprint
 
     kwargs: dict[str, Any] = {}
     if cs.kind in ("hf-hub", "folder"):
         folder = _hub_folder(cs) if cs.kind == "hf-hub" else cs.arch
         if not (Path(folder) / "open_clip_config.json").is_file():
             raise CdirError(f"{cs.spec}: {folder} has no open_clip_config.json")
-        weights = [p for n in ("*.safetensors", "*.bin", "*.pth") for p in Path(folder).glob(n)]
-        if not weights:  # open_clip would silently build random weights
+        if not _folder_weights(folder):  # open_clip would silently build random weights
             raise ModelUnavailable(f"{cs.spec}: no weights (*.safetensors, *.bin, *.pth) in "
                                    f"{folder}")
         name, checkpoint = f"local-dir:{folder}", None
-        fingerprint = (f"hf-hub:{Path(folder).name}" if cs.kind == "hf-hub"
-                       else file_fingerprint(sorted(weights)[0]))
     else:
         name = _register_json(cs.arch, cs.spec) if cs.kind == "json" else cs.arch
-        checkpoint, kwargs, fingerprint = _resolve_weights(cs, name)
-    quiet = _DropRandomInitWarning() if fingerprint.startswith(RANDOM) else None
+        checkpoint, kwargs = _resolve_weights(cs, name)
+    # the weights are local now: their identity is the one a later check computes
+    fingerprint = clip_identity(cs.spec).id or "unknown"
+    quiet = _DropRandomInitWarning() if cs.pretrained == RANDOM else None
     root = logging.getLogger()
     try:
         if quiet:  # we printed our own warning for random weights
@@ -266,11 +319,13 @@ def load_open_clip(spec: str) -> tuple[Any, Any, Any]:
 
 
 def load_open_clip_info(spec: str) -> tuple[Any, Any, Any, dict]:
-    """`load_open_clip` plus a dict describing the weights (``weights``: a tag, hub repo, file
-    fingerprint or ``random-seed0``), used to tell embeddings of different weights apart."""
+    """`load_open_clip` plus a dict describing the weights (``weights``: their `clip_identity`),
+    used to tell embeddings of different weights apart."""
     cs = parse_clip_spec(spec)
     with _lock:
-        if cs.spec not in _cache:
+        cached = _cache.get(cs.spec)
+        # a checkpoint rewritten since it was loaded (a long-lived process) is loaded again
+        if cached is None or cached[3]["weights"] != (clip_identity(cs.spec).id or "unknown"):
             _cache[cs.spec] = _load_uncached(cs)
         return _cache[cs.spec]
 

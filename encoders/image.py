@@ -54,7 +54,8 @@ class ImageEncoder:
 
     ``spec``: the spec string; ``dim``: embedding size; ``device``: where ``encode`` computes;
     ``params``: what identifies the weights beyond the spec (stored with the embeddings so vectors
-    of different weights are never mixed); ``transform``: PIL RGB image -> input tensor.
+    of different weights are never mixed; ``weights`` is `encoders.hub.model_identity`, which a
+    reader computes without loading the model); ``transform``: PIL RGB image -> input tensor.
     """
 
     spec: str
@@ -292,7 +293,7 @@ def _timm_encoder(spec: str, body: str, device: torch.device) -> ImageEncoder:
     import timm
     from timm.data import create_transform, resolve_model_data_config
 
-    from encoders.hub import file_fingerprint, hub_file
+    from encoders.hub import hub_file, model_identity
 
     name, params = _parse_query(spec, body[len("timm:"):], ("file",))
     if not name or not timm.is_model(name):
@@ -326,11 +327,11 @@ def _timm_encoder(spec: str, body: str, device: torch.device) -> ImageEncoder:
                         f"{lines[0][:300] if lines else e.__class__.__name__}") from None
     transform = create_transform(**resolve_model_data_config(model), is_training=False)
     return TorchImageEncoder(spec, model, int(model.num_features), transform, device,
-                             params={"weights": file_fingerprint(path)}, channels_last=True)
+                             params={"weights": model_identity(spec).id}, channels_last=True)
 
 
 def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
-    from encoders.hub import file_fingerprint
+    from encoders.hub import model_identity
 
     body = spec[len("ckpt:"):]
     if body.startswith("timm:"):
@@ -361,7 +362,7 @@ def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
                                    tuple(pp["std"]))
         size = size or pp["size"]
     return TorchImageEncoder(spec, model, dim, transform, device, channels_last=True,
-                             params={"weights": file_fingerprint(path), "size": size or 224})
+                             params={"weights": model_identity(spec).id, "size": size or 224})
 
 
 # -- registry --------------------------------------------------------------------------------------

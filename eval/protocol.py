@@ -23,6 +23,7 @@ from eval.metrics import (
     MetricAccumulator,
     hits_from_positions,
     metric_columns,
+    normalize_ks,
     required_depth,
 )
 
@@ -90,8 +91,9 @@ def evaluate_pairs(
     """Evaluate every directed domain pair; one result row per pair plus a final ``mean`` row.
 
     Row keys: pair ("A→B"), query_domain, gallery_domain, n_queries, n_gallery, then the metric
-    columns (``P@k``, ``prec@k``, ``recall@k``, ``mAP@R``). The mean row averages each metric over
-    the pairs (unweighted, as papers average pairs); its n_queries is the total and n_gallery None.
+    columns (``P@k``, ``prec@k``, ``recall@k``, ``mAP@R``; ``ks`` sorted, repeats dropped). The
+    mean row averages each metric over the pairs (unweighted, as papers average pairs); its
+    n_queries is the total and n_gallery None.
     With ``keep_examples > 0`` each pair row also holds ``examples``: that many sample queries with
     their top ``example_k`` results (default min(max(ks), 10)) for the retrieval gallery.
     ``query_mask`` (bool per manifest row) restricts the queries, never the gallery: e.g. to tune
@@ -102,7 +104,7 @@ def evaluate_pairs(
     from eval.topk import blockwise_topk
 
     _check_manifest(manifest)
-    ks = tuple(int(k) for k in ks)
+    ks = normalize_ks(ks)  # a repeated k would count its hits twice
     metrics = tuple(metrics)
     cols = metric_columns(ks, metrics)  # validates the metric names
     n_rows = getattr(scorer, "num_rows", None)

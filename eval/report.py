@@ -3,9 +3,10 @@
 ``write_report(results, out_dir, title)`` takes the rows of :func:`eval.protocol.evaluate_pairs`
 and writes, atomically (via :mod:`cdir.core.io`):
 
-    results.md     title, the table (one row per directed pair, metric columns, the mean row), notes
+    results.md     title, the settings, the table (one row per directed pair, metric columns, the
+                   mean row), notes
     results.csv    the same rows, one column per key
-    results.json   {"title", "columns", "results", "examples"}; NaN is written as null
+    results.json   {"title", "settings", "columns", "results", "examples"}; NaN is written as null
     heatmap.png    pairs (and mean) x metrics, values annotated, colour scale 0-100
     gallery.png    (when there are examples) each sample query, then its top-k results,
     gallery.html   hits framed green, misses red, with rank, score and class; the HTML embeds its
@@ -103,11 +104,13 @@ def write_report(
     title: str,
     examples: Sequence[dict[str, Any]] | None = None,
     manifest: pd.DataFrame | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write the report files into ``out_dir``; return {kind: path} for what was written.
 
     ``examples`` defaults to those embedded in ``results`` (``evaluate_pairs(keep_examples=n)``).
-    ``manifest`` supplies image paths and class names an example lacks.
+    ``manifest`` supplies image paths and class names an example lacks. ``settings`` (name ->
+    value: what produced the numbers) goes under the title and into the JSON.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,14 +120,17 @@ def write_report(
     paths = {"md": out / "results.md", "csv": out / "results.csv", "json": out / "results.json",
              "heatmap": out / "heatmap.png"}
 
-    write_text(paths["md"], f"# {title}\n\n{format_table(rows)}\n{NOTES}")
+    head = "".join(f"- {k}: {v}\n" for k, v in (settings or {}).items())
+    write_text(paths["md"], f"# {title}\n\n" + (head + "\n" if head else "")
+               + f"{format_table(rows)}\n{NOTES}")
     fields = [c for c in META_COLUMNS if any(c in r for r in rows)] + cols
     with atomic_write(paths["csv"], "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in fields})
-    write_json(paths["json"], jsonable({"title": title, "columns": fields, "results": rows,
+    write_json(paths["json"], jsonable({"title": title, "settings": dict(settings or {}),
+                                        "columns": fields, "results": rows,
                                         "examples": examples}))
     _write_heatmap(rows, cols, paths["heatmap"], title)
     if examples:

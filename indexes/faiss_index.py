@@ -5,8 +5,9 @@ One index = three files side by side (``<name>`` is the stem of ``Workspace.inde
     <name>.faiss         the FAISS index, always written from its CPU copy
     <name>.rows.parquet  one row per vector in index order: ``id``, ``domain``
     <name>.json          ``IndexMeta``: encoder spec, kind, dim, metric, count, manifest
-                         fingerprint, params, per-domain counts, versions, and the sha256
-                         of the two files above
+                         fingerprint, params, per-domain counts, versions, the sha256
+                         of the two files above, and the encoder's weights identity and
+                         vectors fingerprint
 
 FAISS labels are row positions: vectors are added in manifest order, so label ``i`` is manifest
 row ``i`` (an incremental ``add`` appends rows after the existing ones).
@@ -94,6 +95,12 @@ class IndexMeta:
     versions: dict[str, str] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {sha256, bytes}
     format: int = FORMAT_VERSION
+    # what the vectors are (absent in older sidecars): the encoder's weights identity and its
+    # file-hash records (a query is refused when the encoder now has other weights), and a
+    # fingerprint of the stored vectors of the rows (a rebuild is due when it changes)
+    model_id: str | None = None
+    model_files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    vectors_fingerprint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,6 +191,24 @@ def default_params(kind: str, n: int, dim: int, **overrides: Any) -> dict[str, A
 
 def _default_nlist(n: int) -> int:
     return max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_CENTROID))
+
+
+def small_data_note(kind: str, n: int, params: dict[str, Any],
+                    given: dict[str, Any] | None = None) -> str | None:
+    """One line naming the parameters ``default_params`` lowered below their usual value because
+    ``n`` vectors are too few to train them (None when nothing was lowered; values the caller
+    ``given`` are never lowered, so never named)."""
+    given = {k for k, v in (given or {}).items() if v is not None}
+    lowered = []
+    if "nlist" in params and "nlist" not in given and params["nlist"] < round(4 * math.sqrt(n)):
+        lowered.append(f"nlist {params['nlist']} instead of 4·√N = {round(4 * math.sqrt(n))} "
+                       f"(≥ {MIN_POINTS_PER_CENTROID} training vectors per list)")
+    if "pq_nbits" in params and "pq_nbits" not in given and params["pq_nbits"] < 8:
+        lowered.append(f"pq_nbits {params['pq_nbits']} instead of 8 "
+                       f"(≥ {PQ_MIN_POINTS_PER_CODE} training vectors per codeword)")
+    if not lowered:
+        return None
+    return f"{kind} index on only {n} vectors: " + "; ".join(lowered)
 
 
 def _default_pq_m(dim: int) -> int:
@@ -734,7 +759,8 @@ def _check_meta(
         raise CdirError(
             f"index {where} was built for gallery fingerprint {meta.manifest_fingerprint!r}, but "
             f"the gallery is now {expect_fingerprint!r} (images added, removed or changed): "
-            f"rebuild it with `cdir index build --encoder {meta.encoder_spec}`")
+            f"embed the new images with `cdir embed`, then update the index with "
+            f"`cdir index build`")
 
 
 def read_meta(path: str | os.PathLike) -> IndexMeta:

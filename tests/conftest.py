@@ -18,6 +18,10 @@ Fixtures (use them by naming them as test arguments):
   JPEG, a zero-byte file, a text file named .jpg, a PNG whose header claims a decompression bomb).
 - ``hf_offline``       (function): HF_HUB_OFFLINE=1 and one torch thread for the test; a module
   uses it for all its tests with ``pytestmark = pytest.mark.usefixtures("hf_offline")``.
+
+Every test starts without the caller's offline switches (``OFFLINE_VARIABLES``, an autouse
+fixture): a test is online or offline because it says so, not because the shell running pytest
+had ``TRANSFORMERS_OFFLINE=1``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,28 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.trees import write_corrupt_files, write_domainnet_tree, write_shape_tree
+
+# the switches that huggingface_hub / transformers (and encoders.hub.offline) read
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@pytest.fixture(autouse=True)
+def _caller_offline_switches_cleared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test inherits the caller's offline switches; ``hf_offline`` (or the test) sets them.
+    Autouse fixtures run first, so a test's own setting wins."""
+    for var in OFFLINE_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    _hub_reads_offline(monkeypatch, False)
+
+
+def _hub_reads_offline(monkeypatch: pytest.MonkeyPatch, value: bool) -> None:
+    """huggingface_hub reads the switches once, at its import (whenever some test happened to
+    import it first): make its copy agree with this test's environment."""
+    import sys
+
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", value)
 
 
 @pytest.fixture(scope="session")
@@ -72,4 +98,5 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hub_reads_offline(monkeypatch, True)
     torch.set_num_threads(1)

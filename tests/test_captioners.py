@@ -147,6 +147,8 @@ def test_missing_model_fails_fast_offline(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_missing_model_fails_fast_when_hub_unreachable(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # online: the module's hf_offline set HF_HUB_OFFLINE, undo it (and TRANSFORMERS_OFFLINE is
+    # never inherited from the caller: see tests/conftest.py)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)

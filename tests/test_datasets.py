@@ -457,7 +457,7 @@ def test_table_errors_and_missing_files(tmp_path: Path) -> None:
 
 
 def _ns(**kw) -> argparse.Namespace:
-    base = {"domains": None, "classes": None, "split": "all"}
+    base = {"domains": None, "classes": None, "split": "all", "no_progress": False}
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -536,7 +536,8 @@ def test_data_command_emoji(tmp_path: Path, capsys) -> None:
     from cdir.commands import data
 
     ws = tmp_path / "ws"
-    data.run(argparse.Namespace(kind="emoji", workspace=str(ws), limit=3, size=32))
+    data.run(argparse.Namespace(kind="emoji", workspace=str(ws), limit=3, size=32,
+                                no_progress=False))
     df = load_manifest(ws / "manifest.parquet")
     info = json.loads((ws / "gallery.json").read_text())
     assert info["dataset"] == "emoji" and info["root"] == str(ws / "gallery")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -360,3 +362,114 @@ def test_torchrun_ddp_gloo_two_processes(tmp_path: Path, tiny_images: Path) -> N
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 3  # global batch 16 = 2 x 8
     assert ckpt["meta"]["world_size"] == 2 and len(ckpt["rng"]["ranks"]) == 2
     assert (out / "encoder.pt").is_file()
+
+
+def _metric_epochs(out: Path) -> list[int]:
+    return [json.loads(ln)["epoch"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rerun_without_resume_is_refused_and_force_starts_over(
+        tmp_path: Path, tiny_images: Path, capsys: pytest.CaptureFixture) -> None:
+    """A second `cdir train` into a folder that holds a run would restart at epoch 0, overwrite
+    latest.pt and repeat the epochs of metrics.jsonl: it is refused with one line naming the two
+    ways on; --force moves the old run's files aside (and says where) and starts over."""
+    from cdir.cli import main
+
+    recipe = _write_recipe(tmp_path, tiny_images, epochs=2)
+    out = tmp_path / "out"
+    args = ["train", "moco", "--config", str(recipe), "--out", str(out), "--batch-size", "24",
+            "--set", "method.queue_size=48"]
+    assert main(args) == 0
+    latest, metrics = (out / "latest.pt").read_bytes(), (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cdir train: error: {out} already holds a training run (latest.pt, encoder.pt,"
+                   " 2 checkpoint_*.pt, metrics.jsonl up to epoch 2): continue it with --resume "
+                   "auto, or start over with --force (which moves its files aside)"]
+    assert (out / "latest.pt").read_bytes() == latest
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+    assert main([*args, "--force"]) == 0
+    err = capsys.readouterr().err
+    (old,) = out.glob("replaced-*")
+    assert (f"--force: moved the previous run's files (checkpoint_0001.pt, checkpoint_0002.pt, "
+            f"config.yaml, encoder.pt, latest.pt, metrics.jsonl, tb) to {old}") in err
+    assert (old / "latest.pt").read_bytes() == latest
+    assert (old / "metrics.jsonl").read_text() == metrics
+    assert _metric_epochs(out) == [1, 2]  # the new run's epochs, once
+    assert not (out / "train.lock").exists()
+
+    assert main([*args, "--force", "--resume", "auto"]) == 2
+    assert "--force starts the run over; it does not go with --resume" in capsys.readouterr().err
+
+
+_LOCK_HOLDER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from cdir.core.lock import exclusive
+with exclusive({path!r}, "training into {out}"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_training_run_into_one_folder_is_refused(
+        tmp_path: Path, tiny_images: Path, capsys: pytest.CaptureFixture) -> None:
+    from cdir.cli import main
+
+    recipe = _write_recipe(tmp_path, tiny_images, epochs=1)
+    out = tmp_path / "out"
+    code = _LOCK_HOLDER.format(repo=str(REPO), path=str(out / "train.lock"), out=out)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["train", "moco", "--config", str(recipe), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"cdir train: error: another run (pid {holder.pid}), started ")
+        assert f"is training into {out}: wait for it to finish" in err
+        assert not (out / "latest.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_sigterm_stops_training_at_a_resumable_epoch(tmp_path: Path, tiny_images: Path) -> None:
+    """`cdir train` gets SIGTERM mid-run (what a scheduler sends at the time limit): exit 143,
+    latest.pt and metrics.jsonl at the same finished epoch, the lock released; --resume auto
+    continues from there without repeating an epoch."""
+    from cdir.cli import main
+    from encoders.ssl.checkpoint import load_checkpoint
+
+    recipe = _write_recipe(tmp_path, tiny_images, epochs=200)
+    out = tmp_path / "out"
+    args = ["train", "moco", "--config", str(recipe), "--out", str(out), "--batch-size", "24",
+            "--set", "method.queue_size=48", "--set", "train.save_every=0"]
+    log = tmp_path / "train.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "cdir", *args], cwd=REPO, env=env,
+                                stdout=f, stderr=f)
+    try:
+        deadline = time.monotonic() + 240
+        while "moco epoch 2/200" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    done = load_checkpoint(out / "latest.pt")["epoch"]
+    assert done >= 2 and _metric_epochs(out) == list(range(1, done + 1))
+    assert (f"moco: interrupted in epoch {done + 1}; {out / 'latest.pt'} holds epoch {done}: "
+            "continue with --resume auto") in text
+    assert "cdir train: interrupted; finished work is kept, re-run to continue" in text
+    assert "Traceback" not in text
+    assert not (out / "train.lock").exists() and not list(out.glob(".*.tmp"))
+
+    assert main([*args, "--resume", "auto", "--stop-at", str(done + 1)]) == 0
+    assert _metric_epochs(out) == list(range(1, done + 2))

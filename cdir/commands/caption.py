@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_command, add_workspace
+from cdir.commands.common import add_command, add_device, add_progress, add_workspace
 
 EPILOG = """\
 captioner families (detected from the model's config; hf:/path/to/folder works like a hub id):
@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Caption every image of the workspace with a Hugging Face captioning model, "
         "import captions from a file as a named source, export a source, or list the sources.",
         epilog=EPILOG)
-    add_workspace(p, "workspace directory")
+    add_workspace(p)
+    add_device(p)
+    add_progress(p)
     g = p.add_argument_group("captioning with a model")
     g.add_argument("--captioner", metavar="SPEC", default=None,
                    help="hf:<hub id or folder> (default hf:Salesforce/blip-image-captioning-base)")
@@ -51,15 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fewest tokens generated per caption (default 0)")
     g.add_argument("--num-beams", type=int, default=1,
                    help="beam search width; 1 = greedy (default 1)")
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     g.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="weights precision (default: bf16/fp16 on GPU, fp32 on CPU)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model repository's own Python code (e.g. microsoft/Florence-2)")
     g.add_argument("--limit", type=int, default=None,
                    help="caption at most N of the missing images (a quick check; re-run to finish)")
-    g.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (the summary line is still printed)")
     io = p.add_argument_group("import, export, list")
     io.add_argument("--from-file", metavar="FILE",
                     help="import captions from CSV/TSV/JSONL (columns id or path, and caption)")

@@ -1,4 +1,5 @@
-"""Flag blocks shared by several commands."""
+"""Flag blocks shared by several commands: every command spells -w/--workspace, --device and
+--no-progress the same way, through these helpers."""
 
 from __future__ import annotations
 
@@ -16,11 +17,30 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str, descripti
                           formatter_class=formatter)
 
 
-def add_workspace(p: argparse.ArgumentParser, help: str | None = None,
+def add_workspace(p: argparse.ArgumentParser, help: str | None = "workspace folder",
                   required: bool = True) -> None:
     p.add_argument("-w", "--workspace", required=required, help=help)
 
 
-def add_device(p: argparse.ArgumentParser) -> None:
-    """--device of the commands that load a model for queries (search, demo, eval)."""
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+def add_device(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    """--device of the commands that run a model (embed, caption, search, demo, eval,
+    reproduce)."""
+    p.add_argument("--device", default=None,
+                   help=help or "cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def add_progress(p: argparse.ArgumentParser) -> None:
+    """--no-progress of the commands that draw progress bars; their summary line stays."""
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (the summary line is still printed)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (refused at the flag, before any work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cdir.commands.common import add_progress, add_workspace
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from cdir.galleries import KINDS
@@ -19,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         if gk.source:
             k.add_argument("root", metavar=gk.source,
                            help="the table file" if gk.source == "TABLE" else "the dataset folder")
-        k.add_argument("-w", "--workspace", required=True, help="workspace folder")
+        add_workspace(k)
+        add_progress(k)
         if kind == "emoji":
             k.add_argument("--limit", type=int, default=None,
                            help="keep N emoji categories (evenly spread), for small galleries")
@@ -48,6 +51,6 @@ def run(args: argparse.Namespace) -> int:
         args.workspace, args.kind, root=getattr(args, "root", None),
         domains=getattr(args, "domains", None), classes=getattr(args, "classes", None),
         split=getattr(args, "split", None) or "all", limit=getattr(args, "limit", None),
-        size=getattr(args, "size", None) or 128, progress=True)
+        size=getattr(args, "size", None) or 128, progress=not args.no_progress)
     print(summary["summary"])
     return 0

@@ -16,6 +16,10 @@ image encoder spec:
                          input size); ckpt:timm:NAME?file=PATH for timm
   pixels                 32x32 greyscale pixels: the sanity floor
 
+offline (no model hub needed): ckpt:encoders/weights/emoji_synco.pt, the encoder this project
+trained on the emoji gallery (what `make run` uses), or pixels; clip: tags need their weights
+in the local Hugging Face cache.
+
 caption embeddings (for the cm-text and cm-image modes of `cdir eval`):
   cdir embed -w WS --captions SOURCE --text-encoder st:all-MiniLM-L6-v2
   cdir embed -w WS --captions SOURCE --text-encoder clip:ViT-B-32/openai
@@ -72,9 +76,23 @@ def run(args: argparse.Namespace) -> int:
                        device=args.device, progress=not args.no_progress)
         return 0
     if not args.encoder:
-        raise CdirError("give the image encoder: --encoder SPEC, e.g. --encoder pixels or "
-                        "--encoder clip:ViT-B-32/openai (see `cdir embed --help`)")
+        raise CdirError(f"give the image encoder: --encoder SPEC, e.g. --encoder "
+                        f"ckpt:{_default_encoder()} (offline, trained on the emoji gallery) or "
+                        "--encoder pixels; clip:ViT-B-32/openai needs its weights in the Hugging "
+                        "Face cache (see `cdir embed --help`)")
     return _run_images(args)
+
+
+def _default_encoder() -> str:
+    """The shipped offline encoder's file, relative to the current folder when it is below it."""
+    import os
+    from pathlib import Path
+
+    import encoders
+
+    path = Path(encoders.__file__).resolve().parent / "weights" / "emoji_synco.pt"
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else str(path)
 
 
 def _run_images(args: argparse.Namespace) -> int:

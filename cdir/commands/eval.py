@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_command, add_device, add_workspace
+from cdir.commands.common import add_command, add_device, add_progress, add_workspace
 
 KINDS = ("retrieval", "knn", "linear")
 
@@ -40,14 +40,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=("ucdir",), default="ucdir",
                    help="ucdir: the UCDIR-family protocol (P@k with t=min(k,R)), beside standard "
                         "precision@k, recall@k and mAP@R")
-    p.add_argument("--ks", help="comma-separated k values (default: 1,5,15 for Office-Home and "
-                                "folders, 50,100,200 for DomainNet)")
+    p.add_argument("--ks", help="comma-separated k values, sorted and repeats dropped (default: "
+                                "1,5,15 for Office-Home and folders, 50,100,200 for DomainNet)")
     p.add_argument("--pairs", help="directed pairs to evaluate, e.g. Art:Clipart,Clipart:Art "
                                    "(default: every ordered pair of distinct domains)")
-    p.add_argument("--run", help="report name under WORKSPACE/reports/ (default: from the specs)")
+    p.add_argument("--run", help="report name under WORKSPACE/reports/ (default: from every "
+                                 "setting that changes the report, so runs never overwrite "
+                                 "each other)")
     p.add_argument("--examples", type=int, default=4,
                    help="sample queries per pair shown in the retrieval gallery")
     add_device(p)
+    add_progress(p)
     p.add_argument("--data", help="labelled images (knn, linear): ROOT/<class>/<image>, "
                                   "ROOT/<domain>/<class>/<image> or a manifest")
     p.add_argument("--val-data", help="separate labelled folder to evaluate on (knn, linear; "
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         args.workspace, encoder=args.encoder, text_encoder=args.text_encoder, clip=args.clip,
         captions=args.captions, modes=args.mode, fuse=args.fuse, weights=args.weights,
         fusion_method=args.fusion_method, sweep=args.sweep, ks=args.ks, pairs=args.pairs,
-        run=args.run, examples=args.examples, device=args.device, echo=print)
+        run=args.run, examples=args.examples, device=args.device,
+        progress=not args.no_progress, echo=print)
     print(summary["summary"])
     return 0
 
@@ -90,11 +94,12 @@ def run_ssl_eval(args: argparse.Namespace) -> int:
     if ":" in encoder.split("?")[0] and not encoder.startswith("/"):
         raise CdirError(f"cdir eval {args.kind} takes a checkpoint (ckpt:PATH), not {args.encoder}")
     res: dict[str, object] = {"encoder": args.encoder, "data": args.data, "test": args.val_data}
+    common = {"workers": args.workers, "device": args.device, "progress": not args.no_progress}
     if args.kind == "knn":
-        res["knn"] = knn_eval(encoder, args.data, args.val_data, workers=args.workers)
+        res["knn"] = knn_eval(encoder, args.data, args.val_data, **common)
     else:
-        res["linear"] = linear_probe(encoder, args.data, args.val_data, workers=args.workers,
-                                     epochs=args.epochs)
+        res["linear"] = linear_probe(encoder, args.data, args.val_data, epochs=args.epochs,
+                                     **common)
     print(json.dumps(res, indent=2))
     if args.json:
         write_json(args.json, res)

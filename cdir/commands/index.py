@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cdir.cli import HelpFormatter
+from cdir.commands.common import add_workspace, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,47 +19,65 @@ def register(sub: argparse._SubParsersAction) -> None:
         "build", help="build (or extend) an index",
         description="Build a cosine index over image embeddings (--encoder) or caption "
         "embeddings (--captions with --text-encoder). If an index of the same encoder and type "
-        "exists and the gallery only grew, the new images are added to it.",
+        "exists and the gallery only grew, the new images are added to it. Gallery images "
+        "without a vector yet (run `cdir embed` first) are refused unless --allow-missing.",
         formatter_class=HelpFormatter)
-    b.add_argument("-w", "--workspace", required=True)
+    add_workspace(b)
     b.add_argument("--encoder", help="image encoder spec whose embeddings are indexed")
     b.add_argument("--captions", help="index caption embeddings of this caption source instead")
     b.add_argument("--text-encoder", help="text encoder of the caption embeddings")
     b.add_argument("--type", choices=KINDS, default="flat",
                    help="flat: exact; ivf / ivfpq: inverted lists (faster, approximate, "
                         "ivfpq compressed); hnsw: graph")
-    b.add_argument("--name", help="index name (default: from the encoder and type)")
+    b.add_argument("--name", help="index name: letters, digits, . _ - (default: from the "
+                                  "encoder and type)")
+    b.add_argument("--force", action="store_true",
+                   help="replace an index of this name built with another encoder or type")
+    b.add_argument("--allow-missing", action="store_true",
+                   help="index the images that have a vector, leaving out those not embedded "
+                        "yet")
     gpu = b.add_mutually_exclusive_group()
     gpu.add_argument("--gpu", dest="gpu", action="store_true", default=None,
                      help="require a GPU (faiss-gpu and a CUDA device)")
     gpu.add_argument("--cpu", dest="gpu", action="store_false", help="stay on the CPU")
-    b.add_argument("--nlist", type=int, help="IVF lists (default ≈ 4·√N)")
-    b.add_argument("--m", type=int, help="PQ sub-quantizers (ivfpq) or graph degree (hnsw)")
+    b.add_argument("--nlist", type=positive_int, help="IVF lists (default ≈ 4·√N)")
+    b.add_argument("--m", type=positive_int,
+                   help="PQ sub-quantizers (ivfpq) or graph degree (hnsw)")
     b.add_argument("--rebuild", action="store_true", help="rebuild even if it could be extended")
     b.set_defaults(func=run_build)
     i = actions.add_parser("info", help="list the indexes of a workspace")
-    i.add_argument("-w", "--workspace", required=True)
+    add_workspace(i)
     i.set_defaults(func=run_info)
 
 
 def run_build(args: argparse.Namespace) -> int:
+    import sys
+
     from cdir.stages.index import build_index
 
     summary = build_index(args.workspace, encoder=args.encoder, text_encoder=args.text_encoder,
                           captions=args.captions, kind=args.type, name=args.name, gpu=args.gpu,
-                          nlist=args.nlist, m=args.m, rebuild=args.rebuild)
+                          nlist=args.nlist, m=args.m, rebuild=args.rebuild, force=args.force,
+                          allow_missing=args.allow_missing)
+    for note in summary["notes"]:
+        print(note, file=sys.stderr)
     print(summary["summary"])
     return 0
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from cdir.stages.index import list_indexes
+    from cdir.core.workspace import Workspace
+    from cdir.stages.index import list_indexes, update_commands
 
-    rows = list_indexes(args.workspace)
+    ws = Workspace(args.workspace)
+    rows = list_indexes(ws.root)
     if not rows:
-        print(f"no indexes in {args.workspace}: build one with `cdir index build`")
+        print(f"no indexes in {ws.root}: build one with `cdir index build`")
         return 0
     for r in rows:
+        stale = "" if r["current"] else (
+            "  [stale: the gallery changed; update with "
+            f"`{update_commands(ws, r['encoder_spec'], r['kind'], r['name'])}`]")
         print(f"{r['name']}: {r['kind']} over {r['count']} vectors of {r['encoder_spec']} "
-              f"(dim {r['dim']}){'' if r['current'] else '  [stale: the gallery changed]'}")
+              f"(dim {r['dim']}){stale}")
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_command
+from cdir.commands.common import add_command, add_device, add_progress, add_workspace
 
 EPILOG = """\
 stages (each skipped when its output is complete; re-run to continue an interrupted run):
@@ -40,13 +40,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG)
     p.add_argument("config", help="the YAML recipe, e.g. configs/cm_officehome.yaml")
     p.add_argument("--root", help="the dataset folder (sets dataset.root)")
-    p.add_argument("-w", "--workspace",
-                   help="workspace folder (default: the recipe's, else runs/<name>)")
+    add_workspace(p, "workspace folder (default: the recipe's, else runs/<name>)",
+                  required=False)
+    add_device(p, "cpu, cuda or cuda:N (sets the recipe's device; default: the recipe's, "
+                  "else cuda when available)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and the preflight only; run nothing")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value (repeatable; values are YAML)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress(p)
     p.set_defaults(func=run)
 
 
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from cdir.recipe.config import load_recipe
     from cdir.recipe.runner import Runner
 
-    recipe = load_recipe(args.config, overrides=args.set, root=args.root,
+    device = [f"device={args.device}"] if args.device else []  # the same as --set device=...
+    recipe = load_recipe(args.config, overrides=[*args.set, *device], root=args.root,
                          workspace=args.workspace)
     Runner(recipe, progress=not args.no_progress).run(dry_run=args.dry_run)
     return 0

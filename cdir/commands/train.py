@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             description=f"Pretrain with {name}. Settings come from the recipe (--config), its "
             f"'methods.{name}' section, then --set, then the flags below. Writes latest.pt every "
             "epoch, checkpoint_XXXX.pt every train.save_every epochs, encoder.pt at the end, "
-            "TensorBoard scalars in OUT/tb.",
+            "TensorBoard scalars in OUT/tb. Ctrl-C or SIGTERM stops the epoch in flight; "
+            "latest.pt keeps the last finished one (continue with --resume auto).",
         )
         m.add_argument("--config", help="YAML recipe (optional with --resume: the checkpoint's "
                        "own config is used)")
@@ -36,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         m.add_argument("--out", help="output folder (default runs/<method>-<recipe>)")
         m.add_argument("--resume", metavar="CKPT", help="checkpoint to resume from, or 'auto' "
                        "for OUT/latest.pt when it exists")
+        m.add_argument("--force", action="store_true", help="start over in an output folder "
+                       "that holds a run: its files are moved into OUT/replaced-<time>/ first "
+                       "(without --force or --resume such a folder is refused)")
         m.add_argument("--epochs", type=int, help="total epochs (sets optim.epochs)")
         m.add_argument("--batch-size", type=int, help="global batch size (sets optim.batch_size)")
         m.add_argument("--workers", type=int, help="data loader workers per process")
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train_encoder(
         args.method, args.config, args.set, data=args.data, out=args.out, epochs=args.epochs,
         batch_size=args.batch_size, workers=args.workers, seed=args.seed, monitor=args.monitor,
-        resume=args.resume, stop_at=args.stop_at,
+        resume=args.resume, stop_at=args.stop_at, force=args.force,
     )
     if summary["rank"] == 0:  # under torchrun every process runs the command; one reports
         print(summary_line(summary), file=sys.stderr)

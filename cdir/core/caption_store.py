@@ -11,7 +11,8 @@ One *source* per key: a captioner key (``hf:<model>|max_new_tokens=30,...``, see
                           the batch in flight, and the next run reads the parts it left
     <stem>.json           the source's description: key, kind (model|import), model, family,
                           prompt, params, counts, unreadable images ("failed")
-    <stem>.lock           held while a run writes (its pid; a dead holder's lock is taken over)
+    <stem>.lock           held while a run writes (`cdir.core.lock`: a dead holder's lock is
+                          taken over)
 
 Reading merges the compacted file and the parts; a later row wins for an id. A run compacts at its
 start (leftovers of a killed run) and at its end. Rows are keyed by manifest id, so a changed
@@ -24,13 +25,13 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdir.core.errors import CdirError
 from cdir.core.io import atomic_path, read_json, write_json
+from cdir.core.lock import exclusive
 from cdir.core.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -150,47 +151,9 @@ class CaptionStore:
         return pd.Series([lookup.get(i) for i in manifest["id"].astype(str)], index=manifest.index,
                          name="caption", dtype=object)
 
-    @contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> AbstractContextManager[None]:
         """One writer per source: a second run on the same source stops with a clear message."""
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pid = _read_pid(self.lock_path)
-                if pid and pid != os.getpid() and _alive(pid):
-                    raise CdirError(
-                        f"another run (pid {pid}) is writing captions {self.key!r}: wait for it, "
-                        f"or delete {self.lock_path} if that process is gone") from None
-                self.lock_path.unlink(missing_ok=True)  # stale: its writer was killed
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            break
-        else:  # pragma: no cover - lost a race twice
-            raise CdirError(f"could not lock {self.lock_path}")
-        try:
-            yield
-        finally:
-            self.lock_path.unlink(missing_ok=True)
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip() or 0) or None
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return exclusive(self.lock_path, f"writing captions {self.key!r}")
 
 
 # -- listing and resolving sources ---------------------------------------------------------------

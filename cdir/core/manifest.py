@@ -1,12 +1,20 @@
-"""The gallery manifest: one row per image (id, path, domain, label, class_name, split, extras).
+"""The gallery manifest: one row per image (id, path, domain, label, class_name, split, extras,
+and the file's size, mtime and — once it changed — content hash).
 
 Row order is canonical: embeddings, indexes and evaluation all refer to manifest rows by position.
 Labels are indices into the byte-sorted list of all class names, as in the UCDIR literature.
+
+What each image file holds is tracked by `stamp_files` (``file_size``, ``file_mtime_ns``,
+``file_sha256``): a stat per file on every `cdir data`, and a content hash only for a file whose
+size or mtime differ from the previous manifest's record, so a rewritten file is told from a
+merely touched one without reading every image each time. `row_versions` names the content of
+each row; stores record it with each vector, and `fingerprint` covers it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +25,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 COLUMNS = ["id", "path", "domain", "label", "class_name", "split"]
+FILE_COLUMNS = ("file_size", "file_mtime_ns", "file_sha256")  # written by stamp_files
 
 
 def make_manifest(rows: list[dict], extra_columns: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -69,12 +78,72 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
     return df
 
 
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    except OSError:
+        return ""  # unreadable: the embed stage lists it
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def stamp_files(df: pd.DataFrame, previous: pd.DataFrame | None = None) -> int:
+    """Record each image file's size and mtime in ``df`` (FILE_COLUMNS, in place) and carry over
+    the content hash ``previous`` recorded for an unchanged file. A file whose size or mtime
+    differ from ``previous``'s record of its path is hashed now; a file seen for the first time
+    is not (a stat per file: `cdir data` never reads a whole gallery). Returns how many files
+    were hashed."""
+    before: dict[str, tuple] = {}
+    if previous is not None and all(c in previous.columns for c in FILE_COLUMNS):
+        before = {p: (int(n), int(t), h if isinstance(h, str) else "") for p, n, t, h in zip(
+            previous["path"].astype(str), *(previous[c] for c in FILE_COLUMNS), strict=True)}
+    sizes, mtimes, hashes = [], [], []
+    hashed = 0
+    for path in df["path"].astype(str):
+        try:
+            st = os.stat(path)
+            size, mtime = int(st.st_size), int(st.st_mtime_ns)
+        except OSError:
+            size, mtime = -1, -1
+        old = before.get(path)
+        digest = ""
+        if old is not None and size >= 0:
+            if old[:2] == (size, mtime):
+                digest = old[2]
+            else:
+                digest = file_sha256(path)
+                hashed += 1
+        sizes.append(size)
+        mtimes.append(mtime)
+        hashes.append(digest)
+    df["file_size"] = sizes
+    df["file_mtime_ns"] = mtimes
+    df["file_sha256"] = hashes
+    return hashed
+
+
+def row_versions(df: pd.DataFrame) -> list[str | None]:
+    """What each row's image holds, as facts a store compares with those it recorded
+    (`cdir.core.store.same_version`): ``stat:SIZE:MTIME``, and ``sha256:HASH`` where the content
+    hash is known; None for every row of a manifest written before files were tracked."""
+    if not all(c in df.columns for c in FILE_COLUMNS):
+        return [None] * len(df)
+    return [f"stat:{n}:{t}" + (f" {h}" if isinstance(h, str) and h else "")
+            for n, t, h in zip(*(df[c].tolist() for c in FILE_COLUMNS), strict=True)]
+
+
 def fingerprint(df: pd.DataFrame) -> str:
-    """A short hash of what identifies the gallery: ids, paths, domains and labels, in row order."""
+    """A short hash of what identifies the gallery: ids, paths, domains and labels, in row order,
+    and what the files hold (`row_versions`) once they are tracked: a changed image changes it."""
     h = hashlib.sha256()
     for col in ("id", "path", "domain", "label"):
         h.update(col.encode())
         h.update("\x1f".join(map(str, df[col].tolist())).encode("utf-8", "surrogateescape"))
+    if all(c in df.columns for c in FILE_COLUMNS):  # (older manifests keep their fingerprint)
+        h.update(b"content")
+        h.update("\x1f".join(map(str, row_versions(df))).encode())
     return h.hexdigest()[:16]
 
 

@@ -4,6 +4,11 @@
 <dir>/shard_00000.npy       (n, dim) float32
 <dir>/shard_00000.ids.json  the n ids of that shard, written after the vectors (its presence marks
                             the shard complete, so a killed run never leaves a half-counted shard)
+<dir>/shard_00000.versions.json
+                            what each row was computed from (facts such as the image file's
+                            ``stat:SIZE:MTIME sha256:HASH``, or the caption text's hash), written
+                            before the ids; absent in stores written before rows were versioned
+                            (their rows count as current; see `same_version`)
 <dir>/failed.json           images that could not be read: [{id, path, reason}]
 
 Rows are keyed by manifest id, not position, so a changed gallery reuses what is still valid and an
@@ -25,6 +30,16 @@ if TYPE_CHECKING:
     import pandas as pd
 
 _SHARD = re.compile(r"shard_(\d{5})\.ids\.json$")
+_SHARD_FILE = re.compile(r"shard_\d{5}\.(ids\.json|versions\.json|npy)$")
+
+
+def same_version(stored: str | None, now: str | None) -> bool:
+    """Was a vector recorded with version ``stored`` computed from what a row with version ``now``
+    holds? Versions are space-separated facts; sharing one is enough (the same size and mtime,
+    or the same content hash: a merely touched file keeps its vector). None: not recorded."""
+    if stored is None or now is None:
+        return True
+    return stored == now or not set(stored.split()).isdisjoint(now.split())
 
 
 class EmbeddingStore:
@@ -54,6 +69,18 @@ class EmbeddingStore:
         if not info:
             write_json(self.info_path, want)
 
+    def update_info(self, **fields) -> None:
+        """Add or replace top-level fields of info.json (e.g. the model's identity records)."""
+        write_json(self.info_path, {**self.info(), **fields})
+
+    def clear(self) -> None:
+        """Remove every shard, the failure list and info.json (the model changed: start over)."""
+        if not self.dir.exists():
+            return
+        for p in self.dir.iterdir():
+            if _SHARD_FILE.match(p.name) or p.name in ("failed.json", "info.json"):
+                p.unlink()
+
     # -- shards --------------------------------------------------------------------------------
     def _shards(self) -> list[int]:
         if not self.dir.exists():
@@ -81,10 +108,38 @@ class EmbeddingStore:
         if records or (self.dir / "failed.json").exists():
             write_json(self.dir / "failed.json", sorted(records, key=lambda r: r["id"]))
 
-    def append(self, ids: list[str], vectors: np.ndarray) -> None:
-        """Write one shard. Vectors are L2-normalised here so every consumer can rely on it."""
+    def versions(self) -> dict[str, str | None]:
+        """id -> what its stored vector was computed from (None: not recorded); a later shard
+        wins, as in `load`."""
+        out: dict[str, str | None] = {}
+        for i in self._shards():
+            ids = read_json(self.dir / f"shard_{i:05d}.ids.json")
+            path = self.dir / f"shard_{i:05d}.versions.json"
+            out.update(zip(ids, read_json(path) if path.exists() else [None] * len(ids),
+                           strict=True))
+        return out
+
+    def adopt_versions(self, versions: dict[str, str | None]) -> None:
+        """Record ``versions`` for stored rows that have none (written before rows were
+        versioned), taking those vectors as current: from now on a change of their image is
+        noticed."""
+        for i in self._shards():
+            path = self.dir / f"shard_{i:05d}.versions.json"
+            ids = read_json(self.dir / f"shard_{i:05d}.ids.json")
+            have = read_json(path) if path.exists() else [None] * len(ids)
+            new = [v if v is not None else versions.get(id_) for id_, v in zip(ids, have,
+                                                                                  strict=True)]
+            if new != have:
+                write_json(path, new)
+
+    def append(self, ids: list[str], vectors: np.ndarray,
+               versions: list[str | None] | None = None) -> None:
+        """Write one shard. Vectors are L2-normalised here so every consumer can rely on it.
+        ``versions``: what each row was computed from (see `versions`)."""
         if len(ids) == 0:
             return
+        if versions is not None and len(versions) != len(ids):
+            raise ValueError(f"{len(ids)} ids for {len(versions)} versions")
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.shape[0] != len(ids):
             raise ValueError(f"{len(ids)} ids for {vectors.shape[0]} vectors")
@@ -95,6 +150,11 @@ class EmbeddingStore:
         with atomic_path(self.dir / f"shard_{n:05d}.npy") as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, vectors)
+        versions_path = self.dir / f"shard_{n:05d}.versions.json"
+        if versions is not None:  # before the ids, which mark the shard complete
+            write_json(versions_path, list(versions))
+        elif versions_path.exists():  # left by a run killed before its ids landed
+            versions_path.unlink()
         write_json(self.dir / f"shard_{n:05d}.ids.json", list(ids))
 
     # -- reading -------------------------------------------------------------------------------

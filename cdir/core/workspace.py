@@ -37,6 +37,20 @@ def split_caption_spec(spec: str) -> tuple[str, str] | None:
 class Workspace:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        # every command builds one first: a file given as -w is one line here, not a traceback
+        # wherever the first write or read happens to fail
+        if self.root.exists() and not self.root.is_dir():
+            raise CdirError(f"the workspace {self.root} is a file, not a folder: give -w a "
+                            "folder (a new one, or one written by `cdir data`)")
+
+    def create(self) -> Workspace:
+        """Make the workspace folder (and its parents); one line when that is impossible."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CdirError(f"cannot create the workspace folder {self.root}: "
+                            f"{e.strerror or e}") from None
+        return self
 
     @property
     def manifest_path(self) -> Path:

@@ -41,6 +41,7 @@ from cdir.galleries import KINDS as DATASET_KINDS
 from cdir.galleries.common import CLASS_SUBSETS, ClassSubset
 from cdir.stages.modes import MODES, SINGLE_MODES
 from eval.fusion import FUSION_METHODS
+from eval.metrics import normalize_ks
 
 # the recipe's model list of each mode, by the model it gives (Mode.model)
 ROLES = {"encoder": "image_encoders", "text_encoder": "text_encoders", "clip": "clip"}
@@ -234,6 +235,10 @@ def _eval(raw: Any, where: str) -> EvalConfig:
             raise CdirError(f"{where}.ks: integers expected, got {ev.ks!r}") from None
         if not ev.ks or min(ev.ks) < 1:
             raise CdirError(f"{where}.ks: positive integers expected, got {ev.ks!r}")
+        # refused, not fixed: the recipe file is the record of what was run
+        if tuple(ev.ks) != normalize_ks(ev.ks):
+            raise CdirError(f"{where}.ks: {ev.ks!r} repeats a k or is out of order; write "
+                            f"{list(normalize_ks(ev.ks))!r}")
     if ev.pairs != "all":
         ev.pairs = [str(p) for p in _as_list(ev.pairs)]
         for p in ev.pairs:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from cdir.core.caption_store import COLUMNS, CaptionStore, resolve_source
 from cdir.core.errors import CdirError, first_line
 from cdir.core.io import atomic_path
+from cdir.core.signals import graceful
 from cdir.core.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ def _load_batch(paths: list[str]) -> list[tuple[Any, str | None]]:
     return out
 
 
+@graceful()  # SIGTERM, like Ctrl-C, ends the run with its finished batches stored
 def caption_workspace(
     ws: Workspace | str | os.PathLike, spec: str = DEFAULT_CAPTIONER, batch_size: int = 32, *,
     prompt: str | None = None, max_new_tokens: int = 30, min_new_tokens: int = 0,

@@ -8,16 +8,22 @@ with exactly the missing rows. Unreadable images are skipped, recorded in ``fail
 listed at the end; they never abort the run, and they are retried on the next run (a fixed file
 then gets embedded). Captions go the same way, one shard per chunk of ``chunk_rows`` captions,
 into the folder of their `caption_spec` (``<text encoder>@captions:<source>``).
+
+Each row is stored with what it was computed from (the image's `row_versions` entry, the caption
+text's hash): a row whose image or caption changed since is embedded again, and only those. The
+store also records the model's identity (`encoders.hub.model_identity`); when the spec now names
+other weights (a retrained checkpoint at the same path), every row is embedded again.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,12 +32,23 @@ from torch.utils.data import DataLoader, Dataset
 from cdir.core.caption_store import CaptionStore, resolve_source
 from cdir.core.errors import CdirError
 from cdir.core.images import failure_reason, failure_report, load_image
+from cdir.core.lock import beside, exclusive
+from cdir.core.manifest import file_sha256, row_versions
+from cdir.core.signals import graceful, loader_worker, shielded
 from cdir.core.store import EmbeddingStore
 from cdir.core.workspace import Workspace, caption_spec
+from cdir.stages.modes import current_rows
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from encoders.hub import ModelId
 
 
 class ImageRows(Dataset):
-    """Item i -> (i, tensor, None) or (i, None, reason): a bad file is data, not an exception."""
+    """Item i -> (i, tensor, None, content hash) or (i, None, reason, ""): a bad file is data, not
+    an exception. The hash (of the bytes the worker read: cheap beside decoding) is recorded with
+    the vector, so a later `cdir data` that finds the file merely touched keeps the vector."""
 
     def __init__(self, paths: list[str], transform: Callable):
         self.paths = paths
@@ -40,26 +57,49 @@ class ImageRows(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, str]:
         path = self.paths[i]
         try:
-            return i, self.transform(load_image(path)), None
+            digest = file_sha256(path)
+            return i, self.transform(load_image(path)), None, digest
         except Exception as e:  # noqa: BLE001 - corrupt files must never stop the run
-            return i, None, failure_reason(path, e)
+            return i, None, failure_reason(path, e), ""
 
 
-def collate_rows(items: list) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:
-    """(positions of the good items, their stacked tensors or None, [(position, reason)])."""
-    good = [(i, x) for i, x, err in items if err is None]
-    bad = [(i, err) for i, _, err in items if err is not None]
-    idx = torch.tensor([i for i, _ in good], dtype=torch.long)
-    return idx, (torch.stack([x for _, x in good]) if good else None), bad
+def collate_rows(items: list) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]],
+                                       list[str]]:
+    """(positions of the good items, their stacked tensors or None, [(position, reason)], the
+    good items' content hashes)."""
+    good = [(i, x, h) for i, x, err, h in items if err is None]
+    bad = [(i, err) for i, _, err, _ in items if err is not None]
+    idx = torch.tensor([i for i, _, _ in good], dtype=torch.long)
+    return (idx, (torch.stack([x for _, x, _ in good]) if good else None), bad,
+            [h for _, _, h in good])
 
 
 def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def _one_writer(output: Callable[..., str]) -> Callable[[Callable], Callable]:
+    """Run the stage holding the lock of the embeddings folder it writes, ``output(ws, *args,
+    **kwargs)`` giving its spec: two runs at once would embed the same rows twice."""
+    def wrap(stage: Callable) -> Callable:
+        @functools.wraps(stage)
+        def locked(ws: Workspace | str | os.PathLike, *args: Any, **kwargs: Any) -> dict:
+            ws = (ws if isinstance(ws, Workspace) else Workspace(ws)).require()
+            spec = output(ws, *args, **kwargs)
+            folder = ws.embeddings_dir(spec)
+            with exclusive(beside(folder), f"writing the embeddings of {spec}"):
+                for tmp in folder.glob(".*.tmp"):  # a killed writer's; none is writing now
+                    tmp.unlink(missing_ok=True)
+                return stage(ws, *args, **kwargs)
+        return locked
+    return wrap
+
+
+@graceful()  # SIGTERM, like Ctrl-C, writes the rows already embedded before the run ends
+@_one_writer(lambda ws, spec, *a, **k: spec.strip())
 def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int = 64,
                  num_workers: int | None = None, device: str | None = None,
                  shard_rows: int = 4096, limit: int | None = None, progress: bool = True,
@@ -80,13 +120,17 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
         raise CdirError(f"batch size and shard rows must be positive ({batch_size}, {shard_rows})")
     df = ws.manifest()
     spec = spec.strip()
-    enc = encoder if encoder is not None else load_image_encoder(spec, device)
     store = EmbeddingStore(ws.embeddings_dir(spec))
+    current = _same_model_or_restart(store, spec, "image")
+    enc = encoder if encoder is not None else load_image_encoder(spec, device)
     store.open(spec, enc.dim, **enc.params)
+    _record_model(store, current)
 
     ids = df["id"].astype(str).tolist()
     paths = df["path"].astype(str).tolist()
-    done = store.done_ids()
+    versions = row_versions(df)
+    version_of = dict(zip(ids, versions, strict=True))
+    done, changed = current_rows(store, ids, versions)  # changed images are embedded again
     old_failed = {r["id"]: r for r in store.failed()}
     todo = [j for j, i in enumerate(ids) if i not in done]  # earlier failures are retried
     already = len(ids) - len(todo)
@@ -98,6 +142,15 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
     new_vecs: list[np.ndarray] = []
     failures: dict[str, dict] = {}
     embedded: set[str] = set()  # ids embedded in this run (they leave failed.json)
+    content: dict[str, str] = {}  # id -> hash of the bytes embedded
+
+    def stored_version(id_: str) -> str | None:
+        """The manifest's size/mtime fact for the row, and the hash of the bytes embedded."""
+        version = version_of[id_]
+        if version is None:  # a manifest without file facts: nothing to record
+            return None
+        return " ".join(filter(None, (version.split()[0], content.get(id_))))
+
     state = {"written": 0, "rows": 0}
 
     def flush(final: bool) -> None:
@@ -106,10 +159,11 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
         while new_ids and (final or len(new_ids) >= shard_rows):
             vecs = np.concatenate(new_vecs) if len(new_vecs) > 1 else new_vecs[0]
             n = min(shard_rows, len(new_ids))
-            store.append(new_ids[:n], vecs[:n])
-            del new_ids[:n]
-            new_vecs[:] = [vecs[n:]] if len(vecs) > n else []
-            state["written"] += n
+            with shielded():  # a shard and its removal from the pending rows: both or none
+                store.append(new_ids[:n], vecs[:n], [stored_version(i) for i in new_ids[:n]])
+                del new_ids[:n]
+                new_vecs[:] = [vecs[n:]] if len(vecs) > n else []
+                state["written"] += n
             wrote = True
         # failures go out with the shards (unwritten ones are simply retried after a kill)
         if wrote or final:
@@ -124,8 +178,10 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
                 ImageRows([paths[j] for j in todo], enc.transform), batch_size=batch_size,
                 shuffle=False, num_workers=workers, collate_fn=collate_rows,
                 pin_memory=enc.device.type == "cuda",
-                prefetch_factor=4 if workers else None)
-            for idx, x, bad in loader:
+                prefetch_factor=4 if workers else None,
+                worker_init_fn=loader_worker)  # a job-wide SIGTERM is the main process's
+            for idx, x, bad, hashes in loader:
+                hash_at = dict(zip(idx.tolist(), hashes, strict=True))
                 if x is not None:
                     vecs = enc.encode(x).numpy().astype(np.float32, copy=False)
                     finite = np.isfinite(vecs).all(axis=1)
@@ -134,6 +190,7 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
                                      for i, ok in zip(idx.tolist(), finite, strict=True) if not ok]
                         idx, vecs = idx[torch.from_numpy(finite)], vecs[finite]
                     batch_ids = [ids[todo[i]] for i in idx.tolist()]
+                    content.update((ids[todo[i]], hash_at[i]) for i in idx.tolist())
                     new_vecs.append(vecs)
                     new_ids.extend(batch_ids)
                     embedded.update(batch_ids)
@@ -158,7 +215,7 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
     summary = {
         "spec": spec, "dim": enc.dim, "dir": str(store.dir), "device": str(enc.device),
         "total": len(ids), "new": state["written"], "already_done": already,
-        "failed": len(failures), "failed_total": failed_total,
+        "changed": len(changed), "failed": len(failures), "failed_total": failed_total,
         "remaining": len(ids) - already - state["written"] - len(failures),
         "seconds": round(seconds, 3), "images_per_s": round(rate, 2),
         "failures": sorted(failures.values(), key=lambda r: r["id"]),
@@ -171,6 +228,37 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
     return summary
 
 
+def _same_model_or_restart(store: EmbeddingStore, spec: str, what: str) -> ModelId:
+    """The model's identity now; the store is emptied (with a note) when its vectors were made by
+    other weights of ``spec``: they must never be mixed with, or served as, the new ones."""
+    from cdir.stages.modes import model_check
+
+    same, recorded, current = model_check(store, spec)
+    if not same:
+        print(f"note: {spec} now names other weights ({current.id}) than the {what} embeddings "
+              f"in {store.dir} were made with ({recorded}): embedding every {what} again",
+              file=sys.stderr)
+        store.clear()
+    return current
+
+
+def _record_model(store: EmbeddingStore, current: ModelId) -> None:
+    """Keep the hash records of the model's files with the store: the next check of the same
+    files only stats them."""
+    if current.files and store.info().get("weights_files") != current.files:
+        store.update_info(weights_files=current.files)
+
+
+def caption_versions(texts: pd.Series) -> list[str | None]:
+    """What each caption embedding is computed from: a hash of the caption text (None: no
+    caption), so a rewritten caption is embedded again."""
+    import hashlib
+
+    return [None if t is None or t != t else
+            "text:" + hashlib.sha256(str(t).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+            for t in texts.tolist()]
+
+
 def _write_failed(store: EmbeddingStore, old: dict[str, dict], new: dict[str, dict],
                   embedded: set[str]) -> None:
     """failed.json = earlier failures not fixed in this run + this run's failures."""
@@ -181,6 +269,8 @@ def _write_failed(store: EmbeddingStore, old: dict[str, dict], new: dict[str, di
 
 def summary_line(s: dict) -> str:
     left = f", {s['remaining']} left" if s["remaining"] > 0 else ""
+    if s.get("changed"):
+        left += f", {s['changed']} changed since embedded"
     speed = f" at {s['images_per_s']:.1f} images/s" if s["images_per_s"] else ""
     return (f"embedded {s['new']} new, {s['already_done']} already done, {s['failed']} failed"
             f"{left} ({s['dim']}-d {s['spec']} on {s['device']}{speed}) -> {s['dir']}")
@@ -193,6 +283,9 @@ def caption_embeddings_dir(ws: Workspace, key: str, text_spec: str) -> Path:
     return ws.embeddings_dir(caption_spec(text_spec, key))
 
 
+@graceful()
+@_one_writer(lambda ws, captions, text_spec, *a, **k:
+             caption_spec(text_spec, resolve_source(ws, captions)))
 def embed_captions(ws: Workspace | str | os.PathLike, captions: str | None, text_spec: str,
                    batch_size: int = 256, device: str | None = None, chunk_rows: int = 4096,
                    progress: bool = True) -> dict:
@@ -214,20 +307,25 @@ def embed_captions(ws: Workspace | str | os.PathLike, captions: str | None, text
     empty = int((texts.fillna("x").str.strip() == "").sum())
     out = caption_embeddings_dir(ws, key, text_spec)
     store = EmbeddingStore(out)
-    done = store.done_ids()
-    todo = [(i, t) for i, t in zip(manifest["id"].astype(str), texts, strict=True)
-            if t is not None and i not in done]
+    current = _same_model_or_restart(store, text_spec, "caption")
+    ids = manifest["id"].astype(str).tolist()
+    versions = caption_versions(texts)
+    done, _ = current_rows(store, ids, versions)  # a rewritten caption is embedded again
+    todo = [(i, t, v) for i, t, v in zip(ids, texts, versions, strict=True)
+            if v is not None and i not in done]
     t0 = time.perf_counter()
     dim = store.info().get("dim")
     if todo:
         encoder = load_text_encoder(text_spec, device=device)
         store.open(text_spec, encoder.dim, captions=key, **encoder.params)
+        _record_model(store, current)
         dim = encoder.dim
         bar = tqdm(total=len(todo), unit="caption", desc="embed captions", disable=not progress)
         for start in range(0, len(todo), chunk_rows):
             chunk = todo[start:start + chunk_rows]
-            vecs = encoder.encode([t for _, t in chunk], batch_size=batch_size)
-            store.append([i for i, _ in chunk], vecs)  # one shard per chunk: a kill loses one
+            vecs = encoder.encode([t for _, t, _ in chunk], batch_size=batch_size)
+            # one shard per chunk: a kill loses one
+            store.append([i for i, _, _ in chunk], vecs, [v for _, _, v in chunk])
             bar.update(len(chunk))
         bar.close()
     summary = {"source": key, "text_encoder": text_spec, "embedded": len(todo),

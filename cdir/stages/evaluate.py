@@ -28,16 +28,24 @@ def _names(value: str | Sequence[str] | None) -> list[str]:
     return [str(x).strip() for x in items if str(x).strip()]
 
 
-def parse_ks(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
-    """'1,5,15' (or a list) → (1, 5, 15); None when not given."""
+def parse_ks(text: str | Sequence[int] | None, note: Callable[[str], None] | None = None
+             ) -> tuple[int, ...] | None:
+    """'1,5,15' (or a list) → (1, 5, 15), sorted and without repeats (``note`` is told when that
+    changed them); None when not given."""
+    from eval.metrics import normalize_ks
+
     if not text:
         return None
     try:
-        ks = tuple(int(k) for k in (text.split(",") if isinstance(text, str) else text))
-    except ValueError:
+        given = [int(k) for k in (text.split(",") if isinstance(text, str) else text)]
+    except (TypeError, ValueError):
         raise CdirError(f"--ks must be comma-separated integers, got {text!r}") from None
-    if any(k < 1 for k in ks):
+    if any(k < 1 for k in given):
         raise CdirError("--ks values must be >= 1")
+    ks = normalize_ks(given)
+    if note is not None and list(ks) != given:
+        note(f"--ks {','.join(map(str, given))} evaluated as {','.join(map(str, ks))} "
+             "(sorted, repeats dropped)")
     return ks
 
 
@@ -79,7 +87,7 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
              weights: str | dict[str, float] | None = None, fusion_method: str = "zscore",
              sweep: bool = False, ks: str | Sequence[int] | None = None,
              pairs: str | Sequence[str] | None = None, run: str | None = None,
-             examples: int = 4, device: str | None = None,
+             examples: int = 4, device: str | None = None, progress: bool = True,
              echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate every mode in ``modes`` (default: each mode the models given configure) on the
     directed pairs ``pairs`` (default: all) at ``ks`` (default: the dataset's), and write the
@@ -87,12 +95,23 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     comparison). ``fuse``, ``weights`` and ``fusion_method`` configure ``fusion``; ``sweep``
     chooses its weights on a held-out half of the queries.
 
-    Names and lists may be comma-separated text (as on the command line) or lists. Returns the
-    report folder, the modes, ks, pairs, each mode's result rows, the printed ``lines`` (notes and
-    tables, in order) and the one-line ``summary``; ``echo`` gets each of those lines as soon as it
-    is known, so a long evaluation shows each mode's table when that mode is done."""
+    ``run`` names the report folder; by default the name covers every setting that changes the
+    report (modes, models, ks, pairs, fusion settings, examples), so runs with other settings
+    never overwrite each other. Names and lists may be comma-separated text (as on the command
+    line) or lists. Returns the report folder, the modes, ks, pairs, the ``settings``, each mode's
+    result rows, the printed ``lines`` (notes and tables, in order) and the one-line ``summary``;
+    ``echo`` gets each of those lines as soon as it is known, so a long evaluation shows each
+    mode's table when that mode is done."""
     from eval.protocol import default_ks, evaluate_pairs
     from eval.report import format_table, write_report
+
+    lines: list[str] = []
+
+    def say(*texts: str) -> None:
+        for text in texts:
+            lines.append(text)
+            if echo is not None:
+                echo(text)
 
     ws = Workspace(workspace).require()
     manifest = ws.manifest()
@@ -100,7 +119,7 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     if len(domains) < 2:
         raise CdirError(f"cross-domain evaluation needs at least two domains; {ws.root} has "
                         f"{len(domains)} ({', '.join(domains)})")
-    ks = parse_ks(ks) or default_ks(ws.info().get("dataset", "folder"))
+    ks = parse_ks(ks, note=say) or default_ks(ws.info().get("dataset", "folder"))
     pairs = parse_pairs(pairs, domains)
     fused = tuple(_names(fuse))
     for m in fused:
@@ -112,19 +131,11 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
                      weights=dict(weights) if isinstance(weights, dict) else parse_weights(weights),
                      fusion_method=fusion_method)
     modes = _requested_modes(modes, cfg)
-    run_name = run or spec_key("|".join(
-        [",".join(modes)] + [s for s in (cfg.encoder, cfg.text_encoder, cfg.clip, cfg.captions)
-                             if s]))
+    settings = report_settings(modes, cfg, ks, pairs, sweep, examples)
+    run_name = run or spec_key("|".join(f"{k}={v}" if k != "modes" else v
+                                        for k, v in settings.items()))
     out_root = ws.reports_dir(run_name)
     t0 = time.perf_counter()
-    lines: list[str] = []
-
-    def say(*texts: str) -> None:
-        for text in texts:
-            lines.append(text)
-            if echo is not None:
-                echo(text)
-
     tables: dict[str, list[dict]] = {}
     for mode in modes:
         scorer, ok = build_scorer(ws, manifest, mode, cfg, device=device)
@@ -141,12 +152,13 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
         else:
             sub_q = None
         results = evaluate_pairs(scorer, sub, pairs=pairs, ks=ks, keep_examples=examples,
+                                 progress=progress,
                                  **({"query_mask": sub_q} if sub_q is not None else {}))
         title = f"{mode}: " + ", ".join(mode_models(mode, cfg))
         if sub_q is not None:
             title += " (weights swept on one half of the queries; the other half reported)"
         out = out_root / mode if len(modes) > 1 else out_root
-        write_report(results, out, title, manifest=sub)
+        write_report(results, out, title, manifest=sub, settings=settings)
         tables[mode] = results
         say(f"\n## {title}\n", format_table(results))
     if len(modes) > 1:
@@ -158,7 +170,32 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     summary = (f"evaluated {len(modes)} mode(s) × {len(next(iter(tables.values()))) - 1} pairs "
                f"in {time.perf_counter() - t0:.1f}s; report in {Path(out_root)}")
     return {"report": str(out_root), "modes": modes, "ks": ks, "pairs": pairs,
-            "results": tables, "lines": lines, "summary": summary}
+            "settings": settings, "results": tables, "lines": lines, "summary": summary}
+
+
+def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
+                    pairs: list[tuple[str, str]] | None, sweep: bool, examples: int
+                    ) -> dict[str, str]:
+    """Every setting that changes a report, as text (in the report, and in its default name):
+    the modes, their models, ks, pairs, the fusion settings when fusion runs, the examples."""
+    used = [m for m in modes if m in SINGLE_MODES]
+    if "fusion" in modes:
+        used += list(cfg.fusion) or configured_modes(cfg)
+    out = {"modes": ",".join(modes)}
+    for key in ("encoder", "text_encoder", "clip"):
+        if getattr(cfg, key) and any(MODES[m].model == key for m in used):
+            out[key] = str(getattr(cfg, key))
+    if cfg.captions and any(MODES[m].captions for m in used):
+        out["captions"] = cfg.captions
+    out["ks"] = ",".join(map(str, ks))
+    out["pairs"] = ",".join(f"{a}:{b}" for a, b in pairs) if pairs is not None else "all"
+    if "fusion" in modes:
+        out["fuse"] = ",".join(cfg.fusion) or "all"
+        out["weights"] = ",".join(f"{m}={w}" for m, w in sorted(cfg.weights.items())) or "1"
+        out["fusion_method"] = cfg.fusion_method
+        out["sweep"] = "yes" if sweep else "no"
+    out["examples"] = str(examples)
+    return out
 
 
 def compare_modes(tables: dict[str, list[dict]], ks: tuple[int, ...]) -> str:

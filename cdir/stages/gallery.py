@@ -2,7 +2,9 @@
 
 Writes ``WORKSPACE/manifest.parquet`` (one row per image) and ``WORKSPACE/gallery.json`` (dataset
 kind, source root, fingerprint, per-domain counts, parameters). Images are found by extension and
-not decoded here; the embed and caption stages decode them and list the corrupt ones.
+not decoded here; the embed and caption stages decode them and list the corrupt ones. Each file is
+stat-ed (size, mtime) and, when those changed since the previous manifest, hashed, so a changed
+image at the same path is re-embedded (`cdir.core.manifest.stamp_files`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from typing import Any
 
 from cdir.core.errors import CdirError
 from cdir.core.io import write_json, write_text
-from cdir.core.manifest import fingerprint, save_manifest, summary
+from cdir.core.manifest import (
+    FILE_COLUMNS,
+    fingerprint,
+    load_manifest,
+    save_manifest,
+    stamp_files,
+    summary,
+)
 from cdir.core.workspace import Workspace
 from cdir.galleries import KINDS, DataWarning
 
@@ -32,7 +41,7 @@ def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.Pat
     manifest path, counts, fingerprint and the one-line ``summary``."""
     if kind not in KINDS:
         raise CdirError(f"unknown gallery kind {kind!r}: use one of {', '.join(KINDS)}")
-    ws = Workspace(os.path.abspath(os.path.expanduser(str(workspace))))
+    ws = Workspace(os.path.abspath(os.path.expanduser(str(workspace)))).create()
     if isinstance(domains, list | tuple):
         domains = ",".join(domains)
     if isinstance(classes, list | tuple):
@@ -74,6 +83,14 @@ def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.Pat
     if classes:
         params["class_list"] = sorted(df["class_name"].unique().tolist())
     old = ws.info().get("fingerprint") if ws.info_path.exists() else None
+    previous = None
+    if ws.manifest_path.exists():
+        try:
+            previous = load_manifest(ws.manifest_path)
+        except Exception:  # noqa: BLE001 - an unreadable old manifest is simply replaced
+            previous = None
+    # size + mtime of every file (a stat each); files changed since the last run are hashed
+    stamp_files(df, previous)
     fp = fingerprint(df)
     save_manifest(df, ws.manifest_path)
     missing_path = ws.root / "missing_images.txt"
@@ -90,7 +107,12 @@ def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.Pat
         "classes": int(df["class_name"].nunique()),
         "params": params,
     })
-    if old and old != fp:
+    if old and old != fp and previous is not None and FILE_COLUMNS[0] not in previous.columns:
+        # a manifest of an older cdir: its fingerprint did not cover the files yet
+        print(f"note: the manifest now tracks each file's size, mtime and hash (fingerprint "
+              f"{old} -> {fp}); embeddings are kept, indexes need `cdir index build` once",
+              file=sys.stderr)
+    elif old and old != fp:
         print(f"note: the gallery changed (fingerprint {old} -> {fp}); later stages will "
               "recompute what depends on it", file=sys.stderr)
     extra = f"; {len(missing)} listed image(s) missing, see {missing_path}" if missing else ""

@@ -3,12 +3,17 @@ caption), list the workspace's indexes, and open one to search."""
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import shlex
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cdir.core.errors import CdirError
-from cdir.core.workspace import Workspace, caption_spec, spec_key
+from cdir.core.lock import beside, exclusive
+from cdir.core.workspace import Workspace, caption_spec, spec_key, split_caption_spec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,22 +42,119 @@ def index_vectors(ws: Workspace, manifest: pd.DataFrame, encoder: str | None = N
     return x, ok, encoder
 
 
+# a plain file name: no path separators, no leading dot (no hidden files, no `..`)
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
+def check_index_name(name: str) -> str:
+    """``name`` if it is a safe index file name (letters, digits, ``.``, ``_``, ``-``; not
+    starting with a dot), else a CdirError: a name must not write outside WORKSPACE/indexes/."""
+    if not _NAME.fullmatch(name):
+        raise CdirError(f"bad index name {name!r}: use letters, digits, '.', '_' and '-' only "
+                        "(no path separators, not starting with a dot)")
+    return name
+
+
+def _source_flags(spec: str) -> list[str]:
+    """The flags that select the embeddings of ``spec`` (image encoder or caption spec)."""
+    parts = split_caption_spec(spec)
+    if parts is None:
+        return ["--encoder", spec]
+    text_encoder, key = parts
+    return ["--captions", key, "--text-encoder", text_encoder]
+
+
+def fill_commands(ws: Workspace, spec: str) -> list[str]:
+    """The commands that give every gallery image a vector of ``spec``: `cdir caption` (for a
+    captioner's source: the same settings, so the same source) and `cdir embed`. Each skips the
+    work already done."""
+    from cdir.core.caption_store import captioner_of_source
+
+    root = str(ws.root)
+    cmds = []
+    parts = split_caption_spec(spec)
+    source = captioner_of_source(ws, parts[1]) if parts else None
+    if source is not None:
+        captioner, gen = source
+        flags = [f for k, v in gen.items() if v is not None
+                 for f in (f"--{k.replace('_', '-')}", str(v))]
+        cmds.append(["cdir", "caption", "-w", root, "--captioner", captioner, *flags])
+    cmds.append(["cdir", "embed", "-w", root, *_source_flags(spec)])
+    return [shlex.join(c) for c in cmds]
+
+
+def update_commands(ws: Workspace, spec: str, kind: str, name: str) -> str:
+    """The command line, ready to paste, that brings index ``name`` up to date with the gallery."""
+    build = ["cdir", "index", "build", "-w", str(ws.root), *_source_flags(spec), "--type", kind,
+             "--name", name]
+    return " && ".join([*fill_commands(ws, spec), shlex.join(build)])
+
+
+def _missing(ws: Workspace, manifest: pd.DataFrame, ok: np.ndarray, spec: str) -> int:
+    """Rows without a vector that a cdir run would still fill: images recorded as unreadable (and
+    images an imported caption file does not cover) do not count."""
+    from cdir.core.caption_store import CaptionStore
+    from cdir.core.store import EmbeddingStore
+
+    ids = manifest["id"].astype(str)
+    parts = split_caption_spec(spec)
+    if parts is None:
+        unfillable = {str(r["id"]) for r in EmbeddingStore(ws.embeddings_dir(spec)).failed()}
+    else:
+        store = CaptionStore(ws, parts[1])
+        meta = store.meta()
+        if meta.get("kind") == "model":
+            unfillable = {str(r["id"]) for r in meta.get("failed", [])}
+        else:
+            unfillable = set(ids[store.aligned(manifest).isna().to_numpy()])
+    return int((~ok & ~ids.isin(unfillable).to_numpy()).sum())
+
+
+def _one_builder(build: Callable[..., dict]) -> Callable[..., dict]:
+    """Hold the workspace's index lock while ``build`` runs: two builds of one index at once
+    could pair one's .faiss file with the other's sidecar."""
+    @functools.wraps(build)
+    def locked(workspace: str | os.PathLike, *args: Any, **kwargs: Any) -> dict:
+        ws = Workspace(workspace).require()
+        with exclusive(beside(ws.root / "indexes"), "building an index of this workspace"):
+            return build(workspace, *args, **kwargs)
+    return locked
+
+
+@_one_builder
 def build_index(workspace: str | os.PathLike, encoder: str | None = None,
                 text_encoder: str | None = None, captions: str | None = None,
                 kind: str = "flat", name: str | None = None, gpu: bool | None = None,
                 nlist: int | None = None, m: int | None = None,
-                rebuild: bool = False) -> dict[str, Any]:
+                rebuild: bool = False, force: bool = False,
+                allow_missing: bool = False) -> dict[str, Any]:
     """Build a cosine index of ``kind`` over the image embeddings of ``encoder`` or the caption
     embeddings of ``captions`` by ``text_encoder``, in ``WORKSPACE/indexes/NAME.faiss``.
 
     An index of the same spec and kind is kept when it holds the same rows, and extended when the
-    gallery only grew (unless ``rebuild``). ``m``: PQ sub-quantizers (ivfpq) or graph degree
-    (hnsw); ``nlist``: IVF lists. Returns the index's name, path, spec, kind, vector count, what
-    was done (``action``: up-to-date, added or built) and the one-line ``summary``."""
+    gallery only grew (unless ``rebuild``); an index of another spec or kind under ``name`` is
+    replaced only with ``force``. Gallery images that have no vector yet (new since `cdir embed`
+    ran) are refused unless ``allow_missing``; unreadable images are always left out. ``m``: PQ
+    sub-quantizers (ivfpq) or graph degree (hnsw); ``nlist``: IVF lists. Returns the index's
+    name, path, spec, kind, vector count, what was done (``action``: up-to-date, added or built),
+    ``notes`` (lines for stderr: what was left out, parameters lowered for small data) and the
+    one-line ``summary``."""
     from cdir.core.manifest import fingerprint
-    from indexes.faiss_index import KIND_PARAMS, index_files, load_index
+    from indexes.faiss_index import (
+        KIND_PARAMS,
+        index_files,
+        load_index,
+        read_meta,
+        small_data_note,
+    )
     from indexes.faiss_index import build_index as new_index
 
+    for flag, value in (("--nlist", nlist), ("--m", m)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise CdirError(f"{flag} must be a positive integer, got {value!r}")
+    if name is not None:
+        check_index_name(name)
     ws = Workspace(workspace).require()
     manifest = ws.manifest()
     fp = fingerprint(manifest)
@@ -68,35 +170,77 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     if nlist and "nlist" not in accepts:
         raise CdirError("--nlist applies to --type ivf or ivfpq")
     params = {k: v for k, v in (("nlist", nlist), (m_name, m)) if v}
-    result = {"name": name, "path": str(path), "spec": spec, "kind": kind}
+    old_meta = None
+    if index_files(path).faiss.exists():
+        try:
+            old_meta = read_meta(path)
+        except CdirError as e:
+            if not (rebuild or force):  # building again without --rebuild would fail again
+                raise CdirError(f"{e} (pass --rebuild to replace it)") from None
+    same = old_meta is not None and (old_meta.encoder_spec, old_meta.kind) == (spec, kind)
+    if old_meta is not None and not same and not force:
+        raise CdirError(f"index {name} was built as {old_meta.kind} over {old_meta.encoder_spec}"
+                        f", not {kind} over {spec}: choose another --name, or pass --force to "
+                        "replace it")
+    missing = _missing(ws, manifest, ok, spec)
+    if missing and not allow_missing:
+        raise CdirError(f"{missing} of {len(manifest)} gallery images have no {spec} vector yet: "
+                        f"run `{' && '.join(fill_commands(ws, spec))}` first, or pass "
+                        "--allow-missing to index without them")
+    skipped = int((~ok).sum())
+    why = [f"{n} {what}" for n, what in ((missing, "not embedded yet"),
+                                         (skipped - missing, "unreadable or without a caption"))
+           if n]
+    notes = [f"{skipped} of {len(manifest)} images left out: {', '.join(why)}"] if skipped else []
+    result = {"name": name, "path": str(path), "spec": spec, "kind": kind, "notes": notes}
+    left_out = f" ({skipped} images left out)" if skipped else ""
     t0 = time.perf_counter()
-    if index_files(path).faiss.exists() and not rebuild:
+    if same and not rebuild:
         old = load_index(path, gpu=gpu)
         known = set(old.ids)
-        grown = (old.meta.encoder_spec == spec and old.kind == kind
-                 and known.issubset(ids) and len(known) < len(ids))
-        if old.meta.encoder_spec == spec and old.kind == kind and old.ids == ids:
+        # vectors re-made since (other weights, changed images): the old index is rebuilt
+        fresh = old.meta.vectors_fingerprint == _stamp(ws, spec, old, dry=True)
+        if fresh and old.ids == ids:
             old.meta.manifest_fingerprint = fp  # same rows: only the bookkeeping may differ
+            _stamp(ws, spec, old)
             old.save(path)
             return {**result, "count": len(old), "action": "up-to-date",
-                    "summary": f"index {name} is up to date ({len(old)} vectors)"}
-        if grown:
+                    "summary": f"index {name} is up to date ({len(old)} vectors){left_out}"}
+        if fresh and known.issubset(ids) and len(known) < len(ids):  # the gallery only grew
             new = [i for i, id_ in enumerate(ids) if id_ not in known]
             sel = ok.nonzero()[0][new]
             old.add(x[sel], [ids[i] for i in new], [domains[i] for i in new])
             old.meta.manifest_fingerprint = fp
+            _stamp(ws, spec, old)
             old.save(path)
             return {**result, "count": len(old), "action": "added",
                     "summary": f"added {len(new)} vectors to {name}: {len(old)} in all "
-                               f"({time.perf_counter() - t0:.1f}s) → {path}"}
+                               f"({time.perf_counter() - t0:.1f}s) → {path}{left_out}"}
     index = new_index(x[ok], ids, domains, kind=kind, encoder_spec=spec,
                       manifest_fingerprint=fp, gpu=gpu, **params)
+    _stamp(ws, spec, index)
     index.save(path)
-    skipped = int((~ok).sum())
+    small = small_data_note(kind, len(index), index.meta.params, params)
+    if small:
+        notes.append(small)
     return {**result, "count": len(index), "action": "built",
             "summary": f"built {kind} index {name}: {len(index)} vectors × {index.dim} on "
-                       f"{index.device} in {time.perf_counter() - t0:.1f}s → {path}"
-                       + (f" ({skipped} images without a vector left out)" if skipped else "")}
+                       f"{index.device} in {time.perf_counter() - t0:.1f}s → {path}{left_out}"
+                       + (" (parameters lowered for small data)" if small else "")}
+
+
+def _stamp(ws: Workspace, spec: str, index: CdirIndex, dry: bool = False) -> str:
+    """Record in ``index``'s sidecar what its vectors are: the model's identity (search checks
+    it before encoding a query) and the fingerprint of the stored vectors of its rows (a later
+    build compares it); ``dry`` only returns that fingerprint."""
+    from cdir.stages.modes import vectors_fingerprint
+
+    vfp, model_id, model_files = vectors_fingerprint(ws, spec, index.ids)
+    if not dry:
+        index.meta.vectors_fingerprint = vfp
+        index.meta.model_id = model_id
+        index.meta.model_files = model_files
+    return vfp
 
 
 def list_indexes(workspace: str | os.PathLike) -> list[dict]:
@@ -136,4 +280,9 @@ def open_index(ws: Workspace, name: str | None = None, encoder: str | None = Non
     if len(rows) > 1:
         names = ", ".join(r["name"] for r in rows)
         raise CdirError(f"several indexes match ({names}): choose one with --index NAME")
-    return load_index(rows[0]["path"], expect_fingerprint=fingerprint(ws.manifest()), gpu=gpu)
+    row = rows[0]
+    if not row["current"]:
+        raise CdirError(f"index {row['name']} is stale: the gallery changed since it was built "
+                        "(images added, removed or changed); update it with `"
+                        f"{update_commands(ws, row['encoder_spec'], row['kind'], row['name'])}`")
+    return load_index(row["path"], expect_fingerprint=fingerprint(ws.manifest()), gpu=gpu)

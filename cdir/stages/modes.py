@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+    from cdir.core.store import EmbeddingStore
     from cdir.core.workspace import Workspace
+    from encoders.hub import ModelId
     from eval.fusion import FusionScorer
     from eval.topk import CosineScorer
 
@@ -77,29 +79,114 @@ class ModeConfig:
     fusion_method: str = "zscore"
 
 
+def model_check(store: EmbeddingStore, spec: str) -> tuple[bool, str | None, ModelId]:
+    """Is ``spec`` still the model whose vectors ``store`` holds? Returns (same, the identity
+    recorded at embed time, the identity now). The model is not loaded: a checkpoint is hashed
+    only when its size or mtime differ from the store's record (`encoders.hub.model_identity`).
+    When it is the same model, the store's record is refreshed (an identity written by an older
+    cdir upgraded, a touched file's new mtime noted) so the next check is cheap."""
+    from encoders.hub import model_identity
+
+    info = store.info()
+    params = info.get("params") or {}
+    recorded = params.get("weights")
+    current = model_identity(spec, hints=info.get("weights_files"))
+    same = current.matches(recorded)
+    if same and info and current.id is not None and (
+            recorded != current.id or info.get("weights_files") != current.files):
+        store.update_info(params={**params, "weights": current.id},
+                          weights_files=current.files)
+    return same, recorded, current
+
+
+def current_rows(store: EmbeddingStore, ids: list[str], versions: list[str | None]
+                 ) -> tuple[set[str], list[str]]:
+    """(ids whose stored vector was computed from what the row holds now, ids stored but computed
+    from something else: a changed image or caption). ``versions``: what each of ``ids`` holds
+    now (None: unknown). Rows stored before rows were versioned are taken as current and get the
+    present versions recorded, so a later change is noticed."""
+    from cdir.core.store import same_version
+
+    have = store.versions()
+    if any(v is None for v in have.values()) and any(v is not None for v in versions):
+        store.adopt_versions(dict(zip(ids, versions, strict=True)))
+        have = store.versions()
+    fresh, stale = set(), []
+    for i, v in zip(ids, versions, strict=True):
+        if i in have:
+            if same_version(have[i], v):
+                fresh.add(i)
+            else:
+                stale.append(i)
+    return fresh, stale
+
+
+def _checked(store: EmbeddingStore, model: str, ids: list[str], versions: list[str | None],
+             what: str, rows: str, rerun: str) -> None:
+    """Refuse, in one line saying what to re-run, vectors of other weights or of rows that
+    changed since they were embedded: never serve them."""
+    same, recorded, current = model_check(store, model)
+    if not same:
+        raise CdirError(f"the {what} in {store.dir} were made by other weights of {model} "
+                        f"({recorded}; it is now {current.id}): re-run `{rerun}`")
+    _, stale = current_rows(store, ids, versions)
+    if stale:
+        raise CdirError(f"{len(stale)} {rows} changed since they were embedded "
+                        f"(e.g. {stale[0]!r}): re-run `{rerun}`")
+
+
 def image_vectors(ws: Workspace, manifest: pd.DataFrame, spec: str
                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors in manifest order, valid rows) of the image embeddings of ``spec``; refused when
+    ``spec`` now names other weights or an image changed since it was embedded."""
+    from cdir.core.manifest import row_versions
     from cdir.core.store import EmbeddingStore
 
     store = EmbeddingStore(ws.embeddings_dir(spec))
+    rerun = f"cdir embed -w {ws.root} --encoder {spec}"
     if not store.exists():
-        raise CdirError(f"no image embeddings for {spec} in {ws.root}: "
-                        f"run `cdir embed -w {ws.root} --encoder {spec}` first")
+        raise CdirError(f"no image embeddings for {spec} in {ws.root}: run `{rerun}` first")
+    _checked(store, spec, manifest["id"].astype(str).tolist(), row_versions(manifest),
+             "image embeddings", "image(s)", rerun)
     return store.load(manifest)
 
 
 def caption_vectors(ws: Workspace, manifest: pd.DataFrame, captions: str | None,
                     text_spec: str) -> tuple[np.ndarray, np.ndarray]:
-    from cdir.core.caption_store import resolve_source
+    """Like `image_vectors`, for the embeddings of a caption source by ``text_spec`` (refused
+    also when a caption was rewritten since it was embedded)."""
+    from cdir.core.caption_store import CaptionStore, resolve_source
     from cdir.core.store import EmbeddingStore
-    from cdir.stages.embed import caption_embeddings_dir
+    from cdir.stages.embed import caption_embeddings_dir, caption_versions
 
     key = resolve_source(ws, captions)
     store = EmbeddingStore(caption_embeddings_dir(ws, key, text_spec))
+    rerun = f"cdir embed -w {ws.root} --captions {key} --text-encoder {text_spec}"
     if not store.exists():
-        raise CdirError(f"no embeddings of the captions {key!r} with {text_spec}: run "
-                        f"`cdir embed -w {ws.root} --captions {key} --text-encoder {text_spec}`")
+        raise CdirError(f"no embeddings of the captions {key!r} with {text_spec}: run `{rerun}`")
+    texts = CaptionStore(ws, key).aligned(manifest)
+    _checked(store, text_spec, manifest["id"].astype(str).tolist(), caption_versions(texts),
+             "caption embeddings", "caption(s)", rerun)
     return store.load(manifest)
+
+
+def vectors_fingerprint(ws: Workspace, spec: str, ids: list[str]) -> tuple[str, str | None, dict]:
+    """(fingerprint, model identity, its hash records) of the stored vectors of ``ids`` for
+    ``spec`` (an image encoder or a `caption_spec`), as an index built from them records: the
+    fingerprint changes when the model's weights or any of those rows' vectors were re-made.
+    Call it after `image_vectors` / `caption_vectors` checked the store."""
+    import hashlib
+
+    from cdir.core.store import EmbeddingStore
+
+    store = EmbeddingStore(ws.embeddings_dir(spec))
+    info = store.info()
+    model = (info.get("params") or {}).get("weights")
+    versions = store.versions()
+    h = hashlib.sha256(f"{spec}\x1f{model}".encode())
+    for i in ids:
+        h.update(f"\x1e{i}\x1f{versions.get(i)}".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16], model, info.get("weights_files") or {}
 
 
 def configured_modes(cfg: ModeConfig) -> list[str]:

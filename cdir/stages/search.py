@@ -20,6 +20,21 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
+def _check_encoder(ws: Workspace, index: str, encoder: str) -> None:
+    """``--encoder`` beside ``--index`` must name that index's encoder (its text encoder for a
+    caption index), not be silently ignored."""
+    from indexes.faiss_index import index_files, read_meta
+
+    path = ws.index_path(index)
+    if not index_files(path).meta.exists():
+        return  # open_index says there is no such index
+    spec = read_meta(path).encoder_spec
+    parts = split_caption_spec(spec)
+    if encoder.strip() not in (spec, parts[0] if parts else spec):
+        raise CdirError(f"index {index} was built with {spec}, not --encoder {encoder}: drop "
+                        f"--encoder, or choose the index of {encoder}")
+
+
 @dataclass
 class Hit:
     rank: int
@@ -41,10 +56,13 @@ class Searcher:
 
         self.ws = Workspace(workspace).require()
         self.manifest = self.ws.manifest().set_index("id", drop=False)
+        if index and encoder:
+            _check_encoder(self.ws, index, encoder)
         self.index = open_index(self.ws, index, encoder, gpu=gpu)
         self.spec = self.index.meta.encoder_spec
         self.device = device
         self.text_spec, self.caption_source = split_caption_spec(self.spec) or (None, None)
+        self._check_model()
         if self.caption_source is None:
             self.mode = "visual"
         else:
@@ -55,6 +73,24 @@ class Searcher:
             raise CdirError(f"index {self.spec} holds image embeddings: only mode visual applies")
         self.captioner_spec = captioner
         self._image_encoder = self._text_encoder = self._captioner = None
+
+    def _check_model(self) -> None:
+        """Refuse an index whose encoder now names other weights than its vectors were made with:
+        queries encoded by the new weights against the old vectors would be silently wrong. The
+        model is not loaded (a file is hashed only when its size or mtime changed)."""
+        from encoders.hub import model_identity
+
+        meta = self.index.meta
+        model = self.text_spec or self.spec
+        current = model_identity(model, hints=meta.model_files)
+        if not current.matches(meta.model_id):
+            source = (f"--captions {self.caption_source} --text-encoder {model}"
+                      if self.caption_source else f"--encoder {model}")
+            raise CdirError(
+                f"the {meta.kind} index of {meta.encoder_spec} was built from vectors of other "
+                f"weights of {model} ({meta.model_id}; it is now "
+                f"{current.id}): re-run `cdir embed -w {self.ws.root} {source}` and "
+                f"`cdir index build -w {self.ws.root} {source} --type {meta.kind}`")
 
     # -- encoders, loaded on first use -----------------------------------------------------------
     def _encode_images(self, images: list[Image.Image], spec: str) -> np.ndarray:

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from cdir.core.dist import launch_rank
+from cdir.core.signals import graceful
 
 # keyword argument of train_encoder -> the config key it sets
 DIRECT = {"data": "data.path", "out": "train.out", "epochs": "optim.epochs",
@@ -16,6 +17,7 @@ DIRECT = {"data": "data.path", "out": "train.out", "epochs": "optim.epochs",
           "monitor": "monitor.path"}
 
 
+@graceful()  # SIGTERM, like Ctrl-C, stops the epoch in flight; latest.pt keeps the last one
 def train_encoder(
     method: str,
     config: str | os.PathLike | None = None,
@@ -30,14 +32,17 @@ def train_encoder(
     monitor: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
     stop_at: int | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Pretrain (or resume) ``method`` and return a summary of the call.
 
     ``config`` is a YAML recipe, ``sets`` are ``key=value`` overrides (values YAML), the keyword
     values (``data``, ``epochs``, ...) override both; ``resume`` is a checkpoint or ``"auto"``
-    (``OUT/latest.pt`` when it exists). The summary has ``method``, ``rank``, ``out``,
-    ``epochs_run``, ``epochs_done``, ``epochs``, ``steps``, ``images_per_s``, ``latest``,
-    ``encoder`` (None until the last epoch), ``skipped``, ``epoch_losses`` and ``monitor``."""
+    (``OUT/latest.pt`` when it exists). An output folder that holds a run is refused without
+    ``resume``; ``force`` starts over, moving that run's files aside. The summary has
+    ``method``, ``rank``, ``out``, ``epochs_run``, ``epochs_done``, ``epochs``, ``steps``,
+    ``images_per_s``, ``latest``, ``encoder`` (None until the last epoch), ``skipped``,
+    ``epoch_losses`` and ``monitor``."""
     from encoders.ssl.config import run_config
     from encoders.ssl.trainer import train
 
@@ -54,7 +59,7 @@ def train_encoder(
                       "eval_resize": cfg.aug.eval_resize}
         probe = make_monitor(cfg.monitor, preprocess, seed=cfg.train.seed,
                              workers=cfg.data.workers)
-    res = train(cfg, resume=ckpt, stop_at=stop_at, monitor=probe)
+    res = train(cfg, resume=ckpt, stop_at=stop_at, monitor=probe, force=force)
     return {
         "method": cfg.method, "rank": res.rank, "out": str(res.out),
         "epochs_run": len(res.epoch_losses), "epochs_done": res.epochs_done,

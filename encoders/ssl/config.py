@@ -164,6 +164,11 @@ def default_out(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.method}-{cfg.recipe or 'run'}"
 
 
+def run_dir(cfg: Config) -> Path:
+    """The output folder of a run: ``train.out``, else :func:`default_out`."""
+    return Path(cfg.train.out) if cfg.train.out else default_out(cfg)
+
+
 def run_config(
     method: str,
     config_path: str | os.PathLike | None = None,
@@ -186,7 +191,7 @@ def run_config(
     if resume == "auto":
         if raw is not None:
             probe = with_values(resolve_config(raw, method, stem, sets).to_dict(), values)
-            out = Path(probe["train"]["out"] or default_out(Config.from_dict(probe)))
+            out = run_dir(Config.from_dict(probe))
         elif values.get("train.out"):
             out = Path(values["train.out"])
         else:

@@ -13,7 +13,13 @@ enqueue inside ``forward``, so the loop is generic: views -> loss -> optimizer s
 - Outputs in ``train.out``: ``latest.pt`` (every epoch), ``checkpoint_XXXX.pt`` (every
   ``save_every`` epochs), ``encoder.pt`` (encoder only, at the end), ``config.yaml``,
   ``metrics.jsonl`` (one line per epoch), ``tb/`` (TensorBoard scalars), ``skipped.txt``
-  (unreadable images).
+  (unreadable images), and ``train.lock`` while a run writes there (`cdir.core.lock`).
+- A folder that holds a run is only continued (``resume``) or, with ``force``, started over
+  after its files are moved aside: a fresh start would overwrite ``latest.pt`` and repeat the
+  epochs of ``metrics.jsonl``.
+- Interruptions (Ctrl-C, SIGTERM under `cdir.core.signals.graceful`) stop the epoch in flight;
+  ``latest.pt`` and ``metrics.jsonl`` stay at the last finished epoch (each epoch's files are
+  written together, never half), which ``resume`` continues from.
 """
 
 from __future__ import annotations
@@ -37,13 +43,16 @@ from cdir.core.dist import (
     Dist,
     all_gather_object,
     barrier,
+    launch_rank,
     mean_over_ranks,
     setup_distributed,
     teardown,
 )
 from cdir.core.errors import CdirError
 from cdir.core.io import write_text
-from encoders.ssl.config import Config, default_out
+from cdir.core.lock import exclusive
+from cdir.core.signals import loader_worker, shielded
+from encoders.ssl.config import Config, run_dir
 from encoders.ssl.optim import apply_config, build_optimizer, build_scheduler
 
 # monitor(encoder, device) -> metrics, e.g. {"knn_top1": ..., "p1": ...}
@@ -78,18 +87,75 @@ def train(
     resume: str | os.PathLike | dict | None = None,
     stop_at: int | None = None,
     monitor: Monitor | None = None,
+    force: bool = False,
 ) -> TrainResult:
     """Run pretraining, or resume it from a checkpoint (path or loaded dict).
 
     ``stop_at`` ends the call after that many epochs in total, as an interruption would (for
     chunked jobs and for the resume test). ``monitor`` (see the module docstring) is only called
-    on the main process."""
-    d = setup_distributed(cfg.train.device, cfg.train.backend, flag="--set train.device")
-    _set_threads(cfg, d)
-    try:
-        return _Run(cfg, d, resume, monitor).run(stop_at)
-    finally:
-        teardown(d)
+    on the main process. Without ``resume``, an output folder that holds a run is refused, or
+    with ``force`` its files are moved aside first."""
+    out = run_dir(cfg)
+    if force and resume is not None:
+        raise CdirError("--force starts the run over; it does not go with --resume")
+    with exclusive(out / "train.lock", f"training into {out}"):  # rank 0 for all ranks
+        if resume is None and launch_rank() == 0:
+            _claim(out, force)
+        d = setup_distributed(cfg.train.device, cfg.train.backend, flag="--set train.device")
+        _set_threads(cfg, d)
+        try:
+            return _Run(cfg, d, resume, monitor).run(stop_at)
+        finally:
+            teardown(d)
+
+
+# what a run writes into its folder (train.lock aside); RUN_MARKS: "a run is here"
+RUN_MARKS = ("latest.pt", "checkpoint_*.pt", "encoder.pt", "metrics.jsonl")
+RUN_FILES = (*RUN_MARKS, "config.yaml", "skipped.txt", "tb")
+
+
+def _claim(out: Path, force: bool) -> None:
+    """Make ``out`` ready for a fresh run: refuse one that holds a run, unless ``force``, which
+    moves the run's files into ``out/replaced-<time>/`` (and says so)."""
+    found = sorted({p for pattern in RUN_FILES for p in out.glob(pattern)})
+    if not any(p.match(pattern) for p in found for pattern in RUN_MARKS):
+        return  # nothing to keep (at most what a run killed in its first epoch wrote)
+    if not force:
+        latest = out / "latest.pt"
+        ckpts = sorted(out.glob("checkpoint_*.pt"))
+        how = ("--resume auto" if latest.exists()
+               else f"--resume {ckpts[-1]}" if ckpts else None)
+        cont = f"continue it with {how}, or " if how else ""
+        raise CdirError(f"{out} already holds a training run ({_describe(out)}): {cont}start "
+                        "over with --force (which moves its files aside)")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = out / f"replaced-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = out / f"replaced-{stamp}-{n}"
+    dest.mkdir()
+    for p in found:
+        p.rename(dest / p.name)
+    print(f"--force: moved the previous run's files ({', '.join(p.name for p in found)}) to "
+          f"{dest}; delete that folder when it is no longer needed", file=sys.stderr)
+
+
+def _describe(out: Path) -> str:
+    """What a run folder holds, in a few words: its files and its last epoch."""
+    names = [n for n in ("latest.pt", "encoder.pt") if (out / n).exists()]
+    ckpts = len(list(out.glob("checkpoint_*.pt")))
+    if ckpts:
+        names.append(f"{ckpts} checkpoint_*.pt")
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        lines = [ln for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            names.append(f"metrics.jsonl up to epoch {json.loads(lines[-1])['epoch']}"
+                         if lines else "metrics.jsonl")
+        except (ValueError, KeyError, TypeError):
+            names.append("metrics.jsonl")
+    return ", ".join(names)
 
 
 class _Run:
@@ -100,13 +166,13 @@ class _Run:
         from encoders.ssl.checkpoint import load_checkpoint
 
         self.cfg, self.d = cfg, d
-        o, t = cfg.optim, cfg.train
+        o = cfg.optim
         if not cfg.data.path:
             raise CdirError("no training data: pass --data DIR (or set data.path in the recipe)")
         if o.batch_size % d.world:
             raise CdirError(f"batch size {o.batch_size} is not divisible by {d.world} processes")
         self.per_rank = o.batch_size // d.world
-        self.out = Path(t.out) if t.out else default_out(cfg)
+        self.out = run_dir(cfg)
         self.latest = self.out / "latest.pt"
         self.monitor = monitor if d.main else None
 
@@ -205,8 +271,9 @@ class _Run:
             write_text(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out / "tb"),
-                                        purge_step=self.step if self.step else None)
+            # purge_step: TensorBoard drops the events at or after it that an interrupted
+            # attempt left (also at step 0: a run killed in its first epoch)
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step)
             if self.start_epoch:
                 _truncate_metrics(self.out / "metrics.jsonl", self.start_epoch)
 
@@ -216,15 +283,25 @@ class _Run:
         self.monitor_hist: list[dict[str, Any]] = []
         self.skipped: set[str] = set()
         self.rates: list[float] = []
-        for epoch in range(self.start_epoch, end_epoch):
-            ep, elapsed = self._epoch(epoch)
-            self._end_epoch(epoch + 1, ep, elapsed)
-            barrier()
+        self.saved = self.start_epoch  # the epoch latest.pt holds
+        try:
+            for epoch in range(self.start_epoch, end_epoch):
+                ep, elapsed = self._epoch(epoch)
+                self._end_epoch(epoch + 1, ep, elapsed)
+                barrier()
+        except KeyboardInterrupt:
+            if d.main:
+                kept = (f"{self.latest} holds epoch {self.saved}: continue with --resume auto"
+                        if self.saved else "no epoch had finished, so there is nothing to resume")
+                print(f"{cfg.method}: interrupted in epoch {self.saved + 1}; {kept}",
+                      file=sys.stderr)
+            raise
+        finally:
+            if self.writer is not None:
+                self.writer.close()
 
         encoder_path = None
         if d.main:
-            if self.writer is not None:
-                self.writer.close()
             if end_epoch >= o.epochs and self.latest.exists():
                 encoder_path = export_encoder(self.latest, self.out / "encoder.pt")
         return TrainResult(
@@ -246,6 +323,7 @@ class _Run:
             self.dataset, batch_size=self.per_rank, sampler=self.sampler,
             num_workers=cfg.data.workers, drop_last=True, pin_memory=d.device.type == "cuda",
             generator=gen, persistent_workers=False,
+            worker_init_fn=loader_worker,  # SIGTERM to the whole job: the main process stops
         )
         bar = None
         if d.main and t.progress:
@@ -334,28 +412,30 @@ class _Run:
         rng = run_rng_state()  # collective under DDP: every rank takes part
         if not d.main:
             return
-        self.writer.add_scalar("epoch/loss", ep_mean, done)
-        self.writer.add_scalar("epoch/img_per_s", rate, done)
-        state = {
-            "version": 1, "method": cfg.method, "config": cfg.to_dict(),
-            "encoder_arch": self.encoder_arch, "encoder_prefix": self.model.encoder_prefix,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "epoch": done, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
-            "rng": rng,
-            "meta": {"git_sha": _git_sha(), "torch": str(torch.__version__),
-                     "world_size": d.world, "time": time.time()},
-        }
-        save_checkpoint(self.latest, state)
-        if t.save_every and done % t.save_every == 0:
-            save_checkpoint(self.out / f"checkpoint_{done:04d}.pt", state)
-            _prune(self.out, t.keep_checkpoints)
-        del state
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.skipped:
-            write_text(self.out / "skipped.txt", "\n".join(sorted(self.skipped)) + "\n")
+        with shielded():  # latest.pt and its metrics line land together, or neither
+            self.writer.add_scalar("epoch/loss", ep_mean, done)
+            self.writer.add_scalar("epoch/img_per_s", rate, done)
+            state = {
+                "version": 1, "method": cfg.method, "config": cfg.to_dict(),
+                "encoder_arch": self.encoder_arch, "encoder_prefix": self.model.encoder_prefix,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "epoch": done, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
+                "rng": rng,
+                "meta": {"git_sha": _git_sha(), "torch": str(torch.__version__),
+                         "world_size": d.world, "time": time.time()},
+            }
+            save_checkpoint(self.latest, state)
+            if t.save_every and done % t.save_every == 0:
+                save_checkpoint(self.out / f"checkpoint_{done:04d}.pt", state)
+                _prune(self.out, t.keep_checkpoints)
+            del state
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.skipped:
+                write_text(self.out / "skipped.txt", "\n".join(sorted(self.skipped)) + "\n")
+            self.saved = done
         mon = "".join(f" {k[8:]} {v:.4g}" for k, v in record.items() if k.startswith("monitor_"))
         print(f"{cfg.method} epoch {done}/{o.epochs}: loss {ep_mean:.4f} lr {lr:.4g} "
               f"{rate:.0f} img/s{mon}", file=sys.stderr)
