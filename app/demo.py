@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 ALL_DOMAINS = "all domains"
+INFER = "infer"  # the query domain of the nearest gallery centroid (normalised indexes)
 THUMB = 256
 
 
@@ -49,15 +50,16 @@ class DemoBackend:
                                                 device=self.device)
             return self._searchers[key]
 
-    def search(self, image: Image.Image | None, index: str, mode: str, domain: str, k: int
-               ) -> tuple[list[tuple], str]:
+    def search(self, image: Image.Image | None, index: str, mode: str, domain: str, k: int,
+               query_domain: str = INFER) -> tuple[list[tuple], str]:
         """Gallery items (thumbnail, label) and a status line; errors become the status line."""
         if image is None:
             return [], "Drop a query image first."
         try:
             s = self.searcher(index, None if mode == "auto" else mode)
-            results, captions = s.search([image.convert("RGB")], k=int(k),
-                                         domain=None if domain == ALL_DOMAINS else domain)
+            results, captions, used = s.search(
+                [image.convert("RGB")], k=int(k), domain=None if domain == ALL_DOMAINS else domain,
+                query_domain=None if query_domain == INFER else query_domain)
         except CdirError as e:
             return [], f"error: {e}"
         items = []
@@ -67,6 +69,9 @@ class DemoBackend:
             items.append((thumb, f"#{h.rank} {h.domain} · {h.class_name} · {h.score:.3f}"))
         where = f" in {domain}" if domain != ALL_DOMAINS else ""
         status = f"{s.mode} search of {s.spec}: top {len(items)}{where}"
+        if s.normalizer is not None:
+            how = "nearest centroid" if query_domain == INFER else "given"
+            status += f" — {s.normalize}, query as {used[0]} ({how})"
         if captions:
             status += f' — query caption: "{captions[0]}"'
         return items, status
@@ -87,12 +92,14 @@ def build_demo(workspace: str | Path, device: str | None = None) -> gr.Blocks:
                 domain = gr.Dropdown([ALL_DOMAINS] + backend.domains, value=ALL_DOMAINS,
                                      label="search in domain")
                 k = gr.Slider(1, 50, value=12, step=1, label="results")
+                query_domain = gr.Dropdown([INFER] + backend.domains, value=INFER,
+                                           label="query domain (normalised indexes)")
                 button = gr.Button("Search", variant="primary")
             with gr.Column(scale=2):
                 status = gr.Markdown()
                 gallery = gr.Gallery(label="results", columns=4, object_fit="contain",
                                      height="auto")
-        inputs = [query, index, mode, domain, k]
+        inputs = [query, index, mode, domain, k, query_domain]
         button.click(backend.search, inputs, [gallery, status])
         query.upload(backend.search, inputs, [gallery, status])
         if examples:

@@ -8,6 +8,9 @@ One index = three files side by side (``<name>`` is the stem of ``Workspace.inde
                          fingerprint, params, per-domain counts, versions, the sha256
                          of the two files above, and the encoder's weights identity and
                          vectors fingerprint
+    <name>.normalize.npz only for a normalised index (``meta.normalize`` not "none"): the
+                         per-domain statistics (`indexes.normalize`) its vectors were
+                         transformed with; the sidecar records their fingerprint
 
 FAISS labels are row positions: vectors are added in manifest order, so label ``i`` is manifest
 row ``i`` (an incremental ``add`` appends rows after the existing ones).
@@ -48,12 +51,15 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from cdir.core.errors import CdirError
 from cdir.core.io import atomic_path
+
+if TYPE_CHECKING:
+    from indexes.normalize import DomainNormalizer
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,10 @@ class IndexMeta:
     model_id: str | None = None
     model_files: dict[str, dict[str, Any]] = field(default_factory=dict)
     vectors_fingerprint: str = ""
+    # search-time normalisation of the indexed vectors (a key of NORMALIZERS) and the fingerprint
+    # of its statistics file; absent in older sidecars, which are plain
+    normalize: str = "none"
+    normalize_fingerprint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +143,12 @@ def index_files(path: str | os.PathLike) -> IndexFiles:
     return IndexFiles(
         p.with_name(p.name + ".faiss"), p.with_name(p.name + ".json"),
         p.with_name(p.name + ".rows.parquet"))
+
+
+def normalizer_file(path: str | os.PathLike) -> Path:
+    """``<name>.normalize.npz``: the statistics of a normalised index at ``path``."""
+    faiss_file = index_files(path).faiss
+    return faiss_file.with_name(faiss_file.name.removesuffix(".faiss") + ".normalize.npz")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -460,6 +476,8 @@ class CdirIndex:
         self._domains = np.array(domains, dtype=object)
         self._pos = {i: k for k, i in enumerate(ids)}
         self._masks: dict[frozenset[str], tuple[np.ndarray, np.ndarray, int]] = {}
+        # the statistics the vectors were normalised with (None: plain); queries get the same
+        self.normalizer: DomainNormalizer | None = None
         self._refresh_meta()
 
     # -- facts -----------------------------------------------------------------------------------
@@ -646,6 +664,10 @@ class CdirIndex:
     ) -> None:
         """Append rows (new ids only). IVF kinds reuse their trained centroids; pass the new
         gallery's ``manifest_fingerprint`` so the saved index matches the grown manifest."""
+        if self.normalizer is not None:
+            # new rows change the per-domain statistics every indexed vector was transformed with
+            raise CdirError(f"a {self.normalizer.method} index cannot be extended in place: "
+                            "refit and rebuild it with `cdir index build`")
         x = _check_vectors(vectors, "vectors", self.dim)
         ids, domains = _check_rows(ids, domains, len(x))
         clash = [i for i in ids if i in self._pos]
@@ -675,6 +697,14 @@ class CdirIndex:
 
         files = index_files(path)
         meta = IndexMeta.from_dict(self.meta.to_dict())
+        if self.normalizer is not None:
+            # the statistics land before the sidecar naming their fingerprint: a crash in
+            # between leaves a sidecar that no longer matches them, which is refused
+            self.normalizer.save(normalizer_file(path))
+            meta.normalize = self.normalizer.method
+            meta.normalize_fingerprint = self.normalizer.fingerprint
+        else:
+            meta.normalize, meta.normalize_fingerprint = "none", ""
         with ExitStack() as stack:
             # entered sidecar-first so the renames run faiss, rows, then the sidecar: until the
             # sidecar lands, a reader still sees the old sidecar (and a checksum mismatch)
@@ -696,6 +726,10 @@ class CdirIndex:
                 f.flush()
                 os.fsync(f.fileno())
         self.meta.files = meta.files
+        self.meta.normalize = meta.normalize
+        self.meta.normalize_fingerprint = meta.normalize_fingerprint
+        if self.normalizer is None:  # a plain index replacing a normalised one of this name
+            normalizer_file(path).unlink(missing_ok=True)
         return files.faiss
 
 
@@ -787,16 +821,43 @@ def read_meta(path: str | os.PathLike) -> IndexMeta:
     return meta
 
 
+def load_normalizer(path: str | os.PathLike, meta: IndexMeta, hint: str | None = None
+                    ) -> DomainNormalizer | None:
+    """The normalisation statistics of the index at ``path`` (None for a plain index); refused
+    when the file is missing, damaged, or not the one the sidecar ``meta`` names. ``hint``: the
+    command that rebuilds the index, for the message."""
+    from indexes.normalize import DomainNormalizer
+
+    if meta.normalize == "none":
+        return None
+    f = normalizer_file(path)
+    rebuild = f"rebuild with `{hint or f'cdir index build --normalize {meta.normalize}'}`"
+    if not f.exists():
+        raise CdirError(f"the {meta.normalize} statistics of index {index_files(path).faiss} "
+                        f"are missing ({f.name}): {rebuild}")
+    try:
+        norm = DomainNormalizer.load(f)
+    except CdirError as e:
+        raise CdirError(f"{e} ({f}): {rebuild}") from None
+    if (norm.method, norm.fingerprint) != (meta.normalize, meta.normalize_fingerprint):
+        raise CdirError(f"the statistics {f.name} are not those index {index_files(path).faiss} "
+                        f"was built with ({norm.method} {norm.fingerprint}, the sidecar says "
+                        f"{meta.normalize} {meta.normalize_fingerprint}): {rebuild}")
+    return norm
+
+
 def load_index(
     path: str | os.PathLike,
     expect_encoder: str | None = None,
     expect_fingerprint: str | None = None,
     gpu: bool | None = None,
     verify: bool = True,
+    normalizer: bool = True,
 ) -> CdirIndex:
     """Load the index at ``path``; refuse it if it was built with another encoder or for another
     gallery than expected. ``verify`` checks the sidecar's sha256 of the other two files (catches
-    truncation and a save interrupted between its renames). ``gpu`` as in ``build_index``."""
+    truncation and a save interrupted between its renames). ``gpu`` as in ``build_index``.
+    ``normalizer``: load and check the normalisation statistics (the caller may do it itself)."""
     import pyarrow.parquet as pq
 
     files = index_files(path)
@@ -826,6 +887,8 @@ def load_index(
             f"says {meta.count} × {meta.dim}: rebuild with `cdir index build`")
     index = CdirIndex(
         cpu_index, meta, table.column("id").to_pylist(), table.column("domain").to_pylist())
+    if normalizer:
+        index.normalizer = load_normalizer(files.faiss, meta)
     if device == "gpu":
         index._attach_gpu()
     return index

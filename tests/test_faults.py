@@ -1,13 +1,15 @@
 """Faults: `cdir embed` and `cdir caption` killed with SIGTERM, SIGINT and SIGKILL at seeded random
 points, then resumed, end with every id exactly once and the vectors / captions of an uninterrupted
-run; SIGTERM keeps finished work like Ctrl-C (exit 143); two runs on one output never both write
-(`cdir.core.lock`); the lock file's takeover rules; `cdir.core.signals` itself.
+run; SIGTERM keeps finished work like Ctrl-C (exit 143), also for a stage called from Python; two
+runs on one output never both write (`cdir.core.lock`); the lock file's takeover rules;
+`cdir.core.signals` itself.
 
 The runs are real `cdir ARGS` processes (``cdir.cli.main`` in a process of its own, which gets the
 signals), forked from a warm interpreter (:class:`Zygote`) that has imported torch and transformers
 once: a fresh `cdir caption` spends 10-20 s importing on the small machines that run the tests,
-which would leave no room for several runs. ``-m slow`` adds longer random sequences, process-group
-kills with DataLoader workers, and `python -m cdir` started from scratch.
+which would leave no room for several runs. ``-m slow`` adds more seeds, small shards (kills in
+the middle of a flush), process-group kills with DataLoader workers (what `timeout` and batch
+schedulers do), and `python -m cdir` started from scratch.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 from tests.helpers.tiny_models import build_tiny
 
 
-def run(argv, log):
+def run(argv, log, snippet=None):
     pid = os.fork()
     if pid:
         return pid
@@ -70,7 +72,11 @@ def run(argv, log):
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        code = cli.main(argv)
+        if snippet is None:
+            code = cli.main(argv)
+        else:  # Python code instead of the command line
+            exec(snippet, {"__name__": "__main__"})
+            code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -84,7 +90,7 @@ def run(argv, log):
 for line in iter(sys.stdin.readline, ""):
     req = json.loads(line)
     if req["op"] == "run":
-        out = {"pid": run(req["argv"], req["log"])}
+        out = {"pid": run(req.get("argv"), req["log"], req.get("code"))}
     elif req["op"] == "poll":
         pid, status = os.waitpid(req["pid"], os.WNOHANG)
         out = {"rc": os.waitstatus_to_exitcode(status) if pid else None}
@@ -124,11 +130,12 @@ class Zygote:
             buf += chunk
         return json.loads(buf)
 
-    def start(self, workdir: Path, *args: object) -> tuple[int, Path]:
-        """Fork ``cdir ARGS``; returns its pid and its log file."""
+    def start(self, workdir: Path, *args: object, code: str | None = None) -> tuple[int, Path]:
+        """Fork ``cdir ARGS`` (or run the Python ``code``); returns its pid and its log file."""
         self.count += 1
         log = workdir / f"run{self.count:03d}.log"
-        return self._ask({"op": "run", "argv": [str(a) for a in args], "log": str(log)})["pid"], log
+        req = {"op": "run", "argv": [str(a) for a in args], "log": str(log), "code": code}
+        return self._ask(req)["pid"], log
 
     def poll(self, pid: int) -> int | None:
         if pid not in self.ended:
@@ -153,9 +160,9 @@ class Zygote:
             time.sleep(0.02)
         return rc
 
-    def run(self, workdir: Path, *args: object) -> tuple[int, str]:
-        """``cdir ARGS`` to its end: (exit status, output)."""
-        pid, log = self.start(workdir, *args)
+    def run(self, workdir: Path, *args: object, code: str | None = None) -> tuple[int, str]:
+        """``cdir ARGS`` (or the Python ``code``) to its end: (exit status, output)."""
+        pid, log = self.start(workdir, *args, code=code)
         rc = self.wait(pid)
         return rc, log.read_text()
 
@@ -277,14 +284,6 @@ def _wait_fraction(zygote: Zygote, pid: int, log: Path, stage: str, fraction: fl
         time.sleep(0.005)
 
 
-def _tracebacks(out: str) -> list[str]:
-    """The tracebacks in a run's output, except one of a DataLoader worker's resource_sharer
-    thread saying that the main process stopped fetching a batch half-way (a worker prints it on
-    Ctrl-C as well; nothing is lost: that batch was not stored yet)."""
-    blocks = out.split("Traceback (most recent call last):")[1:]
-    return [b for b in blocks if not ("resource_sharer.py" in b and "ConnectionResetError" in b)]
-
-
 def _fault_runs(zygote: Zygote, workdir: Path, argv: tuple, runs: int, seed: int,
                 after_each, group: bool = False) -> list[tuple[str, int]]:
     """``runs`` runs of ``cdir ARGV``, hit in turn (seeded order) by SIGTERM, SIGINT and SIGKILL
@@ -310,7 +309,7 @@ def _fault_runs(zygote: Zygote, workdir: Path, argv: tuple, runs: int, seed: int
         assert rc in (0, EXIT[sig]), f"{sig.name} at {fraction:.2f} gave {rc}:\n{out[-3000:]}"
         if rc in (130, 143):
             assert INTERRUPTED in out, out[-3000:]
-            assert not _tracebacks(out), out[-3000:]
+            assert "Traceback" not in out, out[-3000:]
         outcomes.append((sig.name, rc))
         after_each(sig.name, rc)
     # SIGTERM and SIGINT did cut runs short (a run that finished first proves nothing)
@@ -383,6 +382,32 @@ def test_sigterm_keeps_the_open_shard(zygote: Zygote, tmp_path: Path,
     assert not beside(ws.embeddings_dir("pixels")).exists()  # released on the way out
     rc, out = zygote.run(tmp_path, "embed", "-w", ws.root, *EMBED)
     assert rc == 0 and f"embedded {len(images) - len(ids)} new, {len(ids)} already done" in out
+
+
+_FROM_PYTHON = """
+import os, signal
+from cdir.core.signals import Terminated
+from cdir.stages.embed import embed_images
+
+def stop(done, total):
+    if done == 20:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+try:
+    embed_images({ws!r}, "pixels", batch_size=1, num_workers=0, progress=False, callback=stop)
+except Terminated:
+    print("Terminated", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+"""
+
+
+def test_a_stage_called_from_python_keeps_its_work_on_sigterm(
+        zygote: Zygote, tmp_path: Path, images: list[dict]) -> None:
+    """Without the command line: the stage itself turns SIGTERM into Terminated (a
+    KeyboardInterrupt), writes the 20 rows done, and puts the default disposition back."""
+    ws = _workspace(tmp_path / "ws", images)
+    rc, out = zygote.run(tmp_path, code=_FROM_PYTHON.format(ws=str(ws.root)))
+    assert rc == 0 and out.strip() == "Terminated True", out
+    assert len(_raw_ids(ws)) == 20
 
 
 # -- caption ------------------------------------------------------------------------------------
@@ -503,6 +528,36 @@ def test_a_killed_holders_lock_is_taken_over(zygote: Zygote, tmp_path: Path,
     rc, out = zygote.run(tmp_path, "embed", "-w", ws.root, *EMBED)
     assert rc == 0 and "embedded 8 new" in out, out
     assert not lock.exists()
+
+
+def test_index_build_and_caption_embeddings_take_a_lock_too(tmp_path: Path,
+                                                             images: list[dict]) -> None:
+    """`cdir index build` (one build at a time per workspace) and caption embeddings (one
+    writer per source and text encoder) stop at once while another run holds their lock."""
+    from cdir.core.errors import CdirError
+    from cdir.core.workspace import caption_spec
+    from cdir.stages.caption import import_captions
+    from cdir.stages.embed import embed_captions
+    from cdir.stages.index import build_index
+
+    ws = _workspace(tmp_path / "ws", images[:4])
+    table = tmp_path / "mine.csv"
+    table.write_text("id,caption\n" + "".join(f"{r['id']},a drawing\n" for r in images[:4]))
+    key = import_captions(ws, table)["key"]
+    text_encoder = "st:all-MiniLM-L6-v2"
+    for lock, run in ((beside(ws.root / "indexes"), lambda: build_index(ws.root, "pixels")),
+                      (beside(ws.embeddings_dir(caption_spec(text_encoder, key))),
+                       lambda: embed_captions(ws, key, text_encoder))):
+        holder = subprocess.Popen([sys.executable, "-c",
+                                   _HOLDER.format(repo=str(REPO), path=str(lock))],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            with pytest.raises(CdirError, match=rf"^another run \(pid {holder.pid}\), started "):
+                run()
+        finally:
+            holder.kill()
+            holder.wait()
 
 
 def _record(path: Path, **fields: object) -> None:

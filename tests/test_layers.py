@@ -36,6 +36,8 @@ DISPATCH = {
     "cdir/stages/modes.py": "MODES",
     "encoders/ssl/registry.py": "_REGISTRY",
     "indexes/faiss_index.py": "KIND_PARAMS",
+    "indexes/normalize.py": "NORMALIZERS",
+    "eval/rerank.py": "RERANKERS",
 }
 
 

@@ -331,10 +331,9 @@ def _option(parser: argparse.ArgumentParser, flag: str) -> argparse.Action | Non
 
 def test_every_command_takes_the_same_common_flags():
     leaves = dict(_leaves(build_parser()))
-    # the commands that draw progress bars take --no-progress (train: its recipe's
-    # train.progress)
+    # the commands that draw progress bars take --no-progress (train: sets train.progress)
     progress = [c for c in leaves if c.split()[0] in ("data", "embed", "caption", "eval",
-                                                      "reproduce")]
+                                                      "reproduce") or c.startswith("train synco")]
     assert len(progress) > 5
     for command in progress:
         assert _option(leaves[command], "--no-progress"), command
@@ -344,7 +343,8 @@ def test_every_command_takes_the_same_common_flags():
         if w is not None:
             assert w.option_strings == ["-w", "--workspace"], command
     # --device means the same everywhere it is a plain device choice
-    helps = {c: _option(leaves[c], "--device").help for c in ("caption", "eval", "search", "demo")}
+    helps = {c: _option(leaves[c], "--device").help
+             for c in ("caption", "embed", "eval", "search", "demo")}
     assert len(set(helps.values())) == 1, helps
 
 

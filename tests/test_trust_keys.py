@@ -352,3 +352,38 @@ def test_embed_without_encoder_names_the_offline_default(ws, capsys):
     from cdir.commands.embed import ENCODER_HELP
 
     assert "offline" in ENCODER_HELP and "emoji_synco.pt" in ENCODER_HELP
+
+
+def test_reproduce_after_a_retrain_re_embeds_and_re_evaluates(tmp_path, capsys):
+    """A recipe run again after its checkpoint was retrained at the same path runs embed and
+    eval again instead of skipping them (and never reuses the old report)."""
+    import yaml
+
+    from cdir.recipe.config import load_recipe
+    from cdir.recipe.runner import Runner
+
+    ckpt = write_checkpoint(tmp_path / "enc.pt", seed=0)
+    recipe = tmp_path / "visual.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "visual", "workspace": str(tmp_path / "ws"),
+        "dataset": {"kind": "emoji", "limit": N_CATEGORIES, "size": 32},
+        "image_encoders": [f"ckpt:{ckpt}"], "eval": {"modes": ["visual"], "ks": [1]},
+        "batch": {"workers": 0}}))
+
+    def run() -> dict[str, str]:
+        return {st.kind: st.status
+                for st in Runner(load_recipe(recipe), progress=False).run()}
+
+    first = run()
+    assert first["embed-images"] == first["eval"] == "ran"
+    again = run()
+    assert again["embed-images"] == again["eval"] == "skipped"
+    write_checkpoint(ckpt, seed=1)  # retrained in place
+    after = run()
+    assert after["embed-images"] == after["eval"] == "ran", after
+    spec = f"ckpt:{ckpt}"
+    w = Workspace(tmp_path / "ws")
+    info = EmbeddingStore(w.embeddings_dir(spec)).info()
+    from encoders.hub import model_identity
+
+    assert info["params"]["weights"] == model_identity(spec).id

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_command, add_workspace
+from cdir.commands.common import add_command, add_device, add_progress, add_workspace
 
 ENCODER_HELP = """\
 image encoder spec:
@@ -50,15 +50,13 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes decoding images (default min(4, CPUs); "
                         "0 = in the main process)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="where the encoder runs (default: cuda when available)")
+    add_device(p)
     p.add_argument("--shard-rows", type=int, default=4096,
                    help="rows per shard file: an interruption loses at most one shard "
                         "(default 4096)")
     p.add_argument("--limit", type=int, default=None,
                    help="embed at most N of the missing rows (a quick check; re-run to finish)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (the summary line is still printed)")
+    add_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_command, add_device, add_progress, add_workspace
+from cdir.commands.common import (
+    add_command,
+    add_device,
+    add_progress,
+    add_workspace,
+    positive_int,
+)
 
 KINDS = ("retrieval", "knn", "linear")
 
@@ -13,6 +19,8 @@ KINDS = ("retrieval", "knn", "linear")
 def register(sub: argparse._SubParsersAction) -> None:
     from cdir.stages.modes import MODES
     from eval.fusion import FUSION_METHODS
+    from eval.rerank import DEFAULT_CSLS_K, RERANKERS
+    from indexes.normalize import NORMALIZERS
 
     p = add_command(
         sub, "eval",
@@ -37,6 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fusion-method", choices=tuple(FUSION_METHODS), default="zscore")
     p.add_argument("--sweep", action="store_true",
                    help="choose fusion weights on a held-out half of the queries, report the other")
+    p.add_argument("--normalize", metavar="NAMES",
+                   help=f"comma-separated per-domain normalisations: {', '.join(NORMALIZERS)}; "
+                        "each is evaluated, side by side in the comparison (statistics fitted "
+                        "on the evaluated gallery without labels; default: none)")
+    p.add_argument("--rerank", metavar="NAMES",
+                   help=f"comma-separated scoring: {', '.join(RERANKERS)} (csls: hubness-"
+                        "corrected CSLS per directed pair; default: none)")
+    p.add_argument("--csls-k", type=positive_int, default=DEFAULT_CSLS_K,
+                   help="CSLS neighbourhood size")
     p.add_argument("--protocol", choices=("ucdir",), default="ucdir",
                    help="ucdir: the UCDIR-family protocol (P@k with t=min(k,R)), beside standard "
                         "precision@k, recall@k and mAP@R")
@@ -75,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         captions=args.captions, modes=args.mode, fuse=args.fuse, weights=args.weights,
         fusion_method=args.fusion_method, sweep=args.sweep, ks=args.ks, pairs=args.pairs,
         run=args.run, examples=args.examples, device=args.device,
-        progress=not args.no_progress, echo=print)
+        progress=not args.no_progress, echo=print, normalize=args.normalize,
+        rerank=args.rerank, csls_k=args.csls_k)
     print(summary["summary"])
     return 0
 

@@ -10,6 +10,7 @@ from cdir.commands.common import add_workspace, positive_int
 
 def register(sub: argparse._SubParsersAction) -> None:
     from indexes.faiss_index import KINDS
+    from indexes.normalize import NORMALIZERS
 
     p = sub.add_parser("index", help="build or inspect FAISS indexes over embeddings",
                        description="Build a FAISS index over the embeddings of a workspace, or "
@@ -29,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--type", choices=KINDS, default="flat",
                    help="flat: exact; ivf / ivfpq: inverted lists (faster, approximate, "
                         "ivfpq compressed); hnsw: graph")
+    b.add_argument("--normalize", choices=tuple(NORMALIZERS), default="none",
+                   help="per-domain normalisation of the indexed vectors, fitted on the gallery "
+                        "without labels (statistics saved beside the index; queries get their "
+                        "domain's transform): " + "; ".join(
+                            f"{k}: {v.help}" for k, v in NORMALIZERS.items()))
     b.add_argument("--name", help="index name: letters, digits, . _ - (default: from the "
                                   "encoder and type)")
     b.add_argument("--force", action="store_true",
@@ -58,7 +64,7 @@ def run_build(args: argparse.Namespace) -> int:
     summary = build_index(args.workspace, encoder=args.encoder, text_encoder=args.text_encoder,
                           captions=args.captions, kind=args.type, name=args.name, gpu=args.gpu,
                           nlist=args.nlist, m=args.m, rebuild=args.rebuild, force=args.force,
-                          allow_missing=args.allow_missing)
+                          allow_missing=args.allow_missing, normalize=args.normalize)
     for note in summary["notes"]:
         print(note, file=sys.stderr)
     print(summary["summary"])
@@ -75,9 +81,11 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"no indexes in {ws.root}: build one with `cdir index build`")
         return 0
     for r in rows:
+        norm = r.get("normalize", "none")
         stale = "" if r["current"] else (
             "  [stale: the gallery changed; update with "
-            f"`{update_commands(ws, r['encoder_spec'], r['kind'], r['name'])}`]")
+            f"`{update_commands(ws, r['encoder_spec'], r['kind'], r['name'], norm)}`]")
+        normalized = f", {norm}" if norm != "none" else ""
         print(f"{r['name']}: {r['kind']} over {r['count']} vectors of {r['encoder_spec']} "
-              f"(dim {r['dim']}){stale}")
+              f"(dim {r['dim']}{normalized}){stale}")
     return 0

@@ -19,6 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="query image (repeat for several)")
     p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--domain", help="only return images of this domain")
+    p.add_argument("--query-domain", metavar="D",
+                   help="the queries' domain: on a normalised index they get that domain's "
+                        "transform (default: the domain of the nearest gallery centroid, named "
+                        "on stderr)")
     p.add_argument("--index", help="index name (default: the only index, or the --encoder one)")
     p.add_argument("--encoder", help="pick the index built with this encoder")
     p.add_argument("--mode", choices=SINGLE_MODES,
@@ -32,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
     from dataclasses import asdict
 
     from cdir.core.errors import CdirError
@@ -43,9 +48,16 @@ def run(args: argparse.Namespace) -> int:
     images = [load_image(p) for p in args.image]  # a bad query is an error, not a skip
     searcher = Searcher(args.workspace, index=args.index, encoder=args.encoder, mode=args.mode,
                         captioner=args.captioner, device=args.device)
-    results, captions = searcher.search(images, k=args.k, domain=args.domain)
+    results, captions, used = searcher.search(images, k=args.k, domain=args.domain,
+                                              query_domain=args.query_domain)
+    inferred = searcher.normalizer is not None and args.query_domain is None
+    if inferred:
+        for query, d in zip(args.image, used, strict=True):
+            print(f"{query}: {searcher.normalize} as domain {d} (nearest gallery centroid; "
+                  "--query-domain chooses)", file=sys.stderr)
     if args.json:
         print(json.dumps([{"query": q, "caption": captions[i] if captions else None,
+                           "query_domain": used[i], "query_domain_inferred": inferred,
                            "results": [asdict(h) for h in hits]}
                           for i, (q, hits) in enumerate(zip(args.image, results, strict=True))],
                          indent=2))
@@ -56,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         for h in hits:
             print(f"  {h.rank:3d}  {h.score:7.4f}  {h.domain:<12} {h.class_name:<24} {h.path}")
     where = f" in {args.domain}" if args.domain else ""
+    normalized = f" ({searcher.normalize})" if searcher.normalizer is not None else ""
     print(f"{len(images)} quer{'y' if len(images) == 1 else 'ies'}, top {args.k}{where}, "
-          f"{searcher.mode} search of {searcher.spec}")
+          f"{searcher.mode} search of {searcher.spec}{normalized}")
     return 0

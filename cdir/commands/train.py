@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from cdir.commands.common import add_progress
 from encoders.ssl.registry import METHODS
 
 
@@ -48,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(sets monitor.path)")
         m.add_argument("--stop-at", type=int, metavar="EPOCH", help="stop after this many "
                        "epochs in total (resume later with --resume); for jobs with a time limit")
+        add_progress(m)
         m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any recipe value, e.g. --set optim.lr=0.06 "
                        "--set method.queue_size=4096 (repeatable; values are YAML)")
@@ -69,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
     from cdir.stages.train import summary_line, train_encoder
 
+    sets = [*args.set, *(["train.progress=false"] if args.no_progress else [])]
     summary = train_encoder(
-        args.method, args.config, args.set, data=args.data, out=args.out, epochs=args.epochs,
+        args.method, args.config, sets, data=args.data, out=args.out, epochs=args.epochs,
         batch_size=args.batch_size, workers=args.workers, seed=args.seed, monitor=args.monitor,
         resume=args.resume, stop_at=args.stop_at, force=args.force,
     )

@@ -13,10 +13,11 @@ as written): SIGINT and SIGTERM arriving inside are raised when the block ends.
 
 ``timeout``, batch schedulers and Ctrl-C signal every process of the job, DataLoader workers
 included: PyTorch's workers die of a SIGTERM that does not come from their parent (whose
-DataLoader then raises "worker killed by signal" in the middle of the clean-up), and a worker
-stopped by Ctrl-C in the middle of handing a batch over leaves a traceback. A DataLoader built with
-``worker_init_fn=loader_worker`` has workers that leave both signals to the main process, which
-shuts them down on its way out (they also exit by themselves once it is gone).
+DataLoader then raises "worker killed by signal" in the middle of the clean-up). A DataLoader
+built with ``worker_init_fn=loader_worker`` has workers that leave both signals to the main
+process, which shuts them down on its way out (they also exit by themselves once it is gone), and
+that keep quiet when the interrupted main process stops taking a batch half-way (that batch was
+not stored: nothing is lost).
 
 ``cdir.cli.main`` installs :func:`graceful` once; stages decorated with ``@graceful()`` get it when
 called from Python too (nested use, a handler of the caller's own, an ignored SIGTERM and threads
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -79,6 +82,16 @@ def loader_worker(worker_id: int) -> None:
     docstring). Runs after PyTorch installed its own worker signal handlers."""
     for s in _STOP:
         signal.signal(s, signal.SIG_IGN)
+    sys.excepthook = _quiet_broken_handover
+
+
+def _quiet_broken_handover(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    # multiprocessing's resource_sharer thread hands a batch's tensors over to the main process
+    # and reports (through sys.excepthook) a main process that hung up half-way
+    if issubclass(kind, (ConnectionError, EOFError)) and any(
+            f.filename.endswith("resource_sharer.py") for f in traceback.extract_tb(tb)):
+        return
+    sys.__excepthook__(kind, value, tb)
 
 
 _shield: dict[str, list[int] | None] = {"caught": None}  # signals held by the active shield

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from cdir.core.errors import CdirError
 from cdir.core.io import read_json, write_json
 from cdir.core.manifest import fingerprint
 from cdir.core.store import EmbeddingStore
-from cdir.core.workspace import Workspace
+from cdir.core.workspace import Workspace, caption_spec
 from cdir.recipe.config import Recipe
 from cdir.recipe.methods import Method, build_methods
 from cdir.recipe.preflight import Check, preflight, skipped_specs
@@ -37,7 +38,13 @@ from cdir.stages.caption import caption_workspace
 from cdir.stages.embed import caption_embeddings_dir, embed_captions, embed_images
 from cdir.stages.evaluate import parse_pairs
 from cdir.stages.gallery import describe_gallery
-from cdir.stages.modes import ModeConfig, build_scorer
+from cdir.stages.modes import (
+    ModeConfig,
+    build_scorer,
+    caption_vectors,
+    image_vectors,
+    vectors_fingerprint,
+)
 from encoders.captioners import resolve_captioner
 from eval.protocol import default_ks, evaluate_pairs, split_examples
 from eval.report import jsonable, write_report
@@ -137,9 +144,9 @@ class Runner:
                         if big else "")
 
     # -- running -----------------------------------------------------------------------------------
-    def run(self, dry_run: bool = False) -> None:
+    def run(self, dry_run: bool = False) -> list[Stage]:
         """Preflight and print the plan; unless ``dry_run`` or something is missing, run every
-        stage and write the report."""
+        stage and write the report. Returns the stages with their status."""
         self.preflight()
         stages = self.plan()
         print(format_plan(self, stages))
@@ -150,7 +157,7 @@ class Runner:
                             "no stage was run")
         if dry_run:
             print("dry run: nothing was run")
-            return
+            return stages
         resolve_device(self.device, flag="--set device")  # a GPU asked for but absent: stop now
         handlers = {"data": self._data, "caption": self._caption,
                     "embed-captions": self._embed_captions, "embed-images": self._embed_images,
@@ -167,6 +174,7 @@ class Runner:
             print(f"[{n}/{len(stages)}] {st.kind}: {st.status}"
                   + (f" ({st.detail})" if st.detail else ""), flush=True)
         print(f"\nwrote {self.report_dir / 'reproduction.md'} (+ reproduction.json)")
+        return stages
 
     # Each stage returns (status, detail): "skipped" when its output is already complete.
 
@@ -224,7 +232,8 @@ class Runner:
         ids = set(self.ws.manifest()["id"].astype(str))
         captioned = CaptionStore(self.ws, key).done_ids() & ids
         store = EmbeddingStore(caption_embeddings_dir(self.ws, key, st.spec))
-        if captioned and captioned <= store.done_ids():
+        if captioned and captioned <= store.done_ids() and _current(
+                lambda: caption_vectors(self.ws, self.ws.manifest(), key, st.spec)):
             return "skipped", f"already done: {len(captioned)} caption embeddings"
         summary = embed_captions(self.ws, key, st.spec, batch_size=self.r.batch.text,
                                  device=self.device, progress=self.progress)
@@ -234,7 +243,8 @@ class Runner:
         ids = set(self.ws.manifest()["id"].astype(str))
         store = EmbeddingStore(self.ws.embeddings_dir(st.spec))
         failed = {f["id"] for f in store.failed()}
-        if store.exists() and ids <= store.done_ids() | failed:
+        if store.exists() and ids <= store.done_ids() | failed and _current(
+                lambda: image_vectors(self.ws, self.ws.manifest(), st.spec)):
             extra = f", {len(ids & failed)} unreadable" if ids & failed else ""
             return "skipped", f"already done: {len(ids - failed)} image embeddings{extra}"
         summary = embed_images(self.ws, st.spec, batch_size=self.r.batch.image,
@@ -252,15 +262,16 @@ class Runner:
         key = self._captions_key(m.captioner) if m.captioner is not None else None
         out = self.report_dir / m.id
         # everything the numbers depend on: a re-run with the same signature reuses them
-        vectors = [ws.embeddings_dir(s) for s in (m.encoder, m.clip) if s]
-        vectors += [caption_embeddings_dir(ws, key, s) for s in (m.clip, m.text_encoder) if s]
+        specs = [s for s in (m.encoder, m.clip) if s]
+        specs += [caption_spec(s, key) for s in (m.clip, m.text_encoder) if s]
+        ids = manifest["id"].astype(str).tolist()
         signature = {
             "mode": m.mode, "encoder": m.encoder, "text_encoder": m.text_encoder, "clip": m.clip,
             "captions": key, "fusion": list(m.fusion), "weights": dict(ev.fusion.weights),
             "fusion_method": ev.fusion.method, "ks": list(self.ks),
             "pairs": [list(p) for p in pairs] if pairs else "all", "examples": ev.examples,
             "manifest": fingerprint(manifest),
-            "vectors": {d.name: len(EmbeddingStore(d).done_ids()) for d in vectors}}
+            "vectors": {s: vectors_fingerprint(ws, s, ids)[0] for s in specs}}
         stage_file = out / "stage.json"
         if stage_file.exists() and (out / "results.json").exists():
             old = read_json(stage_file)
@@ -294,3 +305,13 @@ def _under(path: str, root: str | None) -> bool:
     p = os.path.realpath(path)
     r = os.path.realpath(os.path.abspath(os.path.expanduser(root)))
     return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def _current(check: Callable[[], object]) -> bool:
+    """True when the stored vectors are what the model and the gallery are now (the check
+    refuses stale ones with a CdirError): a retrained model or a changed image re-runs embed."""
+    try:
+        check()
+    except CdirError:
+        return False
+    return True

@@ -20,6 +20,8 @@ from cdir.stages.modes import (
     mode_models,
     parse_weights,
 )
+from eval.rerank import DEFAULT_CSLS_K, RERANKERS
+from indexes.normalize import NORMALIZERS
 
 
 def _names(value: str | Sequence[str] | None) -> list[str]:
@@ -80,6 +82,22 @@ def _requested_modes(modes: str | Sequence[str] | None, cfg: ModeConfig) -> list
     return names
 
 
+def _choices(value: str | Sequence[str] | None, table: dict, flag: str) -> list[str]:
+    """Comma-separated names (or a list) checked against the keys of ``table``; ["none"] when
+    not given."""
+    names = _names(value) or ["none"]
+    for name in names:
+        if name not in table:
+            raise CdirError(f"{flag} takes {', '.join(table)} (comma-separated), not {name!r}")
+    return list(dict.fromkeys(names))  # a repeat would only evaluate the same thing twice
+
+
+def variant_name(mode: str, normalize: str, rerank: str) -> str:
+    """The name of one (mode, normalisation, rerank) evaluation: a column group of the comparison
+    and its report folder; the plain mode keeps its own name."""
+    return "+".join([mode] + [x for x in (normalize, rerank) if x != "none"])
+
+
 def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
              text_encoder: str | None = None, clip: str | None = None,
              captions: str | None = None, modes: str | Sequence[str] | None = None,
@@ -88,12 +106,18 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
              sweep: bool = False, ks: str | Sequence[int] | None = None,
              pairs: str | Sequence[str] | None = None, run: str | None = None,
              examples: int = 4, device: str | None = None, progress: bool = True,
-             echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+             echo: Callable[[str], None] | None = None,
+             normalize: str | Sequence[str] | None = None,
+             rerank: str | Sequence[str] | None = None,
+             csls_k: int = DEFAULT_CSLS_K) -> dict[str, Any]:
     """Evaluate every mode in ``modes`` (default: each mode the models given configure) on the
     directed pairs ``pairs`` (default: all) at ``ks`` (default: the dataset's), and write the
     reports to ``WORKSPACE/reports/RUN/`` (one folder per mode when there are several, and a
     comparison). ``fuse``, ``weights`` and ``fusion_method`` configure ``fusion``; ``sweep``
-    chooses its weights on a held-out half of the queries.
+    chooses its weights on a held-out half of the queries. ``normalize`` (names of
+    `indexes.normalize.NORMALIZERS`) and ``rerank`` (names of `eval.rerank.RERANKERS`, ``csls``
+    with neighbourhood ``csls_k``) each give one evaluation per name and mode, side by side in
+    the comparison; the statistics are fitted on all the evaluated rows, without labels.
 
     ``run`` names the report folder; by default the name covers every setting that changes the
     report (modes, models, ks, pairs, fusion settings, examples), so runs with other settings
@@ -131,16 +155,23 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
                      weights=dict(weights) if isinstance(weights, dict) else parse_weights(weights),
                      fusion_method=fusion_method)
     modes = _requested_modes(modes, cfg)
-    settings = report_settings(modes, cfg, ks, pairs, sweep, examples)
+    norms = _choices(normalize, NORMALIZERS, "--normalize")
+    reranks = _choices(rerank, RERANKERS, "--rerank")
+    if isinstance(csls_k, bool) or not isinstance(csls_k, int) or csls_k < 1:
+        raise CdirError(f"--csls-k must be a positive integer, got {csls_k!r}")
+    variants = [(m, n, r) for m in modes for n in norms for r in reranks]
+    settings = report_settings(modes, cfg, ks, pairs, sweep, examples, norms, reranks, csls_k)
     run_name = run or spec_key("|".join(f"{k}={v}" if k != "modes" else v
                                         for k, v in settings.items()))
     out_root = ws.reports_dir(run_name)
     t0 = time.perf_counter()
     tables: dict[str, list[dict]] = {}
-    for mode in modes:
-        scorer, ok = build_scorer(ws, manifest, mode, cfg, device=device)
+    for mode, norm, rr in variants:
+        key = variant_name(mode, norm, rr)
+        scorer, ok = build_scorer(ws, manifest, mode, cfg, device=device, normalize=norm,
+                                  rerank=rr, csls_k=csls_k)
         sub = manifest[ok].reset_index(drop=True)
-        if (~ok).any():
+        if (~ok).any() and (norm, rr) == (norms[0], reranks[0]):  # once per mode
             say(f"[{mode}] {int((~ok).sum())} of {len(manifest)} images have no vector "
                 "(unreadable or uncaptioned) and are left out")
         if sweep and mode == "fusion":
@@ -154,30 +185,34 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
         results = evaluate_pairs(scorer, sub, pairs=pairs, ks=ks, keep_examples=examples,
                                  progress=progress,
                                  **({"query_mask": sub_q} if sub_q is not None else {}))
-        title = f"{mode}: " + ", ".join(mode_models(mode, cfg))
+        title = f"{key}: " + ", ".join(mode_models(mode, cfg))
+        if rr == "csls":
+            title += f" (CSLS k={csls_k})"
         if sub_q is not None:
             title += " (weights swept on one half of the queries; the other half reported)"
-        out = out_root / mode if len(modes) > 1 else out_root
+        out = out_root / key if len(variants) > 1 else out_root
         write_report(results, out, title, manifest=sub, settings=settings)
-        tables[mode] = results
+        tables[key] = results
         say(f"\n## {title}\n", format_table(results))
-    if len(modes) > 1:
+    if len(variants) > 1:
         comparison = compare_modes(tables, ks)
         from cdir.core.io import write_text
 
         write_text(out_root / "comparison.md", f"# Modes compared (UCDIR P@k)\n\n{comparison}")
         say("## modes compared (UCDIR P@k)\n", comparison)
-    summary = (f"evaluated {len(modes)} mode(s) × {len(next(iter(tables.values()))) - 1} pairs "
+    summary = (f"evaluated {len(variants)} mode(s) × {len(next(iter(tables.values()))) - 1} pairs "
                f"in {time.perf_counter() - t0:.1f}s; report in {Path(out_root)}")
     return {"report": str(out_root), "modes": modes, "ks": ks, "pairs": pairs,
             "settings": settings, "results": tables, "lines": lines, "summary": summary}
 
 
 def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
-                    pairs: list[tuple[str, str]] | None, sweep: bool, examples: int
-                    ) -> dict[str, str]:
+                    pairs: list[tuple[str, str]] | None, sweep: bool, examples: int,
+                    normalize: Sequence[str] = ("none",), rerank: Sequence[str] = ("none",),
+                    csls_k: int = DEFAULT_CSLS_K) -> dict[str, str]:
     """Every setting that changes a report, as text (in the report, and in its default name):
-    the modes, their models, ks, pairs, the fusion settings when fusion runs, the examples."""
+    the modes, their models, ks, pairs, the fusion settings when fusion runs, the normalisation
+    and rerank when not plain (so plain runs keep their names), the examples."""
     used = [m for m in modes if m in SINGLE_MODES]
     if "fusion" in modes:
         used += list(cfg.fusion) or configured_modes(cfg)
@@ -194,6 +229,12 @@ def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
         out["weights"] = ",".join(f"{m}={w}" for m, w in sorted(cfg.weights.items())) or "1"
         out["fusion_method"] = cfg.fusion_method
         out["sweep"] = "yes" if sweep else "no"
+    if list(normalize) != ["none"]:
+        out["normalize"] = ",".join(normalize)
+    if list(rerank) != ["none"]:
+        out["rerank"] = ",".join(rerank)
+        if "csls" in rerank:
+            out["csls_k"] = str(csls_k)
     out["examples"] = str(examples)
     return out
 

@@ -55,7 +55,7 @@ def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.Pat
         size = size or 128
         root = str(ws.root / "gallery")
         params = {"limit": limit, "size": size}
-        build_emoji_gallery(root, size=size, limit=limit)
+        build_emoji_gallery(root, size=size, limit=limit, progress=progress)
     else:
         if root is None:
             raise CdirError(f"the {kind} gallery needs its {'table' if kind == 'csv' else 'root'}")

@@ -83,10 +83,11 @@ def fill_commands(ws: Workspace, spec: str) -> list[str]:
     return [shlex.join(c) for c in cmds]
 
 
-def update_commands(ws: Workspace, spec: str, kind: str, name: str) -> str:
+def update_commands(ws: Workspace, spec: str, kind: str, name: str, normalize: str = "none"
+                    ) -> str:
     """The command line, ready to paste, that brings index ``name`` up to date with the gallery."""
     build = ["cdir", "index", "build", "-w", str(ws.root), *_source_flags(spec), "--type", kind,
-             "--name", name]
+             *(["--normalize", normalize] if normalize != "none" else []), "--name", name]
     return " && ".join([*fill_commands(ws, spec), shlex.join(build)])
 
 
@@ -127,7 +128,7 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
                 kind: str = "flat", name: str | None = None, gpu: bool | None = None,
                 nlist: int | None = None, m: int | None = None,
                 rebuild: bool = False, force: bool = False,
-                allow_missing: bool = False) -> dict[str, Any]:
+                allow_missing: bool = False, normalize: str = "none") -> dict[str, Any]:
     """Build a cosine index of ``kind`` over the image embeddings of ``encoder`` or the caption
     embeddings of ``captions`` by ``text_encoder``, in ``WORKSPACE/indexes/NAME.faiss``.
 
@@ -135,19 +136,25 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     gallery only grew (unless ``rebuild``); an index of another spec or kind under ``name`` is
     replaced only with ``force``. Gallery images that have no vector yet (new since `cdir embed`
     ran) are refused unless ``allow_missing``; unreadable images are always left out. ``m``: PQ
-    sub-quantizers (ivfpq) or graph degree (hnsw); ``nlist``: IVF lists. Returns the index's
+    sub-quantizers (ivfpq) or graph degree (hnsw); ``nlist``: IVF lists. ``normalize`` (a key of
+    `indexes.normalize.NORMALIZERS`): the vectors are normalised per domain with statistics
+    fitted on the indexed rows, saved as ``NAME.normalize.npz`` (fingerprint in the sidecar);
+    such an index is refit and rebuilt, never extended, when the gallery grows. Returns the index's
     name, path, spec, kind, vector count, what was done (``action``: up-to-date, added or built),
     ``notes`` (lines for stderr: what was left out, parameters lowered for small data) and the
     one-line ``summary``."""
     from cdir.core.manifest import fingerprint
+    from cdir.stages.modes import gallery_normalizer
     from indexes.faiss_index import (
         KIND_PARAMS,
         index_files,
         load_index,
+        load_normalizer,
         read_meta,
         small_data_note,
     )
     from indexes.faiss_index import build_index as new_index
+    from indexes.normalize import NORMALIZERS
 
     for flag, value in (("--nlist", nlist), ("--m", m)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -155,11 +162,14 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
             raise CdirError(f"{flag} must be a positive integer, got {value!r}")
     if name is not None:
         check_index_name(name)
+    if normalize not in NORMALIZERS:
+        raise CdirError(f"--normalize takes {', '.join(NORMALIZERS)}, not {normalize!r}")
     ws = Workspace(workspace).require()
     manifest = ws.manifest()
     fp = fingerprint(manifest)
     x, ok, spec = index_vectors(ws, manifest, encoder, text_encoder, captions)
-    name = name or f"{spec_key(spec)}.{kind}"
+    # a normalised index has a name of its own, so the plain one can stay beside it
+    name = name or f"{spec_key(spec)}.{kind}" + (f".{normalize}" if normalize != "none" else "")
     path = ws.index_path(name)
     ids = manifest["id"].to_numpy()[ok].tolist()
     domains = manifest["domain"].astype(str).to_numpy()[ok].tolist()
@@ -177,11 +187,12 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
         except CdirError as e:
             if not (rebuild or force):  # building again without --rebuild would fail again
                 raise CdirError(f"{e} (pass --rebuild to replace it)") from None
-    same = old_meta is not None and (old_meta.encoder_spec, old_meta.kind) == (spec, kind)
+    same = old_meta is not None and (old_meta.encoder_spec, old_meta.kind, old_meta.normalize
+                                      ) == (spec, kind, normalize)
     if old_meta is not None and not same and not force:
         raise CdirError(f"index {name} was built as {old_meta.kind} over {old_meta.encoder_spec}"
-                        f", not {kind} over {spec}: choose another --name, or pass --force to "
-                        "replace it")
+                        f" (normalize {old_meta.normalize}), not {kind} over {spec} (normalize "
+                        f"{normalize}): choose another --name, or pass --force to replace it")
     missing = _missing(ws, manifest, ok, spec)
     if missing and not allow_missing:
         raise CdirError(f"{missing} of {len(manifest)} gallery images have no {spec} vector yet: "
@@ -192,9 +203,16 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
                                          (skipped - missing, "unreadable or without a caption"))
            if n]
     notes = [f"{skipped} of {len(manifest)} images left out: {', '.join(why)}"] if skipped else []
-    result = {"name": name, "path": str(path), "spec": spec, "kind": kind, "notes": notes}
+    result = {"name": name, "path": str(path), "spec": spec, "kind": kind,
+              "normalize": normalize, "notes": notes}
     left_out = f" ({skipped} images left out)" if skipped else ""
     t0 = time.perf_counter()
+    if same and normalize != "none" and not rebuild:
+        try:
+            load_normalizer(path, old_meta)
+        except CdirError:  # statistics removed, edited or not the sidecar's: refit them
+            notes.append(f"the {normalize} statistics of {name} are missing or changed: refit")
+            rebuild = True
     if same and not rebuild:
         old = load_index(path, gpu=gpu)
         known = set(old.ids)
@@ -206,7 +224,11 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
             old.save(path)
             return {**result, "count": len(old), "action": "up-to-date",
                     "summary": f"index {name} is up to date ({len(old)} vectors){left_out}"}
-        if fresh and known.issubset(ids) and len(known) < len(ids):  # the gallery only grew
+        grew = fresh and known.issubset(ids) and len(known) < len(ids)
+        if grew and old.normalizer is not None:
+            notes.append(f"the gallery grew: the {normalize} statistics of {name} are refit and "
+                         "the index rebuilt")
+        elif grew:
             new = [i for i, id_ in enumerate(ids) if id_ not in known]
             sel = ok.nonzero()[0][new]
             old.add(x[sel], [ids[i] for i in new], [domains[i] for i in new])
@@ -216,8 +238,13 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
             return {**result, "count": len(old), "action": "added",
                     "summary": f"added {len(new)} vectors to {name}: {len(old)} in all "
                                f"({time.perf_counter() - t0:.1f}s) → {path}{left_out}"}
-    index = new_index(x[ok], ids, domains, kind=kind, encoder_spec=spec,
+    vecs = x[ok]
+    norm = gallery_normalizer(vecs, domains, normalize)
+    if norm is not None:
+        vecs = norm.transform(vecs, domains)
+    index = new_index(vecs, ids, domains, kind=kind, encoder_spec=spec,
                       manifest_fingerprint=fp, gpu=gpu, **params)
+    index.normalizer = norm  # saved beside it, its fingerprint in the sidecar
     _stamp(ws, spec, index)
     index.save(path)
     small = small_data_note(kind, len(index), index.meta.params, params)
@@ -267,7 +294,7 @@ def open_index(ws: Workspace, name: str | None = None, encoder: str | None = Non
     """The workspace index to search: by name, by encoder, or the only one there is. Refused when
     the gallery changed since it was built."""
     from cdir.core.manifest import fingerprint
-    from indexes.faiss_index import load_index
+    from indexes.faiss_index import load_index, load_normalizer
 
     rows = list_indexes(ws.root)
     if name:
@@ -281,8 +308,12 @@ def open_index(ws: Workspace, name: str | None = None, encoder: str | None = Non
         names = ", ".join(r["name"] for r in rows)
         raise CdirError(f"several indexes match ({names}): choose one with --index NAME")
     row = rows[0]
+    update = update_commands(ws, row["encoder_spec"], row["kind"], row["name"],
+                             row.get("normalize", "none"))
     if not row["current"]:
         raise CdirError(f"index {row['name']} is stale: the gallery changed since it was built "
-                        "(images added, removed or changed); update it with `"
-                        f"{update_commands(ws, row['encoder_spec'], row['kind'], row['name'])}`")
-    return load_index(row["path"], expect_fingerprint=fingerprint(ws.manifest()), gpu=gpu)
+                        f"(images added, removed or changed); update it with `{update}`")
+    index = load_index(row["path"], expect_fingerprint=fingerprint(ws.manifest()), gpu=gpu,
+                       normalizer=False)
+    index.normalizer = load_normalizer(row["path"], index.meta, hint=update)
+    return index

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cdir.core.errors import CdirError
+from eval.rerank import DEFAULT_CSLS_K
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from encoders.hub import ModelId
     from eval.fusion import FusionScorer
     from eval.topk import CosineScorer
+    from indexes.normalize import DomainNormalizer
 
 
 @dataclass(frozen=True)
@@ -223,27 +225,57 @@ def mode_vectors(ws: Workspace, manifest: pd.DataFrame, mode: str, cfg: ModeConf
     return q, g, ok & ok_g
 
 
+def gallery_normalizer(x: np.ndarray, domains: np.ndarray, method: str
+                       ) -> DomainNormalizer | None:
+    """The normaliser of a workspace's vectors, the one place it is built (index build, eval):
+    ``method`` (a key of `indexes.normalize.NORMALIZERS`) fitted without labels on the gallery
+    rows ``x`` and their manifest ``domains``; None for "none" (the stored unit vectors stay)."""
+    from indexes.normalize import DomainNormalizer
+
+    norm = DomainNormalizer(method)  # refuses an unknown name, "none" included in the check
+    return None if method == "none" else norm.fit(x, domains)
+
+
 def build_scorer(ws: Workspace, manifest: pd.DataFrame, mode: str, cfg: ModeConfig,
-                 device: str | None = None) -> tuple[CosineScorer | FusionScorer, np.ndarray]:
+                 device: str | None = None, normalize: str = "none", rerank: str = "none",
+                 csls_k: int = DEFAULT_CSLS_K) -> tuple[CosineScorer | FusionScorer, np.ndarray]:
     """A scorer for ``mode`` over the rows that have every vector it needs.
 
+    ``normalize``: the vectors are first normalised per domain with statistics fitted on all
+    the scored rows (transductive, no labels); ``rerank``: a key of `eval.rerank.RERANKERS`
+    (``csls`` with neighbourhood ``csls_k``), applied to each single mode's cosine scores.
     Returns (scorer, valid): rows without vectors (unreadable images, missing captions) are left
     out; the scorer is indexed by positions in ``manifest[valid]``.
     """
     import numpy as np
 
+    from eval.rerank import RERANKERS
     from eval.topk import CosineScorer
+
+    if rerank not in RERANKERS:
+        raise CdirError(f"unknown rerank {rerank!r}: choose from {', '.join(RERANKERS)}")
+    all_domains = manifest["domain"].astype(str).to_numpy()
+
+    def scorer(q: np.ndarray, g: np.ndarray, ok: np.ndarray):
+        dom, same = all_domains[ok], q is g
+        q, g = q[ok], g[ok]
+        norm = gallery_normalizer(g, dom, normalize)
+        if norm is not None:
+            g = norm.transform(g, dom)
+            # query vectors of another tower (cm-image) get statistics of their own
+            q = g if same else gallery_normalizer(q, dom, normalize).transform(q, dom)
+        return RERANKERS[rerank](CosineScorer(q, g, device=device), dom, csls_k)
 
     if mode != "fusion":
         q, g, ok = mode_vectors(ws, manifest, mode, cfg)
-        return CosineScorer(q[ok], g[ok], device=device), ok
+        return scorer(q, g, ok), ok
     parts = list(cfg.fusion) or configured_modes(cfg)
     if len(parts) < 2:
         raise CdirError("fusion needs at least two modes: give --encoder and --captions with "
                         "--text-encoder and/or --clip, or --fuse MODE,MODE")
     vecs = [mode_vectors(ws, manifest, m, cfg) for m in parts]
     ok = np.logical_and.reduce([v[2] for v in vecs])
-    scorers = [CosineScorer(q[ok], g[ok], device=device) for q, g, _ in vecs]
+    scorers = [scorer(q, g, ok) for q, g, _ in vecs]
     weights = [cfg.weights.get(m, 1.0) for m in parts]
     from eval.fusion import FusionScorer
 

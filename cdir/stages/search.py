@@ -5,6 +5,10 @@ An index over image embeddings is queried with the same image encoder. An index 
 embeddings (``<text encoder>@captions:<source>``) is queried either with the query's own caption,
 generated on the fly by the captioner that wrote the gallery's captions (cm-text), or — when the
 text encoder is a CLIP — with the query image through the CLIP image tower (cm-image).
+
+A normalised index (`cdir index build --normalize`) holds vectors transformed with per-domain
+gallery statistics; a query vector gets the transform of its domain (``query_domain``), or of
+the domain whose gallery centroid is nearest when none is given, and that domain is returned.
 """
 
 from __future__ import annotations
@@ -71,6 +75,13 @@ class Searcher:
             self.mode = mode or default
         if mode and mode != self.mode and self.caption_source is None:
             raise CdirError(f"index {self.spec} holds image embeddings: only mode visual applies")
+        self.normalizer = self.index.normalizer
+        self.normalize = self.index.meta.normalize
+        if self.normalizer is not None and self.mode == "cm-image":
+            # the statistics are of caption vectors: an image-tower query has others
+            raise CdirError(f"index {self.index.meta.encoder_spec} is {self.normalize}-normalised "
+                            "with caption statistics: search it with --mode cm-text, or build a "
+                            "plain index for cm-image")
         self.captioner_spec = captioner
         self._image_encoder = self._text_encoder = self._captioner = None
 
@@ -132,12 +143,21 @@ class Searcher:
         return self._text_encoder.encode(captions), captions
 
     # -- search ------------------------------------------------------------------------------------
-    def search(self, images: list[Image.Image], k: int = 10, domain: str | None = None
-               ) -> tuple[list[list[Hit]], list[str] | None]:
-        if domain is not None and domain not in self.index.domain_names:
-            raise CdirError(f"unknown domain {domain!r}; the index has "
-                            f"{', '.join(self.index.domain_names)}")
+    def search(self, images: list[Image.Image], k: int = 10, domain: str | None = None,
+               query_domain: str | None = None
+               ) -> tuple[list[list[Hit]], list[str] | None, list[str | None]]:
+        """(hits per query, the queries' captions for cm-text, the domain whose transform each
+        query got: ``query_domain``, or the nearest centroid's on a normalised index; None on a
+        plain index without ``query_domain``)."""
+        for flag, d in (("domain", domain), ("query domain", query_domain)):
+            if d is not None and d not in self.index.domain_names:
+                raise CdirError(f"unknown {flag} {d!r}; the index has "
+                                f"{', '.join(self.index.domain_names)}")
         q, captions = self.query_vectors(images)
+        used: list[str | None] = [query_domain] * len(q)
+        if self.normalizer is not None:
+            q, names = self.normalizer.transform_query(q, query_domain)
+            used = [str(n) for n in names]
         res = self.index.search(q, k=k, domain=domain)
         out = []
         for scores, ids in zip(res.scores, res.ids, strict=True):
@@ -149,4 +169,4 @@ class Searcher:
                 hits.append(Hit(rank, float(s), id_, str(row["path"]), str(row["domain"]),
                                 str(row["class_name"])))
             out.append(hits)
-        return out, captions
+        return out, captions, used

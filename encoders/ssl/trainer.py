@@ -283,7 +283,7 @@ class _Run:
         self.monitor_hist: list[dict[str, Any]] = []
         self.skipped: set[str] = set()
         self.rates: list[float] = []
-        self.saved = self.start_epoch  # the epoch latest.pt holds
+        self.saved = 0  # the epoch this call last wrote to latest.pt (0: none yet)
         try:
             for epoch in range(self.start_epoch, end_epoch):
                 ep, elapsed = self._epoch(epoch)
@@ -291,10 +291,14 @@ class _Run:
                 barrier()
         except KeyboardInterrupt:
             if d.main:
-                kept = (f"{self.latest} holds epoch {self.saved}: continue with --resume auto"
-                        if self.saved else "no epoch had finished, so there is nothing to resume")
-                print(f"{cfg.method}: interrupted in epoch {self.saved + 1}; {kept}",
-                      file=sys.stderr)
+                if self.saved:
+                    kept = f"{self.latest} holds epoch {self.saved}: continue with --resume auto"
+                elif self.latest.exists():
+                    kept = f"{self.latest} is as it was"
+                else:
+                    kept = "no epoch had finished, so there is nothing to resume"
+                print(f"{cfg.method}: interrupted in epoch {(self.saved or self.start_epoch) + 1}"
+                      f"; {kept}", file=sys.stderr)
             raise
         finally:
             if self.writer is not None:

@@ -1,0 +1,108 @@
+"""Hubness-corrected scoring for the domain-pair protocol: a scorer wrapped so that a gallery item
+close to everything (a hub) no longer wins every query.
+
+``csls`` (Conneau et al., 2018): CSLS(x, y) = 2 cos(x, y) - r_T(x) - r_S(y), with r_T(x) the mean
+cosine of query x to its k nearest items of the *gallery domain* and r_S(y) that of gallery item
+y to its k nearest images of the *query domain* (all of them, whatever queries are asked: a
+``query_mask`` restricts the queries, not the neighbourhoods). The r-terms are computed blockwise
+by `indexes.normalize.neighbourhood_mean` once per (query domain, gallery rows) and cached, so the
+protocol's pair loop pays for them once per directed pair. No labels are used.
+
+numpy and torch are imported inside the functions: the command line reads `RERANKERS` while it
+builds its parser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from eval.topk import CosineScorer
+
+DEFAULT_CSLS_K = 10
+
+
+class CSLSScorer:
+    """CSLS over a `CosineScorer` (same rows); ``domains`` names each row's domain."""
+
+    def __init__(self, base: CosineScorer, domains: np.ndarray, k: int = DEFAULT_CSLS_K):
+        import numpy as np
+
+        from cdir.core.errors import CdirError
+
+        if isinstance(k, bool) or int(k) < 1:
+            raise CdirError(f"the CSLS neighbourhood k must be a positive integer, not {k!r}")
+        self.base, self.k = base, int(k)
+        self.domains = np.asarray(domains).astype(str)
+        if self.domains.shape != (base.num_rows,):
+            raise CdirError(f"{base.num_rows} scorer rows but {self.domains.size} domain names")
+        # numpy copies for the r-terms (computed on the CPU, blockwise)
+        self._q = base.query_vecs.float().cpu().numpy()
+        self._g = base.gallery_vecs.float().cpu().numpy()
+        self._cache: dict[tuple[str, bytes], tuple[np.ndarray, torch.Tensor]] = {}
+
+    @property
+    def num_rows(self) -> int:
+        return self.base.num_rows
+
+    def _terms(self, domain: str, gallery_rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """(r_T over every row of the scorer, NaN outside ``domain``; r_S of ``gallery_rows``)."""
+        import hashlib
+
+        import numpy as np
+        import torch
+
+        from indexes.normalize import csls_terms
+
+        key = (domain, hashlib.sha1(np.ascontiguousarray(gallery_rows).tobytes()).digest())
+        if key not in self._cache:
+            bank = np.flatnonzero(self.domains == domain)
+            r_q, r_g = csls_terms(self._q[bank], self._g[gallery_rows], self.k)
+            full = np.full(self.num_rows, np.nan, np.float32)
+            full[bank] = r_q
+            if len(self._cache) > 4:  # the pair loop moves on: old pairs are not asked again
+                self._cache.clear()
+            self._cache[key] = (full, torch.from_numpy(r_g).to(self.base.device))
+        return self._cache[key]
+
+    def scores(self, query_rows: np.ndarray, gallery_rows: np.ndarray) -> torch.Tensor:
+        import numpy as np
+        import torch
+
+        query_rows = np.asarray(query_rows, np.int64)
+        gallery_rows = np.asarray(gallery_rows, np.int64)
+        names = np.unique(self.domains[query_rows])
+        if not len(names):
+            return self.base.scores(query_rows, gallery_rows)
+        if len(names) > 1:  # r_S depends on the query domain: score each domain's rows apart
+            return self._mixed(query_rows, gallery_rows)
+        full, r_g = self._terms(str(names[0]), gallery_rows)
+        cos = self.base.scores(query_rows, gallery_rows)
+        r_q = torch.from_numpy(full[query_rows]).to(cos.device)
+        return 2.0 * cos - r_q[:, None] - r_g[None, :]
+
+    def _mixed(self, query_rows: np.ndarray, gallery_rows: np.ndarray) -> torch.Tensor:
+        import numpy as np
+        import torch
+
+        out = None
+        for domain in np.unique(self.domains[query_rows]):
+            at = np.flatnonzero(self.domains[query_rows] == domain)
+            part = self.scores(query_rows[at], gallery_rows)
+            if out is None:
+                out = torch.empty((len(query_rows), len(gallery_rows)), dtype=part.dtype,
+                                  device=part.device)
+            out[torch.from_numpy(at).to(part.device)] = part
+        return out
+
+
+def _plain(base: CosineScorer, domains: np.ndarray, k: int) -> CosineScorer:
+    return base
+
+
+# rerank name -> (cosine scorer, row domains, neighbourhood k) -> the scorer the protocol uses
+RERANKERS: dict[str, Callable[..., object]] = {"none": _plain, "csls": CSLSScorer}
