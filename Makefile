@@ -13,12 +13,17 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-# Emoji gallery -> embeddings -> index -> every directed domain pair -> report.
+NORMALIZE ?= domain-whiten
+RERANK  ?= csls
+
+# Emoji gallery -> embeddings -> index (per-domain whitened) -> every directed domain pair, plain
+# and with the label-free per-domain normalisation and CSLS side by side -> report.
 run: $(BIN)/.installed
 	$(BIN)/cdir data emoji -w $(WS)
 	$(BIN)/cdir embed -w $(WS) --encoder $(ENCODER)
-	$(BIN)/cdir index build -w $(WS) --encoder $(ENCODER) --type flat
-	$(BIN)/cdir eval -w $(WS) --encoder $(ENCODER)
+	$(BIN)/cdir index build -w $(WS) --encoder $(ENCODER) --type flat --normalize $(NORMALIZE)
+	$(BIN)/cdir eval -w $(WS) --encoder $(ENCODER) --normalize none,$(NORMALIZE) \
+	    --rerank none,$(RERANK)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
