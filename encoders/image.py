@@ -1,12 +1,15 @@
 """Image encoders, named by model spec strings:
 
     clip:ARCH/PRETRAINED     open_clip image tower (grammar in encoders/clip.py)
-    ckpt:PATH[?arch=A&size=S]
+    ckpt:PATH[?arch=A&size=S&features=F]
                              a checkpoint of this project (`cdir train`, full or exported), a
                              reference MoCo/SynCo checkpoint (``state_dict`` with
                              ``module.encoder_q.*``; the MLP ``fc`` head is dropped), or a plain
                              torchvision state dict (ResNet depth inferred; any other torchvision
-                             model with ``?arch=NAME``, e.g. ``?arch=convnext_tiny``)
+                             model with ``?arch=NAME``, e.g. ``?arch=convnext_tiny``).
+                             ``features=head``: the momentum encoder and its projection head
+                             (what UCDIR and ProtoOT evaluate; a full `cdir train` checkpoint or a
+                             MoCo one with ``encoder_k``); ``features=backbone`` is the default
     ckpt:timm:NAME[?file=PATH]
                              a timm model with pretrained weights from PATH (default: the timm
                              weights in the local Hugging Face cache)
@@ -336,7 +339,13 @@ def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
     body = spec[len("ckpt:"):]
     if body.startswith("timm:"):
         return _timm_encoder(spec, body, device)
-    body, params = _parse_query(spec, body, ("arch", "size"))
+    body, params = _parse_query(spec, body, ("arch", "size", "features"))
+    features = params.get("features") or "backbone"
+    if features not in ("backbone", "head"):
+        raise CdirError(f"{spec}: features must be backbone or head, got {features!r}")
+    if features == "head" and params.get("arch"):
+        raise CdirError(f"{spec}: features=head needs a checkpoint of `cdir train` or MoCo, "
+                        "not a torchvision state dict (?arch=)")
     if not body:
         raise CdirError(f"{spec}: give a checkpoint path, e.g. ckpt:runs/synco/encoder.pt")
     path = Path(body).expanduser()
@@ -346,6 +355,17 @@ def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
     if params.get("arch"):
         model, dim = _torchvision_encoder(path, params["arch"], spec)
         transform = eval_transform(size or 224)
+    elif features == "head":
+        from encoders.ssl.checkpoint import encoder_preprocess, load_momentum_head
+
+        try:
+            model, dim = load_momentum_head(path)
+        except CdirError as e:
+            raise CdirError(f"{spec}: {str(e).removeprefix(f'{path}: ')}") from None
+        pp = encoder_preprocess(path)
+        transform = eval_transform(size or pp["size"], pp["eval_resize"], tuple(pp["mean"]),
+                                   tuple(pp["std"]))
+        size = size or pp["size"]
     else:
         from encoders.ssl.checkpoint import encoder_preprocess, load_encoder
 

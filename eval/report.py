@@ -43,7 +43,8 @@ NOTES = """\
 All values are percentages. P@k is the UCDIR precision: t = min(k, R) with R
 the number of relevant gallery items, micro-averaged as sum(correct in top t) / sum(t); queries with
 R = 0 add nothing. prec@k is standard precision (hits in top k / k, mean over queries); recall@k is
-hits in top k / R (mean over queries with R > 0); mAP@R follows Musgrave et al. 2020. Every image of
+the fraction of the relevant gallery items found in the top k (hits in top k / R, mean over queries
+with R > 0); mAP@R follows Musgrave et al. 2020. Every image of
 the query domain is a query against every image of the gallery domain; ties go to the lower
 manifest row. The mean row averages the pairs.
 """

@@ -165,7 +165,8 @@ def retrieval_p1(
     domains: Sequence[str] | None = None,
     chunk: int = 1024,
 ) -> float:
-    """Precision@1 of nearest-neighbour retrieval (cosine), excluding the query itself.
+    """Precision@1 of nearest-neighbour retrieval (cosine), excluding the query itself, in
+    percent (like every other figure of this project).
 
     With ``domains`` only images of *other* domains are candidates (cross-domain P@1, averaged over
     all queries): the number the emoji gallery is judged by."""
@@ -184,7 +185,7 @@ def retrieval_p1(
             sim[dom[rows, None] == dom[None, :]] = -float("inf")
         nn_idx = sim.argmax(dim=1)
         hits += int((y[nn_idx] == y[rows]).sum())
-    return hits / len(f)
+    return 100.0 * hits / len(f)
 
 
 def stratified_split(
@@ -318,8 +319,8 @@ def knn_eval(
     """Weighted kNN accuracy on a labelled folder or manifest (leave-one-out when ``test`` is None).
 
     Returns ``{"knn": {"k20": {"top1", "top5"}, "k1": {...}}, "n_train", "n_test", "p1", ...}``;
-    ``p1`` is nearest-neighbour retrieval precision@1 on ``train`` (cross-domain when it has
-    domains)."""
+    ``top1``/``top5`` and ``p1`` are percentages; ``p1`` is nearest-neighbour retrieval
+    precision@1 on ``train`` (cross-domain when it has domains)."""
     model, prep = _resolve_encoder(encoder, preprocess)
     kw = {"batch_size": batch_size, "device": device, "workers": workers, "progress": progress}
     tr = labelled_set(train)

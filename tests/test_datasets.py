@@ -278,6 +278,26 @@ def test_domainnet_missing_listed_image_and_tshirt_gap(make_domainnet) -> None:
     assert "t-shirt" not in set(df[df["domain"] == "painting"]["class_name"])
 
 
+def test_domainnet_images_named_in_no_split_file_are_counted(make_domainnet) -> None:
+    """Images on disk that no split list names are left out, with one warning that says so."""
+    root = make_domainnet()
+    extra = Path(root) / "sketch" / "zebra" / "sketch_999_000001.jpg"
+    extra.write_bytes(next((Path(root) / "sketch" / "zebra").glob("*.jpg")).read_bytes())
+    (Path(root) / "sketch" / "bird" / "notes.txt").write_text("not an image")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = ds.load_domainnet(root, split="test")  # the train images are named: not counted
+    msgs = [str(w.message) for w in caught if issubclass(w.category, ds.DataWarning)]
+    loose = [m for m in msgs if "named in no split file" in m]
+    assert len(loose) == 1 and loose[0].startswith("1 image(s)"), msgs
+    assert "sketch/zebra/sketch_999_000001.jpg" in loose[0] and "\n" not in loose[0]
+    assert "sketch/zebra/sketch_999_000001.jpg" not in set(df["id"])
+    # only the selected classes are looked at
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds.load_domainnet(root, classes="bird")
+
+
 def test_domainnet_class_subsets(make_domainnet, tmp_path: Path) -> None:
     root = make_domainnet(painting_tshirt_gap=False)
     df = ds.load_domainnet(root, classes=["zebra", "bird"])
@@ -294,12 +314,16 @@ def test_domainnet_class_subsets(make_domainnet, tmp_path: Path) -> None:
         ds.load_domainnet(root, classes="nope.txt")
 
 
-def test_ucdir7_is_a_single_flagged_config_value() -> None:
+def test_ucdir7_is_the_verified_protoot_list() -> None:
     sub = ds.CLASS_SUBSETS["ucdir7"]
-    assert len(sub.classes) == 7 and len(set(sub.classes)) == 7
-    assert sub.verified is False and "2207.09721" in sub.source
-    with pytest.warns(ds.DataWarning, match="unverified"):
+    assert sub.classes == ("bird", "feather", "teapot", "tiger", "whale", "windmill", "zebra")
+    assert sub.verified is True and "ProtoOT" in sub.source and "loader.py" in sub.source
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a verified subset resolves without a warning
         assert ds.resolve_classes("ucdir7") == list(sub.classes)
+    # an unverified subset still says so
+    with pytest.warns(ds.DataWarning, match="unverified"):
+        assert ds.resolve_classes("fedbn10") == list(ds.CLASS_SUBSETS["fedbn10"].classes)
     # on a tree without those classes, the user gets told which ones are not there
     assert ds.resolve_classes(["a", "b", "a"]) == ["a", "b"]
     assert ds.resolve_classes(None) is None

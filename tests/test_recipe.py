@@ -1,7 +1,7 @@
 """`cdir reproduce`: the recipes in configs/ parse; the emoji recipe runs end to end offline with
 tiny models (a tiny BLIP and a tiny CLIP built from configs, the packaged all-MiniLM-L6-v2) and a
 re-run skips every finished stage; the preflight lists everything that is missing and stops
-before any stage; --dry-run runs nothing; the DomainNet recipe reports its unverified class
+before any stage; --dry-run runs nothing; the DomainNet recipe reports its (verified) class
 subset and sets our clipart→sketch numbers beside CM's "C-S Score"."""
 
 from __future__ import annotations
@@ -141,13 +141,13 @@ def test_dry_run_prints_the_plan_and_runs_no_stage(tmp_path, officehome_root, ca
     assert plan.count(" eval ") == 6  # cm-image, cm-text x2, visual x2, fusion
     assert not (tmp_path / "ws").exists()
 
-    # DomainNet: the classes of the (unverified) ucdir7 subset must be there in every domain
+    # DomainNet: the classes of the ucdir7 subset must be there in every domain
     root = write_domainnet_tree(tmp_path / "dn", domains=("clipart", "sketch"), per_split=1)
     config = tiny_recipe(tmp_path, "cm_domainnet.yaml")
     assert cdir("reproduce", config, "--root", root, "--dry-run") == 2
     out = capsys.readouterr().out
     missing = [line for line in out.splitlines() if line.strip().startswith("MISSING")]
-    assert len(missing) == 2 and all("6 class folder(s)" in m for m in missing), out
+    assert len(missing) == 2 and all("5 class folder(s)" in m for m in missing), out
     assert not (tmp_path / "ws").exists()
 
 
@@ -214,7 +214,7 @@ def test_emoji_recipe_end_to_end_then_rerun_skips(tmp_path, capsys):
     assert "P@2" in doc3["methods"][0]["rows"][0]
 
 
-def test_domainnet_recipe_reports_the_unverified_subset(tmp_path):
+def test_domainnet_recipe_reports_the_verified_subset(tmp_path):
     from cdir.galleries.common import CLASS_SUBSETS
 
     classes = CLASS_SUBSETS["ucdir7"].classes
@@ -226,14 +226,17 @@ def test_domainnet_recipe_reports_the_unverified_subset(tmp_path):
     report = tmp_path / "ws" / "reports" / "cm_domainnet"
     doc = json.loads((report / "reproduction.json").read_text())
     assert doc["ks"] == [50, 100, 200] and doc["dataset"]["classes"] == 7
-    assert doc["dataset"]["class_subset"]["verified"] is False
+    assert doc["dataset"]["class_subset"]["verified"] is True
+    assert "ProtoOT" in doc["dataset"]["class_subset"]["source"]
     assert [r["pair"] for r in doc["methods"][0]["rows"]] == ["clipart→sketch", "sketch→clipart",
                                                               "mean"]
     cs = next(e for e in doc["literature"] if e["metric"] == "C-S Score")
     assert cs["in_our_pairs"] and set(cs["ours"][doc["methods"][0]["label"]]) == {
         "P@50", "P@100", "P@200"}
     md = (report / "reproduction.md").read_text()
-    assert "UNVERIFIED" in md and "not comparable" in md
+    # the subset is verified: no warning about it, and the list is named
+    assert "UNVERIFIED" not in md and "**not comparable**" not in md
+    assert "bird, feather, teapot, tiger, whale, windmill, zebra" in md
     assert "96.8†" in md.split("## UCDIR P@50 (%)")[1].split("\n## ")[0]
     # CoDA's quickdraw→clipart mAP is a different benchmark: listed, never set against ours
     assert "not comparable (different benchmark)" in md

@@ -93,3 +93,11 @@ def test_report_without_examples_and_with_nan(tmp_path):
         "", "n/a", "0.33", "7", "x"]
     assert jsonable({"a": np.float64("nan"), "b": (np.int64(3), [np.float32(0.5)])}) == {
         "a": None, "b": [3, [0.5]]}
+
+
+def test_results_md_explains_recall_at_k(tmp_path):
+    """recall@k is the fraction of the relevant items found: results.md says so."""
+    res = [{"pair": "x→y", "query_domain": "x", "gallery_domain": "y", "n_queries": 2,
+            "n_gallery": 3, "recall@5": 40.0}]
+    md = " ".join(write_report(res, tmp_path, "recall")["md"].read_text().split())
+    assert "recall@k is the fraction of the relevant gallery items found in the top k" in md

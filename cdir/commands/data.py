@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         else:
             k.add_argument("--domains", help="comma-separated domains to keep (default: all)")
             k.add_argument("--classes", help="class subset: a,b,c | FILE.txt"
-                           + (" | ucdir7 (unverified placeholder list)"
+                           + (" | ucdir7 (the UCDIR/ProtoOT 7 classes)"
                               if kind == "domainnet" else ""))
             k.add_argument("--split", default="all",
                            choices=("all", "train", "test") if kind == "domainnet"

@@ -75,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "stratified fifth)")
     p.add_argument("--epochs", type=int, default=100, help="linear-probe epochs")
     p.add_argument("--workers", type=int, default=0, help="image loader workers (knn, linear)")
-    p.add_argument("--json", help="also write the kNN / linear-probe results to this file")
+    p.add_argument("--json", help="also write the kNN / linear-probe results to this file (every "
+                   "figure in percent: knn.kK.top1/top5, p1 = nearest-neighbour P@1)")
     p.set_defaults(func=run)
 
 

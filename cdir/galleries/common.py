@@ -53,18 +53,15 @@ class ClassSubset:
 
 
 CLASS_SUBSETS: dict[str, ClassSubset] = {
-    # UCDIR, ProtoOT and DG-UCDIR all evaluate DomainNet with 7 clusters, so they use 7 classes, but
-    # WHICH 7 is NOT verified: the UCDIR paper (arXiv 2207.09721, section 4) could not be read when
-    # this was written. Until someone checks it, this is a PLACEHOLDER: the first seven classes of
-    # the FedBN 10-class DomainNet subset. Check the list against the paper, fix it here, set
-    # verified=True and cite the page. Users can always pass their own list (--classes a,b,c or a
-    # file).
+    # UCDIR, ProtoOT and DG-UCDIR evaluate DomainNet on 7 classes (7 clusters); this is the list
+    # hard-coded in ProtoOT's data loader, and two UCDIR forks use the same one.
     "ucdir7": ClassSubset(
         name="ucdir7",
         dataset="domainnet",
-        classes=("bird", "feather", "headphones", "ice_cream", "teapot", "tiger", "whale"),
-        source="PLACEHOLDER, unverified: must be checked against arXiv 2207.09721 section 4",
-        verified=False,
+        classes=("bird", "feather", "teapot", "tiger", "whale", "windmill", "zebra"),
+        source="the 7-class list hard-coded in HCVLab/ProtoOT loader.py (the same list in two "
+               "UCDIR forks)",
+        verified=True,
     ),
     # The 10-class DomainNet subset circulated with FedBN (Li et al., ICLR 2021).
     "fedbn10": ClassSubset(

@@ -94,8 +94,8 @@ def load_domainnet(root: str | os.PathLike, domains: Iterable[str] | str | None 
     the file's own label goes to the extra column ``source_label``). Listed images missing on disk
     are dropped with a warning (a cleaned list on the original images or vice versa) and kept in
     ``df.attrs["missing"]``. Without split files the domain folders are walked (split "all" only).
-    ``classes``: None (all 345), a subset name from :data:`CLASS_SUBSETS` (``"ucdir7"``,
-    unverified), a list, a comma-separated string or a text file.
+    ``classes``: None (all 345), a subset name from :data:`CLASS_SUBSETS` (``"ucdir7"``: the
+    UCDIR/ProtoOT 7 classes), a list, a comma-separated string or a text file.
     """
     base = find_domainnet_root(root)
     split = common.check_split(split)
@@ -111,6 +111,7 @@ def load_domainnet(root: str | os.PathLike, domains: Iterable[str] | str | None 
     rows: list[dict] = []
     seen: set[str] = set()
     missing: list[str] = []
+    unlisted: list[str] = []
     all_have_labels = True
     try:
         for d in chosen:
@@ -132,9 +133,11 @@ def load_domainnet(root: str | os.PathLike, domains: Iterable[str] | str | None 
                 if f is None:
                     warnings.warn(f"{d}_{sp}.txt not found in {base}: the {d} images listed in "
                                   f"it are left out", DataWarning, stacklevel=2)
-            got, gone = _domainnet_listed(base, d, files, keep_set, seen, bar)
+            got, gone, loose = _domainnet_listed(base, d, files, lists.get(d, {}), keep_set,
+                                                 seen, bar)
             rows.extend(got)
             missing.extend(gone)
+            unlisted.extend(loose)
     finally:
         bar.close()
     common.check_unknown_classes(keep, seen)
@@ -143,6 +146,11 @@ def load_domainnet(root: str | os.PathLike, domains: Iterable[str] | str | None 
         warnings.warn(f"{len(missing)} image(s) listed in the split files are missing on disk and "
                       f"were left out (e.g. {shown}); the images and the lists may come from "
                       "different releases (original vs cleaned)", DataWarning, stacklevel=2)
+    if unlisted:
+        # the split files do not cover the folders: those images are not part of the gallery
+        warnings.warn(f"{len(unlisted)} image(s) on disk are named in no split file and were left "
+                      f"out (e.g. {', '.join(unlisted[:3])}); the split files may be of another "
+                      "release than the images", DataWarning, stacklevel=2)
     if not all_have_labels or any(r.get("source_label") is None for r in rows):
         for r in rows:
             r.pop("source_label", None)
@@ -152,14 +160,18 @@ def load_domainnet(root: str | os.PathLike, domains: Iterable[str] | str | None 
 
 
 def _domainnet_listed(base: str, domain: str, files: dict[str, str | None],
-                      keep: set[str] | None, seen: set[str],
-                      bar: common.Progress) -> tuple[list[dict], list[str]]:
-    """Rows for the images listed in one domain's split files, checked against the disk with one
-    scandir per class folder (no stat per image)."""
+                      all_files: dict[str, str], keep: set[str] | None, seen: set[str],
+                      bar: common.Progress) -> tuple[list[dict], list[str], list[str]]:
+    """Rows for the images listed in one domain's split files ``files`` (the selected splits),
+    checked against the disk with one scandir per class folder (no stat per image); also the
+    missing listed images and the images on disk that no split file of ``all_files`` names."""
     listed: list[tuple[str, int | None, str]] = []
-    for sp, f in files.items():
-        if f is not None:
-            listed.extend((rel, lab, sp) for rel, lab in _read_split_file(f))
+    named: set[str] = set()
+    for sp, f in all_files.items():
+        entries = _read_split_file(f)
+        named.update(rel for rel, _ in entries)
+        if files.get(sp) == f:
+            listed.extend((rel, lab, sp) for rel, lab in entries)
     # Where the listed relative paths start: the split file's folder, the dataset root, or a
     # sub-folder of it (e.g. DomainNet/images/<domain>, as ProtoOT lays it out).
     cands = [os.path.dirname(f) for f in files.values() if f is not None] + [base]
@@ -190,4 +202,15 @@ def _domainnet_listed(base: str, domain: str, files: dict[str, str | None],
         rows.append({"id": rel, "path": os.path.join(img_base, rel), "domain": domain,
                      "class_name": cls, "split": sp, "source_label": lab})
     bar.update(len(rows))
-    return rows, gone
+    loose: list[str] = []
+    # with a split file absent its images are unlisted by construction (and warned about already)
+    classes = common.listdir(os.path.join(img_base, domain))[0] if len(all_files) == 2 else []
+    for cls in classes:
+        if (keep is not None and cls not in keep) or (domain, cls) in _KNOWN_GAPS:
+            continue  # a known gap is reported by warn_coverage already
+        folder = f"{domain}/{cls}"
+        if folder not in on_disk:
+            on_disk[folder] = set(common.listdir(os.path.join(img_base, folder))[1])
+        loose.extend(f"{folder}/{n}" for n in sorted(on_disk[folder])
+                     if common.is_image_name(n) and f"{folder}/{n}" not in named)
+    return rows, gone, loose

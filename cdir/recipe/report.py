@@ -45,10 +45,9 @@ LIT_METRIC = (
     "not stated in any accessible source either: the models below are this "
     "recipe's choices.")
 _SUBSET_WARNING = (
-    "  The UCDIR family evaluates DomainNet on 7 classes, but which 7 could not be checked: "
-    "this list is a placeholder, so our DomainNet numbers are **not comparable** with the "
-    "literature's until the class list is confirmed against arXiv 2207.09721 §4 (fix it in "
-    "cdir/galleries/common.py CLASS_SUBSETS, or set dataset.classes).")
+    "  This class list is not checked against the papers that use it, so our numbers on it are "
+    "**not comparable** with the literature's until it is (fix it in cdir/galleries/common.py "
+    "CLASS_SUBSETS, or set dataset.classes).")
 _DAGGER_NOTE = (
     "† The source does not say which k (or which precision) this value is: it is repeated in "
     "every P@k table. Its metric name as reported is in the next section.")

@@ -267,6 +267,76 @@ def load_encoder(
     return model.to(map_location).eval(), dim
 
 
+def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    result = module.load_state_dict(sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CdirError(f"{path}: weights do not fit {what}: missing {result.missing_keys[:5]}, "
+                        f"unexpected {result.unexpected_keys[:5]}")
+
+
+def _reference_momentum_head(ckpt: Any, path: Path) -> tuple[nn.Module, int]:
+    """Momentum encoder + ``fc`` head of a reference MoCo/SynCo checkpoint (``encoder_k.*``)."""
+    from encoders.ssl.backbones import build_backbone
+    from encoders.ssl.heads import mlp
+
+    sd = ckpt.get("state_dict", ckpt.get("model")) if isinstance(ckpt, dict) else None
+    sub: dict[str, torch.Tensor] = {}
+    if isinstance(sd, dict):
+        for prefix in ("module.encoder_k.", "encoder_k."):
+            sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            if "conv1.weight" in sub:
+                break
+    fc = {k[len("fc."):]: v for k, v in sub.items() if k.startswith("fc.")}
+    if "conv1.weight" not in sub or not fc:
+        raise CdirError(f"{path}: features=head needs the momentum encoder and its projection "
+                        "head, which this file does not hold: use the full training checkpoint "
+                        "of `cdir train` (latest.pt or checkpoint_XXXX.pt; an exported "
+                        "encoder.pt has only the backbone) or a MoCo checkpoint with encoder_k")
+    if "weight" in fc:  # MoCo v1: one linear layer
+        head: nn.Module = nn.Linear(fc["weight"].shape[1], fc["weight"].shape[0])
+    elif {"0.weight", "2.weight"} <= set(fc):  # MoCo v2 MLP: Linear, ReLU, Linear
+        head = mlp(fc["0.weight"].shape[1], fc["0.weight"].shape[0], fc["2.weight"].shape[0])
+    else:
+        raise CdirError(f"{path}: unknown projection head layout {sorted(fc)[:6]}")
+    backbone_sd, arch = _reference_encoder({"state_dict": sub, "arch": ckpt.get("arch")}, path)
+    backbone, _ = build_backbone(arch["name"], **arch.get("kwargs", {}))
+    _load_strict(backbone, backbone_sd, path, arch["name"])
+    _load_strict(head, fc, path, "the projection head")
+    out_dim = head.out_features if isinstance(head, nn.Linear) else head[-1].out_features
+    return nn.Sequential(backbone, head), int(out_dim)
+
+
+def load_momentum_head(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, int]:
+    """The momentum encoder followed by its projection head, ``(module, head_dim)``: the features
+    UCDIR and ProtoOT evaluate (``ckpt:PATH?features=head``).
+
+    Needs a full training checkpoint of this project (MoCo/SynCo ``encoder_k`` + ``head_k``, ISD
+    ``encoder_k`` + ``proj_k``) or a reference MoCo checkpoint (``module.encoder_k.*`` with its
+    ``fc`` head); an exported encoder holds the backbone only and raises CdirError."""
+    from encoders.ssl.registry import build_method
+
+    path = Path(path)
+    ckpt = _torch_load(path, map_location)
+    if not (isinstance(ckpt, dict) and "encoder_arch" in ckpt):
+        model, dim = _reference_momentum_head(ckpt, path)
+        return model.to(map_location).eval(), dim
+    if "model" not in ckpt or not ckpt.get("method"):
+        raise CdirError(f"{path} is an exported encoder: it holds only the backbone, not the "
+                        "momentum encoder and its projection head; features=head needs the full "
+                        "training checkpoint of `cdir train` (latest.pt or checkpoint_XXXX.pt)")
+    arch = ckpt["encoder_arch"]
+    kwargs = dict((ckpt.get("config") or {}).get("method_kwargs") or {})
+    # the method as it was trained, so every key of the checkpoint must fit it
+    method = build_method(ckpt["method"], arch["name"], dict(arch.get("kwargs", {})), **kwargs)
+    _load_strict(method, ckpt["model"], path, f"{ckpt['method']} on {arch['name']}")
+    head = method.head_k if hasattr(method, "head_k") else method.proj_k
+    model = nn.Sequential(method.encoder_k, head)
+    return model.to(map_location).eval(), int(method.queue.dim)
+
+
 def encoder_preprocess(path_or_ckpt: str | os.PathLike | dict) -> dict[str, Any]:
     """Input size, normalisation and eval resize ratio an encoder was trained with.
 
