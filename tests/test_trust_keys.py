@@ -387,3 +387,46 @@ def test_reproduce_after_a_retrain_re_embeds_and_re_evaluates(tmp_path, capsys):
     from encoders.hub import model_identity
 
     assert info["params"]["weights"] == model_identity(spec).id
+
+
+def test_changed_image_is_re_captioned_alone_and_keeps_one_caption_per_id(ws, capsys):
+    from cdir.core.caption_store import CaptionStore, list_sources, load_captions
+    from tests.helpers.tiny_models import tiny_model_path
+
+    caption = ("caption", "-w", ws, "--captioner", f"hf:{tiny_model_path('blip')}",
+               "--max-new-tokens", "4", "--min-new-tokens", "2", "--no-progress")
+    assert cdir(*caption) == 0
+    assert f"captioned {3 * N_CATEGORIES} new" in capsys.readouterr().out
+    key = list_sources(ws)[0]["key"]
+    before = load_captions(ws, key).set_index("id")["caption"]
+
+    img, other = image_path(ws, "openmoji", 2), image_path(ws, "twemoji", 4)
+    img.write_bytes(other.read_bytes())  # another image's content at the same path
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cdir("data", "emoji", "-w", ws, "--limit", N_CATEGORIES) == 0
+    capsys.readouterr()
+
+    assert cdir(*caption) == 0
+    out = capsys.readouterr().out
+    assert f"captioned 1 new, {3 * N_CATEGORIES - 1} already done" in out, out
+    assert "1 changed since captioned" in out, out
+    m = pd.read_parquet(ws / "manifest.parquet")
+    row_id = str(m[m["path"] == str(img)]["id"].iloc[0])
+    store = CaptionStore(ws, key)
+    after = store.read()
+    assert after["id"].is_unique and sorted(after["id"]) == sorted(m["id"].astype(str))
+    kept = after.set_index("id")["caption"].drop(row_id)
+    pd.testing.assert_series_equal(kept, before.drop(row_id).loc[kept.index])  # byte-for-byte
+    assert set(store.versions()[row_id].split()) & set(
+        str(v) for v in m[m["path"] == str(img)]["file_sha256"])  # captioned from the new bytes
+    assert cdir(*caption) == 0
+    assert "captioned 0 new" in (out := capsys.readouterr().out) and "changed since" not in out
+
+    # a store written before captions recorded image versions opens; its rows count as current
+    df = pd.read_parquet(store.path).drop(columns="version")
+    df.to_parquet(store.path, index=False)
+    assert cdir(*caption) == 0
+    assert "captioned 0 new" in (out := capsys.readouterr().out) and "changed since" not in out
+    assert all(store.versions().values())  # ... and get the present versions recorded
+    pd.testing.assert_frame_equal(store.read(), after)

@@ -4,7 +4,10 @@ One *source* per key: a captioner key (``hf:<model>|max_new_tokens=30,...``, see
 `encoders.captioners.captioner_key`) or the name of an imported file. On disk, for
 ``path = ws.captions_path(key)`` = ``<ws>/captions/<stem>.parquet``:
 
-    <stem>.parquet        compacted rows: id, caption, model, prompt, params (JSON text)
+    <stem>.parquet        compacted rows: id, caption, model, prompt, params (JSON text), and
+                          version: what the image held when it was captioned (its `row_versions`
+                          facts, see `cdir.core.store.same_version`; null for imported captions
+                          and for rows of stores written before images were versioned)
     <stem>.parts/part-NNNNNN.parquet
                           one file per captioned batch since the last compaction, each written
                           atomically (temp file + rename): a run killed with SIGKILL loses at most
@@ -16,7 +19,8 @@ One *source* per key: a captioner key (``hf:<model>|max_new_tokens=30,...``, see
 
 Reading merges the compacted file and the parts; a later row wins for an id. A run compacts at its
 start (leftovers of a killed run) and at its end. Rows are keyed by manifest id, so a changed
-gallery keeps the captions that are still valid and a re-run captions only what is missing.
+gallery keeps the captions that are still valid and a re-run captions only what is missing, and
+the images whose content changed since they were captioned (the new caption replaces the old).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 COLUMNS = ["id", "caption", "model", "prompt", "params"]
+VERSION = "version"  # stored beside COLUMNS; absent in older stores (read as null)
 _PART = re.compile(r"^part-(\d{6,})\.parquet$")
 
 
@@ -79,27 +84,47 @@ class CaptionStore:
             return []
         return sorted(p for p in self.parts_dir.iterdir() if _PART.match(p.name))
 
-    def read(self) -> pd.DataFrame:
-        """All rows (compacted file + parts), one per id, the latest row winning."""
+    def _read_all(self) -> pd.DataFrame:
+        """Every row with its image version (None where not recorded), one per id, the latest
+        row winning."""
         import pandas as pd
 
         frames = [pd.read_parquet(self.path)] if self.path.exists() else []
         frames += [pd.read_parquet(p) for p in self._parts()]
         if not frames:
-            return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
+            return pd.DataFrame({c: pd.Series(dtype=object) for c in [*COLUMNS, VERSION]})
+        for f in frames:
+            if VERSION not in f.columns:
+                f[VERSION] = None
+            f[VERSION] = f[VERSION].astype(object)
         df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-        return df.drop_duplicates("id", keep="last").reset_index(drop=True)[COLUMNS]
+        df = df.drop_duplicates("id", keep="last").reset_index(drop=True)[[*COLUMNS, VERSION]]
+        df[VERSION] = [v if isinstance(v, str) and v else None for v in df[VERSION]]
+        return df
+
+    def read(self) -> pd.DataFrame:
+        """All rows (compacted file + parts), one per id, the latest row winning."""
+        return self._read_all()[COLUMNS]
 
     def done_ids(self) -> set[str]:
         return set(self.read()["id"].astype(str))
 
+    def versions(self) -> dict[str, str | None]:
+        """id -> the image version its caption was made from (None: not recorded, i.e. imported
+        or captioned before images were versioned; such a caption counts as current)."""
+        df = self._read_all()
+        return dict(zip(df["id"].astype(str), df[VERSION], strict=True))
+
     def append(self, ids: list[str], captions: list[str], model: str, prompt: str | None,
-               params: dict | str) -> Path | None:
-        """Write one part file (atomically): these rows survive a kill from now on."""
+               params: dict | str, versions: list[str | None] | None = None) -> Path | None:
+        """Write one part file (atomically): these rows survive a kill from now on. ``versions``:
+        what each image held when captioned (`cdir.core.manifest.row_versions` facts)."""
         import pandas as pd
 
         if len(ids) != len(captions):
             raise ValueError(f"{len(ids)} ids for {len(captions)} captions")
+        if versions is not None and len(versions) != len(ids):
+            raise ValueError(f"{len(ids)} ids for {len(versions)} versions")
         if not ids:
             return None
         self.parts_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +133,8 @@ class CaptionStore:
         df = pd.DataFrame({"id": [str(i) for i in ids], "caption": [str(c) for c in captions],
                            "model": model, "prompt": prompt, "params": _params_text(params)})
         df["prompt"] = df["prompt"].astype(object)
+        df[VERSION] = pd.Series(list(versions) if versions is not None else [None] * len(ids),
+                                dtype=object)
         target = self.parts_dir / f"part-{n:06d}.parquet"
         with atomic_path(target) as tmp:
             df.to_parquet(tmp, index=False)
@@ -120,16 +147,23 @@ class CaptionStore:
             df[COLUMNS].to_parquet(tmp, index=False)
         self._remove_parts(parts)
 
-    def compact(self) -> pd.DataFrame:
+    def compact(self, adopt: dict[str, str | None] | None = None) -> pd.DataFrame:
         """Merge the parts into the compacted file. A kill in between leaves both, which read()
-        deduplicates, so nothing is lost or doubled."""
+        deduplicates, so nothing is lost or doubled. ``adopt`` (id -> image version now): rows
+        without a recorded version get that one, so a later change of the image is noticed."""
         parts = self._parts()
-        df = self.read()
-        if parts:
+        df = self._read_all()
+        adopted = False
+        if adopt:
+            fill = [adopt.get(i) if v is None else v
+                    for i, v in zip(df["id"].astype(str), df[VERSION], strict=True)]
+            adopted = fill != df[VERSION].tolist()
+            df[VERSION] = fill
+        if parts or adopted:
             with atomic_path(self.path) as tmp:
                 df.to_parquet(tmp, index=False)
             self._remove_parts(parts)
-        return df
+        return df[COLUMNS]
 
     def _remove_parts(self, parts: list[Path]) -> None:
         for p in parts:

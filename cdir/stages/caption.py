@@ -35,16 +35,20 @@ def _examples(items: list[str]) -> str:
 
 # -- captioning a workspace ----------------------------------------------------------------------
 
-def _load_batch(paths: list[str]) -> list[tuple[Any, str | None]]:
-    """(image, None) or (None, reason) per path: a corrupt file is data, not an exception."""
+def _load_batch(paths: list[str]) -> list[tuple[Any, str | None, str]]:
+    """(image, None, content hash) or (None, reason, "") per path: a corrupt file is data, not an
+    exception. The hash (of the bytes read) is stored with the caption, so a later `cdir data`
+    that finds the file merely touched keeps the caption."""
     from cdir.core.images import failure_reason, load_image
+    from cdir.core.manifest import file_sha256
 
-    out: list[tuple[Any, str | None]] = []
+    out: list[tuple[Any, str | None, str]] = []
     for p in paths:
         try:
-            out.append((load_image(p), None))
+            digest = file_sha256(p)
+            out.append((load_image(p), None, digest))
         except Exception as e:  # noqa: BLE001 - a bad file must never stop the run
-            out.append((None, failure_reason(p, e)))
+            out.append((None, failure_reason(p, e), ""))
     return out
 
 
@@ -56,7 +60,9 @@ def caption_workspace(
     trust_remote_code: bool = False, limit: int | None = None, progress: bool = True,
     captioner: Any = None, callback: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Caption the workspace's images that have no caption yet under this captioner's key.
+    """Caption the workspace's images that have no caption yet under this captioner's key, and
+    again those whose image changed since they were captioned (`row_versions`; the new caption
+    replaces the old one).
 
     Images are read in manifest order, ``batch_size`` at a time; each batch is stored as it
     finishes. On out-of-memory the batch is halved (for the rest of the run) and retried.
@@ -67,6 +73,8 @@ def caption_workspace(
     """
     from tqdm.auto import tqdm
 
+    from cdir.core.manifest import row_versions
+    from cdir.core.store import same_version
     from encoders.captioners import BatchHalver, resolve_captioner
 
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
@@ -86,6 +94,15 @@ def caption_workspace(
     store = CaptionStore(ws, key)
     ids = df["id"].astype(str).tolist()
     paths = df["path"].astype(str).tolist()
+    versions = row_versions(df)
+    version_of = dict(zip(ids, versions, strict=True))
+
+    def stored_version(id_: str, digest: str) -> str | None:
+        """The manifest's size/mtime fact for the row, and the hash of the bytes captioned."""
+        version = version_of[id_]
+        if version is None:  # a manifest without file facts: nothing to record
+            return None
+        return " ".join(filter(None, (version.split()[0], digest)))
 
     with store.lock():
         meta = store.meta()
@@ -95,8 +112,12 @@ def caption_workspace(
                                     empty=0, failed=[])
         elif meta.get("kind") != "model":
             raise CdirError(f"caption source {key!r} holds imported captions, not a model's")
-        store.compact()  # fold in what a killed run left
-        done = store.done_ids()
+        # fold in what a killed run left; captions stored before images were versioned count
+        # as current and get the present versions, so a later change is noticed
+        store.compact(adopt=version_of)
+        have = store.versions()
+        changed = {i for i in ids if i in have and not same_version(have[i], version_of[i])}
+        done = set(have) - changed  # changed images are captioned again
         old_failed = {r["id"]: r for r in meta.get("failed", [])}
         todo = [j for j, i in enumerate(ids) if i not in done]  # earlier failures are retried
         already = len(ids) - len(todo)
@@ -105,7 +126,7 @@ def caption_workspace(
 
         failures: dict[str, dict] = {}
         captioned: set[str] = set()
-        state = {"new": 0, "empty": 0, "rows": 0, "shrinks": 0}
+        state = {"new": 0, "empty": 0, "rows": 0, "shrinks": 0, "changed": 0}
         device_name = "-"
         halver: BatchHalver | None = None
         t0 = time.perf_counter()
@@ -134,9 +155,9 @@ def caption_workspace(
                         if b + 1 < len(batches):
                             pending = pool.submit(_load_batch,
                                                   [paths[j] for j in batches[b + 1]])
-                        good = [(j, img) for j, (img, _) in zip(rows, loaded, strict=True)
+                        good = [(j, img, h) for j, (img, _, h) in zip(rows, loaded, strict=True)
                                 if img is not None]
-                        for j, (_, reason) in zip(rows, loaded, strict=True):
+                        for j, (_, reason, _) in zip(rows, loaded, strict=True):
                             if reason is not None:
                                 failures[ids[j]] = {"id": ids[j], "path": paths[j],
                                                     "reason": reason}
@@ -149,13 +170,15 @@ def caption_workspace(
                                 device_name = str(getattr(cap, "device", "-"))
                                 halver = BatchHalver(batch_size, on_shrink=shrunk,
                                                      where=f" on {device_name}")
-                            texts = halver.run(cap.caption, [img for _, img in good])
-                            good_ids = [ids[j] for j, _ in good]
-                            store.append(good_ids, texts, model, params.get("prompt"), params)
+                            texts = halver.run(cap.caption, [img for _, img, _ in good])
+                            good_ids = [ids[j] for j, _, _ in good]
+                            store.append(good_ids, texts, model, params.get("prompt"), params,
+                                         [stored_version(ids[j], h) for j, _, h in good])
                             captioned.update(good_ids)
                             state["new"] += len(good)
+                            state["changed"] += len(changed.intersection(good_ids))
                             state["empty"] += sum(1 for t in texts if not t.strip())
-                        if any(reason is not None for _, reason in loaded):
+                        if any(reason is not None for _, reason, _ in loaded):
                             save_failed()
                         state["rows"] += len(rows)
                         bar.update(len(rows))
@@ -177,7 +200,8 @@ def caption_workspace(
     summary = {
         "key": key, "model": model, "family": family, "params": params,
         "path": str(store.path), "device": device_name, "total": len(ids), "new": state["new"],
-        "already_done": already, "failed": len(failures), "empty": state["empty"],
+        "changed": state["changed"], "already_done": already, "failed": len(failures),
+        "empty": state["empty"],
         "remaining": len(ids) - already - state["new"] - len(failures),
         "batch_size": halver.batch_size if halver else batch_size,
         "seconds": round(seconds, 3), "images_per_s": round(rate, 2),
@@ -199,6 +223,8 @@ def caption_workspace(
 def _summary_line(s: dict) -> str:
     left = f", {s['remaining']} left" if s["remaining"] > 0 else ""
     empty = f", {s['empty']} empty" if s["empty"] else ""
+    if s.get("changed"):
+        empty += f", {s['changed']} changed since captioned"
     speed = f" at {s['images_per_s']:.2f} images/s" if s["images_per_s"] else ""
     return (f"captioned {s['new']} new, {s['already_done']} already done, {s['failed']} failed"
             f"{empty}{left} ({s['key']} on {s['device']}{speed}) -> {s['path']}")
