@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
 
 from cdir.core.errors import ModelUnavailable, first_line
+from cdir.core.io import sha256_file
 
 # huggingface_hub's own reading of its boolean variables, so that we agree with it on "offline"
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -122,13 +123,6 @@ _LEGACY = re.compile(r"[0-9a-f]{16}")  # what file_fingerprint gave before conte
 _hashed: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> content id
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def file_fingerprint(path: str | os.PathLike, hints: dict | None = None,
                      seen: dict | None = None) -> str:
@@ -145,7 +139,7 @@ def file_fingerprint(path: str | os.PathLike, hints: dict | None = None,
         if (rec.get("size"), rec.get("mtime_ns")) == key[1:] and rec.get("sha256"):
             digest = str(rec["sha256"])
         else:
-            digest = "sha256:" + _sha256(real)[:16]
+            digest = "sha256:" + sha256_file(real)[:16]
         _hashed[key] = digest
     if seen is not None:
         seen[real] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}

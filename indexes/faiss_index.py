@@ -39,7 +39,6 @@ left inconsistent by a crash between two renames are refused instead of mixing t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -56,7 +55,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from cdir.core.errors import CdirError
-from cdir.core.io import atomic_path
+from cdir.core.io import atomic_path, sha256_file
 
 if TYPE_CHECKING:
     from indexes.normalize import DomainNormalizer
@@ -322,13 +321,6 @@ def _check_rows(ids: Sequence[str], domains: Sequence[str], n: int) -> tuple[lis
         raise CdirError(f"{len(dup)} duplicate id(s) among the vectors: {', '.join(dup[:5])}")
     return ids, domains
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -716,10 +708,8 @@ class CdirIndex:
                               "domain": pa.array(self._domains.tolist(), pa.string())})
             pq.write_table(table, tmp_rows)
             _fsync(tmp_rows)
-            meta.files = {
-                files.faiss.name: {"sha256": _sha256(tmp_faiss), "bytes": tmp_faiss.stat().st_size},
-                files.rows.name: {"sha256": _sha256(tmp_rows), "bytes": tmp_rows.stat().st_size},
-            }
+            meta.files = {final.name: {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
+                          for final, tmp in ((files.faiss, tmp_faiss), (files.rows, tmp_rows))}
             with open(tmp_meta, "w", encoding="utf-8") as f:
                 json.dump(meta.to_dict(), f, indent=2, sort_keys=True)
                 f.write("\n")
@@ -870,7 +860,7 @@ def load_index(
             raise CdirError(f"index file {f} is missing: rebuild with `cdir index build`")
         want = meta.files.get(f.name)
         if verify and want and (f.stat().st_size != want.get("bytes")
-                                or _sha256(f) != want.get("sha256")):
+                                or sha256_file(f) != want.get("sha256")):
             raise CdirError(
                 f"index file {f} does not match its sidecar {files.meta.name} (a save was "
                 "interrupted, or the file was changed): rebuild with `cdir index build`")

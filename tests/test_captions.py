@@ -29,7 +29,7 @@ from cdir.core.workspace import Workspace
 from cdir.stages.caption import caption_workspace, export_captions, import_captions
 from encoders.captioners import load_captioner
 from tests.helpers.tiny_models import tiny_model_path
-from tests.helpers.trees import write_shape_tree
+from tests.helpers.trees import manifest_rows, write_shape_tree
 
 REPO = Path(__file__).resolve().parents[1]
 GEN = {"max_new_tokens": 5, "min_new_tokens": 2}
@@ -53,14 +53,8 @@ def make_ws(root: Path, n_corrupt: int = 2) -> Workspace:
     base = write_shape_tree(root / "data", domains=("Art", "Clipart"),
                             classes=("Circle", "Square"), per_class=3, size=32,
                             n_corrupt=n_corrupt)
-    rows = []
-    for p in sorted(base.rglob("*")):
-        if p.is_file():
-            rel = p.relative_to(base)
-            rows.append({"id": rel.as_posix(), "path": str(p), "domain": rel.parts[0],
-                         "class_name": rel.parts[1]})
     ws = Workspace(root / "ws")
-    save_manifest(make_manifest(rows), ws.manifest_path)
+    save_manifest(make_manifest(manifest_rows(base)), ws.manifest_path)
     return ws
 
 

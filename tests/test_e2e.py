@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.cli import cdir, emoji_workspace
+from tests.helpers.cli import cdir, emoji_workspace, pixels_workspace
 from tests.helpers.tiny_models import write_tiny_clip_config
 from tests.helpers.trees import write_shape_tree
 
@@ -100,12 +100,7 @@ def test_bad_input_one_line_and_nonzero_exit(tmp_path, emoji_ws, capsys):
 
 
 def test_index_refused_when_gallery_changed(tmp_path, capsys):
-    root = write_shape_tree(tmp_path / "g", domains=("a", "b"), classes=("circle", "square"),
-                            per_class=2)
-    ws = tmp_path / "ws"
-    assert cdir("data", "folder", root, "-w", ws) == 0
-    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
-    assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 0
+    root, ws = pixels_workspace(tmp_path)
     # the gallery grows: the old index no longer describes it
     write_shape_tree(root, domains=("a", "b"), classes=("circle", "square", "triangle"),
                      per_class=2)

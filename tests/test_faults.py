@@ -35,7 +35,8 @@ from cdir.core.lock import beside, exclusive
 from cdir.core.manifest import make_manifest, save_manifest
 from cdir.core.store import EmbeddingStore
 from cdir.core.workspace import Workspace
-from tests.helpers.trees import write_shape_tree
+from tests.helpers.cli import sigterm_when
+from tests.helpers.trees import manifest_rows, write_shape_tree
 
 REPO = Path(__file__).resolve().parents[1]
 INTERRUPTED = "interrupted; finished work is kept, re-run to continue"
@@ -188,7 +189,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Manifest rows of 96 PNGs (4 domains x 4 classes x 6, 160 px): a `cdir embed --encoder
     pixels --batch-size 1` run takes about half a second, long enough to be cut anywhere."""
     base = write_shape_tree(tmp_path_factory.mktemp("images"), per_class=6, size=160, ext=".png")
-    return _rows(base)
+    return manifest_rows(base)
 
 
 @pytest.fixture(scope="module")
@@ -196,22 +197,12 @@ def small_images(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """24 JPEGs of 32 px (2 domains x 3 classes x 4) for the tiny captioner."""
     base = write_shape_tree(tmp_path_factory.mktemp("small"), domains=("Art", "Clipart"),
                             classes=("Circle", "Square", "Triangle"), per_class=4, size=32)
-    return _rows(base)
+    return manifest_rows(base)
 
 
 @pytest.fixture(scope="module")
 def blip(zygote: Zygote, tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"hf:{zygote.build('blip', tmp_path_factory.mktemp('blip') / 'blip')}"
-
-
-def _rows(base: Path) -> list[dict]:
-    rows = []
-    for p in sorted(base.rglob("*")):
-        if p.is_file():
-            rel = p.relative_to(base)
-            rows.append({"id": rel.as_posix(), "path": str(p), "domain": rel.parts[0],
-                         "class_name": rel.parts[1]})
-    return rows
 
 
 def _workspace(root: Path, rows: list[dict]) -> Workspace:
@@ -251,9 +242,13 @@ def _captions(ws: Workspace) -> dict[str, str]:
 
 
 def _shown(log: Path, stage: str) -> int:
-    """The last row count that the stage's progress bar printed (tqdm's "N/M"; the bar's
+    """The last row count that the stage's progress bar printed in ``log``."""
+    return _shown_in(log.read_text(errors="replace") if log.exists() else "", stage)
+
+
+def _shown_in(text: str, stage: str) -> int:
+    """The last row count that a stage's progress bar printed (tqdm's "N/M"; the bar's
     description starts with the stage's name, unlike a model loader's bars)."""
-    text = log.read_text(errors="replace") if log.exists() else ""  # not opened yet
     counts = [int(m.group(1)) for seg in re.split(r"[\r\n]", text) if seg.startswith(stage)
               for m in [re.search(r"\| *(\d+)/\d+ \[", seg)] if m]
     return counts[-1] if counts else 0
@@ -268,6 +263,20 @@ def _wait_shown(zygote: Zygote, pid: int, log: Path, stage: str, rows: int,
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.01)
     return n
+
+
+def _sigterm_after(zygote: Zygote, workdir: Path, stage: str, argv: list, rows: int
+                   ) -> tuple[int, str]:
+    """Start ``cdir STAGE ARGV`` in the zygote, SIGTERM it once its bar shows ``rows`` done;
+    asserts exit 143 with the interrupted line; returns (rows shown, output)."""
+    pid, log = zygote.start(workdir, stage, *argv)
+    shown = _wait_shown(zygote, pid, log, stage, rows)
+    os.kill(pid, signal.SIGTERM)
+    rc = zygote.wait(pid)
+    out = log.read_text()
+    assert rc == 143, out
+    assert f"cdir {stage}: {INTERRUPTED}" in out
+    return shown, out
 
 
 def _wait_fraction(zygote: Zygote, pid: int, log: Path, stage: str, fraction: float,
@@ -370,13 +379,7 @@ def test_sigterm_keeps_the_open_shard(zygote: Zygote, tmp_path: Path,
     """SIGTERM with one shard of 4096 rows open: the rows embedded so far are written (before,
     the whole shard was lost), the exit status is 143 and the next run does only the rest."""
     ws = _workspace(tmp_path / "ws", images)
-    pid, log = zygote.start(tmp_path, "embed", "-w", ws.root, *EMBED)
-    shown = _wait_shown(zygote, pid, log, "embed", 10)
-    os.kill(pid, signal.SIGTERM)
-    rc = zygote.wait(pid)
-    out = log.read_text()
-    assert rc == 143, out
-    assert f"cdir embed: {INTERRUPTED}" in out
+    shown, _ = _sigterm_after(zygote, tmp_path, "embed", ["-w", ws.root, *EMBED], 10)
     ids = _raw_ids(ws)
     assert shown <= len(ids) < len(images) and len(set(ids)) == len(ids)
     assert not beside(ws.embeddings_dir("pixels")).exists()  # released on the way out
@@ -459,14 +462,8 @@ def test_sigterm_ends_a_caption_run_like_ctrl_c(zygote: Zygote, tmp_path: Path,
     """SIGTERM: exit 143, the finished batches compacted into the source, its lock released
     (before, the process died on the spot and left both behind)."""
     ws = _workspace(tmp_path / "ws", small_images)
-    pid, log = zygote.start(tmp_path, "caption", "-w", ws.root, "--captioner", blip,
-                            *CAPTION_GEN)
-    shown = _wait_shown(zygote, pid, log, "caption", 4)
-    os.kill(pid, signal.SIGTERM)
-    rc = zygote.wait(pid)
-    out = log.read_text()
-    assert rc == 143, out
-    assert f"cdir caption: {INTERRUPTED}" in out
+    shown, out = _sigterm_after(zygote, tmp_path, "caption",
+                                ["-w", ws.root, "--captioner", blip, *CAPTION_GEN], 4)
     store = _caption_store(ws)
     assert not store.lock_path.exists() and not store.parts_dir.exists()
     ids = _raw_caption_ids(store)
@@ -679,20 +676,7 @@ def test_signals_module() -> None:
 def test_python_m_cdir_embed_sigterm(tmp_path: Path, images: list[dict]) -> None:
     """The same as test_sigterm_keeps_the_open_shard, with `python -m cdir` started afresh."""
     ws = _workspace(tmp_path / "ws", images)
-    log = tmp_path / "log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "cdir", "embed", "-w", str(ws.root),
-                                 *EMBED], cwd=REPO, env=env, stdout=f, stderr=f)
-    try:
-        deadline = time.monotonic() + 180
-        while _shown(log, "embed") < 10:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 143, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert INTERRUPTED in log.read_text()
+    out = sigterm_when(["embed", "-w", ws.root, *EMBED], tmp_path / "log",
+                       lambda text: _shown_in(text, "embed") >= 10)
+    assert INTERRUPTED in out
     assert 10 <= len(set(_raw_ids(ws))) == len(_raw_ids(ws))

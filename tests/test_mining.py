@@ -26,10 +26,7 @@ from encoders.adapt.mining import (
     sinkhorn_plan,
     threshold,
 )
-
-
-def _l2(z: np.ndarray) -> np.ndarray:
-    return z / np.linalg.norm(z, axis=-1, keepdims=True)
+from tests.helpers.vectors import l2
 
 
 def _rotation(d: int, angle: float, rng: np.random.Generator) -> np.ndarray:
@@ -44,11 +41,11 @@ def _domains(n: int = 300, d: int = 32, noise: float = 0.1, k: int = 2, seed: in
              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """``k`` domains of the same ``n`` items: domain t holds item perms[t][r] in row r."""
     rng = np.random.default_rng(seed)
-    base = _l2(rng.normal(size=(n, d)))
+    base = l2(rng.normal(size=(n, d)))
     xs, perms = [], []
     for _ in range(k):
         # noise: relative to the unit signal (a row of norm about ``noise``)
-        x = _l2(base @ _rotation(d, 0.3, rng) + noise / np.sqrt(d) * rng.normal(size=(n, d)))
+        x = l2(base @ _rotation(d, 0.3, rng) + noise / np.sqrt(d) * rng.normal(size=(n, d)))
         perm = rng.permutation(n)
         xs.append(x[perm].astype(np.float32))
         perms.append(perm)
@@ -180,8 +177,8 @@ def test_mining_stats_track_the_quality_without_labels() -> None:
     a, b = clean_x[:2]
     assert cycle_rate([nn_map(a, b), nn_map(b, a)]) > 0.9
     # a hub: queries share a direction u and one gallery row is u: the k-occurrence skews
-    u = _l2(np.ones(a.shape[1], np.float32))
-    shared = _l2(a + 0.7 * u)
+    u = l2(np.ones(a.shape[1], np.float32))
+    shared = l2(a + 0.7 * u)
     hubbed = np.concatenate([b, u[None]])
     assert k_occurrence_skew(shared, hubbed, k=5) > k_occurrence_skew(a, b, k=5) + 3.0
 

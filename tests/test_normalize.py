@@ -17,10 +17,7 @@ from indexes.normalize import (
     ledoit_wolf_shrinkage,
     neighbourhood_mean,
 )
-
-
-def _l2(z: np.ndarray) -> np.ndarray:
-    return z / np.linalg.norm(z, axis=-1, keepdims=True)
+from tests.helpers.vectors import l2
 
 
 def _gallery(seed: int = 0, n: int = 200, d: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +37,7 @@ def test_every_method_dispatches_and_unknown_is_refused() -> None:
         z = DomainNormalizer(method).fit(x, dom).transform(x, dom)
         assert z.shape == x.shape and z.dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(DomainNormalizer("none").fit(x, dom).transform(x, dom), _l2(x),
+    np.testing.assert_allclose(DomainNormalizer("none").fit(x, dom).transform(x, dom), l2(x),
                                atol=1e-6)
     with pytest.raises(CdirError, match="unknown normalisation"):
         DomainNormalizer("domain-magic")
@@ -73,7 +70,7 @@ def test_whitening_without_shrinkage_gives_identity_covariance() -> None:
         np.testing.assert_allclose(white.T @ white / len(c), np.eye(x.shape[1]), atol=1e-3)
         np.testing.assert_allclose(w, w.T, atol=1e-5)  # ZCA: symmetric
         np.testing.assert_allclose(norm.transform(x[dom == name], dom[dom == name]),
-                                   _l2(white), atol=1e-5)
+                                   l2(white), atol=1e-5)
 
 
 def test_singular_covariance_is_identity_on_its_subspace() -> None:
@@ -138,12 +135,12 @@ def test_query_transform_matches_gallery_transform_and_infers_domain() -> None:
         assert used == dom[row]
         np.testing.assert_allclose(q, z[row], atol=1e-6)
     # no domain: the nearest centroid (cosine), row by row
-    cents = _l2(norm.centroids)
+    cents = l2(norm.centroids)
     probe = np.stack([cents[0] + 0.01, cents[1] - 0.01]).astype(np.float32)
     out, used = norm.transform_query(probe)
     assert list(used) == norm.domains
     np.testing.assert_allclose(out, norm.transform(probe, used), atol=1e-6)
-    sims = _l2(x) @ cents.T
+    sims = l2(x) @ cents.T
     assert (norm.infer_domain(x) == np.array(norm.domains)[sims.argmax(1)]).all()
     one, name = norm.transform_query(probe[1])
     assert name == norm.domains[1] and one.shape == (x.shape[1],)
@@ -189,7 +186,7 @@ def test_csls_demotes_a_hub() -> None:
     d = 6
     eye = np.eye(d, dtype=np.float32)
     # every query is 0.8 from the hub e0 and 0.6 from its own partner e_i
-    q = _l2(0.8 * eye[0] + 0.6 * eye[1:])
+    q = l2(0.8 * eye[0] + 0.6 * eye[1:])
     g = np.concatenate([eye[:1], eye[1:]])  # row 0: the hub, rows 1..5: the partners
     plain = q @ g.T
     assert (plain.argmax(1) == 0).all()
@@ -204,8 +201,8 @@ def test_csls_demotes_a_hub() -> None:
 
 def test_blockwise_terms_equal_dense() -> None:
     rng = np.random.default_rng(4)
-    a = _l2(rng.normal(size=(53, 16))).astype(np.float32)
-    b = _l2(rng.normal(size=(41, 16))).astype(np.float32)
+    a = l2(rng.normal(size=(53, 16))).astype(np.float32)
+    b = l2(rng.normal(size=(41, 16))).astype(np.float32)
     dense = a @ b.T
     for k in (1, 5, 41, 100):  # k is capped at len(b)
         want = np.sort(dense, axis=1)[:, ::-1][:, :min(k, 41)].mean(1)

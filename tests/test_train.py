@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import torch
 from PIL import Image
 
 from cdir.core.errors import CdirError
+from tests.helpers.cli import sigterm_when
 
 torch.set_num_threads(1)
 
@@ -446,23 +445,8 @@ def test_sigterm_stops_training_at_a_resumable_epoch(tmp_path: Path, tiny_images
     out = tmp_path / "out"
     args = ["train", "moco", "--config", str(recipe), "--out", str(out), "--batch-size", "24",
             "--set", "method.queue_size=48", "--set", "train.save_every=0"]
-    log = tmp_path / "train.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "cdir", *args], cwd=REPO, env=env,
-                                stdout=f, stderr=f)
-    try:
-        deadline = time.monotonic() + 240
-        while "moco epoch 2/200" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 143, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = log.read_text()
+    text = sigterm_when(args, tmp_path / "train.log", lambda log: "moco epoch 2/200" in log,
+                        timeout=240, wait=120)
     done = load_checkpoint(out / "latest.pt")["epoch"]
     assert done >= 2 and _metric_epochs(out) == list(range(1, done + 1))
     assert (f"moco: interrupted in epoch {done + 1}; {out / 'latest.pt'} holds epoch {done}: "

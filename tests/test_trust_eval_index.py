@@ -26,7 +26,7 @@ from cdir.stages.index import build_index, check_index_name, fill_commands, upda
 from eval.metrics import MetricAccumulator, compute_metrics
 from eval.protocol import evaluate_pairs
 from eval.topk import CosineScorer
-from tests.helpers.cli import cdir, emoji_workspace
+from tests.helpers.cli import cdir, emoji_workspace, pixels_workspace
 from tests.helpers.trees import write_shape_tree
 
 torch.set_num_threads(1)
@@ -53,13 +53,7 @@ def eval_ws(tmp_path_factory) -> Path:
 def indexed_ws(tmp_path) -> Path:
     """A fresh folder-gallery workspace (2 domains × 2 shapes × 2 images) embedded with pixels,
     with its flat index."""
-    root = write_shape_tree(tmp_path / "gallery", domains=("a", "b"), classes=("circle", "square"),
-                            per_class=2)
-    ws = tmp_path / "ws"
-    assert cdir("data", "folder", root, "-w", ws) == 0
-    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
-    assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 0
-    return ws
+    return pixels_workspace(tmp_path)[1]
 
 
 def grow(ws: Path) -> list[Path]:

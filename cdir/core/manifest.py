@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cdir.core.errors import CdirError
-from cdir.core.io import atomic_path
+from cdir.core.io import atomic_path, sha256_file
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -79,14 +79,10 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
 
 
 def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+        return "sha256:" + sha256_file(path)[:16]
     except OSError:
         return ""  # unreadable: the embed stage lists it
-    return "sha256:" + h.hexdigest()[:16]
 
 
 def stamp_files(df: pd.DataFrame, previous: pd.DataFrame | None = None) -> int:

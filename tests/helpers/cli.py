@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cdir import cli
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cdir(*args: object) -> int:
@@ -20,3 +28,39 @@ def emoji_workspace(parent: Path, limit: int) -> Path:
     ws = Path(parent) / "ws"
     assert cdir("data", "emoji", "-w", ws, "--limit", limit) == 0
     return ws
+
+
+def pixels_workspace(parent: Path) -> tuple[Path, Path]:
+    """A folder gallery PARENT/gallery (2 domains x circle, square x 2 images) described,
+    embedded with `pixels` and indexed (flat) in PARENT/ws; returns (gallery, workspace)."""
+    from tests.helpers.trees import write_shape_tree
+
+    root = write_shape_tree(Path(parent) / "gallery", domains=("a", "b"),
+                            classes=("circle", "square"), per_class=2)
+    ws = Path(parent) / "ws"
+    assert cdir("data", "folder", root, "-w", ws) == 0
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 0
+    return root, ws
+
+
+def sigterm_when(args: list[str], log: Path, ready: Callable[[str], bool],
+                 timeout: float = 180, wait: float = 60) -> str:
+    """``python -m cdir ARGS`` started afresh (output into ``log``), sent SIGTERM as soon as
+    ``ready(output so far)`` holds; asserts that it exits 143 and returns its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "cdir", *map(str, args)], cwd=REPO,
+                                env=env, stdout=f, stderr=f)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready(log.read_text(errors="replace")):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=wait) == 143, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return log.read_text()

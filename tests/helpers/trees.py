@@ -278,3 +278,15 @@ def write_corrupt_files(folder: str | Path) -> Path:
     (folder / "text.jpg").write_text("<html><body>404 Not Found</body></html>\n")
     make_bomb_png(folder / "bomb.png", 100_000, 100_000)
     return folder
+
+
+def manifest_rows(base: str | Path) -> list[dict]:
+    """Manifest rows (id, path, domain, class_name) of every file of a ``<domain>/<class>/`` tree,
+    corrupt ones included: the stages must skip and list those themselves."""
+    rows = []
+    for p in sorted(Path(base).rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(base)
+            rows.append({"id": rel.as_posix(), "path": str(p), "domain": rel.parts[0],
+                         "class_name": rel.parts[1]})
+    return rows
