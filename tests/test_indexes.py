@@ -336,7 +336,7 @@ def test_interrupted_save_leaves_the_previous_index_intact(tmp_path, monkeypatch
     def crash(*a, **k):
         raise OSError("disk full")
 
-    for target, name in ((fi, "_write_faiss"), (pq, "write_table"), (fi, "_sha256")):
+    for target, name in ((fi, "_write_faiss"), (pq, "write_table"), (fi, "sha256_file")):
         with monkeypatch.context() as m:  # fail at each stage of the write
             m.setattr(target, name, crash)
             with pytest.raises(OSError, match="disk full"):

@@ -75,13 +75,13 @@ def sha_calls(monkeypatch) -> list[str]:
     import encoders.hub as hub
 
     calls: list[str] = []
-    real = hub._sha256
+    real = hub.sha256_file
 
     def spy(path: str) -> str:
         calls.append(os.path.realpath(path))
         return real(path)
 
-    monkeypatch.setattr(hub, "_sha256", spy)
+    monkeypatch.setattr(hub, "sha256_file", spy)
     return calls
 
 
