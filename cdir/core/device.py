@@ -11,7 +11,9 @@ from cdir.core.errors import CdirError
 if TYPE_CHECKING:
     import torch
 
-DTYPES = ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
+# the dtype names accepted, each mapped to its torch attribute (torch is imported when used)
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
 def resolve_device(device: str | torch.device | None = None, flag: str = "--device",
@@ -48,8 +50,6 @@ def resolve_dtype(device: torch.device, dtype: str | torch.dtype | None = None) 
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    named = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype not in named:
+    if dtype not in DTYPES:
         raise CdirError(f"unknown dtype {dtype!r}: use auto or one of {', '.join(DTYPES)}")
-    return named[dtype]
+    return getattr(torch, DTYPES[dtype])
