@@ -167,10 +167,12 @@ def encoder_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def export_encoder(
-    ckpt_path: str | os.PathLike, out_path: str | os.PathLike, half: bool = False
+    ckpt_path: str | os.PathLike | dict[str, Any], out_path: str | os.PathLike,
+    half: bool = False,
 ) -> Path:
-    """Write the small encoder-only file of a training checkpoint (``half`` stores fp16)."""
-    ckpt = _torch_load(Path(ckpt_path))
+    """Write the small encoder-only file of a training checkpoint (a path, or the checkpoint's
+    dict); ``half`` stores fp16."""
+    ckpt = ckpt_path if isinstance(ckpt_path, dict) else _torch_load(Path(ckpt_path))
     if not isinstance(ckpt, dict) or "encoder_arch" not in ckpt:
         raise CdirError(f"{ckpt_path} is not a checkpoint written by `cdir train`")
     sd = encoder_state_dict(ckpt)
@@ -181,7 +183,7 @@ def export_encoder(
         "method": ckpt.get("method"),
         "config": ckpt.get("config", {}),
         "encoder_arch": ckpt["encoder_arch"],
-        "encoder": {k: v.contiguous().clone() for k, v in sd.items()},
+        "encoder": {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()},
         "epoch": ckpt.get("epoch"),
     }
     return save_checkpoint(out_path, out)
@@ -265,6 +267,18 @@ def load_encoder(
             f"unexpected {result.unexpected_keys[:5]}"
         )
     return model.to(map_location).eval(), dim
+
+
+def load_init(method: nn.Module, path: str | os.PathLike) -> None:
+    """Start ``method`` (an SSL or adapt method) from the backbone weights of an encoder file:
+    its online backbone and, when it has one, its momentum backbone. The architecture must fit
+    exactly (CdirError naming the keys otherwise)."""
+    src, _ = load_encoder(path)
+    sd = src.state_dict()
+    for prefix in (method.encoder_prefix, getattr(method, "momentum_prefix", None)):
+        name = (prefix or "").rstrip(".")
+        if name and hasattr(method, name):
+            _load_strict(method.get_submodule(name), sd, Path(path), "the model's backbone")
 
 
 def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: Path, what: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 from cdir.core.config import apply_sets, build, deep_merge, load_yaml, set_value, to_dict
 from cdir.core.errors import CdirError
 from encoders.ssl.augment import AugConfig
-from encoders.ssl.registry import METHODS
+from encoders.ssl.registry import ADAPT_METHODS, METHODS
 
 
 @dataclass
@@ -37,6 +37,8 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet50"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    # start from these weights (an encoder checkpoint whose backbone fits), not from scratch
+    init: str | None = None
 
 
 @dataclass
@@ -132,8 +134,9 @@ def resolve_config(
     raw: dict[str, Any], method: str, recipe: str = "", overrides: Iterable[str] | None = None
 ) -> Config:
     """The run config for ``method`` from a recipe dict and ``--set`` items (module docstring)."""
-    if method not in METHODS:
-        raise CdirError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    known = (*METHODS, *ADAPT_METHODS)
+    if method not in known:
+        raise CdirError(f"unknown method {method!r}; choose one of {', '.join(known)}")
     raw = dict(raw or {})
     sections = raw.pop("methods", None) or {}
     unknown = set(raw) - set(SECTIONS)
@@ -148,8 +151,8 @@ def resolve_config(
         )
     msec = dict(sections.get(method) or {})
     name = msec.pop("name", method)
-    if name not in METHODS:
-        raise CdirError(f"methods.{method}.name must be one of {', '.join(METHODS)}, got {name!r}")
+    if name not in known:
+        raise CdirError(f"methods.{method}.name must be one of {', '.join(known)}, got {name!r}")
     base = {k: raw.get(k) or {} for k in SECTIONS}
     for k in SECTIONS:
         if k in msec:

@@ -83,22 +83,51 @@ def _isd_plus(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
     return _isd(net, feat_dim, {**_ISD_PLUS_DEFAULTS, **kw})
 
 
-# name -> (the keyword arguments it takes, builder(backbone, feature dim, kwargs))
-_REGISTRY: dict[str, tuple[Callable[[], list[str]], Callable[..., SSLMethod]]] = {
-    "moco": (_moco_options, _moco),
-    "synco": (_synco_options, _synco),
-    "isd": (_isd_options, _isd),
-    "isd_plus": (_isd_options, _isd_plus),
-}
-METHODS: tuple[str, ...] = tuple(_REGISTRY)
+def _xdomain_options() -> list[str]:
+    from encoders.adapt.xdomain import XDomainConfig
 
-__all__ = ["METHODS", "build_method", "method_options"]
+    return _names(XDomainConfig)
+
+
+def _xdomain(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
+    from encoders.adapt.xdomain import XDomain, XDomainConfig
+
+    return XDomain(net, feat_dim, XDomainConfig(**kw))
+
+
+def _ucdir_options() -> list[str]:
+    from encoders.adapt.ucdir import UCDIRConfig
+
+    return _names(UCDIRConfig)
+
+
+def _ucdir(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
+    from encoders.adapt.ucdir import UCDIR, UCDIRConfig
+
+    return UCDIR(net, feat_dim, UCDIRConfig(**kw))
+
+
+# name -> (the keyword arguments it takes, builder(backbone, feature dim, kwargs), adapts):
+# adapts=False: pretraining on images alone (`cdir train`); True: cross-domain adaptation on
+# images with domain names (`cdir adapt`, encoders.adapt)
+_REGISTRY: dict[str, tuple[Callable[[], list[str]], Callable[..., SSLMethod], bool]] = {
+    "moco": (_moco_options, _moco, False),
+    "synco": (_synco_options, _synco, False),
+    "isd": (_isd_options, _isd, False),
+    "isd_plus": (_isd_options, _isd_plus, False),
+    "xdomain": (_xdomain_options, _xdomain, True),
+    "ucdir": (_ucdir_options, _ucdir, True),
+}
+METHODS: tuple[str, ...] = tuple(n for n, e in _REGISTRY.items() if not e[2])
+ADAPT_METHODS: tuple[str, ...] = tuple(n for n, e in _REGISTRY.items() if e[2])
+
+__all__ = ["ADAPT_METHODS", "METHODS", "build_method", "method_options"]
 
 
 def _entry(name: str) -> tuple[Callable[[], list[str]], Callable[..., SSLMethod]]:
     if name not in _REGISTRY:
-        raise CdirError(f"unknown SSL method {name!r}; choose one of {', '.join(METHODS)}")
-    return _REGISTRY[name]
+        raise CdirError(f"unknown method {name!r}; choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name][:2]
 
 
 def method_options(name: str) -> list[str]:

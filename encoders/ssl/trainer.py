@@ -88,13 +88,15 @@ def train(
     stop_at: int | None = None,
     monitor: Monitor | None = None,
     force: bool = False,
+    run: Callable[..., _Run] | None = None,
 ) -> TrainResult:
     """Run pretraining, or resume it from a checkpoint (path or loaded dict).
 
     ``stop_at`` ends the call after that many epochs in total, as an interruption would (for
     chunked jobs and for the resume test). ``monitor`` (see the module docstring) is only called
     on the main process. Without ``resume``, an output folder that holds a run is refused, or
-    with ``force`` its files are moved aside first."""
+    with ``force`` its files are moved aside first. ``run`` builds the run object (a subclass of
+    ``_Run`` with more state: ``encoders.adapt.trainer``)."""
     out = run_dir(cfg)
     if force and resume is not None:
         raise CdirError("--force starts the run over; it does not go with --resume")
@@ -104,7 +106,7 @@ def train(
         d = setup_distributed(cfg.train.device, cfg.train.backend, flag="--set train.device")
         _set_threads(cfg, d)
         try:
-            return _Run(cfg, d, resume, monitor).run(stop_at)
+            return (run or _Run)(cfg, d, resume, monitor).run(stop_at)
         finally:
             teardown(d)
 
@@ -185,13 +187,12 @@ class _Run:
         self._build(ckpt)
 
     def _build(self, ckpt: dict | None) -> None:
-        from encoders.ssl.augment import build_multiview
-        from encoders.ssl.data import SeededSampler, UnlabelledImages, list_images
+        from encoders.ssl.data import SeededSampler
 
         cfg, d, o, t = self.cfg, self.d, self.cfg.optim, self.cfg.train
         # identical initial weights on every rank (DDP also broadcasts rank 0's at wrap time)
         _seed_all(t.seed)
-        model = build_model(cfg).to(d.device)
+        model = self._make_model().to(d.device)
         if t.channels_last and d.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.encoder_arch = dict(getattr(model, "encoder_arch", None) or {
@@ -199,8 +200,7 @@ class _Run:
         _seed_all(t.seed + d.rank)  # different augmentation draws per rank
 
         # data: the order depends only on (seed, epoch)
-        self.paths = list_images(cfg.data.path)
-        self.dataset = UnlabelledImages(self.paths, build_multiview(model.views, cfg.aug))
+        self.dataset = self._make_dataset(model)
         if d.world > 1:
             self.sampler: Any = torch.utils.data.DistributedSampler(
                 self.dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=t.seed,
@@ -225,6 +225,8 @@ class _Run:
         self.start_epoch, self.step = 0, 0
         if ckpt is not None:
             self._restore(ckpt)
+        else:
+            self._fresh_start()
 
         self.net: nn.Module = model
         if d.world > 1:
@@ -235,6 +237,49 @@ class _Run:
                 model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                 **_no_forward_buffer_sync(),
             )
+
+    # hooks a run with more state (encoders.adapt) overrides ---------------------------------
+    def _make_model(self) -> nn.Module:
+        return build_model(self.cfg)
+
+    def _make_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
+        from encoders.ssl.augment import build_multiview
+        from encoders.ssl.data import UnlabelledImages, list_images
+
+        self.paths = list_images(self.cfg.data.path)
+        return UnlabelledImages(self.paths, build_multiview(model.views, self.cfg.aug))
+
+    def _fresh_start(self) -> None:
+        """Called after the model and optimiser are built when no checkpoint is resumed."""
+        from encoders.ssl.checkpoint import load_init
+
+        if self.cfg.model.init:
+            load_init(self.model, self.cfg.model.init)
+
+    def _before_epoch(self, epoch: int) -> None:
+        """Called on every rank before the data of ``epoch`` (0-based) is loaded."""
+
+    def _forward(self, views: list[torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(views)
+
+    def _bad_paths(self, idx: torch.Tensor, ok: torch.Tensor) -> list[str]:
+        return [self.paths[j] for j in idx[~ok].tolist()]
+
+    def _epoch_record(self, done: int) -> dict[str, Any]:
+        """More entries for the metrics line of epoch ``done`` (1-based); runs on every rank."""
+        return {}
+
+    def _extra_state(self) -> dict[str, Any]:
+        """More entries for the training checkpoint (restored by :meth:`_restore_extra`)."""
+        return {}
+
+    def _restore_extra(self, ckpt: dict) -> None:
+        pass
+
+    def _export(self, out_path: Path) -> Path:
+        from encoders.ssl.checkpoint import export_encoder
+
+        return export_encoder(self.latest, out_path)
 
     def _restore(self, ckpt: dict) -> None:
         from encoders.ssl.checkpoint import restore_run_rng_state
@@ -252,6 +297,7 @@ class _Run:
         self.start_epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         apply_config(self.optimizer, self.scheduler, self.step, self.steps_per_epoch, o)
         restore_run_rng_state(ckpt["rng"])
+        self._restore_extra(ckpt)
         saved_spe = ckpt.get("steps_per_epoch")
         if saved_spe and saved_spe != self.steps_per_epoch:
             print(f"warning: {self.steps_per_epoch} steps per epoch now, {saved_spe} in the "
@@ -260,8 +306,6 @@ class _Run:
 
     # the loop ---------------------------------------------------------------------------------
     def run(self, stop_at: int | None) -> TrainResult:
-        from encoders.ssl.checkpoint import export_encoder
-
         cfg, d, o = self.cfg, self.d, self.cfg.optim
         self.writer = None
         if d.main:
@@ -307,7 +351,7 @@ class _Run:
         encoder_path = None
         if d.main:
             if end_epoch >= o.epochs and self.latest.exists():
-                encoder_path = export_encoder(self.latest, self.out / "encoder.pt")
+                encoder_path = self._export(self.out / "encoder.pt")
         return TrainResult(
             out=self.out, epochs_done=end_epoch, steps=self.step, losses=self.losses,
             epoch_losses=self.epoch_losses, latest=self.latest, encoder=encoder_path,
@@ -318,8 +362,9 @@ class _Run:
     def _epoch(self, epoch: int) -> tuple[torch.Tensor, float]:
         """One epoch of optimizer steps: (per-step losses on CPU, seconds)."""
         cfg, d, o, t = self.cfg, self.d, self.cfg.optim, self.cfg.train
-        self.model.train()
         self.model.set_epoch(epoch)
+        self._before_epoch(epoch)
+        self.model.train()
         self.sampler.set_epoch(epoch)
         gen = torch.Generator()
         gen.manual_seed((t.seed * 1_000_003 + epoch) * 1_009 + d.rank)
@@ -342,8 +387,8 @@ class _Run:
             if i >= self.steps_per_epoch:
                 break
             if not bool(ok.all()):
-                self.skipped.update(self.paths[j] for j in idx[~ok].tolist())
-            res = self._step(views)
+                self.skipped.update(self._bad_paths(idx, ok))
+            res = self._step(views, idx)
             loss = res["loss"].detach()
             ep_losses.append(loss)
             pending.append(loss)
@@ -357,13 +402,13 @@ class _Run:
             bar.close()
         return torch.stack(ep_losses).float().cpu(), elapsed
 
-    def _step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _step(self, views: list[torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
         d = self.d
         views = [v.to(d.device, non_blocking=True) for v in views]
         if self.cfg.train.channels_last and d.device.type == "cuda":
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(d.device.type, dtype=self.amp_dtype, enabled=self.amp_on):
-            res = self.net(views)
+            res = self._forward(views, idx)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(res["loss"]).backward()
         self.scaler.step(self.optimizer)
@@ -406,6 +451,7 @@ class _Run:
         lr = self.optimizer.param_groups[0]["lr"]
         record: dict[str, Any] = {"epoch": done, "step": self.step, "loss": ep_mean, "lr": lr,
                                   "img_per_s": rate, "seconds": elapsed}
+        record.update(self._epoch_record(done))
         if self.monitor is not None and (done % max(cfg.monitor.every, 1) == 0
                                          or done == o.epochs):
             mres = self.monitor(_encoder_of(self.model), d.device)
@@ -426,7 +472,7 @@ class _Run:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "epoch": done, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
-                "rng": rng,
+                "rng": rng, **self._extra_state(),
                 "meta": {"git_sha": _git_sha(), "torch": str(torch.__version__),
                          "world_size": d.world, "time": time.time()},
             }

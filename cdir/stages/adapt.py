@@ -1,0 +1,198 @@
+"""The adaptation stage behind `cdir adapt`: an encoder of this project, a workspace whose images
+carry domain names, and no labels -> an encoder adapted to retrieve across those domains.
+
+What it hands the trainer (:mod:`encoders.adapt.trainer`): the workspace manifest (path and
+domain of every image), the starting encoder (``model.init``; its backbone and input settings),
+the per-domain normalisation applied before mining (``normalize``: a key of
+``indexes.normalize.NORMALIZERS``), and, when the gallery has labels, a monitor and a report of
+the mined pairs' precision: both only logged, never used for a choice.
+
+Settings: the starting encoder's own input settings (``aug``) and backbone, then the recipe
+(``config``, optional: a YAML file with the sections of `cdir train` recipes and a section per
+method under ``methods:``), then ``sets``, then the keyword values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from cdir.core.dist import launch_rank
+from cdir.core.errors import CdirError
+from cdir.core.signals import graceful
+from cdir.core.workspace import Workspace
+
+# keyword argument -> the config key it sets
+DIRECT = {"out": "train.out", "epochs": "optim.epochs", "batch_size": "optim.batch_size",
+          "workers": "data.workers", "seed": "train.seed"}
+
+
+def encoder_file(spec: str) -> Path:
+    """The checkpoint of a trainable encoder spec (``ckpt:PATH``, no query options)."""
+    if not spec.startswith("ckpt:") or spec.startswith("ckpt:timm:") or "?" in spec:
+        raise CdirError(f"{spec} cannot be adapted: cdir adapt trains ResNets of this project "
+                        "or of MoCo/SynCo; pass --encoder ckpt:PATH (no ?options)")
+    path = Path(spec[len("ckpt:"):]).expanduser()
+    if not path.is_file():
+        raise CdirError(f"{spec}: no such checkpoint file {path}")
+    return path
+
+
+def _base(path: Path) -> dict[str, Any]:
+    """Input settings and backbone of the starting encoder."""
+    from encoders.ssl.checkpoint import _torch_load, load_encoder
+
+    ckpt = _torch_load(path)
+    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if isinstance(saved, dict) and "encoder_arch" in ckpt:
+        arch = ckpt["encoder_arch"]
+        return {"aug": dict(saved.get("aug") or {}),
+                "model": {"backbone": arch["name"], "backbone_kwargs": dict(arch["kwargs"])}}
+    load_encoder(path)  # a reference checkpoint: fails here with one line when unreadable
+    from encoders.ssl.checkpoint import _reference_encoder
+
+    _, arch = _reference_encoder(ckpt, path)
+    return {"model": {"backbone": arch["name"], "backbone_kwargs": arch["kwargs"]}}
+
+
+def adapt_config(method: str, encoder: str, manifest: Path, config: str | os.PathLike | None,
+                 sets: Iterable[str], values: dict[str, Any]):
+    """The run config (see the module docstring)."""
+    from cdir.core.config import deep_merge, load_yaml
+    from encoders.ssl.config import resolve_config, with_values
+    from encoders.ssl.registry import ADAPT_METHODS
+
+    if method not in ADAPT_METHODS:
+        raise CdirError(f"unknown adaptation method {method!r}; choose one of "
+                        f"{', '.join(ADAPT_METHODS)}")
+    path = encoder_file(encoder)
+    raw = _base(path)
+    stem = "run"
+    if config:
+        recipe = load_yaml(config)
+        raw = deep_merge(raw, recipe, leaves=("backbone_kwargs",))
+        stem = Path(config).stem
+    raw.setdefault("model", {})["init"] = str(path)
+    raw.setdefault("data", {})["path"] = str(manifest)
+    cfg = resolve_config(raw, method, stem, list(sets))
+    from encoders.ssl.config import Config
+
+    return Config.from_dict(with_values(cfg.to_dict(), values))
+
+
+def _whitening(normalize: str):
+    from indexes.normalize import NORMALIZERS, fit_normalizer
+
+    if normalize not in NORMALIZERS:
+        raise CdirError(f"unknown normalisation {normalize!r}; choose one of "
+                        f"{', '.join(NORMALIZERS)}")
+
+    def prepare(x, domains):
+        return fit_normalizer(x, domains, normalize).transform(x, domains)
+
+    return prepare
+
+
+def _label_report(manifest: Path):
+    """Pair precision and group purity from the gallery's labels: for the log only."""
+    import numpy as np
+
+    from cdir.core.manifest import load_manifest
+    from encoders.adapt.mining import pair_precision
+
+    df = load_manifest(manifest)
+    if "label" not in df.columns or df["label"].isna().all():
+        return None
+    labels = df["label"].astype(str).to_numpy()
+
+    def report(pairs, groups) -> dict[str, float]:
+        grouped = np.bincount(groups, minlength=len(groups))[groups] > 1
+        same = labels == labels[groups]  # a member agrees with its group's first image
+        return {"pair_precision": pair_precision(pairs, labels),
+                "group_purity": float(same[grouped].mean()) if grouped.any() else float("nan")}
+
+    return report
+
+
+@graceful()  # SIGTERM, like Ctrl-C, stops the epoch in flight; latest.pt keeps the last one
+def adapt_encoder(
+    workspace: str | os.PathLike,
+    encoder: str,
+    method: str = "xdomain",
+    config: str | os.PathLike | None = None,
+    sets: Iterable[str] = (),
+    *,
+    out: str | os.PathLike | None = None,
+    rounds: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    seed: int | None = None,
+    normalize: str = "domain-whiten",
+    selection: str = "mutual_nn_rate",
+    monitor: bool = True,
+    resume: str | None = None,
+    stop_at: int | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Adapt ``encoder`` to the domains of ``workspace`` and return a summary of the call.
+
+    ``rounds`` sets the epochs to rounds x ``method.round_epochs`` (``epochs`` sets them
+    directly). ``resume``: a checkpoint, or "auto" for OUT/latest.pt when it exists.
+    The summary has the keys of `cdir.stages.train.train_encoder`'s, plus ``selected``
+    (``{"epoch", "criterion", "value"}``: the label-free choice behind encoder.pt)."""
+    from encoders.adapt.trainer import adapt
+    from encoders.ssl.checkpoint import load_checkpoint
+
+    ws = Workspace(workspace).require()
+    given = {"out": out, "epochs": epochs, "batch_size": batch_size, "workers": workers,
+             "seed": seed}
+    values = {DIRECT[k]: (os.fspath(v) if isinstance(v, os.PathLike) else v)
+              for k, v in given.items() if v is not None}
+    cfg = adapt_config(method, encoder, ws.manifest_path, config, sets, values)
+    if rounds is not None:
+        if rounds < 1:
+            raise CdirError(f"--rounds must be at least 1, not {rounds}")
+        cfg.optim.epochs = rounds * _round_epochs(cfg)
+    if cfg.train.out is None:
+        cfg.train.out = str(ws.root / "adapt" / f"{method}-{cfg.recipe or 'run'}")
+    ckpt = None
+    if resume == "auto":
+        latest = Path(cfg.train.out) / "latest.pt"
+        ckpt = load_checkpoint(latest) if latest.exists() else None
+    elif resume:
+        ckpt = load_checkpoint(resume)
+    probe = None
+    report = None
+    if monitor and launch_rank() == 0 and _label_report(ws.manifest_path) is not None:
+        from eval.ssl import make_monitor
+
+        cfg.monitor.path = str(ws.manifest_path)
+        preprocess = {"size": cfg.aug.size, "mean": cfg.aug.mean, "std": cfg.aug.std,
+                      "eval_resize": cfg.aug.eval_resize}
+        probe = make_monitor(cfg.monitor, preprocess, seed=cfg.train.seed,
+                             workers=cfg.data.workers)
+        report = _label_report(ws.manifest_path)
+    res = adapt(cfg, _whitening(normalize), resume=ckpt, stop_at=stop_at, monitor=probe,
+                report=report, force=force, selection=selection)
+    return {
+        "method": cfg.method, "rank": res.rank, "out": str(res.out),
+        "epochs_run": len(res.epoch_losses), "epochs_done": res.epochs_done,
+        "epochs": cfg.optim.epochs, "steps": res.steps, "images_per_s": res.images_per_s,
+        "latest": str(res.latest), "encoder": str(res.encoder) if res.encoder else None,
+        "skipped": res.skipped, "epoch_losses": res.epoch_losses, "monitor": res.monitor,
+        "losses": res.losses,
+    }
+
+
+def _round_epochs(cfg) -> int:
+    """Epochs per mining round of the run's method (its setting, else the method's default)."""
+    if cfg.method_kwargs.get("round_epochs"):
+        return int(cfg.method_kwargs["round_epochs"])
+    if cfg.method_name == "ucdir":
+        from encoders.adapt.ucdir import UCDIRConfig as Kind
+    else:
+        from encoders.adapt.xdomain import XDomainConfig as Kind
+    return int(Kind().round_epochs)

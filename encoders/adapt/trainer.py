@@ -1,0 +1,293 @@
+"""The training loop of `cdir adapt`: the pretraining loop (:mod:`encoders.ssl.trainer`) plus
+rounds of label-free cross-domain mining and label-free model selection.
+
+Every ``round_epochs`` epochs (and before the first), on every rank:
+  embed every image with the current backbone (eval transform; each rank a share, gathered) ->
+  ``prepare`` (the caller's per-domain normalisation, e.g. whitening) -> mine cross-domain pairs
+  (:func:`encoders.adapt.mining.mine`: matcher, cycle check, confidence) -> groups -> the
+  method's tables and the dataset's partners.
+The mining statistics of each round are the label-free selection criterion
+(``selection_key``, default the mean mutual-NN rate): the encoder with the best value, measured
+at each round's start and after the last epoch, is exported as ``encoder.pt``
+(``encoder_last.pt`` is the last epoch's). Labels are read only by the optional ``report``
+callable and the monitor, whose figures go to the log, never into a choice.
+
+Training data: a manifest (``data.path``, .parquet/.csv) with ``path`` and ``domain`` columns
+(a workspace's manifest.parquet); ``model.init`` is the encoder to start from.
+Outputs, checkpoints and resume: as for pretraining; a checkpoint also holds the groups (model
+buffers) and the selection state, so a resumed run repeats the uninterrupted one's steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cdir.core.dist import all_gather_object
+from cdir.core.errors import CdirError
+from cdir.core.images import BadImage, load_image
+from encoders.adapt.groups import PairedImages, components, group_stats
+from encoders.adapt.mining import MATCHERS, Pairs, mine
+from encoders.ssl.config import Config
+from encoders.ssl.trainer import Monitor, TrainResult, _Run, train
+
+# prepare(features, domain names) -> rows to mine on (normalised, L2)
+Prepare = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# report(pairs, groups) -> figures for the log (may read labels: reports only)
+Report = Callable[[Pairs, np.ndarray], dict[str, float]]
+
+SELECTION_KEYS = {"mutual_nn_rate": "higher", "cycle_rate": "higher", "hubness": "lower"}
+DEFAULT_SELECTION = "mutual_nn_rate"
+MIN_DOMAIN_IMAGES = 10
+# one-to-one matchers assume domains of comparable size
+MAX_ONE_TO_ONE_RATIO = 2.0
+
+
+def adapt(
+    cfg: Config,
+    prepare: Prepare,
+    resume: str | os.PathLike | dict | None = None,
+    stop_at: int | None = None,
+    monitor: Monitor | None = None,
+    report: Report | None = None,
+    force: bool = False,
+    selection: str = DEFAULT_SELECTION,
+) -> TrainResult:
+    """Adapt (or resume adapting) an encoder; arguments as :func:`encoders.ssl.trainer.train`,
+    plus ``prepare``, ``report`` and ``selection`` (module docstring)."""
+    if selection not in SELECTION_KEYS:
+        raise CdirError(f"unknown selection criterion {selection!r}; choose one of "
+                        f"{', '.join(SELECTION_KEYS)}")
+
+    def make(cfg: Config, d: Any, resume: Any, monitor: Monitor | None) -> _Run:
+        return _AdaptRun(cfg, d, resume, monitor, prepare, report, selection)
+
+    return train(cfg, resume=resume, stop_at=stop_at, monitor=monitor, force=force, run=make)
+
+
+def read_domains(path: str | os.PathLike) -> tuple[list[str], np.ndarray, list[str]]:
+    """(paths, domain code per image, domain names) of a manifest with a domain column;
+    CdirError for data adaptation cannot use (one domain, a nearly empty one)."""
+    from encoders.ssl.data import MANIFEST_SUFFIXES, read_manifest
+
+    p = Path(path)
+    if not (p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES):
+        raise CdirError(f"adaptation needs a manifest with path and domain columns (a "
+                        f"workspace's manifest.parquet), not {p}")
+    df = read_manifest(p)
+    if "domain" not in df.columns:
+        raise CdirError(f"{p}: no 'domain' column; adaptation needs the domain of every image")
+    names = sorted(set(df["domain"].astype(str)))
+    if len(names) < 2:
+        raise CdirError(f"{p}: one domain only ({names[0] if names else 'none'}); "
+                        "cross-domain adaptation needs images of at least two domains")
+    codes = np.searchsorted(names, df["domain"].astype(str).to_numpy())
+    counts = np.bincount(codes, minlength=len(names))
+    small = [f"{n} ({c})" for n, c in zip(names, counts, strict=True) if c < MIN_DOMAIN_IMAGES]
+    if small:
+        raise CdirError(f"{p}: domain(s) with fewer than {MIN_DOMAIN_IMAGES} images: "
+                        f"{', '.join(small)}; drop them or add images")
+    return list(df["path"]), codes.astype(np.int64), names
+
+
+class _EvalImages(torch.utils.data.Dataset):
+    """Rows ``rows`` of ``paths`` at the eval transform; an unreadable image is a zero tensor
+    with ok False."""
+
+    def __init__(self, paths: list[str], rows: np.ndarray, transform: Callable, size: int
+                 ) -> None:
+        self.paths, self.rows, self.transform, self.size = paths, rows, transform, size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int, bool]:
+        row = int(self.rows[k])
+        try:
+            return self.transform(load_image(self.paths[row])), row, True
+        except (BadImage, OSError, ValueError):
+            return torch.zeros(3, self.size, self.size), row, False
+
+
+class _AdaptRun(_Run):
+    def __init__(self, cfg: Config, d: Any, resume: Any, monitor: Monitor | None,
+                 prepare: Prepare, report: Report | None, selection: str) -> None:
+        self.prepare, self.report, self.selection = prepare, report, selection
+        self.selection_state: dict[str, Any] = {"best": None, "best_epoch": None}
+        self.round_record: dict[str, Any] = {}
+        super().__init__(cfg, d, resume, monitor)
+
+    # setup ------------------------------------------------------------------------------------
+    def _make_model(self) -> nn.Module:
+        model = super()._make_model()
+        if not getattr(model, "takes_index", False):
+            raise CdirError(f"{self.cfg.method} is not an adaptation method")
+        self.paths, codes, self.domain_names = read_domains(self.cfg.data.path)
+        self.codes = codes
+        counts = np.bincount(codes)
+        ratio = counts.max() / counts.min()
+        kw = model.cfg
+        if kw.matcher not in MATCHERS:
+            raise CdirError(f"unknown matcher {kw.matcher!r}; choose one of {', '.join(MATCHERS)}")
+        if ratio > MAX_ONE_TO_ONE_RATIO and kw.matcher != "mutual-nn":
+            raise CdirError(f"domain sizes differ {ratio:.1f}-fold ({self._sizes()}); the "
+                            f"one-to-one matcher {kw.matcher} needs comparable domains: use "
+                            "--set method.matcher=mutual-nn")
+        if ratio > 10 and self.d.main:
+            print(f"note: domain sizes differ {ratio:.0f}-fold ({self._sizes()}); mutual "
+                  "nearest neighbours still work, but the small domain bounds the pairs",
+                  file=sys.stderr)
+        model.set_domains(torch.from_numpy(codes))
+        return model
+
+    def _sizes(self) -> str:
+        counts = np.bincount(self.codes)
+        return ", ".join(f"{n} {c}" for n, c in zip(self.domain_names, counts, strict=True))
+
+    def _make_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
+        from encoders.ssl.augment import build_view_transform
+
+        transform = build_view_transform(self.cfg.aug.strong, self.cfg.aug)
+        return PairedImages(self.paths, self.codes, transform, model.cfg.partner_p)
+
+    def _fresh_start(self) -> None:
+        if not self.cfg.model.init:
+            raise CdirError("adaptation starts from an encoder: pass --encoder ckpt:PATH")
+        super()._fresh_start()
+
+    def _forward(self, views: list[torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(views, idx)
+
+    def _bad_paths(self, idx: torch.Tensor, ok: torch.Tensor) -> list[str]:
+        return [self.paths[j] for j in idx[~ok][:, 0].tolist()]
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"selection": dict(self.selection_state)}
+
+    def _restore_extra(self, ckpt: dict) -> None:
+        self.selection_state = dict(ckpt.get("selection") or self.selection_state)
+        self.dataset.set_groups(self.model.group_of.cpu().numpy())
+
+    # rounds -----------------------------------------------------------------------------------
+    def _before_epoch(self, epoch: int) -> None:
+        self.round_record = {}
+        if epoch % self.model.cfg.round_epochs == 0:
+            feats = self._embed_all(self.model.encoder_q)
+            if hasattr(self.model, "set_groups"):
+                self._mine(epoch, feats)
+            else:
+                self._select(epoch, feats)
+        begin = getattr(self.model, "begin_epoch", None)
+        if begin is not None:  # e.g. UCDIR: fill its memory bank, per-domain k-means
+            logs = begin(epoch, self._embed_all) or {}
+            self.round_record.update({f"method_{k}": v for k, v in logs.items()})
+
+    def _end_epoch(self, done: int, ep: torch.Tensor, elapsed: float) -> None:
+        if done == self.cfg.optim.epochs:
+            # the final encoder is a candidate too
+            self._select(done, self._embed_all(self.model.encoder_q))
+        super()._end_epoch(done, ep, elapsed)
+
+    def _epoch_record(self, done: int) -> dict[str, Any]:
+        return dict(self.round_record)
+
+    def _embed_all(self, module: nn.Module) -> np.ndarray:
+        """``module``'s outputs for every image at the eval transform (rows in manifest order;
+        NaN rows for unreadable images). Each rank embeds a share; every rank gets all rows."""
+        from encoders.ssl.augment import build_eval_transform
+
+        d = self.d
+        transform = build_eval_transform(self.cfg.aug)
+        rows = np.arange(d.rank, len(self.paths), d.world)
+        loader = torch.utils.data.DataLoader(
+            _EvalImages(self.paths, rows, transform, self.cfg.aug.size), batch_size=256,
+            num_workers=self.cfg.data.workers, generator=torch.Generator().manual_seed(0))
+        was = module.training
+        module.eval()
+        parts, idxs = [], []
+        with torch.no_grad():
+            for x, row, ok in loader:
+                z = module(x.to(d.device)).float().cpu().numpy()
+                z[~ok.numpy()] = np.nan
+                parts.append(z)
+                idxs.append(row.numpy())
+        module.train(was)
+        mine_ = (np.concatenate(idxs), np.concatenate(parts))
+        gathered = all_gather_object(mine_) if d.world > 1 else [mine_]
+        feats = np.zeros((len(self.paths), gathered[0][1].shape[1]), np.float32)
+        for r, z in gathered:
+            feats[r] = z
+        return feats
+
+    def _mine(self, epoch: int, feats: np.ndarray) -> None:
+        cfg = self.model.cfg
+        good = ~np.isnan(feats).any(1)
+        rows = np.flatnonzero(good)
+        names = np.asarray(self.domain_names)[self.codes[rows]]
+        x = self.prepare(feats[rows], names)
+        res = mine(x, names, method=cfg.matcher, cycle=cfg.cycle, both_ways=cfg.both_ways,
+                   quantile=cfg.quantile or None, min_confidence=cfg.min_confidence)
+        pairs = res.pairs.remap(rows, rows)
+        groups = components(len(self.paths), pairs.a, pairs.b)
+        self.model.set_groups(torch.from_numpy(groups))
+        self.dataset.set_groups(groups)
+        self._select(epoch, feats, res.stats)
+        rec = {f"mine_{k}": v for k, v in res.stats.items() if k != "per_pair"}
+        rec.update({f"mine_{k}": v for k, v in group_stats(groups, self.codes).items()})
+        if self.report is not None and self.d.main:
+            rec.update({f"report_{k}": v for k, v in self.report(pairs, groups).items()})
+        self.round_record = rec
+        if self.d.main:
+            shown = " ".join(f"{k[5:]} {v:.4g}" for k, v in rec.items()
+                             if isinstance(v, float | int) and k.startswith("mine_"))
+            rep = " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k.startswith("report_"))
+            print(f"{self.cfg.method} round at epoch {epoch}: {shown}"
+                  + (f" [labels, report only: {rep}]" if rep else ""), file=sys.stderr)
+
+    def _select(self, epoch: int, feats: np.ndarray, stats: dict | None = None) -> None:
+        """Keep the encoder as ``best_encoder.pt`` when its criterion is the best so far."""
+        from encoders.adapt.mining import mining_stats
+        from encoders.ssl.checkpoint import export_encoder
+
+        if stats is None:
+            good = ~np.isnan(feats).any(1)
+            names = np.asarray(self.domain_names)[self.codes[good]]
+            stats = mining_stats(self.prepare(feats[good], names), names)
+        value = float(stats[self.selection])
+        st = self.selection_state
+        better = st["best"] is None or (
+            value > st["best"] if SELECTION_KEYS[self.selection] == "higher"
+            else value < st["best"])
+        self.round_record[f"select_{self.selection}"] = value
+        if not (math.isfinite(value) and better):
+            return
+        st.update(best=value, best_epoch=epoch)
+        if self.d.main:
+            ckpt = {"method": self.cfg.method, "config": self.cfg.to_dict(),
+                    "encoder_arch": self.encoder_arch, "encoder_prefix": self.model.encoder_prefix,
+                    "model": self.model.state_dict(), "epoch": epoch}
+            export_encoder(ckpt, self.out / "best_encoder.pt")
+
+    def _export(self, out_path: Path) -> Path:
+        import shutil
+
+        from cdir.core.io import atomic_path
+        from encoders.ssl.checkpoint import export_encoder
+
+        last = export_encoder(self.latest, self.out / "encoder_last.pt")
+        best = self.out / "best_encoder.pt"
+        with atomic_path(out_path) as tmp:
+            shutil.copyfile(best if best.exists() else last, tmp)
+        st = self.selection_state
+        print(f"{self.cfg.method}: encoder.pt is the encoder after epoch {st['best_epoch']} "
+              f"(best {self.selection} {st['best']:.4g}, label-free); encoder_last.pt the last",
+              file=sys.stderr)
+        return out_path

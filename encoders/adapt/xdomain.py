@@ -1,0 +1,150 @@
+"""``xdomain``: contrastive adaptation with mined cross-domain positives and in-domain negatives.
+
+Each training item is an anchor image and a positive image: with probability ``partner_p`` a
+member of the anchor's mined group in another domain (see :mod:`encoders.adapt.groups`), else
+the anchor itself (a second view). Both get a style-removing view, both go through the backbone
+and a projection head, and a symmetric InfoNCE over the batch pulls each anchor to its positive.
+
+Negatives (``negatives``):
+- ``domain`` (default): only the batch items whose positive is in the positive's domain, so an
+  object drawn in another style is never a negative and the loss cannot be lowered by encoding
+  the domain (DomCLP, DG-UCDIR's per-domain queues);
+- ``batch``: every other item of the batch (SimCLR).
+Items of the anchor's own mined group are never negatives.
+
+``domain_bn``: the backbone sees each domain's items of a batch as a separate batch, so
+BatchNorm normalises with per-domain statistics in training.
+
+Labels are never read. The method holds the per-image tables it needs as buffers (saved in the
+checkpoint, so a resumed run continues with the same groups): ``domain_of`` and ``group_of``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdir.core.errors import CdirError
+from encoders.ssl.heads import mlp
+from encoders.ssl.moco import SSLMethod, no_autocast
+
+NEGATIVES = {"domain": "only the positive's domain", "batch": "the whole batch"}
+
+
+@dataclass
+class XDomainConfig:
+    dim: int = 128  # projection head output
+    hidden_dim: int | None = None  # None: the backbone feature dim
+    temperature: float = 0.1
+    partner_p: float = 0.8  # probability that a grouped anchor's positive is a partner
+    negatives: str = "domain"  # see NEGATIVES
+    domain_bn: bool = False
+    # mining, rebuilt every round_epochs epochs (encoders.adapt.groups)
+    round_epochs: int = 4
+    matcher: str = "mutual-nn"  # a key of encoders.adapt.mining.MATCHERS
+    cycle: str | None = "any"  # any | all | null: consistency through a third domain
+    both_ways: bool = True
+    quantile: float = 0.0  # drop the least confident share of each domain pair's pairs
+    min_confidence: float | None = None
+
+    def validate(self) -> None:
+        if self.negatives not in NEGATIVES:
+            raise CdirError(f"xdomain: negatives must be one of {', '.join(NEGATIVES)}, "
+                            f"not {self.negatives!r}")
+        if self.temperature <= 0 or self.dim < 1:
+            raise CdirError("xdomain: temperature and dim must be positive")
+        if not 0.0 <= self.partner_p <= 1.0:
+            raise CdirError(f"xdomain: partner_p must be in [0, 1], not {self.partner_p}")
+        if self.round_epochs < 1:
+            raise CdirError(f"xdomain: round_epochs must be >= 1, not {self.round_epochs}")
+
+
+def embed_by_domain(embed: nn.Module, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    """``embed`` applied to each domain's rows of ``x`` separately (per-domain BN statistics)."""
+    out: torch.Tensor | None = None
+    for d in torch.unique(domain):
+        rows = (domain == d).nonzero(as_tuple=True)[0]
+        z = embed(x[rows])
+        if out is None:
+            out = z.new_empty((len(x), *z.shape[1:]))
+        out[rows] = z
+    assert out is not None
+    return out
+
+
+class XDomain(SSLMethod):
+    """Backbone + MLP head trained on (anchor, positive) views; see the module docstring.
+
+    ``forward(views, idx)``: ``views = [x_anchor, x_positive]``, ``idx`` (B, 2) the global image
+    indices of anchor and positive."""
+
+    views = ("strong", "strong")
+    takes_index = True
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: XDomainConfig | None = None
+                 ) -> None:
+        super().__init__()
+        self.cfg = cfg or XDomainConfig()
+        self.cfg.validate()
+        self.encoder_q = backbone
+        self.head_q = mlp(feat_dim, self.cfg.hidden_dim or feat_dim, self.cfg.dim)
+        self.register_buffer("domain_of", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("group_of", torch.zeros(0, dtype=torch.long))
+
+    def set_domains(self, codes: torch.Tensor) -> None:
+        """Allocate the tables for ``len(codes)`` images (domain codes 0..D-1); every image
+        starts in a group of its own."""
+        codes = torch.as_tensor(codes, dtype=torch.long, device=self.domain_of.device)
+        self.domain_of = codes.clone()
+        self.group_of = torch.arange(len(codes), device=codes.device)
+
+    def set_groups(self, groups: torch.Tensor) -> None:
+        self.group_of.copy_(torch.as_tensor(groups, dtype=torch.long))
+
+    def _embed(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        def f(v: torch.Tensor) -> torch.Tensor:
+            return self.head_q(self.encoder_q(v))
+
+        return embed_by_domain(f, x, domain) if self.cfg.domain_bn else f(x)
+
+    def forward(self, views: list[torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        x_a, x_p = views
+        idx = idx.to(self.domain_of.device)
+        a, p = idx[:, 0], idx[:, 1]
+        dom_a, dom_p = self.domain_of[a], self.domain_of[p]
+        q = self._embed(x_a, dom_a)
+        k = self._embed(x_p, dom_p)
+        with no_autocast(q.device):
+            q = F.normalize(q.float(), dim=1)
+            k = F.normalize(k.float(), dim=1)
+            rows_qk, rows_kq, hit = pair_losses(q, k, dom_a, dom_p, self.group_of[a],
+                                                self.cfg.temperature, self.cfg.negatives)
+            loss = 0.5 * (rows_qk.mean() + rows_kq.mean())
+        with torch.no_grad():
+            return {"loss": loss, "acc1": hit.float().mean(),
+                    "cross_share": (dom_a != dom_p).float().mean(),
+                    "pos_sim": (q * k).sum(1).mean()}
+
+
+def pair_losses(q: torch.Tensor, k: torch.Tensor, dom_a: torch.Tensor, dom_p: torch.Tensor,
+                group: torch.Tensor, temperature: float, negatives: str = "domain"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row InfoNCE of anchors ``q`` against positives ``k`` (row i's positive is k[i]) and
+    back, with the masks of the module docstring; returns (losses q->k, losses k->q, hits)."""
+    same = group[:, None] == group[None, :]
+    eye = torch.eye(len(q), dtype=torch.bool, device=q.device)
+    drop = same & ~eye  # the anchor's own group: neither positive nor negative
+    drop_qk = drop_kq = drop
+    if negatives == "domain":
+        drop_qk = drop | (dom_p[:, None] != dom_p[None, :])
+        drop_kq = drop | (dom_a[:, None] != dom_a[None, :])
+    sim = q @ k.T / temperature
+    target = torch.arange(len(q), device=q.device)
+    logits = sim.masked_fill(drop_qk, float("-inf"))
+    rows_qk = F.cross_entropy(logits, target, reduction="none")
+    rows_kq = F.cross_entropy(sim.T.masked_fill(drop_kq, float("-inf")), target,
+                              reduction="none")
+    return rows_qk, rows_kq, logits.argmax(1) == target

@@ -1,0 +1,231 @@
+"""`cdir adapt`: groups from mined pairs, the xdomain loss masks, tiny end-to-end runs (outputs,
+label-free selection, exact resume, bad input) and a two-process Gloo run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cdir.core.errors import CdirError
+from tests.helpers.cli import cdir
+from tests.helpers.trees import write_shape_tree
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"name": "resnet18", "kwargs": {"width": 0.125, "small_stem": True}}
+CLASSES = ("circle", "square", "triangle", "cross", "ring")
+
+
+def _tiny_encoder(path: Path) -> Path:
+    """An untrained tiny encoder file with 32 px input settings (what `cdir train` exports)."""
+    from encoders.ssl.backbones import build_backbone
+    from encoders.ssl.checkpoint import export_encoder
+
+    torch.manual_seed(0)
+    net, _ = build_backbone(TINY["name"], **TINY["kwargs"])
+    ckpt = {"method": "moco", "encoder_arch": TINY, "encoder_prefix": "",
+            "config": {"aug": {"size": 32, "eval_resize": 1.0, "blur_p": 0.0}},
+            "model": net.state_dict(), "epoch": 0}
+    return export_encoder(ckpt, path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(workspace over 3 domains x 5 shapes x 2 images, tiny encoder file)."""
+    parent = tmp_path_factory.mktemp("adapt")
+    root = write_shape_tree(parent / "gallery", domains=("a", "b", "c"), classes=CLASSES,
+                            per_class=2, size=32, ext=".png")
+    ws = parent / "ws"
+    assert cdir("data", "folder", root, "-w", ws) == 0
+    return ws, _tiny_encoder(parent / "enc.pt")
+
+
+def _recipe(tmp: Path, epochs: int = 3, **method) -> Path:
+    import yaml
+
+    raw = {"data": {"workers": 0},
+           "optim": {"epochs": epochs, "batch_size": 10, "lr": 0.05},
+           "train": {"save_every": 0, "progress": False, "threads": 1, "amp": "none"},
+           "methods": {"xdomain": {"dim": 16, "round_epochs": 2, "cycle": None, **method}}}
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# -- groups and the loss -------------------------------------------------------------------------
+
+
+def test_components_and_partners() -> None:
+    from encoders.adapt.groups import Partners, components, group_stats
+
+    groups = components(7, np.array([0, 1, 5]), np.array([3, 4, 3]))
+    assert groups.tolist() == [0, 1, 2, 0, 1, 0, 6]
+    domains = np.array([0, 0, 0, 1, 1, 2, 2])
+    partners = Partners(groups, domains)
+    assert sorted(partners.of(0).tolist()) == [3, 5]
+    assert partners.of(3).tolist() == [0, 5]
+    assert partners.of(2).tolist() == [] and partners.of(6).tolist() == []
+    stats = group_stats(groups, domains)
+    assert stats == {"grouped": 5 / 7, "groups": 2, "largest_group": 3}
+
+
+def test_paired_images_draw_partners_from_other_domains(tiny: tuple[Path, Path]) -> None:
+    from encoders.adapt.groups import PairedImages, components
+    from encoders.adapt.trainer import read_domains
+    from encoders.ssl.augment import AugConfig, build_view_transform
+
+    ws, _ = tiny
+    paths, codes, names = read_domains(ws / "manifest.parquet")
+    assert names == ["a", "b", "c"] and len(paths) == 30
+    cfg = AugConfig(size=32, blur_p=0.0)
+    ds = PairedImages(paths, codes, build_view_transform("moco_v2", cfg), partner_p=1.0)
+    first_b = int(np.flatnonzero(codes == 1)[0])
+    ds.set_groups(components(len(paths), np.array([0]), np.array([first_b])))
+    views, idx, ok = ds[0]
+    assert idx.tolist() == [0, first_b] and ok and views[0].shape == (3, 32, 32)
+    assert ds[1][1].tolist() == [1, 1]  # no partner: the anchor is its own positive
+
+
+def test_domain_negatives_ignore_other_domains() -> None:
+    """With negatives=domain, row i's loss depends only on positives in its positive's domain,
+    and members of its own group are never negatives."""
+    from encoders.adapt.xdomain import pair_losses
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
+    dom_a = torch.tensor([0, 0, 1, 1, 2, 2])
+    dom_p = torch.tensor([1, 1, 0, 0, 1, 2])
+    group = torch.tensor([0, 1, 2, 3, 4, 5])
+    base, _, _ = pair_losses(q, k, dom_a, dom_p, group, 0.1, "domain")
+    k2 = k.clone()
+    k2[[2, 3, 5]] = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=1)
+    moved, _, _ = pair_losses(q, k2, dom_a, dom_p, group, 0.1, "domain")
+    assert torch.allclose(base[[0, 1, 4]], moved[[0, 1, 4]])  # their negatives: k[0, 1, 4]
+    everything, _, _ = pair_losses(q, k2, dom_a, dom_p, group, 0.1, "batch")
+    assert not torch.allclose(everything[0], base[0])
+    grouped, _, _ = pair_losses(q, k, dom_a, dom_p, torch.tensor([0, 0, 2, 3, 4, 5]), 0.1)
+    assert grouped[0] < base[0] and grouped[1] < base[1]  # 0 and 1 no longer push apart
+
+
+# -- end-to-end --------------------------------------------------------------------------------
+
+
+def _adapt(ws: Path, enc: Path, recipe: Path, out: Path, **kw):
+    from cdir.stages.adapt import adapt_encoder
+
+    return adapt_encoder(ws, f"ckpt:{enc}", config=recipe, out=out, monitor=False, **kw)
+
+
+def test_adapt_writes_the_selected_encoder_and_resumes_exactly(
+    tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from encoders.ssl.checkpoint import load_checkpoint
+
+    ws, enc = tiny
+    recipe = _recipe(tmp_path, epochs=3)
+    full = _adapt(ws, enc, recipe, tmp_path / "full")
+    assert full["epochs_done"] == 3 and len(full["losses"]) == 9  # 30 images // 10
+    assert all(math.isfinite(v) for v in full["losses"])
+    out = tmp_path / "full"
+    for name in ("latest.pt", "encoder.pt", "encoder_last.pt", "best_encoder.pt",
+                 "metrics.jsonl", "config.yaml"):
+        assert (out / name).is_file(), name
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    # mining before epochs 1 and 3 (round_epochs 2), the criterion also after the last one
+    assert [("mine_pairs" in r) for r in lines] == [True, False, True]
+    assert "select_mutual_nn_rate" in lines[-1]
+    assert not any(k.startswith(("report_", "monitor_")) for r in lines for k in r)
+    ckpt = load_checkpoint(out / "latest.pt")
+    assert ckpt["method"] == "xdomain" and ckpt["selection"]["best_epoch"] in (0, 2, 3)
+    assert ckpt["model"]["group_of"].shape == (30,)
+    assert ckpt["config"]["model"]["init"] == str(enc)
+    # encoder.pt is a loadable encoder of the same architecture
+    assert cdir("embed", "-w", ws, "--encoder", f"ckpt:{out / 'encoder.pt'}", "--workers",
+                "0", "--no-progress") == 0
+
+    part1 = _adapt(ws, enc, recipe, tmp_path / "part", stop_at=1)
+    assert part1["epochs_done"] == 1 and part1["encoder"] is None
+    part2 = _adapt(ws, enc, recipe, tmp_path / "part", resume="auto")
+    np.testing.assert_allclose(part1["losses"] + part2["losses"], full["losses"],
+                               rtol=1e-6, atol=1e-7)
+    other = _adapt(ws, enc, recipe, tmp_path / "seed1", seed=1, epochs=1)
+    assert other["losses"] != full["losses"][:3]  # the comparison above can fail
+
+
+def test_bad_input_gets_one_line(tiny: tuple[Path, Path], tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from cdir.stages.adapt import encoder_file
+
+    ws, enc = tiny
+    recipe = _recipe(tmp_path)
+    with pytest.raises(CdirError, match="cannot be adapted"):
+        encoder_file("clip:ViT-B-32/openai")
+    with pytest.raises(CdirError, match="cannot be adapted"):
+        encoder_file(f"ckpt:{enc}?features=head")
+    # one domain only
+    one = write_shape_tree(tmp_path / "one", domains=("a",), classes=CLASSES, per_class=2,
+                           size=32, ext=".png")
+    assert cdir("data", "folder", one, "-w", tmp_path / "ws1") == 0
+    capsys.readouterr()
+    assert cdir("adapt", "-w", tmp_path / "ws1", "--encoder", f"ckpt:{enc}", "--config",
+                recipe, "--out", tmp_path / "o1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one domain only" in err[0], err
+    # a nearly empty domain
+    small = write_shape_tree(tmp_path / "small", domains=("a", "b"), classes=CLASSES,
+                             per_class=2, size=32, ext=".png")
+    for f in sorted((small / "b").rglob("*.png"))[3:]:
+        f.unlink()
+    assert cdir("data", "folder", small, "-w", tmp_path / "ws2") == 0
+    capsys.readouterr()
+    assert cdir("adapt", "-w", tmp_path / "ws2", "--encoder", f"ckpt:{enc}", "--config",
+                recipe, "--out", tmp_path / "o2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fewer than 10 images: b (3)" in err[0], err
+    # a one-to-one matcher on domains of very different sizes
+    big = write_shape_tree(tmp_path / "big", domains=("a", "b"), classes=CLASSES,
+                           per_class=6, size=32, ext=".png")
+    for f in sorted((big / "b").rglob("*.png"))[12:]:
+        f.unlink()
+    assert cdir("data", "folder", big, "-w", tmp_path / "ws3") == 0
+    capsys.readouterr()
+    assert cdir("adapt", "-w", tmp_path / "ws3", "--encoder", f"ckpt:{enc}", "--config",
+                recipe, "--out", tmp_path / "o3", "--set", "method.matcher=sinkhorn") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differ 2.5-fold" in err[0], err
+    # not a workspace; a wrong --rounds
+    assert cdir("adapt", "-w", tmp_path / "nowhere", "--encoder", f"ckpt:{enc}") == 2
+    with pytest.raises(SystemExit):
+        cdir("adapt", "-w", ws, "--encoder", f"ckpt:{enc}", "--rounds", "0")
+
+
+@pytest.mark.slow
+def test_torchrun_gloo_two_processes(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 -m cdir adapt``: each rank embeds half the images for the
+    mining, both mine the same groups, one checkpoint with both ranks' RNG states."""
+    from encoders.ssl.checkpoint import load_checkpoint
+
+    ws, enc = tiny
+    recipe = _recipe(tmp_path, epochs=2)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "cdir", "adapt", "-w", str(ws), "--encoder", f"ckpt:{enc}", "--config",
+           str(recipe), "--out", str(out), "--no-monitor", "--batch-size", "10"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(out / "latest.pt")
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 3  # global batch 10 = 2 x 5
+    assert ckpt["meta"]["world_size"] == 2 and len(ckpt["rng"]["ranks"]) == 2
+    assert (out / "encoder.pt").is_file()
+    assert proc.stderr.count("round at epoch 0") == 1  # reported once, by rank 0
