@@ -385,11 +385,14 @@ def linear_probe(
 
 
 def make_monitor(
-    cfg: MonitorConfig, preprocess: dict, *, seed: int = 0, workers: int = 0
+    cfg: MonitorConfig, preprocess: dict, *, seed: int = 0, workers: int = 0,
+    normalize: Callable | None = None,
 ) -> Callable[[nn.Module, torch.device], dict[str, float]]:
     """The training monitor: ``monitor(encoder, device)`` -> kNN top-1/top-5 (leave-one-out) and
     retrieval P@1 (cross-domain when the set has domains) on the labelled set ``cfg.path``, or a
-    fixed random subset of ``cfg.max_images`` of it (drawn from ``seed``)."""
+    fixed random subset of ``cfg.max_images`` of it (drawn from ``seed``). With domains and
+    ``normalize(features, domains) -> features`` (e.g. per-domain whitening), also
+    ``p1_normalized``: the P@1 of the normalised features."""
     data = labelled_set(cfg.path)
     if cfg.max_images and len(data) > cfg.max_images:
         g = torch.Generator().manual_seed(seed)
@@ -407,7 +410,11 @@ def make_monitor(
             domains = [data.domains[i] for i in keep.tolist()]
         res = knn_classify(feats, labels, k=cfg.k, temperature=cfg.temperature,
                            num_classes=len(data.class_names))
-        return {"knn_top1": res["top1"], "knn_top5": res["top5"],
-                "p1": retrieval_p1(feats, labels, domains)}
+        out = {"knn_top1": res["top1"], "knn_top5": res["top5"],
+               "p1": retrieval_p1(feats, labels, domains)}
+        if normalize is not None and domains is not None:
+            z = normalize(feats.numpy(), np.asarray(domains))
+            out["p1_normalized"] = retrieval_p1(torch.from_numpy(z), labels, domains)
+        return out
 
     return monitor

@@ -55,7 +55,9 @@ def _recipe(tmp: Path, epochs: int = 3, **method) -> Path:
     raw = {"data": {"workers": 0},
            "optim": {"epochs": epochs, "batch_size": 10, "lr": 0.05},
            "train": {"save_every": 0, "progress": False, "threads": 1, "amp": "none"},
-           "methods": {"xdomain": {"dim": 16, "round_epochs": 2, "cycle": None, **method}}}
+           "methods": {"xdomain": {"dim": 16, "round_epochs": 2, "cycle": None, **method},
+                       "ucdir": {"dim": 16, "round_epochs": 2, "num_cluster": 3,
+                                 "warmup_epochs": 1, "cross_start": 2, "momentum": 0.9}}}
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -160,6 +162,24 @@ def test_adapt_writes_the_selected_encoder_and_resumes_exactly(
                                rtol=1e-6, atol=1e-7)
     other = _adapt(ws, enc, recipe, tmp_path / "seed1", seed=1, epochs=1)
     assert other["losses"] != full["losses"][:3]  # the comparison above can fail
+
+
+def test_ucdir_runs_through_the_same_loop(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """The UCDIR baseline behind `cdir adapt --method ucdir`: warm-up, then k-means and the
+    cross-domain terms; bank and clusters are checkpointed; encoder.pt chosen label-free."""
+    from encoders.ssl.checkpoint import load_checkpoint
+
+    ws, enc = tiny
+    recipe = _recipe(tmp_path, epochs=3)
+    out = tmp_path / "ucdir"
+    assert cdir("adapt", "-w", ws, "--encoder", f"ckpt:{enc}", "--method", "ucdir",
+                "--config", recipe, "--out", out, "--no-monitor", "--no-progress") == 0
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(math.isfinite(r["loss"]) for r in lines)
+    assert "select_mutual_nn_rate" in lines[0] and "select_mutual_nn_rate" in lines[2]
+    ckpt = load_checkpoint(out / "latest.pt")
+    assert ckpt["method"] == "ucdir" and int(ckpt["model"]["kmeans_ready"]) == 1
+    assert ckpt["model"]["bank"].shape == (30, 16) and (out / "encoder.pt").is_file()
 
 
 def test_bad_input_gets_one_line(tiny: tuple[Path, Path], tmp_path: Path,

@@ -173,7 +173,7 @@ def adapt_encoder(
         preprocess = {"size": cfg.aug.size, "mean": cfg.aug.mean, "std": cfg.aug.std,
                       "eval_resize": cfg.aug.eval_resize}
         probe = make_monitor(cfg.monitor, preprocess, seed=cfg.train.seed,
-                             workers=cfg.data.workers)
+                             workers=cfg.data.workers, normalize=_whitening(normalize))
         report = _label_report(ws.manifest_path)
     res = adapt(cfg, _whitening(normalize), resume=ckpt, stop_at=stop_at, monitor=probe,
                 report=report, force=force, selection=selection)

@@ -134,18 +134,18 @@ class _AdaptRun(_Run):
         self.codes = codes
         counts = np.bincount(codes)
         ratio = counts.max() / counts.min()
-        kw = model.cfg
-        if kw.matcher not in MATCHERS:
-            raise CdirError(f"unknown matcher {kw.matcher!r}; choose one of {', '.join(MATCHERS)}")
-        if ratio > MAX_ONE_TO_ONE_RATIO and kw.matcher != "mutual-nn":
+        matcher = getattr(model.cfg, "matcher", None)  # methods that mine pairs (xdomain)
+        if matcher is not None and matcher not in MATCHERS:
+            raise CdirError(f"unknown matcher {matcher!r}; choose one of {', '.join(MATCHERS)}")
+        if ratio > MAX_ONE_TO_ONE_RATIO and matcher not in (None, "mutual-nn"):
             raise CdirError(f"domain sizes differ {ratio:.1f}-fold ({self._sizes()}); the "
-                            f"one-to-one matcher {kw.matcher} needs comparable domains: use "
+                            f"one-to-one matcher {matcher} needs comparable domains: use "
                             "--set method.matcher=mutual-nn")
         if ratio > 10 and self.d.main:
             print(f"note: domain sizes differ {ratio:.0f}-fold ({self._sizes()}); mutual "
                   "nearest neighbours still work, but the small domain bounds the pairs",
                   file=sys.stderr)
-        model.set_domains(torch.from_numpy(codes))
+        model.set_domains(torch.from_numpy(codes), names=self.domain_names)
         return model
 
     def _sizes(self) -> str:
@@ -156,7 +156,9 @@ class _AdaptRun(_Run):
         from encoders.ssl.augment import build_view_transform
 
         transform = build_view_transform(self.cfg.aug.strong, self.cfg.aug)
-        return PairedImages(self.paths, self.codes, transform, model.cfg.partner_p)
+        # methods without partners (UCDIR) get two views of the anchor
+        return PairedImages(self.paths, self.codes, transform,
+                            getattr(model.cfg, "partner_p", 0.0))
 
     def _fresh_start(self) -> None:
         if not self.cfg.model.init:
@@ -174,7 +176,8 @@ class _AdaptRun(_Run):
 
     def _restore_extra(self, ckpt: dict) -> None:
         self.selection_state = dict(ckpt.get("selection") or self.selection_state)
-        self.dataset.set_groups(self.model.group_of.cpu().numpy())
+        if hasattr(self.model, "group_of"):
+            self.dataset.set_groups(self.model.group_of.cpu().numpy())
 
     # rounds -----------------------------------------------------------------------------------
     def _before_epoch(self, epoch: int) -> None:

@@ -21,6 +21,7 @@ checkpoint, so a resumed run continues with the same groups): ``domain_of`` and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -94,9 +95,9 @@ class XDomain(SSLMethod):
         self.register_buffer("domain_of", torch.zeros(0, dtype=torch.long))
         self.register_buffer("group_of", torch.zeros(0, dtype=torch.long))
 
-    def set_domains(self, codes: torch.Tensor) -> None:
+    def set_domains(self, codes: torch.Tensor, names: Sequence[str] | None = None) -> None:
         """Allocate the tables for ``len(codes)`` images (domain codes 0..D-1); every image
-        starts in a group of its own."""
+        starts in a group of its own. (``names``: unused here.)"""
         codes = torch.as_tensor(codes, dtype=torch.long, device=self.domain_of.device)
         self.domain_of = codes.clone()
         self.group_of = torch.arange(len(codes), device=codes.device)
