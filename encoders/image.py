@@ -1,7 +1,7 @@
 """Image encoders, named by model spec strings:
 
     clip:ARCH/PRETRAINED     open_clip image tower (grammar in encoders/clip.py)
-    ckpt:PATH[?arch=A&size=S&features=F]
+    ckpt:PATH[?arch=A&size=S&features=F&grid=N]
                              a checkpoint of this project (`cdir train`, full or exported), a
                              reference MoCo/SynCo checkpoint (``state_dict`` with
                              ``module.encoder_q.*``; the MLP ``fc`` head is dropped), or a plain
@@ -9,7 +9,10 @@
                              model with ``?arch=NAME``, e.g. ``?arch=convnext_tiny``).
                              ``features=head``: the momentum encoder and its projection head
                              (what UCDIR and ProtoOT evaluate; a full `cdir train` checkpoint or a
-                             MoCo one with ``encoder_k``); ``features=backbone`` is the default
+                             MoCo one with ``encoder_k``); ``features=backbone`` is the default.
+                             ``grid=N``: the backbone's last map average-pooled to N x N cells
+                             and flattened (N^2 times the dim), not one global vector: keeps
+                             the layout of centred drawings (emoji, icons, sketches)
     ckpt:timm:NAME[?file=PATH]
                              a timm model with pretrained weights from PATH (default: the timm
                              weights in the local Hugging Face cache)
@@ -339,13 +342,16 @@ def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
     body = spec[len("ckpt:"):]
     if body.startswith("timm:"):
         return _timm_encoder(spec, body, device)
-    body, params = _parse_query(spec, body, ("arch", "size", "features"))
+    body, params = _parse_query(spec, body, ("arch", "size", "features", "grid"))
     features = params.get("features") or "backbone"
     if features not in ("backbone", "head"):
         raise CdirError(f"{spec}: features must be backbone or head, got {features!r}")
     if features == "head" and params.get("arch"):
         raise CdirError(f"{spec}: features=head needs a checkpoint of `cdir train` or MoCo, "
                         "not a torchvision state dict (?arch=)")
+    if params.get("grid") and (features == "head" or params.get("arch")):
+        raise CdirError(f"{spec}: grid=N needs the backbone of a ResNet checkpoint of this "
+                        "project or MoCo/SynCo (not features=head or ?arch=)")
     if not body:
         raise CdirError(f"{spec}: give a checkpoint path, e.g. ckpt:runs/synco/encoder.pt")
     path = Path(body).expanduser()
@@ -381,8 +387,23 @@ def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
         transform = eval_transform(size or pp["size"], pp["eval_resize"], tuple(pp["mean"]),
                                    tuple(pp["std"]))
         size = size or pp["size"]
+    if params.get("grid"):
+        model, dim = _grid_pooled(spec, model, params["grid"])
     return TorchImageEncoder(spec, model, dim, transform, device, channels_last=True,
                              params={"weights": model_identity(spec).id, "size": size or 224})
+
+
+def _grid_pooled(spec: str, model: torch.nn.Module, value: str) -> tuple[torch.nn.Module, int]:
+    """``?grid=N``: the backbone's last map pooled to N x N cells instead of one vector."""
+    from encoders.ssl.backbones import GridPooled, ResNetTrunk
+
+    if not value.isdigit() or int(value) < 1:
+        raise CdirError(f"{spec}: grid must be a positive integer (cells per side), got {value!r}")
+    if not isinstance(model, ResNetTrunk):
+        raise CdirError(f"{spec}: grid=N needs the backbone of a ResNet checkpoint of this "
+                        "project or MoCo/SynCo (not features=head or ?arch=)")
+    pooled = GridPooled(model, int(value))
+    return pooled.eval(), pooled.out_dim
 
 
 # -- registry --------------------------------------------------------------------------------------

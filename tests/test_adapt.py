@@ -249,3 +249,41 @@ def test_torchrun_gloo_two_processes(tiny: tuple[Path, Path], tmp_path: Path) ->
     assert ckpt["meta"]["world_size"] == 2 and len(ckpt["rng"]["ranks"]) == 2
     assert (out / "encoder.pt").is_file()
     assert proc.stderr.count("round at epoch 0") == 1  # reported once, by rank 0
+
+
+def test_frozen_lower_stages_train_on_cached_maps(tiny: tuple[Path, Path], tmp_path: Path
+                                                  ) -> None:
+    """freeze=layer3: the stem and layers 1-3 keep the starting weights, layer 4 and the head
+    train on cached maps; the run still resumes exactly."""
+    from encoders.ssl.checkpoint import load_encoder
+
+    ws, enc = tiny
+    recipe = _recipe(tmp_path, epochs=2, freeze="layer3", cache_views=2, focus=0.5)
+    full = _adapt(ws, enc, recipe, tmp_path / "full")
+    start, _ = load_encoder(enc)
+    end, _ = load_encoder(tmp_path / "full" / "encoder_last.pt")
+    s0, s1 = start.state_dict(), end.state_dict()
+    assert all(torch.equal(s0[k], s1[k]) for k in s0 if k.startswith(("conv1", "layer3")))
+    assert not all(torch.equal(s0[k], s1[k]) for k in s0 if k.startswith("layer4"))
+    part1 = _adapt(ws, enc, recipe, tmp_path / "part", stop_at=1)
+    part2 = _adapt(ws, enc, recipe, tmp_path / "part", resume="auto")
+    np.testing.assert_allclose(part1["losses"] + part2["losses"], full["losses"],
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_grid_pooled_encoder_keeps_the_layout(tiny: tuple[Path, Path]) -> None:
+    from encoders.image import load_image_encoder
+
+    _, enc = tiny
+    plain = load_image_encoder(f"ckpt:{enc}", "cpu")
+    grid = load_image_encoder(f"ckpt:{enc}?grid=2", "cpu")
+    assert grid.dim == 4 * plain.dim
+    x = torch.randn(2, 3, 32, 32)
+    g = grid.model(x).view(2, plain.dim, 4)
+    # the mean of the four cells is the global average of the same map
+    torch.testing.assert_close(g.mean(2), plain.model(x), rtol=1e-5, atol=1e-6)
+    for bad in ("0", "two"):
+        with pytest.raises(CdirError, match="grid must be a positive integer"):
+            load_image_encoder(f"ckpt:{enc}?grid={bad}", "cpu")
+    with pytest.raises(CdirError, match="grid=N needs the backbone"):
+        load_image_encoder(f"ckpt:{enc}?features=head&grid=2", "cpu")

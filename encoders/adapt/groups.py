@@ -72,22 +72,26 @@ class Partners:
 class PairedImages(Dataset):
     """Items ``([view of anchor, view of positive], tensor([anchor, positive]), ok)``.
 
-    The positive is a random partner of the anchor's group with probability ``partner_p`` (when
-    it has one), else the anchor itself. A corrupt anchor is replaced by the next readable image
+    With probability ``focus`` the item's anchor is replaced by a random image that has a
+    partner (more cross-domain positives per batch while few images have one). The positive is
+    a random partner of the anchor's group with probability ``partner_p`` (when it has one),
+    else the anchor itself. A corrupt anchor is replaced by the next readable image
     (``ok`` False, so the trainer can list it); a corrupt partner by the anchor itself."""
 
     def __init__(self, paths: Sequence[str], domains: np.ndarray, transform: Callable,
-                 partner_p: float) -> None:
+                 partner_p: float, focus: float = 0.0) -> None:
         if not paths:
             raise CdirError("the training set is empty")
         self.paths = list(paths)
         self.domains = np.asarray(domains, np.int64)
         self.transform = transform
-        self.partner_p = float(partner_p)
-        self.partners = Partners(np.arange(len(self.paths)), self.domains)
+        self.partner_p, self.focus = float(partner_p), float(focus)
+        self.set_groups(np.arange(len(self.paths)))
 
     def set_groups(self, groups: np.ndarray) -> None:
         self.partners = Partners(groups, self.domains)
+        sizes = np.bincount(groups, minlength=len(groups))
+        self.grouped = np.flatnonzero(sizes[groups] > 1)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -100,6 +104,10 @@ class PairedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], torch.Tensor, bool]:
         n = len(self.paths)
+        # always draw the same numbers, so the random stream does not depend on the groups
+        swap, which = float(torch.rand(())), int(torch.randint(1 << 30, ()))
+        if len(self.grouped) and swap < self.focus:
+            index = int(self.grouped[which % len(self.grouped)])
         for step in range(_MAX_SUBSTITUTES):
             i = (index + step) % n
             img = self._load(i)
@@ -110,7 +118,6 @@ class PairedImages(Dataset):
                             f"{self.paths[index]}; check the data")
         j, other = i, img
         members = self.partners.of(i)
-        # always draw both numbers, so the random stream does not depend on the groups
         coin, pick = float(torch.rand(())), int(torch.randint(1 << 30, ()))
         if len(members) and coin < self.partner_p:
             j = int(members[pick % len(members)])

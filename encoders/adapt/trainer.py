@@ -123,6 +123,7 @@ class _AdaptRun(_Run):
         self.prepare, self.report, self.selection = prepare, report, selection
         self.selection_state: dict[str, Any] = {"best": None, "best_epoch": None}
         self.round_record: dict[str, Any] = {}
+        self.cache: tuple[torch.Tensor, np.ndarray] | None = None  # (eval-view maps, readable)
         super().__init__(cfg, d, resume, monitor)
 
     # setup ------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ class _AdaptRun(_Run):
         transform = build_view_transform(self.cfg.aug.strong, self.cfg.aug)
         # methods without partners (UCDIR) get two views of the anchor
         return PairedImages(self.paths, self.codes, transform,
-                            getattr(model.cfg, "partner_p", 0.0))
+                            getattr(model.cfg, "partner_p", 0.0), getattr(model.cfg, "focus", 0.0))
 
     def _fresh_start(self) -> None:
         if not self.cfg.model.init:
@@ -182,8 +183,10 @@ class _AdaptRun(_Run):
     # rounds -----------------------------------------------------------------------------------
     def _before_epoch(self, epoch: int) -> None:
         self.round_record = {}
+        if getattr(self.model, "split", None) is not None and self.cache is None:
+            self._build_cache()
         if epoch % self.model.cfg.round_epochs == 0:
-            feats = self._embed_all(self.model.encoder_q)
+            feats = self._features()
             if hasattr(self.model, "set_groups"):
                 self._mine(epoch, feats)
             else:
@@ -196,11 +199,49 @@ class _AdaptRun(_Run):
     def _end_epoch(self, done: int, ep: torch.Tensor, elapsed: float) -> None:
         if done == self.cfg.optim.epochs:
             # the final encoder is a candidate too
-            self._select(done, self._embed_all(self.model.encoder_q))
+            self._select(done, self._features())
         super()._end_epoch(done, ep, elapsed)
 
     def _epoch_record(self, done: int) -> dict[str, Any]:
         return dict(self.round_record)
+
+    def _build_cache(self) -> None:
+        """Maps of the frozen lower stages (encoders.adapt.cache); the dataset then serves them."""
+        import time
+
+        from encoders.adapt.cache import CachedPairs, build_cache
+        from encoders.ssl.augment import build_eval_transform, build_view_transform
+
+        cfg, kw = self.cfg, self.model.cfg
+        t0 = time.perf_counter()
+        aug, clean, ok = build_cache(
+            self.model.split[0], self.paths, build_view_transform(cfg.aug.strong, cfg.aug),
+            build_eval_transform(cfg.aug), kw.cache_views, cfg.aug.size, cfg.train.seed,
+            cfg.data.workers, self.d.device, progress=cfg.train.progress and self.d.main)
+        self.cache = (clean, ok)
+        self.dataset = CachedPairs(aug, ok, self.codes, kw.partner_p, kw.focus)
+        self.dataset.set_groups(self.model.group_of.cpu().numpy())
+        if self.d.main:
+            gb = (aug.numel() + clean.numel()) * 2 / 2**30
+            print(f"{cfg.method}: cached {kw.cache_views} views of {len(ok)} images below "
+                  f"{kw.freeze} ({gb:.2f} GB) in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr)
+
+    def _features(self) -> np.ndarray:
+        """Retrieval features of every image: the backbone at the eval transform (from the
+        cached maps when the lower stages are frozen)."""
+        if self.cache is None:
+            return self._embed_all(self.model.encoder_q)
+        clean, ok = self.cache
+        top = self.model.split[1]
+        was = top.training
+        top.eval()
+        with torch.no_grad():
+            feats = torch.cat([top(clean[s:s + 256].float().to(self.d.device)).float().cpu()
+                               for s in range(0, len(clean), 256)]).numpy()
+        top.train(was)
+        feats[~ok] = np.nan
+        return feats
 
     def _embed_all(self, module: nn.Module) -> np.ndarray:
         """``module``'s outputs for every image at the eval transform (rows in manifest order;

@@ -15,6 +15,9 @@ Items of the anchor's own mined group are never negatives.
 ``domain_bn``: the backbone sees each domain's items of a batch as a separate batch, so
 BatchNorm normalises with per-domain statistics in training.
 
+``freeze``: the stages up to ``freeze`` keep the starting weights and training runs on their
+cached outputs (:mod:`encoders.adapt.cache`): many more steps per CPU hour.
+
 Labels are never read. The method holds the per-image tables it needs as buffers (saved in the
 checkpoint, so a resumed run continues with the same groups): ``domain_of`` and ``group_of``.
 """
@@ -37,12 +40,17 @@ NEGATIVES = {"domain": "only the positive's domain", "batch": "the whole batch"}
 
 @dataclass
 class XDomainConfig:
-    dim: int = 128  # projection head output
+    dim: int = 128  # projection head output; 0: no head (loss on the backbone features)
     hidden_dim: int | None = None  # None: the backbone feature dim
     temperature: float = 0.1
     partner_p: float = 0.8  # probability that a grouped anchor's positive is a partner
+    focus: float = 0.0  # share of anchors drawn from the images that have a partner
     negatives: str = "domain"  # see NEGATIVES
     domain_bn: bool = False
+    # train only the stages above this one, on cached maps of `cache_views` augmented views of
+    # every image (encoders.adapt.cache): none | layer1 | layer2 | layer3
+    freeze: str = "none"
+    cache_views: int = 8
     # mining, rebuilt every round_epochs epochs (encoders.adapt.groups)
     round_epochs: int = 4
     matcher: str = "mutual-nn"  # a key of encoders.adapt.mining.MATCHERS
@@ -55,10 +63,13 @@ class XDomainConfig:
         if self.negatives not in NEGATIVES:
             raise CdirError(f"xdomain: negatives must be one of {', '.join(NEGATIVES)}, "
                             f"not {self.negatives!r}")
-        if self.temperature <= 0 or self.dim < 1:
+        if self.temperature <= 0 or self.dim < 0:
             raise CdirError("xdomain: temperature and dim must be positive")
-        if not 0.0 <= self.partner_p <= 1.0:
-            raise CdirError(f"xdomain: partner_p must be in [0, 1], not {self.partner_p}")
+        for name in ("partner_p", "focus"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise CdirError(f"xdomain: {name} must be in [0, 1], not {getattr(self, name)}")
+        if self.freeze != "none" and self.cache_views < 2:
+            raise CdirError(f"xdomain: cache_views must be >= 2, not {self.cache_views}")
         if self.round_epochs < 1:
             raise CdirError(f"xdomain: round_epochs must be >= 1, not {self.round_epochs}")
 
@@ -91,7 +102,18 @@ class XDomain(SSLMethod):
         self.cfg = cfg or XDomainConfig()
         self.cfg.validate()
         self.encoder_q = backbone
-        self.head_q = mlp(feat_dim, self.cfg.hidden_dim or feat_dim, self.cfg.dim)
+        # dim 0: no head, the loss acts on the backbone features that retrieval uses
+        self.head_q = (mlp(feat_dim, self.cfg.hidden_dim or feat_dim, self.cfg.dim)
+                       if self.cfg.dim else nn.Identity())
+        # (bottom, top) of the backbone when its lower stages are frozen; a tuple, so that the
+        # shared modules are not registered (and saved) twice
+        self.split: tuple[nn.Module, nn.Module] | None = None
+        if self.cfg.freeze != "none":
+            from encoders.adapt.cache import split_backbone
+
+            self.split = split_backbone(backbone, self.cfg.freeze)
+            for param in self.split[0].parameters():
+                param.requires_grad_(False)
         self.register_buffer("domain_of", torch.zeros(0, dtype=torch.long))
         self.register_buffer("group_of", torch.zeros(0, dtype=torch.long))
 
@@ -106,8 +128,11 @@ class XDomain(SSLMethod):
         self.group_of.copy_(torch.as_tensor(groups, dtype=torch.long))
 
     def _embed(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """Head outputs of images, or of cached maps when the lower stages are frozen."""
+        trunk = self.encoder_q if self.split is None else self.split[1]
+
         def f(v: torch.Tensor) -> torch.Tensor:
-            return self.head_q(self.encoder_q(v))
+            return self.head_q(trunk(v))
 
         return embed_by_domain(f, x, domain) if self.cfg.domain_bn else f(x)
 
