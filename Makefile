@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 WS     ?= runs/emoji
-ENCODER ?= ckpt:encoders/weights/emoji_synco.pt
+# grid=4: the last map pooled to 4x4 cells (layout kept); plain global pooling: drop ?grid=4
+ENCODER ?= ckpt:encoders/weights/emoji_synco.pt?grid=4
 
 .PHONY: run test lint bench gpu clean
 
@@ -20,9 +21,9 @@ RERANK  ?= csls
 # and with the label-free per-domain normalisation and CSLS side by side -> report.
 run: $(BIN)/.installed
 	$(BIN)/cdir data emoji -w $(WS)
-	$(BIN)/cdir embed -w $(WS) --encoder $(ENCODER)
-	$(BIN)/cdir index build -w $(WS) --encoder $(ENCODER) --type flat --normalize $(NORMALIZE)
-	$(BIN)/cdir eval -w $(WS) --encoder $(ENCODER) --normalize none,$(NORMALIZE) \
+	$(BIN)/cdir embed -w $(WS) --encoder "$(ENCODER)"
+	$(BIN)/cdir index build -w $(WS) --encoder "$(ENCODER)" --type flat --normalize $(NORMALIZE)
+	$(BIN)/cdir eval -w $(WS) --encoder "$(ENCODER)" --normalize none,$(NORMALIZE) \
 	    --rerank none,$(RERANK)
 
 test: $(BIN)/.installed
