@@ -149,6 +149,9 @@ def test_adapt_writes_the_selected_encoder_and_resumes_exactly(
     assert not any(k.startswith(("report_", "monitor_")) for r in lines for k in r)
     ckpt = load_checkpoint(out / "latest.pt")
     assert ckpt["method"] == "xdomain" and ckpt["selection"]["best_epoch"] in (0, 2, 3)
+    assert full["selected"] == {"epoch": ckpt["selection"]["best_epoch"],
+                                "criterion": "mutual_nn_rate",
+                                "value": ckpt["selection"]["best"]}
     assert ckpt["model"]["group_of"].shape == (30,)
     assert ckpt["config"]["model"]["init"] == str(enc)
     # encoder.pt is a loadable encoder of the same architecture

@@ -177,6 +177,7 @@ def adapt_encoder(
         report = _label_report(ws.manifest_path)
     res = adapt(cfg, _whitening(normalize), resume=ckpt, stop_at=stop_at, monitor=probe,
                 report=report, force=force, selection=selection)
+    chosen = (load_checkpoint(res.latest).get("selection") or {}) if res.latest.exists() else {}
     return {
         "method": cfg.method, "rank": res.rank, "out": str(res.out),
         "epochs_run": len(res.epoch_losses), "epochs_done": res.epochs_done,
@@ -184,6 +185,8 @@ def adapt_encoder(
         "latest": str(res.latest), "encoder": str(res.encoder) if res.encoder else None,
         "skipped": res.skipped, "epoch_losses": res.epoch_losses, "monitor": res.monitor,
         "losses": res.losses,
+        "selected": {"epoch": chosen.get("best_epoch"), "criterion": selection,
+                     "value": chosen.get("best")},
     }
 
 
