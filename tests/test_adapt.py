@@ -183,6 +183,11 @@ def test_ucdir_runs_through_the_same_loop(tiny: tuple[Path, Path], tmp_path: Pat
     ckpt = load_checkpoint(out / "latest.pt")
     assert ckpt["method"] == "ucdir" and int(ckpt["model"]["kmeans_ready"]) == 1
     assert ckpt["model"]["bank"].shape == (30, 16) and (out / "encoder.pt").is_file()
+    # what UCDIR evaluates: the momentum encoder and its head
+    from encoders.image import load_image_encoder
+
+    head = load_image_encoder(f"ckpt:{out / 'latest.pt'}?features=head", "cpu")
+    assert head.dim == 16
 
 
 def test_bad_input_gets_one_line(tiny: tuple[Path, Path], tmp_path: Path,
@@ -290,3 +295,18 @@ def test_grid_pooled_encoder_keeps_the_layout(tiny: tuple[Path, Path]) -> None:
             load_image_encoder(f"ckpt:{enc}?grid={bad}", "cpu")
     with pytest.raises(CdirError, match="grid=N needs the backbone"):
         load_image_encoder(f"ckpt:{enc}?features=head&grid=2", "cpu")
+
+
+@pytest.mark.parametrize("recipe", ["adapt_emoji.yaml", "ucdir_officehome.yaml",
+                                    "ucdir_domainnet.yaml"])
+def test_adapt_recipes_resolve(recipe: str) -> None:
+    from cdir.core.config import load_yaml
+    from encoders.ssl.config import resolve_config
+
+    raw = load_yaml(REPO / "configs" / recipe)
+    method = next(iter(raw["methods"]))
+    cfg = resolve_config(raw, method, recipe)
+    assert cfg.method_name in ("xdomain", "ucdir") and cfg.optim.epochs > 0
+    from encoders.ssl.registry import build_method
+
+    build_method(cfg.method_name, "resnet18", {"width": 0.125}, **cfg.method_kwargs)

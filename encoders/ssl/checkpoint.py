@@ -343,12 +343,17 @@ def load_momentum_head(
                         "training checkpoint of `cdir train` (latest.pt or checkpoint_XXXX.pt)")
     arch = ckpt["encoder_arch"]
     kwargs = dict((ckpt.get("config") or {}).get("method_kwargs") or {})
-    # the method as it was trained, so every key of the checkpoint must fit it
+    # the method as it was trained, so every key of its momentum encoder and head must fit
     method = build_method(ckpt["method"], arch["name"], dict(arch.get("kwargs", {})), **kwargs)
-    _load_strict(method, ckpt["model"], path, f"{ckpt['method']} on {arch['name']}")
-    head = method.head_k if hasattr(method, "head_k") else method.proj_k
-    model = nn.Sequential(method.encoder_k, head)
-    return model.to(map_location).eval(), int(method.queue.dim)
+    name = "head_k" if hasattr(method, "head_k") else "proj_k"
+    model = nn.Sequential(method.encoder_k, getattr(method, name))
+    for i, prefix in enumerate(("encoder_k.", f"{name}.")):
+        part = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+        _load_strict(model[i], part, path, f"{ckpt['method']}'s {prefix.rstrip('.')}")
+    with torch.no_grad():  # the head's output size (MoCo's queue dim, UCDIR's bank dim)
+        size = int(ckpt.get("config", {}).get("aug", {}).get("size", 224))
+        dim = model.eval()(torch.zeros(2, 3, size, size)).shape[1]
+    return model.to(map_location).eval(), int(dim)
 
 
 def encoder_preprocess(path_or_ckpt: str | os.PathLike | dict) -> dict[str, Any]:
