@@ -90,7 +90,7 @@ def adapt(workspace: str, args: argparse.Namespace, seed: int, out: Path) -> dic
     criterion logged last (the final encoder's) and the one of the epoch-0 round (the starting
     encoder's)."""
     from cdir.stages.adapt import adapt_encoder
-    from encoders.ssl.checkpoint import _torch_load
+    from encoders.ssl.checkpoint import encoder_settings
 
     sets = [*(["train.max_steps_per_epoch=" + str(args.steps)] if args.steps else []),
             *args.set, "train.progress=false"]
@@ -104,7 +104,7 @@ def adapt(workspace: str, args: argparse.Namespace, seed: int, out: Path) -> dic
     last = float(lines[-1].get(CRITERION, math.nan)) if lines else math.nan
     first = float(lines[0].get("mine_" + CRITERION[len("select_"):], math.nan)) if lines \
         else math.nan
-    chosen = _torch_load(Path(summary["encoder"])).get("epoch")
+    chosen = encoder_settings(summary["encoder"])["epoch"]
     losses = ", ".join(f"{x:.4f}" for x in summary["epoch_losses"])
     say(f"  adapted seed {seed} into {out} in {wall:.0f} s (epoch losses {losses}; encoder.pt "
         f"from epoch {chosen})")

@@ -42,19 +42,14 @@ def encoder_file(spec: str) -> Path:
 
 def _base(path: Path) -> dict[str, Any]:
     """Input settings and backbone of the starting encoder."""
-    from encoders.ssl.checkpoint import _torch_load, load_encoder
+    from encoders.ssl.checkpoint import encoder_settings
 
-    ckpt = _torch_load(path)
-    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if isinstance(saved, dict) and "encoder_arch" in ckpt:
-        arch = ckpt["encoder_arch"]
-        return {"aug": dict(saved.get("aug") or {}),
-                "model": {"backbone": arch["name"], "backbone_kwargs": dict(arch["kwargs"])}}
-    load_encoder(path)  # a reference checkpoint: fails here with one line when unreadable
-    from encoders.ssl.checkpoint import _reference_encoder
-
-    _, arch = _reference_encoder(ckpt, path)
-    return {"model": {"backbone": arch["name"], "backbone_kwargs": arch["kwargs"]}}
+    found = encoder_settings(path)
+    base: dict[str, Any] = {"model": {"backbone": found["arch"]["name"],
+                                      "backbone_kwargs": found["arch"]["kwargs"]}}
+    if found["aug"]:
+        base["aug"] = found["aug"]
+    return base
 
 
 def adapt_config(method: str, encoder: str, manifest: Path, config: str | os.PathLike | None,

@@ -356,6 +356,22 @@ def load_momentum_head(
     return model.to(map_location).eval(), int(dim)
 
 
+def encoder_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """What training from an encoder file needs to know: ``{"arch": {"name", "kwargs"},
+    "aug": {...} (the input settings it was trained with; empty for reference checkpoints),
+    "epoch": ... or None}``. CdirError for a file that holds no readable ResNet encoder."""
+    path = Path(path)
+    ckpt = _torch_load(path)
+    if isinstance(ckpt, dict) and "encoder_arch" in ckpt:
+        arch = ckpt["encoder_arch"]
+        aug = dict((ckpt.get("config") or {}).get("aug") or {})
+    else:
+        _, arch = _reference_encoder(ckpt, path)
+        aug = {}
+    return {"arch": {"name": arch["name"], "kwargs": dict(arch.get("kwargs", {}))}, "aug": aug,
+            "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None}
+
+
 def encoder_preprocess(path_or_ckpt: str | os.PathLike | dict) -> dict[str, Any]:
     """Input size, normalisation and eval resize ratio an encoder was trained with.
 
