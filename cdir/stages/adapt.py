@@ -23,6 +23,7 @@ from cdir.core.dist import launch_rank
 from cdir.core.errors import CdirError
 from cdir.core.signals import graceful
 from cdir.core.workspace import Workspace
+from cdir.stages.train import build_monitor, run_summary
 
 # keyword argument -> the config key it sets
 DIRECT = {"out": "train.out", "epochs": "optim.epochs", "batch_size": "optim.batch_size",
@@ -159,30 +160,18 @@ def adapt_encoder(
         ckpt = load_checkpoint(latest) if latest.exists() else None
     elif resume:
         ckpt = load_checkpoint(resume)
+    prepare = _whitening(normalize)
+    report = _label_report(ws.manifest_path) if monitor and launch_rank() == 0 else None
     probe = None
-    report = None
-    if monitor and launch_rank() == 0 and _label_report(ws.manifest_path) is not None:
-        from eval.ssl import make_monitor
-
+    if report is not None:  # the gallery has labels: log how the run does, for the report only
         cfg.monitor.path = str(ws.manifest_path)
-        preprocess = {"size": cfg.aug.size, "mean": cfg.aug.mean, "std": cfg.aug.std,
-                      "eval_resize": cfg.aug.eval_resize}
-        probe = make_monitor(cfg.monitor, preprocess, seed=cfg.train.seed,
-                             workers=cfg.data.workers, normalize=_whitening(normalize))
-        report = _label_report(ws.manifest_path)
-    res = adapt(cfg, _whitening(normalize), resume=ckpt, stop_at=stop_at, monitor=probe,
-                report=report, force=force, selection=selection)
-    chosen = (load_checkpoint(res.latest).get("selection") or {}) if res.latest.exists() else {}
-    return {
-        "method": cfg.method, "rank": res.rank, "out": str(res.out),
-        "epochs_run": len(res.epoch_losses), "epochs_done": res.epochs_done,
-        "epochs": cfg.optim.epochs, "steps": res.steps, "images_per_s": res.images_per_s,
-        "latest": str(res.latest), "encoder": str(res.encoder) if res.encoder else None,
-        "skipped": res.skipped, "epoch_losses": res.epoch_losses, "monitor": res.monitor,
-        "losses": res.losses,
-        "selected": {"epoch": chosen.get("best_epoch"), "criterion": selection,
-                     "value": chosen.get("best")},
-    }
+        probe = build_monitor(cfg, normalize=prepare)
+    res = adapt(cfg, prepare, resume=ckpt, stop_at=stop_at, monitor=probe, report=report,
+                force=force, selection=selection)
+    chosen = res.state.get("selection") or {}
+    return {**run_summary(cfg, res),
+            "selected": {"epoch": chosen.get("best_epoch"), "criterion": selection,
+                         "value": chosen.get("best")}}
 
 
 def _round_epochs(cfg) -> int:

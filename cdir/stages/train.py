@@ -51,21 +51,33 @@ def train_encoder(
     values = {DIRECT[k]: (os.fspath(v) if isinstance(v, os.PathLike) else v)
               for k, v in given.items() if v is not None}
     cfg, ckpt = run_config(method, config, sets, values, resume)
-    probe = None
-    if cfg.monitor.path and launch_rank() == 0:  # only the main process evaluates
-        from eval.ssl import make_monitor
-
-        preprocess = {"size": cfg.aug.size, "mean": cfg.aug.mean, "std": cfg.aug.std,
-                      "eval_resize": cfg.aug.eval_resize}
-        probe = make_monitor(cfg.monitor, preprocess, seed=cfg.train.seed,
-                             workers=cfg.data.workers)
+    probe = build_monitor(cfg) if cfg.monitor.path else None
     res = train(cfg, resume=ckpt, stop_at=stop_at, monitor=probe, force=force)
+    return run_summary(cfg, res)
+
+
+def build_monitor(cfg: Any, normalize: Any = None) -> Any:
+    """The label-based training monitor on ``cfg.monitor.path`` (eval.ssl.make_monitor) at the
+    run's input settings, on the main process only (None on the others)."""
+    if launch_rank() != 0:
+        return None
+    from eval.ssl import make_monitor
+
+    preprocess = {"size": cfg.aug.size, "mean": cfg.aug.mean, "std": cfg.aug.std,
+                  "eval_resize": cfg.aug.eval_resize}
+    return make_monitor(cfg.monitor, preprocess, seed=cfg.train.seed, workers=cfg.data.workers,
+                        normalize=normalize)
+
+
+def run_summary(cfg: Any, res: Any) -> dict[str, Any]:
+    """What a training call did (the keys of :func:`train_encoder`'s summary)."""
     return {
         "method": cfg.method, "rank": res.rank, "out": str(res.out),
         "epochs_run": len(res.epoch_losses), "epochs_done": res.epochs_done,
         "epochs": cfg.optim.epochs, "steps": res.steps, "images_per_s": res.images_per_s,
         "latest": str(res.latest), "encoder": str(res.encoder) if res.encoder else None,
         "skipped": res.skipped, "epoch_losses": res.epoch_losses, "monitor": res.monitor,
+        "losses": res.losses,
     }
 
 

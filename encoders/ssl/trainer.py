@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class TrainResult:
     images_per_s: float
     skipped: list[str]
     rank: int = 0  # this process's rank (0: the one that wrote the files)
+    state: dict[str, Any] = field(default_factory=dict)  # a subclass's extra checkpoint state
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -356,7 +357,7 @@ class _Run:
             out=self.out, epochs_done=end_epoch, steps=self.step, losses=self.losses,
             epoch_losses=self.epoch_losses, latest=self.latest, encoder=encoder_path,
             monitor=self.monitor_hist, images_per_s=sum(self.rates) / max(len(self.rates), 1),
-            skipped=sorted(self.skipped), rank=d.rank,
+            skipped=sorted(self.skipped), rank=d.rank, state=self._extra_state(),
         )
 
     def _epoch(self, epoch: int) -> tuple[torch.Tensor, float]:
