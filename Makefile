@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 WS     ?= runs/emoji
-# grid=4: the last map pooled to 4x4 cells (layout kept); plain global pooling: drop ?grid=4
-ENCODER ?= ckpt:encoders/weights/emoji_synco.pt?grid=4
+# the emoji encoder (SynCo, then `cdir adapt`); grid=4&layers=3,4: the maps of layers 3 and 4
+# pooled to 4x4 cells (the layout kept), not one global vector (README, section 5)
+ENCODER ?= ckpt:encoders/weights/emoji_adapted.pt?grid=4&layers=3,4
 
 .PHONY: run test lint bench gpu clean
 

@@ -69,9 +69,9 @@ class DemoBackend:
             items.append((thumb, f"#{h.rank} {h.domain} · {h.class_name} · {h.score:.3f}"))
         where = f" in {domain}" if domain != ALL_DOMAINS else ""
         status = f"{s.mode} search of {s.spec}: top {len(items)}{where}"
-        if s.normalizer is not None:
+        if s.infers_domain:
             how = "nearest centroid" if query_domain == INFER else "given"
-            status += f" — {s.normalize}, query as {used[0]} ({how})"
+            status += f" — {s.domain_transform}, query as {used[0]} ({how})"
         if captions:
             status += f' — query caption: "{captions[0]}"'
         return items, status

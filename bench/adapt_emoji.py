@@ -2,10 +2,11 @@
 
     python bench/adapt_emoji.py [-w runs/emoji] [--encoder ckpt:encoders/weights/emoji_synco.pt]
         [--config configs/adapt_emoji.yaml] [--seeds 0 1 2] [--epochs E] [--steps S]
-        [--set KEY=VALUE ...] [--grid N] [--lodo] [--out runs/bench-adapt]
+        [--set KEY=VALUE ...] [--features "grid=4&layers=3,4"] [--lodo] [--out runs/bench-adapt]
 
 Needs the emoji workspace (``cdir data emoji -w runs/emoji``). Every evaluation embeds the
-encoder (spec ``ckpt:PATH``, ``ckpt:PATH?grid=N`` with ``--grid``) into the workspace and runs
+encoder (spec ``ckpt:PATH?FEATURES``, ``--features`` default ``grid=4&layers=3,4`` as `make run`;
+empty: global pooling) into the workspace and runs
 `cdir.stages.evaluate.evaluate` with ``normalize="none,domain-whiten"`` and
 ``rerank="none,csls"``; the figures are UCDIR P@1 (%), the mean over the evaluated directed
 pairs, for plain cosine, domain-whitened vectors, and domain-whitened vectors with CSLS.
@@ -23,8 +24,9 @@ pairs, for plain cosine, domain-whitened vectors, and domain-whitened vectors wi
 2. ``--lodo`` (leave one domain out): for each domain H, a workspace ``OUT/lodo-H/ws`` over the
    same gallery folder without H, adaptation there (the first seed, the same budget; with two
    domains the miner skips the cycle check by itself), then the adapted encoder and the
-   starting one on the full workspace, only the four directed pairs that involve H. The variant
-   with per-domain batch-norm statistics for the unseen domain is not measured yet.
+   starting one on the full workspace, only the four directed pairs that involve H; the adapted
+   one also with per-domain BatchNorm statistics (``&bn=domain``: the unseen domain's estimated
+   on its own images at embedding time, no training on it).
 
 Labels are used only by `evaluate`, to score; the adaptation never sees them. Writes only
 under ``--out`` and the workspace's ``embeddings/`` and ``reports/`` folders.
@@ -62,14 +64,14 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def scores(workspace: str, encoder: str, grid: int | None,
+def scores(workspace: str, encoder: str, features: str,
            pairs: list[tuple[str, str]] | None = None) -> dict[str, float]:
-    """Embed ``encoder`` (a ``ckpt:PATH`` spec) into the workspace and return the mean P@1 (%)
-    over ``pairs`` (default: all) of each variant."""
+    """Embed ``encoder`` (a ``ckpt:PATH`` spec, with ``?features`` when not empty) into the
+    workspace and return the mean P@1 (%) over ``pairs`` (default: all) of each variant."""
     from cdir.stages.embed import embed_images
     from cdir.stages.evaluate import evaluate
 
-    spec = encoder + (f"?grid={grid}" if grid else "")
+    spec = encoder + (f"?{features}" if features else "")
     t = time.perf_counter()
     emb = embed_images(workspace, spec, progress=False)
     res = evaluate(workspace, encoder=spec, normalize="none,domain-whiten", rerank="none,csls",
@@ -125,17 +127,18 @@ def mean_std(values: list[float], digits: int = 2) -> str:
 
 def seeds_table(args: argparse.Namespace, out: Path) -> None:
     say(f"starting encoder {args.encoder}")
-    start = scores(args.workspace, args.encoder, args.grid)
+    start = scores(args.workspace, args.encoder, args.features)
     runs = []
     for seed in args.seeds:
         say(f"seed {seed}")
         run = adapt(args.workspace, args, seed, out / f"seed-{seed}")
-        runs.append((seed, scores(args.workspace, f"ckpt:{run['encoder']}", args.grid), run))
+        runs.append((seed, scores(args.workspace, f"ckpt:{run['encoder']}", args.features),
+                     run))
 
     names = list(VARIANTS)
     start_crit = runs[0][2]["start_criterion"]
     print(f"\n## P@1 (%), mean over the 6 directed pairs: {args.encoder}"
-          f"{f'?grid={args.grid}' if args.grid else ''}, {args.epochs} epoch(s)"
+          f"{f'?{args.features}' if args.features else ''}, {args.epochs} epoch(s)"
           f"{f', {args.steps} steps/epoch' if args.steps else ''}\n")
     print("| encoder | " + " | ".join(names)
           + f" | adapt wall (s) | {CRITERION} (last line) | encoder.pt epoch |")
@@ -170,23 +173,25 @@ def lodo_table(args: argparse.Namespace, out: Path) -> None:
         describe_gallery(sub, "folder", root=gallery, domains=",".join(kept), progress=False)
         run = adapt(str(sub), args, seed, out / f"lodo-{held}" / "adapt")
         pairs = [p for d in kept for p in ((held, d), (d, held))]
-        rows.append((held, scores(args.workspace, args.encoder, args.grid, pairs),
-                     scores(args.workspace, f"ckpt:{run['encoder']}", args.grid, pairs),
+        adapted = f"ckpt:{run['encoder']}"
+        with_bn = "&".join(filter(None, (args.features, "bn=domain")))
+        rows.append((held, scores(args.workspace, args.encoder, args.features, pairs),
+                     scores(args.workspace, adapted, args.features, pairs),
+                     scores(args.workspace, adapted, with_bn, pairs),
                      run["wall"], run["epoch"]))
 
     names = list(VARIANTS)
     print(f"\n## leave one domain out: P@1 (%), mean over the 4 directed pairs with the held-out "
           f"domain (adapted on the other two, seed {seed})\n")
-    print("| held out | " + " | ".join(f"start {n} | adapted {n}" for n in names)
-          + " | adapt wall (s) | encoder.pt epoch |")
-    print("|---|" + "---:|" * (2 * len(names) + 2))
-    for held, start, adapted, wall, epoch in rows:
-        print(f"| {held} | " + " | ".join(f"{cell(start[n])} | {cell(adapted[n])}"
-                                          for n in names) + f" | {wall:.0f} | {epoch} |")
+    print("| held out | " + " | ".join(f"start {n} | adapted {n} | adapted+BN {n}"
+                                       for n in names) + " | adapt wall (s) | encoder.pt epoch |")
+    print("|---|" + "---:|" * (3 * len(names) + 2))
+    for held, *cols, wall, epoch in rows:
+        print(f"| {held} | " + " | ".join(" | ".join(cell(c[n]) for c in cols) for n in names)
+              + f" | {wall:.0f} | {epoch} |")
     print("| **mean** | " + " | ".join(
-        f"{cell(statistics.fmean(r[1][n] for r in rows))} | "
-        f"{cell(statistics.fmean(r[2][n] for r in rows))}" for n in names)
-        + f" | {statistics.fmean(r[3] for r in rows):.0f} | - |")
+        " | ".join(cell(statistics.fmean(r[j][n] for r in rows)) for j in (1, 2, 3))
+        for n in names) + f" | {statistics.fmean(r[4] for r in rows):.0f} | - |")
 
 
 def main() -> int:
@@ -200,7 +205,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="train.max_steps_per_epoch")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="passed to cdir adapt (repeatable)")
-    ap.add_argument("--grid", type=int, default=None, help="evaluate ckpt:PATH?grid=N")
+    ap.add_argument("--features", default="grid=4&layers=3,4",
+                    help="encoder options of every evaluation (ckpt:PATH?FEATURES; '' for none)")
     ap.add_argument("--lodo", action="store_true", help="also leave each domain out")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-adapt"))
     args = ap.parse_args()

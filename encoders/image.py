@@ -1,7 +1,7 @@
 """Image encoders, named by model spec strings:
 
     clip:ARCH/PRETRAINED     open_clip image tower (grammar in encoders/clip.py)
-    ckpt:PATH[?arch=A&size=S&features=F&grid=N]
+    ckpt:PATH[?arch=A&size=S&features=F&grid=N&layers=L]
                              a checkpoint of this project (`cdir train`, full or exported), a
                              reference MoCo/SynCo checkpoint (``state_dict`` with
                              ``module.encoder_q.*``; the MLP ``fc`` head is dropped), or a plain
@@ -12,7 +12,12 @@
                              MoCo one with ``encoder_k``); ``features=backbone`` is the default.
                              ``grid=N``: the backbone's last map average-pooled to N x N cells
                              and flattened (N^2 times the dim), not one global vector: keeps
-                             the layout of centred drawings (emoji, icons, sketches)
+                             the layout of centred drawings (emoji, icons, sketches).
+                             ``layers=3,4`` (with grid): the maps of those layers, each
+                             L2-normalised, joined (parts and whole objects).
+                             ``bn=domain``: AdaBN, each domain's images embedded with BatchNorm
+                             statistics re-estimated on that domain (`encoders.adabn`; the embed
+                             stage estimates and stores them, search uses the query's)
     ckpt:timm:NAME[?file=PATH]
                              a timm model with pretrained weights from PATH (default: the timm
                              weights in the local Hugging Face cache)
@@ -32,7 +37,7 @@ timm models use their own pretrained data config (size, crop, mean/std).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -61,7 +66,9 @@ class ImageEncoder:
     ``spec``: the spec string; ``dim``: embedding size; ``device``: where ``encode`` computes;
     ``params``: what identifies the weights beyond the spec (stored with the embeddings so vectors
     of different weights are never mixed; ``weights`` is `encoders.hub.model_identity`, which a
-    reader computes without loading the model); ``transform``: PIL RGB image -> input tensor.
+    reader computes without loading the model); ``transform``: PIL RGB image -> input tensor;
+    ``domain_bn``: the spec asks for per-domain BatchNorm statistics (``?bn=domain``), which the
+    caller estimates (`estimate_bn_stats`) and sets (`use_bn_stats`) before encoding a domain.
     """
 
     spec: str
@@ -69,9 +76,16 @@ class ImageEncoder:
     device: torch.device
     params: dict
     transform: Callable[[Image.Image], torch.Tensor]
+    domain_bn: bool = False
 
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def estimate_bn_stats(self, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise CdirError(f"{self.spec} has no BatchNorm statistics to estimate")
+
+    def use_bn_stats(self, stats: dict[str, torch.Tensor]) -> None:
+        raise CdirError(f"{self.spec} has no BatchNorm statistics to set")
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         """Convenience for a few query images: transform, stack, encode → (n, dim) numpy."""
@@ -101,16 +115,37 @@ class TorchImageEncoder(ImageEncoder):
         # autocast on GPU only (in the half precision the GPU has); fp32 on CPU
         self.amp_dtype = resolve_dtype(device) if device.type == "cuda" else None
 
-    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+    def _input(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch.to(self.device, non_blocking=True)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-               else contextlib.nullcontext())
-        with torch.inference_mode(), amp:
+        return x
+
+    def _amp(self) -> contextlib.AbstractContextManager:
+        return (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                else contextlib.nullcontext())
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        x = self._input(batch)
+        with torch.inference_mode(), self._amp():
             y = self._forward(x)
         y = y.float().flatten(1)
         return torch.nn.functional.normalize(y, dim=1).cpu()
+
+    def estimate_bn_stats(self, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """AdaBN statistics of the model on ``batches`` (CPU tensors of ``transform``ed images),
+        computed as `encode` computes (device, precision); the model keeps its own."""
+        from encoders.adabn import estimate_bn_stats
+
+        with self._amp():
+            return estimate_bn_stats(self.model, (self._input(b) for b in batches),
+                                     forward=self._forward)
+
+    def use_bn_stats(self, stats: dict[str, torch.Tensor]) -> None:
+        """Encode with these BN statistics from now on (as `estimate_bn_stats` returns)."""
+        from encoders.adabn import set_bn_stats
+
+        set_bn_stats(self.model, stats)
 
 
 # -- pixels ----------------------------------------------------------------------------------------
@@ -341,9 +376,19 @@ def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
 
     body = spec[len("ckpt:"):]
     if body.startswith("timm:"):
+        if "bn" in dict(parse_qsl(body.partition("?")[2], keep_blank_values=True)):
+            raise CdirError(f"{spec}: bn=domain needs a ResNet checkpoint of this project or "
+                            "MoCo/SynCo, not a timm model")
         return _timm_encoder(spec, body, device)
-    body, params = _parse_query(spec, body, ("arch", "size", "features", "grid"))
+    body, params = _parse_query(spec, body, ("arch", "size", "features", "grid", "layers",
+                                             "bn"))
     features = params.get("features") or "backbone"
+    if "bn" in params and params["bn"] != "domain":
+        raise CdirError(f"{spec}: bn takes only the value domain (per-domain BatchNorm "
+                        f"statistics), got {params['bn']!r}")
+    if "bn" in params and (features == "head" or params.get("arch")):
+        raise CdirError(f"{spec}: bn=domain needs the backbone of a ResNet checkpoint of this "
+                        "project or MoCo/SynCo (not features=head or ?arch=)")
     if features not in ("backbone", "head"):
         raise CdirError(f"{spec}: features must be backbone or head, got {features!r}")
     if features == "head" and params.get("arch"):
@@ -387,14 +432,25 @@ def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
         transform = eval_transform(size or pp["size"], pp["eval_resize"], tuple(pp["mean"]),
                                    tuple(pp["std"]))
         size = size or pp["size"]
+    if params.get("layers") and not params.get("grid"):
+        raise CdirError(f"{spec}: layers=3,4 goes with grid=N (grid=1: one vector per layer)")
     if params.get("grid"):
-        model, dim = _grid_pooled(spec, model, params["grid"])
-    return TorchImageEncoder(spec, model, dim, transform, device, channels_last=True,
-                             params={"weights": model_identity(spec).id, "size": size or 224})
+        model, dim = _grid_pooled(spec, model, params["grid"], params.get("layers") or "4")
+    enc = TorchImageEncoder(spec, model, dim, transform, device, channels_last=True,
+                            params={"weights": model_identity(spec).id, "size": size or 224})
+    if "bn" in params:
+        from encoders.adabn import bn_layers
+
+        if not bn_layers(model):
+            raise CdirError(f"{spec}: bn=domain needs a model with BatchNorm layers")
+        enc.domain_bn = True
+    return enc
 
 
-def _grid_pooled(spec: str, model: torch.nn.Module, value: str) -> tuple[torch.nn.Module, int]:
-    """``?grid=N``: the backbone's last map pooled to N x N cells instead of one vector."""
+def _grid_pooled(spec: str, model: torch.nn.Module, value: str, layers: str
+                 ) -> tuple[torch.nn.Module, int]:
+    """``?grid=N[&layers=3,4]``: the backbone's last map (or the maps of ``layers``) pooled to
+    N x N cells instead of one vector."""
     from encoders.ssl.backbones import GridPooled, ResNetTrunk
 
     if not value.isdigit() or int(value) < 1:
@@ -402,7 +458,11 @@ def _grid_pooled(spec: str, model: torch.nn.Module, value: str) -> tuple[torch.n
     if not isinstance(model, ResNetTrunk):
         raise CdirError(f"{spec}: grid=N needs the backbone of a ResNet checkpoint of this "
                         "project or MoCo/SynCo (not features=head or ?arch=)")
-    pooled = GridPooled(model, int(value))
+    picked = layers.split(",")
+    if not all(k.strip() in ("1", "2", "3", "4") for k in picked):
+        raise CdirError(f"{spec}: layers must list ResNet layers 1-4, e.g. layers=3,4; "
+                        f"got {layers!r}")
+    pooled = GridPooled(model, int(value), tuple(int(k) for k in picked))
     return pooled.eval(), pooled.out_dim
 
 

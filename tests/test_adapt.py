@@ -295,6 +295,42 @@ def test_grid_pooled_encoder_keeps_the_layout(tiny: tuple[Path, Path]) -> None:
             load_image_encoder(f"ckpt:{enc}?grid={bad}", "cpu")
     with pytest.raises(CdirError, match="grid=N needs the backbone"):
         load_image_encoder(f"ckpt:{enc}?features=head&grid=2", "cpu")
+    # layers=3,4: layer 3's cells, then layer 4's, each block of unit norm
+    both = load_image_encoder(f"ckpt:{enc}?grid=2&layers=3,4", "cpu")
+    d3 = grid.model.trunk.layer_dims[2] * 4
+    assert both.dim == d3 + grid.dim
+    z = both.model(x)
+    torch.testing.assert_close(z[:, d3:], torch.nn.functional.normalize(grid.model(x), dim=1))
+    torch.testing.assert_close(z[:, :d3].norm(dim=1), torch.ones(2))
+    for bad, why in (("grid=2&layers=5", "layers must list"), ("layers=3,4", "goes with grid")):
+        with pytest.raises(CdirError, match=why):
+            load_image_encoder(f"ckpt:{enc}?{bad}", "cpu")
+
+
+def test_grid_training_mines_and_trains_the_grid_features(tiny: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    """grid=2 (and layers 3 and 4): the loss reads the 2x2-pooled map(s) (the head's input is
+    4x the backbone dim),
+    mining reads the same features, and the exported encoder is the plain backbone."""
+    from encoders.adapt.xdomain import XDomain, XDomainConfig
+    from encoders.ssl.backbones import build_backbone
+    from encoders.ssl.checkpoint import load_encoder
+
+    net, dim = build_backbone(TINY["name"], **TINY["kwargs"])
+    model = XDomain(net, dim, XDomainConfig(dim=8, grid=2))
+    assert model.head_q[0].in_features == 4 * dim
+    assert model.retrieval()(torch.randn(2, 3, 32, 32)).shape == (2, 4 * dim)
+    multi = XDomain(net, dim, XDomainConfig(dim=8, grid=2, layers=(3, 4)))
+    assert multi.head_q[0].in_features == 4 * (net.layer_dims[2] + dim)
+    assert not any("_grid" in k for k in model.state_dict())
+    with pytest.raises(CdirError, match="grid needs freeze=none"):
+        XDomainConfig(grid=2, freeze="layer3").validate()
+    ws, enc = tiny
+    out = _adapt(ws, enc, _recipe(tmp_path, epochs=2, grid=2, layers=[3, 4]), tmp_path / "grid")
+    assert all(math.isfinite(x) for x in out["losses"])
+    trained, _ = load_encoder(tmp_path / "grid" / "encoder_last.pt")
+    start, _ = load_encoder(enc)
+    assert trained.state_dict().keys() == start.state_dict().keys()
 
 
 @pytest.mark.parametrize("recipe", ["adapt_emoji.yaml", "ucdir_officehome.yaml",

@@ -1,22 +1,25 @@
-"""The default offline encoder shipped in the repository: it loads through the `ckpt:` spec and
+"""The offline encoders shipped in the repository (the default, adapted one with the features
+`make run` uses, and the SynCo one it started from): each loads through the `ckpt:` spec and
 beats the raw-pixel baseline on every directed pair of an emoji subset."""
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from cdir.cli import main
 
 torch.set_num_threads(1)
-DEFAULT = Path(__file__).resolve().parents[1] / "encoders" / "weights" / "emoji_synco.pt"
+WEIGHTS = Path(__file__).resolve().parents[1] / "encoders" / "weights"
 
 
-def test_default_encoder_beats_pixels_on_every_pair(tmp_path):
+@pytest.mark.parametrize("encoder", ["emoji_adapted.pt?grid=4&layers=3,4", "emoji_synco.pt"])
+def test_shipped_encoder_beats_pixels_on_every_pair(tmp_path, encoder):
     ws = tmp_path / "ws"
     assert main(["data", "emoji", "-w", str(ws), "--limit", "200"]) == 0
     p1 = {}
-    for spec in ("pixels", f"ckpt:{DEFAULT}"):
+    for spec in ("pixels", f"ckpt:{WEIGHTS / encoder}"):
         run = "px" if spec == "pixels" else "enc"
         assert main(["embed", "-w", str(ws), "--encoder", spec, "--workers", "0"]) == 0
         assert main(["eval", "-w", str(ws), "--encoder", spec, "--run", run,

@@ -14,11 +14,14 @@ image encoder spec:
   ckpt:PATH              a `cdir train` checkpoint, a MoCo/SynCo checkpoint or a torchvision
                          state dict (ckpt:PATH?arch=NAME for non-ResNets, ?size=PX to override the
                          input size); ckpt:timm:NAME?file=PATH for timm
+                         ckpt:PATH?bn=domain: each domain with BatchNorm statistics
+                         re-estimated on its own images (AdaBN)
   pixels                 32x32 greyscale pixels: the sanity floor
 
-offline (no model hub needed): ckpt:encoders/weights/emoji_synco.pt, the encoder this project
-trained on the emoji gallery (what `make run` uses), or pixels; clip: tags need their weights
-in the local Hugging Face cache.
+offline (no model hub needed): "ckpt:encoders/weights/emoji_adapted.pt?grid=4&layers=3,4", the
+encoder this project trained (SynCo, then `cdir adapt`) on the emoji gallery, what `make run`
+uses; encoders/weights/emoji_synco.pt, the SynCo encoder it started from; or pixels. clip: tags
+need their weights in the local Hugging Face cache.
 
 caption embeddings (for the cm-text and cm-image modes of `cdir eval`):
   cdir embed -w WS --captions SOURCE --text-encoder st:all-MiniLM-L6-v2
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.encoder:
         raise CdirError(f"give the image encoder: --encoder SPEC, e.g. --encoder "
-                        f"ckpt:{_default_encoder()} (offline, trained on the emoji gallery) or "
+                        f"'ckpt:{_default_encoder()}?grid=4&layers=3,4' (offline, trained on "
+                        "the emoji gallery) or "
                         "--encoder pixels; clip:ViT-B-32/openai needs its weights in the Hugging "
                         "Face cache (see `cdir embed --help`)")
     return _run_images(args)
@@ -88,7 +92,7 @@ def _default_encoder() -> str:
 
     import encoders
 
-    path = Path(encoders.__file__).resolve().parent / "weights" / "emoji_synco.pt"
+    path = Path(encoders.__file__).resolve().parent / "weights" / "emoji_adapted.pt"
     rel = os.path.relpath(path)
     return rel if not rel.startswith("..") else str(path)
 

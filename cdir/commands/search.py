@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--domain", help="only return images of this domain")
     p.add_argument("--query-domain", metavar="D",
                    help="the queries' domain: on a normalised index they get that domain's "
-                        "transform (default: the domain of the nearest gallery centroid, named "
-                        "on stderr)")
+                        "transform, with a ?bn=domain encoder its BatchNorm statistics "
+                        "(default: the domain of the nearest gallery centroid, named on stderr)")
     p.add_argument("--index", help="index name (default: the only index, or the --encoder one)")
     p.add_argument("--encoder", help="pick the index built with this encoder")
     p.add_argument("--mode", choices=SINGLE_MODES,
@@ -50,11 +50,11 @@ def run(args: argparse.Namespace) -> int:
                         captioner=args.captioner, device=args.device)
     results, captions, used = searcher.search(images, k=args.k, domain=args.domain,
                                               query_domain=args.query_domain)
-    inferred = searcher.normalizer is not None and args.query_domain is None
+    inferred = searcher.infers_domain and args.query_domain is None
     if inferred:
         for query, d in zip(args.image, used, strict=True):
-            print(f"{query}: {searcher.normalize} as domain {d} (nearest gallery centroid; "
-                  "--query-domain chooses)", file=sys.stderr)
+            print(f"{query}: {searcher.domain_transform} as domain {d} (nearest gallery "
+                  "centroid; --query-domain chooses)", file=sys.stderr)
     if args.json:
         print(json.dumps([{"query": q, "caption": captions[i] if captions else None,
                            "query_domain": used[i], "query_domain_inferred": inferred,

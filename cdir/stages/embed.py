@@ -13,6 +13,11 @@ Each row is stored with what it was computed from (the image's `row_versions` en
 text's hash): a row whose image or caption changed since is embedded again, and only those. The
 store also records the model's identity (`encoders.hub.model_identity`); when the spec now names
 other weights (a retrained checkpoint at the same path), every row is embedded again.
+
+An encoder spec with ``?bn=domain`` (AdaBN) is embedded domain by domain, each with BatchNorm
+statistics estimated on that domain's images and stored beside the vectors
+(`cdir.stages.domain_bn`); a domain whose images changed gets new statistics and all its rows
+embedded again, the other domains keep theirs.
 """
 
 from __future__ import annotations
@@ -132,24 +137,32 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
     version_of = dict(zip(ids, versions, strict=True))
     done, changed = current_rows(store, ids, versions)  # changed images are embedded again
     old_failed = {r["id"]: r for r in store.failed()}
-    todo = [j for j, i in enumerate(ids) if i not in done]  # earlier failures are retried
-    already = len(ids) - len(todo)
-    if limit is not None:
-        todo = todo[:max(0, int(limit))]
     workers = default_workers() if num_workers is None else max(0, int(num_workers))
+
+    def loader(rows: list[int]) -> DataLoader:
+        return DataLoader(
+            ImageRows([paths[j] for j in rows], enc.transform), batch_size=batch_size,
+            shuffle=False, num_workers=workers, collate_fn=collate_rows,
+            pin_memory=enc.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+            worker_init_fn=loader_worker)  # a job-wide SIGTERM is the main process's
 
     new_ids: list[str] = []
     new_vecs: list[np.ndarray] = []
     failures: dict[str, dict] = {}
     embedded: set[str] = set()  # ids embedded in this run (they leave failed.json)
     content: dict[str, str] = {}  # id -> hash of the bytes embedded
+    bn_tags: dict[str, str] = {}  # id -> the `bn:KEY` of the statistics it is embedded with
 
     def stored_version(id_: str) -> str | None:
-        """The manifest's size/mtime fact for the row, and the hash of the bytes embedded."""
+        """The manifest's size/mtime fact for the row, the hash of the bytes embedded and, with
+        per-domain statistics, their tag."""
         version = version_of[id_]
-        if version is None:  # a manifest without file facts: nothing to record
-            return None
-        return " ".join(filter(None, (version.split()[0], content.get(id_))))
+        facts = [] if version is None else [version.split()[0], content.get(id_)]
+        return " ".join(filter(None, [*facts, bn_tags.get(id_)])) or None
+
+    def fail(row: int, reason: str) -> None:
+        failures[ids[row]] = {"id": ids[row], "path": paths[row], "reason": reason}
 
     state = {"written": 0, "rows": 0}
 
@@ -170,18 +183,32 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
             _write_failed(store, old_failed, failures, embedded)
 
     t0 = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="img", desc=f"embed {spec}", disable=not progress,
+    estimated: list[str] = []
+    # parts of the run: (BN statistics to embed with, or None: the model's own; their tag; rows)
+    parts: list[tuple[dict | None, str | None, list[int]]]
+    if enc.domain_bn:
+        parts, already = _domain_parts(enc, store, df, done, limit, loader, estimated, progress)
+    else:
+        todo = [j for j, i in enumerate(ids) if i not in done]  # earlier failures are retried
+        already = len(ids) - len(todo)
+        parts = [(None, None, todo[:max(0, int(limit))] if limit is not None else todo)]
+    total = sum(len(rows) for _, _, rows in parts)
+    bar = tqdm(total=total, unit="img", desc=f"embed {spec}", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     try:
-        if todo:
-            loader = DataLoader(
-                ImageRows([paths[j] for j in todo], enc.transform), batch_size=batch_size,
-                shuffle=False, num_workers=workers, collate_fn=collate_rows,
-                pin_memory=enc.device.type == "cuda",
-                prefetch_factor=4 if workers else None,
-                worker_init_fn=loader_worker)  # a job-wide SIGTERM is the main process's
-            for idx, x, bad, hashes in loader:
+        for stats, tag, todo in parts:
+            if not todo:
+                continue
+            if stats is not None:
+                enc.use_bn_stats(stats)
+                bn_tags.update((ids[j], tag) for j in todo)
+            for idx, x, bad, hashes in loader(todo):
                 hash_at = dict(zip(idx.tolist(), hashes, strict=True))
+                if x is not None and enc.domain_bn and stats is None:
+                    # its domain had no readable image when the statistics were estimated
+                    bad = bad + [(i, "no BatchNorm statistics for its domain (re-run to "
+                                     "estimate them)") for i in idx.tolist()]
+                    idx, x = idx[:0], None
                 if x is not None:
                     vecs = enc.encode(x).numpy().astype(np.float32, copy=False)
                     finite = np.isfinite(vecs).all(axis=1)
@@ -195,8 +222,7 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
                     new_ids.extend(batch_ids)
                     embedded.update(batch_ids)
                 for i, reason in bad:
-                    row = todo[i]
-                    failures[ids[row]] = {"id": ids[row], "path": paths[row], "reason": reason}
+                    fail(todo[i], reason)
                 n = len(idx) + len(bad)
                 state["rows"] += n
                 bar.update(n)
@@ -204,7 +230,7 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
                     bar.set_postfix(failed=len(failures), refresh=False)
                 flush(final=False)
                 if callback is not None:
-                    callback(state["rows"], len(todo))
+                    callback(state["rows"], total)
     finally:
         bar.close()
         flush(final=True)  # also on Ctrl-C / errors: finished vectors are complete, keep them
@@ -220,12 +246,87 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
         "seconds": round(seconds, 3), "images_per_s": round(rate, 2),
         "failures": sorted(failures.values(), key=lambda r: r["id"]),
     }
+    if enc.domain_bn:
+        summary["bn_estimated"] = estimated
     summary["line"] = summary_line(summary)
     if progress:
         if failures:
             print(failure_report(summary["failures"], store.dir / "failed.json"), file=sys.stderr)
         print(summary["line"])
     return summary
+
+
+def _domain_parts(enc: Any, store: EmbeddingStore, df: pd.DataFrame, done: set[str],
+                  limit: int | None, loader: Callable[[list[int]], DataLoader],
+                  estimated: list[str], progress: bool
+                  ) -> tuple[list[tuple[dict | None, str | None, list[int]]], int]:
+    """``?bn=domain``: (per domain, its statistics, their tag and the rows to embed with them;
+    how many rows are already done). A domain whose images changed since its statistics were
+    estimated (or that has none) gets them estimated again on all its readable images, saved
+    before any row is embedded with them (its name goes to ``estimated``); a stored row counts
+    as done only when it is current and was embedded with the domain's stored statistics, so
+    new statistics re-embed the whole domain and a run killed half-way leaves no row behind.
+    ``limit`` caps the rows to embed; domains past it are left as they are."""
+    from cdir.stages.domain_bn import (
+        domain_fingerprints,
+        load_stats,
+        row_tag,
+        save_stats,
+        stats_tag,
+    )
+
+    ids = df["id"].astype(str).tolist()
+    by_domain: dict[str, list[int]] = {}
+    for j, d in enumerate(df["domain"].astype(str)):
+        by_domain.setdefault(d, []).append(j)
+    kept = {d: e for d, e in load_stats(store.dir).items() if d in by_domain}
+    fps = domain_fingerprints(df, (store.info().get("params") or {}).get("weights"))
+    have = store.versions()
+    budget = None if limit is None else max(0, int(limit))
+    parts, already = [], 0
+    for d, rows in by_domain.items():
+        entry = kept.get(d)
+        if (entry is None or entry["fingerprint"] != fps[d]) and budget != 0:
+            stats = _estimate(enc, loader(rows), len(rows), f"BN statistics {d}", progress)
+            entry = None
+            if stats is not None:  # None: no readable image (its rows are listed as failed)
+                entry = kept[d] = {"fingerprint": fps[d], "stats": stats}
+                save_stats(store.dir, kept)  # before any row is embedded with them
+                estimated.append(d)
+        fresh = entry is not None and entry["fingerprint"] == fps[d]
+        tag = stats_tag(entry["stats"]) if fresh else None
+        todo = [j for j in rows
+                if not (tag and ids[j] in done and row_tag(have.get(ids[j])) == tag)]
+        already += len(rows) - len(todo)
+        take = todo if budget is None else todo[:budget]
+        if budget is not None:
+            budget -= len(take)
+        parts.append((entry["stats"] if fresh else None, tag, take))
+    return parts, already
+
+
+def _estimate(enc: Any, batches: DataLoader, n: int, desc: str, progress: bool) -> dict | None:
+    """The encoder's BN statistics over the readable images of ``batches``; None when none is
+    readable (unreadable ones are listed by the embedding pass that follows)."""
+    from tqdm.auto import tqdm
+
+    seen = []
+
+    def readable():
+        with tqdm(total=n, unit="img", desc=desc, disable=not progress, dynamic_ncols=True,
+                  file=sys.stderr) as bar:
+            for idx, x, bad, _ in batches:
+                bar.update(len(idx) + len(bad))
+                if x is not None:
+                    seen.append(len(x))
+                    yield x
+
+    try:
+        return enc.estimate_bn_stats(readable())
+    except CdirError:
+        if seen:
+            raise
+        return None
 
 
 def _same_model_or_restart(store: EmbeddingStore, spec: str, what: str) -> ModelId:
@@ -271,6 +372,8 @@ def summary_line(s: dict) -> str:
     left = f", {s['remaining']} left" if s["remaining"] > 0 else ""
     if s.get("changed"):
         left += f", {s['changed']} changed since embedded"
+    if s.get("bn_estimated"):
+        left += f", BatchNorm statistics of {', '.join(s['bn_estimated'])} estimated"
     speed = f" at {s['images_per_s']:.1f} images/s" if s["images_per_s"] else ""
     return (f"embedded {s['new']} new, {s['already_done']} already done, {s['failed']} failed"
             f"{left} ({s['dim']}-d {s['spec']} on {s['device']}{speed}) -> {s['dir']}")

@@ -140,9 +140,11 @@ def _checked(store: EmbeddingStore, model: str, ids: list[str], versions: list[s
 def image_vectors(ws: Workspace, manifest: pd.DataFrame, spec: str
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(vectors in manifest order, valid rows) of the image embeddings of ``spec``; refused when
-    ``spec`` now names other weights or an image changed since it was embedded."""
+    ``spec`` now names other weights or an image changed since it was embedded (or, with
+    ``?bn=domain``, a row was embedded with other statistics than its domain's stored ones)."""
     from cdir.core.manifest import row_versions
     from cdir.core.store import EmbeddingStore
+    from cdir.stages.domain_bn import check_domain_stats, wants_domain_bn
 
     store = EmbeddingStore(ws.embeddings_dir(spec))
     rerun = f"cdir embed -w {ws.root} --encoder {spec}"
@@ -150,6 +152,8 @@ def image_vectors(ws: Workspace, manifest: pd.DataFrame, spec: str
         raise CdirError(f"no image embeddings for {spec} in {ws.root}: run `{rerun}` first")
     _checked(store, spec, manifest["id"].astype(str).tolist(), row_versions(manifest),
              "image embeddings", "image(s)", rerun)
+    if wants_domain_bn(spec):  # each row with the statistics stored for its domain
+        check_domain_stats(store, manifest, rerun, current=False)
     return store.load(manifest)
 
 

@@ -9,6 +9,11 @@ text encoder is a CLIP — with the query image through the CLIP image tower (cm
 A normalised index (`cdir index build --normalize`) holds vectors transformed with per-domain
 gallery statistics; a query vector gets the transform of its domain (``query_domain``), or of
 the domain whose gallery centroid is nearest when none is given, and that domain is returned.
+
+An index of an image encoder with ``?bn=domain`` (AdaBN) holds vectors embedded with each
+domain's own BatchNorm statistics; a query is embedded with those of ``query_domain``, or, when
+none is given, once with each domain's and given the domain whose stored-vector centroid is
+nearest to the query so embedded (that domain is returned, and normalises it too).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from cdir.core.errors import CdirError
 from cdir.core.workspace import Workspace, split_caption_spec
+from cdir.stages.domain_bn import wants_domain_bn
 
 if TYPE_CHECKING:
     import numpy as np
@@ -84,6 +90,21 @@ class Searcher:
                             "plain index for cm-image")
         self.captioner_spec = captioner
         self._image_encoder = self._text_encoder = self._captioner = None
+        self.domain_bn = self.caption_source is None and wants_domain_bn(self.spec)
+        self._bn: tuple[dict, dict] | None = None  # per domain: statistics, unit centroid
+        if self.domain_bn:
+            self._check_domain_bn()
+
+    @property
+    def infers_domain(self) -> bool:
+        """Does a query without ``query_domain`` get a domain (the one `search` returns)?"""
+        return self.normalizer is not None or self.domain_bn
+
+    @property
+    def domain_transform(self) -> str:
+        """What the query's domain decides, for messages: the normaliser and/or BN statistics."""
+        return " and ".join([*(["bn=domain statistics"] if self.domain_bn else []),
+                             *([self.normalize] if self.normalizer is not None else [])])
 
     def _check_model(self) -> None:
         """Refuse an index whose encoder now names other weights than its vectors were made with:
@@ -103,12 +124,85 @@ class Searcher:
                 f"{current.id}): re-run `cdir embed -w {self.ws.root} {source}` and "
                 f"`cdir index build -w {self.ws.root} {source} --type {meta.kind}`")
 
+    def _check_domain_bn(self) -> None:
+        """Refuse per-domain statistics that no longer describe the gallery's domains, and an
+        index whose vectors are not those embedded with the stored statistics."""
+        import shlex
+
+        from cdir.core.store import EmbeddingStore
+        from cdir.stages.domain_bn import check_domain_stats
+        from cdir.stages.modes import vectors_fingerprint
+
+        meta, root = self.index.meta, str(self.ws.root)
+        build = ["cdir", "index", "build", "-w", root, "--encoder", self.spec, "--type", meta.kind,
+                 *(["--normalize", meta.normalize] if meta.normalize != "none" else [])]
+        rebuild = shlex.join(build)
+        rerun = f"{shlex.join(['cdir', 'embed', '-w', root, '--encoder', self.spec])} && {rebuild}"
+        check_domain_stats(EmbeddingStore(self.ws.embeddings_dir(self.spec)), self.manifest,
+                           rerun)
+        stamp = meta.vectors_fingerprint
+        if stamp and stamp != vectors_fingerprint(self.ws, self.spec, self.index.ids)[0]:
+            raise CdirError(f"the index of {self.spec} holds other vectors than those embedded "
+                            f"with the stored BatchNorm statistics: re-run `{rebuild}`")
+
+    def _domain_bn_state(self) -> tuple[dict, dict]:
+        """(domain -> stored statistics, domain -> L2-normalised mean of its stored vectors)."""
+        import numpy as np
+
+        from cdir.core.store import EmbeddingStore
+        from cdir.stages.domain_bn import load_stats
+
+        if self._bn is None:
+            store = EmbeddingStore(self.ws.embeddings_dir(self.spec))
+            stats = {d: e["stats"] for d, e in load_stats(store.dir).items()}
+            x, ok = store.load(self.manifest)
+            domains = self.manifest["domain"].astype(str).to_numpy()
+            centroids = {}
+            for d in sorted(stats):
+                rows = ok & (domains == d)
+                if rows.any():
+                    c = x[rows].mean(0)
+                    centroids[d] = c / max(float(np.linalg.norm(c)), 1e-12)
+            self._bn = stats, centroids
+        return self._bn
+
+    def _domain_bn_vectors(self, images: list[Image.Image], query_domain: str | None
+                           ) -> tuple[np.ndarray, list[str]]:
+        """The queries embedded with ``query_domain``'s statistics, or each with those of the
+        domain whose centroid is nearest to it so embedded; (vectors, the domain of each)."""
+        import numpy as np
+
+        stats, centroids = self._domain_bn_state()
+        if query_domain is not None:
+            if query_domain not in stats:
+                raise CdirError(f"no BatchNorm statistics for domain {query_domain!r} in "
+                                f"{self.ws.embeddings_dir(self.spec)}: run `cdir embed -w "
+                                f"{self.ws.root} --encoder {self.spec}`")
+            q = self._encode_images(images, self.spec, stats[query_domain])
+            return q, [query_domain] * len(q)
+        if not centroids:
+            raise CdirError(f"no stored vectors of {self.spec} to infer the query domain from")
+        best = best_q = names = None
+        for d, c in centroids.items():
+            q = self._encode_images(images, self.spec, stats[d])
+            score = q @ c
+            if best is None:
+                best, best_q, names = score, q, np.full(len(q), d, dtype=object)
+            else:  # ties keep the first domain (in sorted order)
+                better = score > best
+                best_q[better], names[better] = q[better], d
+                best = np.maximum(score, best)
+        return best_q, [str(n) for n in names]
+
     # -- encoders, loaded on first use -----------------------------------------------------------
-    def _encode_images(self, images: list[Image.Image], spec: str) -> np.ndarray:
+    def _encode_images(self, images: list[Image.Image], spec: str,
+                       bn_stats: dict | None = None) -> np.ndarray:
         from encoders.image import load_image_encoder
 
         if self._image_encoder is None:
             self._image_encoder = load_image_encoder(spec, device=self.device)
+        if bn_stats is not None:
+            self._image_encoder.use_bn_stats(bn_stats)
         return self._image_encoder.encode_images(images)
 
     def caption(self, images: list[Image.Image]) -> list[str]:
@@ -147,16 +241,21 @@ class Searcher:
                query_domain: str | None = None
                ) -> tuple[list[list[Hit]], list[str] | None, list[str | None]]:
         """(hits per query, the queries' captions for cm-text, the domain whose transform each
-        query got: ``query_domain``, or the nearest centroid's on a normalised index; None on a
-        plain index without ``query_domain``)."""
+        query got: ``query_domain``, or the nearest centroid's on a normalised or ``bn=domain``
+        index; None on a plain index without ``query_domain``)."""
         for flag, d in (("domain", domain), ("query domain", query_domain)):
             if d is not None and d not in self.index.domain_names:
                 raise CdirError(f"unknown {flag} {d!r}; the index has "
                                 f"{', '.join(self.index.domain_names)}")
-        q, captions = self.query_vectors(images)
-        used: list[str | None] = [query_domain] * len(q)
+        used: list[str | None]
+        if self.domain_bn:  # the domain is decided here (given or inferred), then normalises
+            q, bn_domains = self._domain_bn_vectors(images, query_domain)
+            captions, used = None, list(bn_domains)
+        else:
+            q, captions = self.query_vectors(images)
+            used = [query_domain] * len(q)
         if self.normalizer is not None:
-            q, names = self.normalizer.transform_query(q, query_domain)
+            q, names = self.normalizer.transform_query(q, used if self.domain_bn else query_domain)
             used = [str(n) for n in names]
         res = self.index.search(q, k=k, domain=domain)
         out = []

@@ -231,7 +231,7 @@ class _AdaptRun(_Run):
         """Retrieval features of every image: the backbone at the eval transform (from the
         cached maps when the lower stages are frozen)."""
         if self.cache is None:
-            return self._embed_all(self.model.encoder_q)
+            return self._embed_all(self.model.retrieval())
         clean, ok = self.cache
         top = self.model.split[1]
         was = top.training

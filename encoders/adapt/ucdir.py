@@ -222,6 +222,10 @@ class UCDIR(SSLMethod):
     def n_domains(self) -> int:
         return int(self.centroids.shape[0])
 
+    def retrieval(self) -> nn.Module:
+        """The features that the label-free selection reads: the query backbone."""
+        return self.encoder_q
+
     def set_domains(self, codes: torch.Tensor, names: Sequence[str] | None = None) -> None:
         """Allocate the per-image state for ``len(codes)`` images with domain codes 0..D-1
         (``names``, when given, only for the error message)."""

@@ -15,6 +15,10 @@ Items of the anchor's own mined group are never negatives.
 ``domain_bn``: the backbone sees each domain's items of a batch as a separate batch, so
 BatchNorm normalises with per-domain statistics in training.
 
+``grid``: mining and the loss use the last map (or the maps of ``layers``) average-pooled to
+``grid`` x ``grid`` cells (the features of ``ckpt:PATH?grid=N&layers=...``), so training moves
+what retrieval with that option reads.
+
 ``freeze``: the stages up to ``freeze`` keep the starting weights and training runs on their
 cached outputs (:mod:`encoders.adapt.cache`): many more steps per CPU hour.
 
@@ -41,12 +45,14 @@ NEGATIVES = {"domain": "only the positive's domain", "batch": "the whole batch"}
 @dataclass
 class XDomainConfig:
     dim: int = 128  # projection head output; 0: no head (loss on the backbone features)
-    hidden_dim: int | None = None  # None: the backbone feature dim
+    hidden_dim: int | None = None  # None: the backbone feature dim (also with grid)
     temperature: float = 0.1
     partner_p: float = 0.8  # probability that a grouped anchor's positive is a partner
     focus: float = 0.0  # share of anchors drawn from the images that have a partner
     negatives: str = "domain"  # see NEGATIVES
     domain_bn: bool = False
+    grid: int = 0  # > 0: features are the last map pooled to grid x grid cells (?grid=N)
+    layers: tuple[int, ...] = (4,)  # with grid: the layers pooled (?grid=N&layers=3,4)
     # train only the stages above this one, on cached maps of `cache_views` augmented views of
     # every image (encoders.adapt.cache): none | layer1 | layer2 | layer3
     freeze: str = "none"
@@ -70,6 +76,10 @@ class XDomainConfig:
                 raise CdirError(f"xdomain: {name} must be in [0, 1], not {getattr(self, name)}")
         if self.freeze != "none" and self.cache_views < 2:
             raise CdirError(f"xdomain: cache_views must be >= 2, not {self.cache_views}")
+        if self.grid < 0:
+            raise CdirError(f"xdomain: grid must be >= 0, not {self.grid}")
+        if self.grid and self.freeze != "none":
+            raise CdirError("xdomain: grid needs freeze=none (cached maps are pooled globally)")
         if self.round_epochs < 1:
             raise CdirError(f"xdomain: round_epochs must be >= 1, not {self.round_epochs}")
 
@@ -102,8 +112,18 @@ class XDomain(SSLMethod):
         self.cfg = cfg or XDomainConfig()
         self.cfg.validate()
         self.encoder_q = backbone
+        hidden = self.cfg.hidden_dim or feat_dim
+        if self.cfg.grid:
+            from encoders.ssl.backbones import GridPooled
+
+            if not hasattr(backbone, "feature_map"):
+                raise CdirError("xdomain: grid needs a ResNet backbone of this project")
+            pooled = GridPooled(backbone, self.cfg.grid, tuple(self.cfg.layers))
+            feat_dim = pooled.out_dim
+            # a tuple, so that the backbone is not registered (and saved) twice
+            self._grid = (pooled,)
         # dim 0: no head, the loss acts on the backbone features that retrieval uses
-        self.head_q = (mlp(feat_dim, self.cfg.hidden_dim or feat_dim, self.cfg.dim)
+        self.head_q = (mlp(feat_dim, hidden, self.cfg.dim)
                        if self.cfg.dim else nn.Identity())
         # (bottom, top) of the backbone when its lower stages are frozen; a tuple, so that the
         # shared modules are not registered (and saved) twice
@@ -117,6 +137,10 @@ class XDomain(SSLMethod):
         self.register_buffer("domain_of", torch.zeros(0, dtype=torch.long))
         self.register_buffer("group_of", torch.zeros(0, dtype=torch.long))
 
+    def retrieval(self) -> nn.Module:
+        """The features that mining reads and the loss trains: pooled, or grid-pooled."""
+        return self._grid[0] if self.cfg.grid else self.encoder_q
+
     def set_domains(self, codes: torch.Tensor, names: Sequence[str] | None = None) -> None:
         """Allocate the tables for ``len(codes)`` images (domain codes 0..D-1); every image
         starts in a group of its own. (``names``: unused here.)"""
@@ -129,7 +153,7 @@ class XDomain(SSLMethod):
 
     def _embed(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         """Head outputs of images, or of cached maps when the lower stages are frozen."""
-        trunk = self.encoder_q if self.split is None else self.split[1]
+        trunk = self.retrieval() if self.split is None else self.split[1]
 
         def f(v: torch.Tensor) -> torch.Tensor:
             return self.head_q(trunk(v))

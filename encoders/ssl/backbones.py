@@ -64,6 +64,7 @@ class ResNetTrunk(nn.Module):
         self.layer4 = self._make_layer(block, widths[3], layers[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = widths[3] * block.expansion
+        self.layer_dims = [c * block.expansion for c in widths]  # channels of layer1..layer4
         # Same initialisation as torchvision's ResNet (zero_init_residual=False).
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -89,8 +90,19 @@ class ResNetTrunk(nn.Module):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's map (B, out_dim, h, w), before the global pooling."""
+        return self.layer_maps(x, (4,))[0]
+
+    def layer_maps(self, x: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        """The output maps of ``layers`` (1-4: layer1..layer4), computed once up to the
+        deepest one asked for."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        maps = []
+        for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)[
+                :max(layers)], start=1):
+            x = layer(x)
+            if i in layers:
+                maps.append(x)
+        return maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.avgpool(self.feature_map(x)), 1)
@@ -99,18 +111,28 @@ class ResNetTrunk(nn.Module):
 class GridPooled(nn.Module):
     """A ResNet's last map average-pooled to ``n`` x ``n`` cells, flattened (out_dim x n^2):
     keeps the layout that global pooling discards, which is what tells centred drawings of
-    similar parts apart (measured on the emoji gallery: see README)."""
+    similar parts apart (measured on the emoji gallery: see README).
 
-    def __init__(self, trunk: ResNetTrunk, n: int) -> None:
+    ``layers`` (default the last): the maps pooled (1-4: layer1..layer4); with several (e.g.
+    ``(3, 4)``: parts and whole objects), each layer's cells are L2-normalised as one block
+    before they are joined, so every layer weighs the same in a cosine."""
+
+    def __init__(self, trunk: ResNetTrunk, n: int, layers: tuple[int, ...] = (4,)) -> None:
         super().__init__()
         if n < 1:
             raise CdirError(f"grid must be at least 1, got {n}")
-        self.trunk, self.n = trunk, int(n)
-        self.out_dim = trunk.out_dim * self.n**2
+        layers = tuple(sorted({int(k) for k in layers}))
+        if not layers or not set(layers) <= {1, 2, 3, 4}:
+            raise CdirError(f"grid layers must be among 1, 2, 3, 4, got {layers}")
+        self.trunk, self.n, self.layers = trunk, int(n), layers
+        self.out_dim = sum(trunk.layer_dims[k - 1] for k in layers) * self.n**2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cells = nn.functional.adaptive_avg_pool2d(self.trunk.feature_map(x), self.n)
-        return torch.flatten(cells, 1)
+        blocks = [torch.flatten(nn.functional.adaptive_avg_pool2d(m, self.n), 1)
+                  for m in self.trunk.layer_maps(x, self.layers)]
+        if len(blocks) == 1:
+            return blocks[0]
+        return torch.cat([nn.functional.normalize(b, dim=1) for b in blocks], 1)
 
 
 def build_backbone(name: str, **kwargs: object) -> tuple[nn.Module, int]:
