@@ -1,0 +1,58 @@
+"""The interface every distillation loss implements, and the pieces they share.
+
+``DistillLoss.forward(f_s, f_t, logits_s=None, logits_t=None, idx=None, contrast_idx=None)``
+returns the scalar method loss (the ``L_distill`` that the objective weighs by beta):
+
+- ``f_s`` (B, s_dim): the student's pooled features, with gradient; ``f_t`` (B, t_dim): the
+  teacher's (detached here: the teacher backbone is frozen; projections of it may train);
+- ``logits_s`` / ``logits_t``: the classifier outputs (KD needs them; the others ignore them);
+- ``idx`` (B,): the samples' dataset indices, ``contrast_idx`` (B, K+1): the memory rows to
+  contrast with, positive first (CRD's momentum memory needs ``idx``; ``contrast_idx`` is
+  optional there).
+
+Projection heads are submodules and learnable scalars are parameters, so an optimiser over
+``loss.parameters()`` trains them; memories are buffers, so ``loss.state_dict()`` holds them. In
+training mode ``forward`` also updates the memory; in eval mode it changes no state. The math
+runs in float32 with autocast off.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdir.core.errors import CdirError
+
+
+class DistillLoss(nn.Module):
+    """Base class of the distillation losses (see the module docstring for ``forward``).
+
+    ``needs_logits`` / ``needs_index``: which optional inputs ``forward`` requires.
+    ``recipe`` / ``recipe_kd``: the (gamma, alpha, beta) weights of CE, KD and this loss in the
+    testbed's README commands, alone and combined with KD (``StudentObjective.recipe``).
+    """
+
+    needs_logits: ClassVar[bool] = False
+    needs_index: ClassVar[bool] = False
+    recipe: ClassVar[tuple[float, float, float]] = (1.0, 0.0, 1.0)
+    recipe_kd: ClassVar[tuple[float, float, float]] = (1.0, 1.0, 1.0)
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor,
+                logits_s: torch.Tensor | None = None, logits_t: torch.Tensor | None = None,
+                idx: torch.Tensor | None = None,
+                contrast_idx: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+def embed(proj: nn.Module, f: torch.Tensor) -> torch.Tensor:
+    """A projection's output, L2-normalised per row, in float32."""
+    return F.normalize(proj(f.float()), dim=1)
+
+
+def check_positive(what: str, **values: float) -> None:
+    for k, v in values.items():
+        if not v > 0:
+            raise CdirError(f"{what}: {k} must be positive, got {v}")

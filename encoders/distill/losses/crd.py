@@ -1,0 +1,174 @@
+"""CRD, Contrastive Representation Distillation: the paper's loss with momentum memory banks
+(``crd``), and the FIFO-queue InfoNCE variant the DCD/RRD code calls crd (``crd_fifo``).
+
+``crd`` (Tian et al.; RepDistiller's defaults): two memory banks of n_data x 128, one of student
+and one of teacher embeddings, initialised uniformly in +-1/sqrt(d/3). For each sample i the
+rows ``[idx_i, K negatives]`` (K = 16384; ``contrast_idx`` when the data set supplies them,
+uniform draws otherwise) of the *other* side's bank are scored as exp(v . m / T) / Z (T = 0.07;
+Z = mean score x n_data, fixed from the first batch) and fed to NCE with the noise
+distribution 1/n_data (eps 1e-7); the loss is the student-anchored plus the teacher-anchored
+term. After scoring, each bank's rows ``idx`` move towards the new embeddings:
+m <- normalise(0.5 m + 0.5 v). Under DDP the update uses the whole global batch, so every
+rank's banks stay the same.
+
+``crd_fifo``: InfoNCE of the student embedding against its own teacher embedding (positive)
+and a FIFO queue of past teacher embeddings (negatives), T = 0.07. By default the batch is
+enqueued after the loss, so no sample meets its own key among the negatives; the DCD/RRD
+reference enqueues before (``enqueue_before_loss=True`` reproduces that).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cdir.core.dist import broadcast, concat_all_gather
+from cdir.core.errors import CdirError
+from encoders.distill.losses.base import DistillLoss, check_positive, embed
+from encoders.distill.losses.memory import global_keys, memory_for_loss
+from encoders.ssl.moco import MemoryQueue, infonce_logits, infonce_loss, no_autocast
+
+NCE_EPS = 1e-7
+
+
+def nce_loss(scores: torch.Tensor, n_data: int) -> torch.Tensor:
+    """CRD's NCE on (B, 1 + K) normalised scores, positive first: the positive should be told
+    from noise drawn with probability K / n_data, and so should each negative."""
+    b, k = scores.shape[0], scores.shape[1] - 1
+    noise = k / float(n_data)
+    log_pos = torch.log(scores[:, 0] / (scores[:, 0] + noise + NCE_EPS))
+    log_neg = torch.log(noise / (scores[:, 1:] + noise + NCE_EPS))
+    return -(log_pos.sum() + log_neg.sum()) / b
+
+
+class ContrastMemory(nn.Module):
+    """The two momentum banks (buffers ``bank_s``, ``bank_t``) and the normalisation constants
+    (``z_s``, ``z_t``: -1 until the first training batch sets them)."""
+
+    def __init__(self, dim: int, n_data: int, k: int, temperature: float = 0.07,
+                 momentum: float = 0.5, seed: int = 0) -> None:
+        super().__init__()
+        self.n_data, self.k = int(n_data), int(k)
+        self.temperature, self.momentum = float(temperature), float(momentum)
+        # a fixed seed: every rank of a DDP run starts from the same banks
+        g = torch.Generator().manual_seed(seed)
+        bound = 1.0 / math.sqrt(dim / 3)
+        for name in ("bank_s", "bank_t"):
+            self.register_buffer(name, (torch.rand(n_data, dim, generator=g) * 2 - 1) * bound)
+        self.register_buffer("z_s", torch.tensor(-1.0))
+        self.register_buffer("z_t", torch.tensor(-1.0))
+
+    def rows(self, idx: torch.Tensor, contrast_idx: torch.Tensor | None) -> torch.Tensor:
+        """(B, 1 + K) bank rows to score: ``contrast_idx`` as given, or ``idx`` followed by K
+        uniform draws."""
+        b = idx.shape[0]
+        if contrast_idx is not None:
+            if contrast_idx.shape != (b, self.k + 1):
+                raise CdirError(f"crd: contrast_idx must be (batch, 1 + K) = ({b}, "
+                                f"{self.k + 1}), got {tuple(contrast_idx.shape)}")
+            return contrast_idx.long()
+        rows = torch.randint(0, self.n_data, (b, self.k + 1), device=idx.device)
+        rows[:, 0] = idx
+        return rows
+
+    def _score(self, bank: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+               z: torch.Tensor) -> torch.Tensor:
+        w = bank.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)  # a copy, detached
+        out = torch.exp(torch.bmm(w, v.unsqueeze(2)).squeeze(2) / self.temperature)
+        if z < 0:
+            value = out.detach().mean() * self.n_data
+            if not self.training:  # eval changes no state: normalise by this batch alone
+                return out / value
+            z.copy_(broadcast(value))  # rank 0's constant, so every rank divides alike
+        return out / z
+
+    def forward(self, v_s: torch.Tensor, v_t: torch.Tensor, idx: torch.Tensor,
+                contrast_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (student anchor vs teacher bank, teacher anchor vs student bank), each
+        (B, 1 + K); in training mode the banks are then updated at ``idx``."""
+        rows = self.rows(idx, contrast_idx)
+        out_s = self._score(self.bank_t, v_s, rows, self.z_s)
+        out_t = self._score(self.bank_s, v_t, rows, self.z_t)
+        if self.training:
+            self.update(v_s, v_t, idx)
+        return out_s, out_t
+
+    @torch.no_grad()
+    def update(self, v_s: torch.Tensor, v_t: torch.Tensor, idx: torch.Tensor) -> None:
+        """m <- normalise(momentum * m + (1 - momentum) * v) on rows ``idx`` of both banks."""
+        idx = concat_all_gather(idx)
+        for bank, v in ((self.bank_s, v_s), (self.bank_t, v_t)):
+            v = concat_all_gather(v.detach().to(bank.dtype))
+            mixed = bank.index_select(0, idx) * self.momentum + v * (1.0 - self.momentum)
+            bank.index_copy_(0, idx, nn.functional.normalize(mixed, dim=1))
+
+
+class CRDLoss(DistillLoss):
+    """``crd``: README weights CRD = (1, 0, 0.8), CRD+KD = (1, 1, 0.8). Needs ``idx``."""
+
+    needs_index = True
+    recipe = (1.0, 0.0, 0.8)
+    recipe_kd = (1.0, 1.0, 0.8)
+
+    def __init__(self, s_dim: int, t_dim: int, n_data: int | None = None, *,
+                 feat_dim: int = 128, nce_k: int = 16384, temperature: float = 0.07,
+                 momentum: float = 0.5) -> None:
+        super().__init__()
+        if n_data is None or int(n_data) < 2:
+            raise CdirError("crd needs n_data, the training set size (its memory has a row per "
+                            "sample)")
+        check_positive("crd", feat_dim=feat_dim, nce_k=nce_k, temperature=temperature)
+        if not 0.0 <= momentum < 1.0:
+            raise CdirError(f"crd: momentum must be in [0, 1), got {momentum}")
+        self.n_data = int(n_data)
+        self.embed_s = nn.Linear(s_dim, feat_dim)
+        self.embed_t = nn.Linear(t_dim, feat_dim)
+        self.contrast = ContrastMemory(feat_dim, self.n_data, nce_k, temperature, momentum)
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor,
+                logits_s: torch.Tensor | None = None, logits_t: torch.Tensor | None = None,
+                idx: torch.Tensor | None = None,
+                contrast_idx: torch.Tensor | None = None) -> torch.Tensor:
+        if idx is None:
+            raise CdirError("crd needs idx, the batch's dataset indices (use a data set that "
+                            "returns them)")
+        with no_autocast(f_s.device):
+            v_s = embed(self.embed_s, f_s)
+            v_t = embed(self.embed_t, f_t.detach())
+            out_s, out_t = self.contrast(v_s, v_t, idx.long(), contrast_idx)
+            return nce_loss(out_s, self.n_data) + nce_loss(out_t, self.n_data)
+
+
+class CRDFifoLoss(DistillLoss):
+    """``crd_fifo``: weights as CRD's. Both projections train (through the positive)."""
+
+    recipe = (1.0, 0.0, 0.8)
+    recipe_kd = (1.0, 1.0, 0.8)
+
+    def __init__(self, s_dim: int, t_dim: int, n_data: int | None = None, *,
+                 feat_dim: int = 128, queue_size: int = 16384, temperature: float = 0.07,
+                 enqueue_before_loss: bool = False) -> None:
+        super().__init__()
+        check_positive("crd_fifo", feat_dim=feat_dim, queue_size=queue_size,
+                       temperature=temperature)
+        self.temperature = float(temperature)
+        self.enqueue_before_loss = bool(enqueue_before_loss)
+        self.embed_s = nn.Linear(s_dim, feat_dim)
+        self.embed_t = nn.Linear(t_dim, feat_dim)
+        self.queue = MemoryQueue(queue_size, feat_dim)
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor,
+                logits_s: torch.Tensor | None = None, logits_t: torch.Tensor | None = None,
+                idx: torch.Tensor | None = None,
+                contrast_idx: torch.Tensor | None = None) -> torch.Tensor:
+        with no_autocast(f_s.device):
+            z_s = embed(self.embed_s, f_s)
+            z_t = embed(self.embed_t, f_t.detach())
+            keys = global_keys(z_t).detach()
+            memory = memory_for_loss(self.queue, keys, self.enqueue_before_loss)
+            loss = infonce_loss(infonce_logits(z_s, z_t, memory), self.temperature)
+        if self.training:
+            self.queue.enqueue(keys)
+        return loss
