@@ -17,26 +17,13 @@ from cdir.core.errors import CdirError
 from cdir.core.store import EmbeddingStore
 from cdir.core.workspace import Workspace
 from tests.helpers.cli import cdir
+from tests.helpers.tiny_models import TINY_RESNET, write_tiny_encoder
 from tests.helpers.trees import draw_shape, write_shape_tree
 
 torch.set_num_threads(1)
 
-TINY = {"name": "resnet18", "kwargs": {"width": 0.125, "small_stem": True}}
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 DOMAINS = ("a", "b", "c")
-
-
-def _tiny_encoder(path: Path) -> Path:
-    """An untrained tiny encoder file with 32 px input settings (as in tests/test_adapt.py)."""
-    from encoders.ssl.backbones import build_backbone
-    from encoders.ssl.checkpoint import export_encoder
-
-    torch.manual_seed(0)
-    net, _ = build_backbone(TINY["name"], **TINY["kwargs"])
-    ckpt = {"method": "moco", "encoder_arch": TINY, "encoder_prefix": "",
-            "config": {"aug": {"size": 32, "eval_resize": 1.0, "blur_p": 0.0}},
-            "model": net.state_dict(), "epoch": 0}
-    return export_encoder(ckpt, path)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +35,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
                             size=32, ext=".png", n_corrupt=1)
     ws = parent / "ws"
     assert cdir("data", "folder", root, "-w", ws) == 0
-    return root, ws, _tiny_encoder(parent / "enc.pt")
+    return root, ws, write_tiny_encoder(parent / "enc.pt")
 
 
 def _copy(made: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, Path]:
@@ -116,7 +103,7 @@ def test_estimator_matches_a_hand_computation() -> None:
     from encoders.ssl.backbones import GridPooled, build_backbone
 
     torch.manual_seed(1)
-    net, _ = build_backbone(TINY["name"], **TINY["kwargs"])
+    net, _ = build_backbone(TINY_RESNET["name"], **TINY_RESNET["kwargs"])
     net.eval()
     before = get_bn_stats(net)
     x1, x2 = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32) * 2 + 1

@@ -16,26 +16,13 @@ import torch
 
 from cdir.core.errors import CdirError
 from tests.helpers.cli import cdir
+from tests.helpers.tiny_models import TINY_RESNET, write_tiny_encoder
 from tests.helpers.trees import write_shape_tree
 
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"name": "resnet18", "kwargs": {"width": 0.125, "small_stem": True}}
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
-
-
-def _tiny_encoder(path: Path) -> Path:
-    """An untrained tiny encoder file with 32 px input settings (what `cdir train` exports)."""
-    from encoders.ssl.backbones import build_backbone
-    from encoders.ssl.checkpoint import export_encoder
-
-    torch.manual_seed(0)
-    net, _ = build_backbone(TINY["name"], **TINY["kwargs"])
-    ckpt = {"method": "moco", "encoder_arch": TINY, "encoder_prefix": "",
-            "config": {"aug": {"size": 32, "eval_resize": 1.0, "blur_p": 0.0}},
-            "model": net.state_dict(), "epoch": 0}
-    return export_encoder(ckpt, path)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +33,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                             per_class=2, size=32, ext=".png")
     ws = parent / "ws"
     assert cdir("data", "folder", root, "-w", ws) == 0
-    return ws, _tiny_encoder(parent / "enc.pt")
+    return ws, write_tiny_encoder(parent / "enc.pt")
 
 
 def _recipe(tmp: Path, epochs: int = 3, **method) -> Path:
@@ -316,7 +303,7 @@ def test_grid_training_mines_and_trains_the_grid_features(tiny: tuple[Path, Path
     from encoders.ssl.backbones import build_backbone
     from encoders.ssl.checkpoint import load_encoder
 
-    net, dim = build_backbone(TINY["name"], **TINY["kwargs"])
+    net, dim = build_backbone(TINY_RESNET["name"], **TINY_RESNET["kwargs"])
     model = XDomain(net, dim, XDomainConfig(dim=8, grid=2))
     assert model.head_q[0].in_features == 4 * dim
     assert model.retrieval()(torch.randn(2, 3, 32, 32)).shape == (2, 4 * dim)

@@ -380,3 +380,23 @@ def write_tiny_clip_config(folder: Path, name: str = "cdir-tiny-clip") -> Path:
     path = Path(folder) / f"{name}.json"
     path.write_text(json.dumps(TINY_CLIP))
     return path
+
+
+# A ResNet-18 at 1/8 width with the small stem: the tiny encoder of the adaptation tests.
+TINY_RESNET = {"name": "resnet18", "kwargs": {"width": 0.125, "small_stem": True}}
+
+
+def write_tiny_encoder(path: Path) -> Path:
+    """An untrained TINY_RESNET encoder file with 32 px input settings, as `cdir train` exports
+    it (seeded, so every call writes the same weights)."""
+    import torch
+
+    from encoders.ssl.backbones import build_backbone
+    from encoders.ssl.checkpoint import export_encoder
+
+    torch.manual_seed(0)
+    net, _ = build_backbone(TINY_RESNET["name"], **TINY_RESNET["kwargs"])
+    ckpt = {"method": "moco", "encoder_arch": TINY_RESNET, "encoder_prefix": "",
+            "config": {"aug": {"size": 32, "eval_resize": 1.0, "blur_p": 0.0}},
+            "model": net.state_dict(), "epoch": 0}
+    return export_encoder(ckpt, path)
