@@ -13,7 +13,7 @@ from cdir.core.errors import CdirError
 from cdir.core.signals import exit_code, graceful
 
 COMMANDS = ("data", "embed", "caption", "index", "search", "eval", "train", "adapt",
-            "reproduce", "demo")
+            "distill", "reproduce", "demo")
 
 DESCRIPTION = """\
 cdir: cross-domain image retrieval. Given an image in one visual style (a sketch, a clipart,
@@ -28,6 +28,7 @@ A workspace (-w DIR) holds each stage's output; every stage resumes and skips fi
   cdir eval   -w runs/oh --encoder clip:ViT-B-32/openai   every directed domain pair
   cdir train synco --config configs/emoji_small.yaml      self-supervised pretraining
   cdir adapt  -w runs/oh --encoder ckpt:enc.pt            cross-domain adaptation, no labels
+  cdir distill rrd --label-free -w runs/oh --teacher ckpt:enc.pt   a small fast student
   cdir reproduce configs/cm_officehome.yaml --root DIR     a paper's table, stage by stage
   cdir demo   -w runs/oh                                   the Gradio search demo
 

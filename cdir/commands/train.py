@@ -16,7 +16,7 @@ from encoders.ssl.registry import METHODS
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="self-supervised pretraining (MoCo v2, SynCo, ISD)",
+        "train", help="self-supervised pretraining (MoCo v2, SynCo, ISD); distillation teachers",
         description="Pretrain an image encoder without labels, or export its encoder. Recipes "
         "live in configs/. Evaluate it with `cdir eval knn|linear --encoder ckpt:PATH --data DIR`"
         " or `cdir eval -w WORKSPACE --encoder ckpt:PATH` (cross-domain retrieval).",
@@ -55,6 +55,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "--set method.queue_size=4096 (repeatable; values are YAML)")
         m.set_defaults(func=run)
 
+    t = actions.add_parser(
+        "teacher", help="train a classifier with cross-entropy (a distillation teacher)",
+        description="Train a model of the distillation zoo with cross-entropy on labelled data "
+        "(the testbed's teacher recipe, also its vanilla students): OUT/last.pt and OUT/best.pt "
+        "are what `cdir distill METHOD --teacher` takes. See `cdir distill --help`.",
+    )
+    from cdir.commands.distill import add_labelled_flags
+
+    add_labelled_flags(t)
+    t.add_argument("--arch", help="zoo model name, e.g. resnet32x4, wrn_40_2, vgg13 "
+                   "(default resnet8x4)")
+    t.set_defaults(func=run_teacher)
+
     e = actions.add_parser(
         "export", help="write the small encoder-only file of a checkpoint",
         description="Keep only the retrieval encoder (backbone) of a training checkpoint: what "
@@ -78,6 +91,21 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume, stop_at=args.stop_at, force=args.force,
     )
     if summary["rank"] == 0:  # under torchrun every process runs the command; one reports
+        print(summary_line(summary), file=sys.stderr)
+    return 0
+
+
+def run_teacher(args: argparse.Namespace) -> int:
+    import sys
+
+    from cdir.commands.distill import labelled_values
+    from cdir.stages.distill import distill_run, summary_line
+
+    sets = [*args.set, *(["train.progress=false"] if args.no_progress else [])]
+    summary = distill_run("teacher", args.config, sets, resume=args.resume,
+                          stop_at=args.stop_at, force=args.force, seeds=args.seeds,
+                          student=args.arch, **labelled_values(args))
+    if summary["rank"] == 0:
         print(summary_line(summary), file=sys.stderr)
     return 0
 

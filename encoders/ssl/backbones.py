@@ -41,6 +41,7 @@ class ResNetTrunk(nn.Module):
         layers: list[int],
         width: float = 1.0,
         stem: str = "imagenet",
+        embed_dim: int = 0,
     ) -> None:
         super().__init__()
         if width <= 0:
@@ -64,6 +65,13 @@ class ResNetTrunk(nn.Module):
         self.layer4 = self._make_layer(block, widths[3], layers[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = widths[3] * block.expansion
+        # a linear embedding after the pooling: what a label-free distilled student outputs
+        self.embed: nn.Module | None = None
+        if embed_dim:
+            if embed_dim < 1:
+                raise CdirError(f"embed_dim must be positive, got {embed_dim}")
+            self.embed = nn.Linear(self.out_dim, int(embed_dim))
+            self.out_dim = int(embed_dim)
         self.layer_dims = [c * block.expansion for c in widths]  # channels of layer1..layer4
         # Same initialisation as torchvision's ResNet (zero_init_residual=False).
         for m in self.modules():
@@ -105,7 +113,8 @@ class ResNetTrunk(nn.Module):
         return maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.avgpool(self.feature_map(x)), 1)
+        pooled = torch.flatten(self.avgpool(self.feature_map(x)), 1)
+        return pooled if self.embed is None else self.embed(pooled)
 
 
 class GridPooled(nn.Module):
@@ -121,6 +130,9 @@ class GridPooled(nn.Module):
         super().__init__()
         if n < 1:
             raise CdirError(f"grid must be at least 1, got {n}")
+        if trunk.embed is not None:
+            raise CdirError("this encoder ends in an embedding head (a distilled student): its "
+                            "output is that embedding, so grid features do not apply")
         layers = tuple(sorted({int(k) for k in layers}))
         if not layers or not set(layers) <= {1, 2, 3, 4}:
             raise CdirError(f"grid layers must be among 1, 2, 3, 4, got {layers}")
@@ -138,14 +150,14 @@ class GridPooled(nn.Module):
 def build_backbone(name: str, **kwargs: object) -> tuple[nn.Module, int]:
     """Build a ResNet feature extractor by name; returns ``(module, feature_dim)``.
 
-    Keyword options: ``width`` (float, channel multiplier, default 1.0) and ``small_stem`` (bool,
-    3x3 stride-2 stem without max-pool; only for the ImageNet-stem names).
+    Keyword options: ``width`` (float, channel multiplier, default 1.0), ``small_stem`` (bool,
+    3x3 stride-2 stem without max-pool; only for the ImageNet-stem names) and ``embed_dim``
+    (int, a linear embedding of that size after the pooling; 0: none).
     """
-    unknown = set(kwargs) - {"width", "small_stem"}
+    unknown = set(kwargs) - {"width", "small_stem", "embed_dim"}
     if unknown:
-        raise CdirError(
-            f"unknown backbone option(s) {sorted(unknown)} for {name!r}; valid: width, small_stem"
-        )
+        raise CdirError(f"unknown backbone option(s) {sorted(unknown)} for {name!r}; valid: "
+                        "width, small_stem, embed_dim")
     width = float(kwargs.get("width", 1.0))  # type: ignore[arg-type]
     small_stem = bool(kwargs.get("small_stem", False))
     base, stem = name, "imagenet"
@@ -158,5 +170,6 @@ def build_backbone(name: str, **kwargs: object) -> tuple[nn.Module, int]:
     if base not in _ARCHS:
         raise CdirError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     block, layers = _ARCHS[base]
-    model = ResNetTrunk(block, layers, width=width, stem=stem)
+    embed_dim = int(kwargs.get("embed_dim", 0) or 0)  # type: ignore[call-overload]
+    model = ResNetTrunk(block, layers, width=width, stem=stem, embed_dim=embed_dim)
     return model, model.out_dim

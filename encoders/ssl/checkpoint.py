@@ -253,6 +253,11 @@ def load_encoder(
 
     path = Path(path)
     ckpt = _torch_load(path, map_location)
+    from encoders.distill.export import PooledFeatures, is_zoo_file, load_zoo_model
+
+    if is_zoo_file(ckpt):  # a distillation student or teacher: its pooled features
+        feats = PooledFeatures(load_zoo_model(ckpt, path))
+        return feats.to(map_location).eval(), feats.out_dim
     if isinstance(ckpt, dict) and "encoder_arch" in ckpt:
         sd = encoder_state_dict(ckpt)
         arch = ckpt["encoder_arch"]
@@ -376,11 +381,14 @@ def encoder_preprocess(path_or_ckpt: str | os.PathLike | dict) -> dict[str, Any]
     """Input size, normalisation and eval resize ratio an encoder was trained with.
 
     Reference checkpoints carry no config: they get the ImageNet values (224 px, 256/224)."""
+    from encoders.distill.export import is_zoo_file, zoo_preprocess
     from encoders.ssl.augment import IMAGENET_MEAN, IMAGENET_STD
 
     ckpt = path_or_ckpt
     if not isinstance(ckpt, dict):
         ckpt = _torch_load(Path(ckpt))
+    if is_zoo_file(ckpt):
+        return zoo_preprocess(ckpt)
     aug = (ckpt.get("config") or {}).get("aug", {}) if isinstance(ckpt, dict) else {}
     return {
         "size": int(aug.get("size", 224)),

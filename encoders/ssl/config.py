@@ -23,6 +23,7 @@ from typing import Any
 
 from cdir.core.config import apply_sets, build, deep_merge, load_yaml, set_value, to_dict
 from cdir.core.errors import CdirError
+from encoders.distill.losses import DISTILL_METHODS
 from encoders.ssl.augment import AugConfig
 from encoders.ssl.registry import ADAPT_METHODS, METHODS
 
@@ -76,6 +77,36 @@ class RunConfig:
 
 
 @dataclass
+class DistillConfig:
+    """What `cdir train teacher` and `cdir distill` read (pretraining and adaptation ignore it).
+
+    ``data.path`` names the labelled set (cifar10, cifar100, digits, or a folder with train/
+    and test/), or for ``label_free`` the workspace; ``model.backbone`` is the student's zoo
+    name (label-free: a backbone of ``encoders.ssl.backbones``)."""
+
+    root: str = "data"  # where named datasets live (CIFAR archives, STL-10, Tiny-ImageNet)
+    download: bool = False  # fetch a named dataset with torchvision when it is missing
+    # hold out this fraction of the training set (stratified) to choose "best" on; 0: best is
+    # chosen on the test set, as the reference code does (reported beside last, never alone)
+    val_split: float = 0.0
+    teacher: str | None = None  # labelled: a teacher checkpoint; label-free: an encoder spec
+    teacher_arch: str | None = None  # zoo name; default: the checkpoint's, or its folder name
+    teacher_sha256: str | None = None  # the teacher file must hash to this (mirrored teachers)
+    # loss weights of gamma * CE + alpha * KD + beta * method; None: the method's recipe
+    gamma: float | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    with_kd: bool = False  # the recipe's "+KD" weights (when alpha is None)
+    kd_temperature: float = 4.0
+    label_free: bool = False  # distil on a workspace gallery with the method term alone
+    # label-free: the student's embedding size (a linear head after its pooled features)
+    embed_dim: int = 256
+    # label-free: the teacher vectors distilled, from the workspace's embedding store:
+    # none | domain-whiten (per-domain whitening, label-free, as retrieval uses it)
+    teacher_normalize: str = "none"
+
+
+@dataclass
 class MonitorConfig:
     path: str | None = None  # labelled folder/manifest; None disables the monitor
     every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
@@ -87,12 +118,15 @@ class MonitorConfig:
 
 # The shared sections of a recipe and of a run config, by name.
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "aug": AugConfig,
-                             "optim": OptimConfig, "train": RunConfig, "monitor": MonitorConfig}
+                             "optim": OptimConfig, "train": RunConfig, "monitor": MonitorConfig,
+                             "distill": DistillConfig}
 
 
 @dataclass
 class Config:
-    method: str = "moco"  # the command: moco | synco | isd | isd_plus
+    # the command: moco | synco | isd | isd_plus (pretraining), xdomain | ucdir (adaptation),
+    # teacher | kd | crd | crd_fifo | dcd | rrd (distillation)
+    method: str = "moco"
     method_name: str = "moco"  # the registry name actually built
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     recipe: str = ""  # recipe file stem, for the default output folder
@@ -102,6 +136,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON values (tuples become lists), loadable with weights_only."""
@@ -134,7 +169,7 @@ def resolve_config(
     raw: dict[str, Any], method: str, recipe: str = "", overrides: Iterable[str] | None = None
 ) -> Config:
     """The run config for ``method`` from a recipe dict and ``--set`` items (module docstring)."""
-    known = (*METHODS, *ADAPT_METHODS)
+    known = (*METHODS, *ADAPT_METHODS, *DISTILL_METHODS)
     if method not in known:
         raise CdirError(f"unknown method {method!r}; choose one of {', '.join(known)}")
     raw = dict(raw or {})
@@ -178,18 +213,22 @@ def run_config(
     sets: Iterable[str] = (),
     values: dict[str, Any] | None = None,
     resume: str | os.PathLike | None = None,
+    base: dict[str, Any] | None = None,
 ) -> tuple[Config, dict[str, Any] | None]:
     """The config of a ``cdir train METHOD`` run and the loaded checkpoint to resume (or None).
 
     ``values`` are the direct flags as dotted keys (``{"optim.epochs": 3}``), applied last.
     ``resume="auto"`` resumes ``OUT/latest.pt`` when it exists (OUT from the recipe or
     ``train.out``). With a recipe, values that differ from the checkpoint's are noted on stderr;
-    without one, the checkpoint's config is the base."""
+    without one, the checkpoint's config is the base. ``base`` (a recipe dict) lies under the
+    recipe: the distillation testbed's defaults, which hold with no recipe at all."""
     from encoders.ssl.checkpoint import load_checkpoint
 
     sets = list(sets or [])
     values = dict(values or {})
     raw = load_yaml(config_path) if config_path else None
+    if base is not None and raw is not None:
+        raw = deep_merge(base, raw)
     stem = Path(config_path).stem if config_path else ""
     if resume == "auto":
         if raw is not None:
@@ -200,6 +239,8 @@ def run_config(
         else:
             raise CdirError("--resume auto needs --config or --out to find latest.pt")
         resume = str(out / "latest.pt") if (out / "latest.pt").exists() else None
+    if base is not None and raw is None and not resume:
+        raw = dict(base)  # a fresh run with no recipe: the defaults and the flags
 
     ckpt = load_checkpoint(resume) if resume else None
     if raw is not None:

@@ -51,7 +51,10 @@ LOSSES: dict[str, _Lazy] = {
     "rrd": _Lazy("rrd", "RRDLoss"),
 }
 
-__all__ = ["LOSSES", "build_loss", "loss_class", "loss_options"]
+# the runs of `cdir train teacher` (cross-entropy alone) and `cdir distill LOSS`
+DISTILL_METHODS: tuple[str, ...] = ("teacher", *LOSSES)
+
+__all__ = ["DISTILL_METHODS", "LOSSES", "build_loss", "loss_class", "loss_options"]
 
 
 def loss_class(name: str) -> type[DistillLoss]:

@@ -75,8 +75,16 @@ class ContrastMemory(nn.Module):
 
     def _score(self, bank: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
                z: torch.Tensor) -> torch.Tensor:
-        w = bank.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)  # a copy, detached
-        out = torch.exp(torch.bmm(w, v.unsqueeze(2)).squeeze(2) / self.temperature)
+        if rows.numel() > bank.shape[0]:
+            # more rows drawn than the bank has (CIFAR: 64 x 16385 vs 50000): score the whole
+            # bank once and pick, instead of copying B x (1 + K) rows of it (same values; the
+            # bank is a constant, so the gradient reaches v alike; the clone keeps the bank
+            # as scored for the backward pass, since the update after this changes it)
+            dots = torch.gather(v @ bank.t().clone(), 1, rows)
+        else:
+            w = bank.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)  # a copy
+            dots = torch.bmm(w, v.unsqueeze(2)).squeeze(2)
+        out = torch.exp(dots / self.temperature)
         if z < 0:
             value = out.detach().mean() * self.n_data
             if not self.training:  # eval changes no state: normalise by this batch alone
