@@ -368,3 +368,23 @@ def test_crd_input_errors() -> None:
         loss_fn(f_s, f_t)
     with pytest.raises(CdirError, match="contrast_idx"):
         loss_fn(f_s, f_t, idx=torch.arange(B), contrast_idx=torch.zeros(B, 3, dtype=torch.long))
+
+
+def test_crd_scores_through_the_whole_bank_equal_the_gathered_rows() -> None:
+    """When more rows are drawn than the bank holds, CRD scores the bank once and picks; the
+    values and the gradient equal scoring the gathered rows."""
+    from encoders.distill.losses.crd import ContrastMemory
+
+    torch.manual_seed(0)
+    mem = ContrastMemory(16, n_data=40, k=30)
+    v = F.normalize(torch.randn(4, 16), dim=1).requires_grad_()
+    rows = mem.rows(torch.arange(4), None)
+    assert rows.numel() > 40  # the whole-bank path
+    z = torch.tensor(1.0)
+    fast = mem._score(mem.bank_t, v, rows, z)
+    (g_fast,) = torch.autograd.grad(fast.sum(), v)
+    w = mem.bank_t[rows]
+    slow = torch.exp(torch.einsum("bkd,bd->bk", w, v) / mem.temperature)
+    (g_slow,) = torch.autograd.grad(slow.sum(), v)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-6)
