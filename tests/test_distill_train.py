@@ -214,3 +214,30 @@ def test_backbone_embedding_head_and_grid_refusal() -> None:
         GridPooled(net, 2)
     plain, d = build_backbone("resnet18", width=0.125, small_stem=True)
     assert d == 64 and "embed.weight" not in plain.state_dict()
+
+
+def test_every_distillation_recipe_resolves(tmp_path: Path) -> None:
+    """configs/distill/: each CIFAR-100 pair for every method, with the testbed's schedule and
+    the small lr of the mobile students; the ImageNet recipe for its methods and its teacher."""
+    from cdir.stages.distill import distill_config
+
+    recipes = sorted((REPO / "configs" / "distill").glob("cifar100_*.yaml"))
+    assert len(recipes) == 13
+    for path in recipes:
+        for method in LOSSES:
+            cfg, _ = distill_config(method, path, [], {})
+            assert cfg.optim.epochs == 240 and cfg.optim.milestones == [150, 180, 210]
+            assert cfg.optim.batch_size == 64 and cfg.data.path == "cifar100"
+            small = cfg.model.backbone in ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+            assert cfg.optim.lr == (0.01 if small else 0.05), path
+            assert cfg.distill.teacher.endswith("_vanilla/last.pt")
+        kd, _ = distill_config("rrd", path, [], {"distill.with_kd": True})
+        assert kd.train.out.startswith("runs/rrd_kd-")
+    imagenet = REPO / "configs" / "distill" / "imagenet_resnet34_resnet18.yaml"
+    for method in ("teacher", *LOSSES):
+        cfg, _ = distill_config(method, imagenet, [], {})
+        assert cfg.distill.image_size == 224 and cfg.optim.batch_size == 256
+    lf = REPO / "configs" / "distill" / "emoji_label_free.yaml"
+    from cdir.core.config import load_yaml
+
+    assert load_yaml(lf)["distill"]["teacher_normalize"] == "domain-whiten"

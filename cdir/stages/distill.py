@@ -63,6 +63,10 @@ def distill_config(method: str, config: str | os.PathLike | None, sets: Iterable
     if ckpt is None and not lr_given and cfg.model.backbone in SMALL_LR_MODELS:
         # the testbed trains the mobile students at 0.01
         cfg = Config.from_dict(with_values(cfg.to_dict(), {"optim.lr": 0.01}))
+    if ckpt is None and cfg.distill.with_kd and not cfg.train.out:
+        # the "+KD" run of a recipe gets its own folder beside the plain one
+        cfg = Config.from_dict(with_values(cfg.to_dict(), {
+            "train.out": str(Path("runs") / f"{method}_kd-{cfg.recipe or 'run'}")}))
     if not cfg.data.path:
         raise CdirError("no data: pass --data cifar100|cifar10|digits or a folder with train/ "
                         "and test/")

@@ -192,6 +192,28 @@ def test_transform(mean: Sequence[float], std: Sequence[float],
 # its name starts with "test": stop pytest collecting it from test modules that import it
 test_transform.__test__ = False  # type: ignore[attr-defined]
 
+# inputs at least this large get the ImageNet recipe (random resized crops, resize + centre crop)
+IMAGENET_STYLE_MIN = 96
+
+
+def transforms_for(data: LabelledData, size: int | None = None
+                   ) -> tuple[Callable[[Image.Image], torch.Tensor],
+                              Callable[[Image.Image], torch.Tensor]]:
+    """(train, test) transforms of a run at ``size`` (default the dataset's): the testbed's
+    CIFAR recipe at small sizes; at ``IMAGENET_STYLE_MIN`` px and more the ImageNet one
+    (RandomResizedCrop + flip; resize the short side to size * 256/224, centre crop)."""
+    from torchvision import transforms as T
+
+    size = int(size or data.size)
+    if size < IMAGENET_STYLE_MIN:
+        return train_transform(data.mean, data.std, size), test_transform(data.mean, data.std,
+                                                                           size)
+    norm = T.Normalize(tuple(data.mean), tuple(data.std))
+    train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    test = T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size),
+                      T.ToTensor(), norm])
+    return train, test
+
 
 # --------------------------------------------------------------------------- torch datasets
 

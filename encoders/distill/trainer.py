@@ -149,10 +149,11 @@ class _DistillRun(_StudentRun):
         return model
 
     def _make_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
-        from encoders.distill.data import TrainImages, train_transform
+        from encoders.distill.data import TrainImages, transforms_for
 
-        d = self.data
-        return TrainImages(self.train_src, train_transform(d.mean, d.std, d.size), d.size)
+        self.size = int(self.cfg.distill.image_size or self.data.size)
+        train_tf, self.test_tf = transforms_for(self.data, self.size)
+        return TrainImages(self.train_src, train_tf, self.size)
 
     def _bad_paths(self, idx: torch.Tensor, ok: torch.Tensor) -> list[str]:
         src = self.train_src
@@ -175,8 +176,12 @@ class _DistillRun(_StudentRun):
         self.best = dict(state.get("best") or self.best)
 
     def _preprocess(self) -> dict[str, Any]:
+        from encoders.distill.data import IMAGENET_STYLE_MIN
+
         d = self.data
-        return {"size": d.size, "mean": list(d.mean), "std": list(d.std), "eval_resize": 1.0}
+        resize = 256 / 224 if self.size >= IMAGENET_STYLE_MIN else 1.0
+        return {"size": self.size, "mean": list(d.mean), "std": list(d.std),
+                "eval_resize": resize}
 
     def _save_student(self, path: Path, epoch: int, top1: float, selected_on: str) -> Path:
         from encoders.distill.export import save_zoo_model
@@ -211,10 +216,9 @@ class _DistillRun(_StudentRun):
     @torch.no_grad()
     def evaluate(self, source: Any) -> float:
         """Top-1 (%) of the student on a labelled source (unreadable images left out)."""
-        from encoders.distill.data import EvalImages, test_transform
+        from encoders.distill.data import EvalImages
 
-        d = self.data
-        ds = EvalImages(source, test_transform(d.mean, d.std, d.size), d.size)
+        ds = EvalImages(source, self.test_tf, self.size)
         loader = torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False,
                                              num_workers=self.cfg.data.workers,
                                              generator=torch.Generator().manual_seed(0))

@@ -89,6 +89,8 @@ class DistillConfig:
     # hold out this fraction of the training set (stratified) to choose "best" on; 0: best is
     # chosen on the test set, as the reference code does (reported beside last, never alone)
     val_split: float = 0.0
+    # input side; None: the dataset's (32 for CIFAR); >= 96 uses the ImageNet augmentation
+    image_size: int | None = None
     teacher: str | None = None  # labelled: a teacher checkpoint; label-free: an encoder spec
     teacher_arch: str | None = None  # zoo name; default: the checkpoint's, or its folder name
     teacher_sha256: str | None = None  # the teacher file must hash to this (mirrored teachers)
