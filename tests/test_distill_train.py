@@ -241,3 +241,17 @@ def test_every_distillation_recipe_resolves(tmp_path: Path) -> None:
     from cdir.core.config import load_yaml
 
     assert load_yaml(lf)["distill"]["teacher_normalize"] == "domain-whiten"
+
+
+def test_transfer_probe_of_a_student_from_the_cli(teacher: Path, colours: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """`cdir eval transfer`: the frozen student, a new head on the target's 4 classes."""
+    out = tmp_path / "transfer.json"
+    assert cdir("eval", "transfer", "--encoder", f"ckpt:{teacher / 'last.pt'}", "--data",
+                colours, "--epochs", 2, "--workers", 0, "--no-progress", "--json", out) == 0
+    res = json.loads(out.read_text())
+    assert res["classes"] == 4 and res["epochs"] == 2 and len(res["history"]) == 2
+    assert res["train_images"] == 48 and res["test_images"] == 16
+    assert 0 <= res["last"] <= 100 and res["best"] >= res["last"]
+    capsys.readouterr()
+    assert cdir("eval", "transfer", "--encoder", "clip:ViT-B-32/openai", "--data", colours) == 2

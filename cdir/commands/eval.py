@@ -13,7 +13,7 @@ from cdir.commands.common import (
     positive_int,
 )
 
-KINDS = ("retrieval", "knn", "linear")
+KINDS = ("retrieval", "knn", "linear", "transfer")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate cross-domain retrieval: every image of domain A queries all images "
         "of domain B, for every ordered pair (A, B). Writes a Markdown/CSV/JSON table, a heatmap "
         "and a retrieval gallery to WORKSPACE/reports/RUN/. `cdir eval knn|linear` runs the "
-        "self-supervised evaluation protocols on a labelled folder instead.")
+        "self-supervised evaluation protocols on a labelled folder instead; `cdir eval transfer` "
+        "the distillation testbed's transfer probe (a frozen student, a new linear head on "
+        "STL-10, Tiny-ImageNet or a folder at 32 px).")
     p.add_argument("kind", nargs="?", choices=KINDS, default="retrieval",
                    help="what to evaluate")
     add_workspace(p, "workspace directory (retrieval)", required=False)
@@ -73,7 +75,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-data", help="separate labelled folder to evaluate on (knn, linear; "
                                       "default: kNN leave-one-out, linear probe on a held-out "
                                       "stratified fifth)")
-    p.add_argument("--epochs", type=int, default=100, help="linear-probe epochs")
+    p.add_argument("--epochs", type=int, help="linear-probe epochs (default 100; transfer 120)")
+    p.add_argument("--root", default="data", help="transfer: where named datasets live")
+    p.add_argument("--download", action="store_true",
+                   help="transfer: download a named dataset that is missing (needs internet)")
+    p.add_argument("--cache-features", action="store_true",
+                   help="transfer: embed the training images once, no augmentation (fast)")
     p.add_argument("--workers", type=int, default=0, help="image loader workers (knn, linear)")
     p.add_argument("--json", help="also write the kNN / linear-probe results to this file (every "
                    "figure in percent: knn.kK.top1/top5, p1 = nearest-neighbour P@1)")
@@ -100,8 +107,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_ssl_eval(args: argparse.Namespace) -> int:
-    """Weighted kNN (DINO-style) or the MoCo linear probe on cached features."""
+    """Weighted kNN (DINO-style) or the MoCo linear probe on cached features; the transfer
+    probe of the distillation testbed."""
     import json
+
+    if args.kind == "transfer":
+        from cdir.stages.distill import transfer_eval
+
+        res = transfer_eval(args.encoder, args.data, root=args.root, download=args.download,
+                            epochs=args.epochs or 120, cache_features=args.cache_features,
+                            workers=args.workers, device=args.device,
+                            progress=not args.no_progress)
+        print(json.dumps({k: v for k, v in res.items() if k != "history"}, indent=2))
+        if args.json:
+            from cdir.core.io import write_json
+
+            write_json(args.json, res)
+        return 0
 
     from cdir.core.errors import CdirError
     from cdir.core.io import write_json
@@ -117,7 +139,7 @@ def run_ssl_eval(args: argparse.Namespace) -> int:
     if args.kind == "knn":
         res["knn"] = knn_eval(encoder, args.data, args.val_data, **common)
     else:
-        res["linear"] = linear_probe(encoder, args.data, args.val_data, epochs=args.epochs,
+        res["linear"] = linear_probe(encoder, args.data, args.val_data, epochs=args.epochs or 100,
                                      **common)
     print(json.dumps(res, indent=2))
     if args.json:

@@ -289,3 +289,37 @@ def distill_label_free_run(method: str, workspace: str | os.PathLike, teacher: s
     summary["student"] = str(Path(res.out) / "student.pt") if res.encoder else None
     summary["teacher"] = teacher
     return summary
+
+
+# --- transfer -----------------------------------------------------------------------------------
+
+def transfer_eval(encoder: str | None, data: str | None, *, root: str | os.PathLike = "data",
+                  download: bool = False, epochs: int = 120, cache_features: bool = False,
+                  workers: int = 2, device: str | None = None, seed: int = 0,
+                  progress: bool = True) -> dict[str, Any]:
+    """The testbed's transfer probe: the frozen encoder (``ckpt:PATH``: a student of `cdir
+    distill`, or any encoder file of this project), a new linear head trained on ``data``
+    (stl10, tinyimagenet or a folder with train/ and test/) at 32 px with the target's
+    normalisation; top-1 on its test split, last and best (best chosen on test: beside last)."""
+    from cdir.core.device import resolve_device
+    from encoders.distill.data import EvalImages, open_labelled, transforms_for
+    from encoders.ssl.checkpoint import load_encoder
+    from eval.transfer import ProbeConfig, transfer_probe
+
+    if not encoder or not data:
+        raise CdirError("cdir eval transfer needs --encoder ckpt:PATH and --data "
+                        "stl10|tinyimagenet|FOLDER")
+    path = encoder.removeprefix("ckpt:")
+    if "?" in path:
+        raise CdirError(f"cdir eval transfer takes a checkpoint file (ckpt:PATH), not {encoder}")
+    dev = resolve_device(device)
+    model, dim = load_encoder(path, dev)
+    target = open_labelled(data, root, download)
+    size = 32  # the testbed resizes every target to the CIFAR input size
+    train_tf, test_tf = transforms_for(target, size)
+    train = EvalImages(target.train, test_tf if cache_features else train_tf, size)
+    test = EvalImages(target.test, test_tf, size)
+    cfg = ProbeConfig(epochs=int(epochs), workers=int(workers), seed=int(seed),
+                      cache_features=bool(cache_features))
+    res = transfer_probe(model, dim, train, test, target.num_classes, cfg, dev, progress)
+    return {"encoder": encoder, "data": target.name, "classes": target.num_classes, **res}
