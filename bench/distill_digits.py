@@ -3,12 +3,13 @@
 helped, the other 1497 images the test set), a teacher trained here, then the vanilla student
 and every distiller over several seeds, mean +- std of the last and the best epoch.
 
-    python bench/distill_digits.py                      # resnet56 -> resnet8, 3 seeds
+    python bench/distill_digits.py                      # resnet20 -> resnet8, 3 seeds
     python bench/distill_digits.py --epochs 10 --seeds 0   # a quick look
 
 Every row runs through ``cdir.stages.distill.distill_run`` (what `cdir distill` runs), with the
 testbed's schedule shrunk to ``--epochs`` (lr x0.1 at 62.5 %, 75 % and 87.5 % of them, as 150,
-180, 210 are of 240). "best" is chosen on the test set, as the reference code does: it is
+180, 210 are of 240), tested every ``--eval-every`` epochs and after the last. "best" is
+chosen on the test set, as the reference code does: it is
 reported beside "last" only. Results go to OUT/table.md and OUT/table.json.
 """
 
@@ -30,9 +31,10 @@ ROWS = {"teacher": ("teacher", False), "vanilla": ("teacher", False), "KD": ("kd
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", default="resnet56")
+    p.add_argument("--teacher", default="resnet20")
     p.add_argument("--student", default="resnet8")
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--eval-every", type=int, default=5, help="epochs between test evaluations")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--out", default="runs/bench-distill-digits")
@@ -44,7 +46,8 @@ def main() -> int:
     out = Path(args.out)
     e = args.epochs
     milestones = [round(e * f) for f in (0.625, 0.75, 0.875)]
-    sets = [f"optim.milestones={milestones}", "train.progress=false", "train.save_every=0"]
+    sets = [f"optim.milestones={milestones}", "train.progress=false", "train.save_every=0",
+            f"distill.eval_every={args.eval_every}"]
     # the queue-based losses on a 300-image set: a queue of 16384 would be mostly stale keys
     queue = {"rrd": ["method.queue_size=256"], "crd": ["method.nce_k=256"]}
     common = {"data": "digits", "epochs": e, "workers": args.workers}

@@ -255,3 +255,15 @@ def test_transfer_probe_of_a_student_from_the_cli(teacher: Path, colours: Path, 
     assert 0 <= res["last"] <= 100 and res["best"] >= res["last"]
     capsys.readouterr()
     assert cdir("eval", "transfer", "--encoder", "clip:ViT-B-32/openai", "--data", colours) == 2
+
+
+def test_eval_every_tests_only_those_epochs_and_the_last(colours: Path, tmp_path: Path) -> None:
+    from cdir.stages.distill import read_scores
+
+    out = tmp_path / "t"
+    assert cdir("train", "teacher", "--arch", "resnet8", "--data", colours, "--epochs", 3,
+                "--out", out, "--set", "distill.eval_every=2", *FAST) == 0
+    rows = _metrics(out)
+    assert [("test_top1" in r) for r in rows] == [False, True, True]
+    scores = read_scores(out)
+    assert scores["last"] == rows[2]["test_top1"] and scores["best_epoch"] in (2, 3)

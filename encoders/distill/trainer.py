@@ -193,7 +193,8 @@ class _DistillRun(_StudentRun):
             method=self.cfg.method)
 
     def _epoch_record(self, done: int) -> dict[str, Any]:
-        if not self.d.main:
+        every = max(1, int(self.cfg.distill.eval_every))
+        if not self.d.main or (done % every and done != self.cfg.optim.epochs):
             return {}
         record = {"test_top1": self.evaluate(self.data.test)}
         if self.val_src is not None:

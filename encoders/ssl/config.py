@@ -89,6 +89,7 @@ class DistillConfig:
     # hold out this fraction of the training set (stratified) to choose "best" on; 0: best is
     # chosen on the test set, as the reference code does (reported beside last, never alone)
     val_split: float = 0.0
+    eval_every: int = 1  # epochs between test evaluations (the last epoch always is one)
     # input side; None: the dataset's (32 for CIFAR); >= 96 uses the ImageNet augmentation
     image_size: int | None = None
     teacher: str | None = None  # labelled: a teacher checkpoint; label-free: an encoder spec
