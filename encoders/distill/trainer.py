@@ -96,7 +96,13 @@ def resolve_teacher(spec: str, arch: str | None) -> tuple[Path, str]:
                         "--arch NAME --data DATA --out DIR` (then --teacher DIR/best.pt)")
     if arch:
         return path, canonical_name(arch)
-    head = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    import argparse
+
+    try:  # the name a file of this project records; any other file: its folder name
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            head = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - load_teacher reports an unreadable file in one line
+        head = None
     if isinstance(head, dict) and head.get(ZOO_KEY):
         return path, canonical_name(head[ZOO_KEY])
     return path, teacher_name_from_path(path)
