@@ -145,6 +145,8 @@ def test_bad_distillation_input_is_one_line(teacher: Path, colours: Path, tmp_pa
           *base, "--out", tmp_path / "d"], "sha256"),
         (["train", "teacher", "--data", "cifar100", "--root", tmp_path, "--out", tmp_path / "e"],
          "--download"),
+        (["distill", "kd", "--label-free", "-w", tmp_path, "--teacher", "pixels"],
+         "uses an embedding term"),
         (["distill", "rrd", "--label-free", "--data", colours, "-w", tmp_path, "--teacher",
           "pixels"], "do not apply to --label-free"),
         (["distill", "dcd", "--teacher", teacher / "best.pt", *base, "--out", tmp_path / "f",

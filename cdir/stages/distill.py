@@ -200,6 +200,8 @@ LABEL_FREE_BASE: dict[str, Any] = {
     "data": {"workers": 2},
 }
 TEACHER_NORMALIZE = ("none", "domain-whiten")
+# the terms that need no labels and no logits
+LABEL_FREE_METHODS = ("dcd", "rrd", "crd_fifo")
 
 
 def teacher_rows(ws: Any, teacher: str, normalize: str, progress: bool = True
@@ -263,6 +265,9 @@ def distill_label_free_run(method: str, workspace: str | os.PathLike, teacher: s
     unknown = set(given) - set(LABEL_FREE_DIRECT)
     if unknown:
         raise CdirError(f"unknown setting(s) {sorted(unknown)} for label-free distillation")
+    if method not in LABEL_FREE_METHODS:  # before the teacher embeds anything
+        raise CdirError(f"label-free distillation uses an embedding term "
+                        f"({', '.join(LABEL_FREE_METHODS)}), not {method}")
     ws = Workspace(workspace).require()
     raw = deep_merge(LABEL_FREE_BASE, {"aug": _teacher_input(teacher)})
     stem = "label-free"

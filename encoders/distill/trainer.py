@@ -276,9 +276,6 @@ class _LabelFreeRun(_StudentRun):
         from encoders.ssl.backbones import build_backbone
 
         cfg = self.cfg
-        if cfg.method not in ("dcd", "rrd", "crd_fifo"):
-            raise CdirError(f"label-free distillation uses an embedding term (dcd, rrd or "
-                            f"crd_fifo), not {cfg.method}")
         kwargs = {**cfg.model.backbone_kwargs, "embed_dim": cfg.distill.embed_dim}
         student, dim = build_backbone(cfg.model.backbone, **kwargs)
         options = {"feat_dim": dim, **cfg.method_kwargs}
