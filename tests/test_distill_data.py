@@ -217,6 +217,8 @@ def test_folder_dataset_and_corrupt_files(tmp_path: Path) -> None:
         str(root / "train" / "b" / "9.png")]
     views, index, ok = train[4]
     assert index == 4 and not ok and len(views) == 1 and views[0].shape == (3, 32, 32)
+    # the unreadable image is replaced by a readable one of its class, not a blank
+    assert views[0].abs().sum() > 0 and d.train.labels[4] == d.train.labels[3]
     with pytest.raises(CdirError):  # the Source itself reports the unreadable file
         d.train.image(4)
 

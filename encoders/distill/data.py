@@ -220,8 +220,9 @@ def transforms_for(data: LabelledData, size: int | None = None
 
 class TrainImages(Dataset):
     """Items ``([transform(image)], index, ok)``: the index lets contrastive losses (CRD) address
-    their memory bank, and the label is ``source.labels[index]``. An unreadable file yields a
-    zero image and ``ok=False``, which the training loop masks out and reports."""
+    their memory bank, and the label is ``source.labels[index]``. An unreadable file gives
+    ``ok=False`` (the training loop lists it) and the image of the next readable row of the same
+    class, so the batch never trains a blank image under that label."""
 
     def __init__(self, source: Source, transform: Callable, size: int = 32) -> None:
         self.source = source
@@ -232,11 +233,16 @@ class TrainImages(Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int, bool]:
-        try:
-            x = self.transform(self.source.image(i))
-        except _BAD_IMAGE:
-            return [torch.zeros(3, self.size, self.size)], i, False
-        return [x], i, True
+        labels = self.source.labels
+        same = np.flatnonzero(labels == labels[i])
+        start = int(np.searchsorted(same, i))
+        for step, j in enumerate(np.roll(same, -start)):
+            try:
+                return [self.transform(self.source.image(int(j)))], i, step == 0
+            except _BAD_IMAGE:
+                continue
+        raise CdirError(f"no readable training image of class "
+                        f"{self.source.classes[labels[i]]!r}; check the data folder")
 
 
 class EvalImages(Dataset):
