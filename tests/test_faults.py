@@ -527,6 +527,36 @@ def test_a_killed_holders_lock_is_taken_over(zygote: Zygote, tmp_path: Path,
     assert not lock.exists()
 
 
+_SLOW_WRITER = """
+import fcntl, json, os, sys, time
+fd = os.open({path!r}, os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("flocked", flush=True)
+time.sleep(0.3)  # the instant between taking the flock and writing the record, stretched
+os.pwrite(fd, (json.dumps({{"pid": os.getpid(), "what": "embedding"}}) + "\\n").encode(), 0)
+time.sleep(120)
+"""
+
+
+def test_a_holder_that_has_not_written_its_record_yet_is_still_named(tmp_path: Path) -> None:
+    """Two runs started together: the second may find the flock taken before the first has
+    written who it is; it waits for the record rather than refusing anonymously."""
+    from cdir.core.errors import CdirError
+    from cdir.core.lock import exclusive
+
+    lock = tmp_path / "x.lock"
+    holder = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER.format(path=str(lock))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "flocked"
+        with pytest.raises(CdirError, match=rf"^another run \(pid {holder.pid}\) is embedding"):
+            with exclusive(lock, "writing"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_index_build_and_caption_embeddings_take_a_lock_too(tmp_path: Path,
                                                              images: list[dict]) -> None:
     """`cdir index build` (one build at a time per workspace) and caption embeddings (one

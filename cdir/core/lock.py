@@ -87,7 +87,7 @@ def _acquire(path: Path, what: str) -> int:
             raise CdirError(f"cannot take the lock {path}: {e.strerror}") from None
         try:
             if not _flock(fd):
-                raise _busy(path, what, _read(fd))
+                raise _busy(path, what, _holder_record(fd))
             if not _same_file(fd, path):
                 os.close(fd)  # released and removed while we opened it: try the new file
                 continue
@@ -99,13 +99,24 @@ def _acquire(path: Path, what: str) -> int:
                       "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "what": what,
                       "argv": sys.argv[:12], "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}
             data = (json.dumps(record) + "\n").encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
+            os.pwrite(fd, data, 0)  # write, then cut: a reader never sees the file empty
+            os.ftruncate(fd, len(data))
             return fd
         except BaseException:
             os.close(fd)
             raise
     raise CdirError(f"could not take the lock {path}: it keeps changing hands")  # pragma: no cover
+
+
+def _holder_record(fd: int, wait: float = 1.0) -> dict[str, Any] | None:
+    """The record of the process holding the flock. A holder that took the flock an instant
+    ago may not have written it yet, so an empty file is read again for up to ``wait`` s."""
+    deadline = time.monotonic() + wait
+    while True:
+        holder = _read(fd)
+        if holder is not None or time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.01)
 
 
 def _flock(fd: int) -> bool:
