@@ -1,124 +1,220 @@
-"""The Gradio search demo: drop an image, pick a target domain, see the top-k of a workspace index.
+"""The Gradio search demo: query a workspace's indexes by image (upload, paste, webcam), by
+text, or by clicking a result, in every mode the indexes allow; the results update whenever a
+control changes.
 
-Built on `cdir.stages.search.Searcher`, so it searches exactly as `cdir search` does: an
-image-embedding index with its image encoder, a caption index by captioning the query (cm-text)
-or through the CLIP image tower (cm-image).
+The search itself is `app.backend.DemoBackend` (no Gradio there). This module lays out the page,
+turns answers into a result grid, a table and a status line, and launches the server: loopback
+unless a host is given, uploads capped in size and cleaned up, only gallery files served, a
+bounded queue in front of one warm, shared backend.
 """
 
 from __future__ import annotations
 
-import threading
+import os
+import shutil
+import types
+from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from cdir.core.errors import CdirError
-from cdir.core.images import load_image
-from cdir.core.workspace import Workspace
-from cdir.stages.index import list_indexes
-from cdir.stages.modes import SINGLE_MODES
-from cdir.stages.search import Searcher
+from app.backend import (
+    ALL_DOMAINS,
+    DETECT,
+    OTHER_DOMAINS,
+    Answer,
+    DemoBackend,
+    Query,
+)
 
-if TYPE_CHECKING:
-    from PIL import Image
+TITLE = "cdir — cross-domain image search"
+MAX_UPLOAD = "10mb"
+CONCURRENCY = 2  # searches at once: more only queue up for the same CPU cores
+QUEUE_SIZE = 256
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
-ALL_DOMAINS = "all domains"
-INFER = "infer"  # the query domain of the nearest gallery centroid (normalised indexes)
-THUMB = 256
 
-
-class DemoBackend:
-    """One Searcher per (index, mode), loaded on first use and shared by the demo's threads."""
-
-    def __init__(self, workspace: str | Path, device: str | None = None):
-        self.ws = Workspace(workspace).require()
-        self.device = device
-        self.indexes = [r["name"] for r in list_indexes(self.ws.root) if r["current"]]
-        if not self.indexes:
-            raise CdirError(f"no up-to-date index in {self.ws.root}: build one with "
-                            f"`cdir index build -w {self.ws.root} --encoder SPEC`")
-        self.domains = sorted(self.ws.manifest()["domain"].astype(str).unique())
-        self._searchers: dict[tuple[str, str | None], Searcher] = {}
-        self._lock = threading.Lock()
-
-    def searcher(self, index: str, mode: str | None) -> Searcher:
-        with self._lock:
-            key = (index, mode)
-            if key not in self._searchers:
-                self._searchers[key] = Searcher(str(self.ws.root), index=index, mode=mode,
-                                                device=self.device)
-            return self._searchers[key]
-
-    def search(self, image: Image.Image | None, index: str, mode: str, domain: str, k: int,
-               query_domain: str = INFER) -> tuple[list[tuple], str]:
-        """Gallery items (thumbnail, label) and a status line; errors become the status line."""
-        if image is None:
-            return [], "Drop a query image first."
+def _raw_path(component: gr.Image, payload):  # noqa: ANN001, ANN202 - Gradio's signature
+    """The query image's preprocessing: the upload's path, not decoded. The backend decodes it
+    with the project's checks, so a non-image, an empty or truncated file or a decompression
+    bomb becomes a message in the page, not a bare "Error" (Gradio's own decoding raises)."""
+    if payload is None:
+        return None
+    if payload.url and payload.url.startswith("data:"):
         try:
-            s = self.searcher(index, None if mode == "auto" else mode)
-            results, captions, used = s.search(
-                [image.convert("RGB")], k=int(k), domain=None if domain == ALL_DOMAINS else domain,
-                query_domain=None if query_domain == INFER else query_domain)
-        except CdirError as e:
-            return [], f"error: {e}"
-        items = []
-        for h in results[0]:
-            thumb = load_image(h.path)
-            thumb.thumbnail((THUMB, THUMB))
-            items.append((thumb, f"#{h.rank} {h.domain} · {h.class_name} · {h.score:.3f}"))
-        where = f" in {domain}" if domain != ALL_DOMAINS else ""
-        status = f"{s.mode} search of {s.spec}: top {len(items)}{where}"
-        if s.infers_domain:
-            how = "nearest centroid" if query_domain == INFER else "given"
-            status += f" — {s.domain_transform}, query as {used[0]} ({how})"
-        if captions:
-            status += f' — query caption: "{captions[0]}"'
-        return items, status
+            return gr.Image.preprocess(component, payload)  # a pasted data URL: to a file
+        except Exception:  # noqa: BLE001 - any undecodable paste is "not an image"
+            return os.devnull
+    return None if payload.path is None else str(payload.path)
 
 
-def build_demo(workspace: str | Path, device: str | None = None) -> gr.Blocks:
-    backend = DemoBackend(workspace, device)
-    examples = _example_queries(backend)
-    with gr.Blocks(title="cdir — cross-domain image search") as demo:
-        gr.Markdown("# cdir — cross-domain image search\nFind the same thing drawn in other "
-                    f"styles. Workspace: `{backend.ws.root}`")
+def _drop_upload(path: str) -> None:
+    """Delete an upload that is no use (not an image): Gradio keeps every upload otherwise."""
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder()).resolve()
+    p = Path(path).resolve()
+    if p.is_relative_to(folder) and p.is_file():
+        p.unlink(missing_ok=True)
+
+
+def _md(text: str) -> str:
+    """Text from the gallery or a message, safe inside Markdown (no HTML gets through)."""
+    return escape(text, quote=False).replace("|", "\\|")
+
+
+def render(answer: Answer) -> tuple[list[tuple[str, str]], str, str]:
+    """(grid items, status line, result table) of an answer."""
+    grid = [(h.thumb, f"#{h.rank}  {h.score:.3f}  {h.domain}\n{h.name}") for h in answer.hits]
+    if answer.error:
+        status = f"**Cannot search:** {_md(answer.message)}"
+    else:
+        status = _md(answer.message)
+        if answer.hits:
+            status += f" — {answer.seconds * 1000:.0f} ms"
+    if answer.caption:
+        status += f'\n\nquery caption: "{_md(answer.caption)}"'
+    rows = ["| rank | score | domain | name | caption |", "|---:|---:|---|---|---|"]
+    rows += [f"| {h.rank} | {h.score:.3f} | {_md(h.domain)} | {_md(h.name)} | "
+             f"{_md(h.caption or '')} |" for h in answer.hits]
+    return grid, status, "\n".join(rows) if answer.hits else ""
+
+
+def build_demo(workspace: str | Path | None = None, device: str | None = None,
+               captioner: str | None = None, backend: DemoBackend | None = None) -> gr.Blocks:
+    backend = backend or DemoBackend(workspace, device, captioner)
+    images = [(i.label, i.name) for i in backend.image_indexes()]
+    captions = [(i.label, i.name) for i in backend.caption_indexes()]
+    modes = backend.modes()
+    examples = backend.examples()
+    with gr.Blocks(title=TITLE, delete_cache=(600, 3600)) as demo:
+        gr.Markdown(f"# {TITLE}\nFind the same thing drawn in other styles: drop, paste or "
+                    "snap an image, type a text, or click any result to search with it. "
+                    f"Workspace `{_md(str(backend.ws.root))}`, "
+                    f"{len(backend.rows)} images in {len(backend.domains)} domains "
+                    f"({', '.join(backend.domains)}).")
+        query_state = gr.State(None)
+        hits_state = gr.State([])
         with gr.Row():
-            with gr.Column(scale=1):
-                query = gr.Image(type="pil", label="query image")
-                index = gr.Dropdown(backend.indexes, value=backend.indexes[0], label="index")
-                mode = gr.Radio(["auto", *SINGLE_MODES], value="auto",
-                                label="mode (caption indexes: cm-text or cm-image)")
-                domain = gr.Dropdown([ALL_DOMAINS] + backend.domains, value=ALL_DOMAINS,
-                                     label="search in domain")
-                k = gr.Slider(1, 50, value=12, step=1, label="results")
-                query_domain = gr.Dropdown([INFER] + backend.domains, value=INFER,
-                                           label="query domain (normalised indexes)")
-                button = gr.Button("Search", variant="primary")
+            with gr.Column(scale=1, min_width=300):
+                query = gr.Image(type="filepath", label="query image",
+                                 sources=["upload", "clipboard", "webcam"], elem_id="query",
+                                 height=260)
+                query.preprocess = types.MethodType(_raw_path, query)
+                with gr.Row():
+                    text = gr.Textbox(label="or search by text", placeholder="a red umbrella",
+                                      elem_id="text-query", scale=4)
+                    text_button = gr.Button("Search text", elem_id="text-search", scale=1)
+                if examples:
+                    example_grid = gr.Gallery(
+                        [(backend.thumbnail(p), backend.rows.loc[backend.gallery_item(p), "domain"])
+                         for p in examples], label="examples: one per domain (click one)",
+                        columns=len(examples), height=150, object_fit="contain",
+                        allow_preview=False, elem_id="examples")
+                mode = gr.Radio(modes, value=modes[0], label="mode", elem_id="mode")
+                index = gr.Dropdown(images, value=images[0][1] if images else None,
+                                    label="image index", visible=bool(images),
+                                    elem_id="index")
+                caption_index = gr.Dropdown(captions, value=captions[0][1] if captions else None,
+                                            label="caption index", visible=bool(captions),
+                                            elem_id="caption-index")
+                weight = gr.Slider(0, 1, value=0.5, step=0.05, label="fusion: weight of the "
+                                   "image index", visible="fusion" in modes, elem_id="weight")
+                target = gr.Dropdown([OTHER_DOMAINS, ALL_DOMAINS, *backend.domains],
+                                     value=OTHER_DOMAINS, label="search in", elem_id="target")
+                query_domain = gr.Dropdown([DETECT, *backend.domains], value=DETECT,
+                                           label="query domain", elem_id="query-domain")
+                k = gr.Slider(1, 50, value=12, step=1, label="results", elem_id="k")
             with gr.Column(scale=2):
-                status = gr.Markdown()
-                gallery = gr.Gallery(label="results", columns=4, object_fit="contain",
-                                     height="auto")
-        inputs = [query, index, mode, domain, k, query_domain]
-        button.click(backend.search, inputs, [gallery, status])
-        query.upload(backend.search, inputs, [gallery, status])
+                status = gr.Markdown(elem_id="status")
+                gallery = gr.Gallery(label="results (click one to search with it)", columns=4,
+                                     object_fit="contain", height="auto", allow_preview=False,
+                                     elem_id="results")
+                table = gr.Markdown(elem_id="result-table")
+        controls = [mode, index, caption_index, target, k, query_domain, weight]
+        outputs = [gallery, status, table, hits_state]
+
+        def answer(q: Query | None, *settings) -> tuple:
+            a = backend.search(q or Query(), *settings)
+            return (*render(a), [h.id for h in a.hits])
+
+        def on_image(path: str | None, *settings) -> tuple:
+            q = Query(path=path) if path else None
+            a = backend.search(q or Query(), *settings)
+            if a.bad_file and path:
+                _drop_upload(path)
+                q = None
+            return (q, *render(a), [h.id for h in a.hits])
+
+        def on_text(value: str, *settings) -> tuple:
+            q = Query(text=value) if value and value.strip() else None
+            return (q, *answer(q, *settings))
+
+        def on_item(item: str, *settings) -> tuple:
+            q = backend.item_query(item)
+            return (backend.preview(q), q, *answer(q, *settings))
+
+        def on_result(hits: list[str], evt: gr.SelectData, *settings) -> tuple:
+            return on_item(hits[evt.index], *settings)
+
+        def on_example(evt: gr.SelectData, *settings) -> tuple:
+            return on_item(backend.gallery_item(examples[evt.index]), *settings)
+
+        def rerun(q: Query | None, *settings) -> tuple:
+            return answer(q, *settings)
+
+        query.input(on_image, [query, *controls], [query_state, *outputs],
+                    api_name="search_image")
+        text.submit(on_text, [text, *controls], [query_state, *outputs], api_name="search_text")
+        text_button.click(on_text, [text, *controls], [query_state, *outputs],
+                          api_visibility="private")
+        gallery.select(on_result, [hits_state, *controls], [query, query_state, *outputs],
+                       api_visibility="private")
         if examples:
-            gr.Examples(examples, inputs=[query], label="example queries")
+            example_grid.select(on_example, controls, [query, query_state, *outputs],
+                                api_visibility="private")
+        for c in controls:
+            c.change(rerun, [query_state, *controls], outputs, api_visibility="private")
+
+        def search_item(item: str, mode: str = modes[0], index: str | None = None,
+                        caption_index: str | None = None, target: str = OTHER_DOMAINS,
+                        k: int = 12, query_domain: str = DETECT, weight: float = 0.5
+                        ) -> tuple[list, str, str]:
+            """Search with the gallery item ``item`` (an id), as a click on it does."""
+            q = backend.item_query(item) if item in backend.rows.index else Query()
+            a = backend.search(q, mode, index, caption_index, target, k, query_domain, weight)
+            return render(a)
+
+        gr.api(search_item, api_name="search_item")
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return demo
 
 
-def _example_queries(backend: DemoBackend, per_domain: int = 2) -> list[list[str]]:
-    m = backend.ws.manifest()
-    out = []
-    for _, rows in m.groupby("domain", sort=True):
-        step = max(1, len(rows) // per_domain)
-        out += [[p] for p in rows["path"].iloc[::step][:per_domain] if Path(p).exists()]
-    return out
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK or host.startswith("127.")
+
+
+def serve(backend: DemoBackend, host: str = "127.0.0.1", port: int | None = 7860,
+          share: bool = False, max_upload: str = MAX_UPLOAD, block: bool = True) -> gr.Blocks:
+    """Start the server over a warm backend; with ``block``, serve until Ctrl-C."""
+    backend.warm_up()
+    gr.set_static_paths(backend.served_dirs())  # served as they are: no copy per result
+    demo = build_demo(backend=backend)
+    demo.launch(server_name=host, server_port=port, share=share,
+                allowed_paths=backend.served_dirs(), max_file_size=max_upload,
+                show_error=False, prevent_thread_lock=not block, quiet=not block)
+    return demo
 
 
 def launch(workspace: str | Path, host: str = "127.0.0.1", port: int = 7860,
-           device: str | None = None, share: bool = False) -> None:
-    demo = build_demo(workspace, device)
-    gallery_dirs = sorted({str(Path(p).parent.parent) for p in
-                           Workspace(workspace).manifest()["path"].head(1000)})
-    demo.launch(server_name=host, server_port=port, share=share, allowed_paths=gallery_dirs)
+           device: str | None = None, captioner: str | None = None, share: bool = False,
+           max_upload: str = MAX_UPLOAD) -> None:
+    """`cdir demo`: uploads go to a private temporary folder (GRADIO_TEMP_DIR, set by the
+    command before Gradio is imported), removed at exit; while it runs, uploads older than an
+    hour are deleted every ten minutes."""
+    try:
+        serve(DemoBackend(workspace, device, captioner), host, port, share, max_upload)
+    finally:
+        uploads = os.environ.get("GRADIO_TEMP_DIR", "")
+        if Path(uploads).name.startswith("cdir-demo-"):
+            shutil.rmtree(uploads, ignore_errors=True)

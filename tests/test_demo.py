@@ -1,66 +1,270 @@
-"""The Gradio demo: its search backend, and the real server answering on 127.0.0.1."""
+"""The demo's backend (no Gradio) and its server over plain HTTP on 127.0.0.1: every query
+kind and mode, the query's own domain and the query itself left out, readable names,
+thumbnails made once, bad input as a message, and only thumbnails served."""
 
 import os
+import shutil
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
 import torch
+from PIL import Image
 
-from cdir.cli import main
 from cdir.core.errors import CdirError
-from cdir.core.images import load_image
-from tests.helpers.cli import cdir, emoji_workspace
+from tests.helpers.cli import REPO, cdir
+from tests.helpers.demo import blip, demo_workspace
 
 torch.set_num_threads(1)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+pytestmark = pytest.mark.usefixtures("hf_offline")
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    ws = emoji_workspace(tmp_path_factory.mktemp("demo"), 10)
-    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
-    assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 0
-    return ws
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return demo_workspace(tmp_path_factory.mktemp("demo"))
 
 
-def test_backend_search_and_domain_filter(ws):
-    from app.demo import ALL_DOMAINS, DemoBackend
+@pytest.fixture(scope="module")
+def backend(ws):
+    from app.backend import DemoBackend
 
-    backend = DemoBackend(ws)
+    return DemoBackend(ws, captioner=blip())
+
+
+def _index(backend, normalize="none", caption=False):
+    return next(i.name for i in backend.indexes
+                if i.caption == caption and (caption or i.normalize == normalize))
+
+
+def _file(ws, domain, n=0):
+    return str(sorted((ws / "gallery" / domain).rglob("*.png"))[n])
+
+
+def test_modes_examples_and_names(backend):
+    from app.backend import readable_name
+
+    assert backend.modes() == ["visual", "cm-text", "fusion"]  # MiniLM captions: no cm-image
     assert backend.domains == ["noto_mono", "openmoji", "twemoji"]
-    query = load_image(next((ws / "gallery" / "twemoji").rglob("*.png")))
-    items, status = backend.search(query, backend.indexes[0], "auto", ALL_DOMAINS, 5)
-    assert len(items) == 5 and items[0][1].startswith("#1 twemoji")  # finds itself first
-    assert "visual search of pixels" in status
-    items, _ = backend.search(query, backend.indexes[0], "auto", "openmoji", 4)
-    assert len(items) == 4 and all(" openmoji · " in label for _, label in items)
-    items, status = backend.search(None, backend.indexes[0], "auto", ALL_DOMAINS, 5)
-    assert items == [] and "query image" in status
-    items, status = backend.search(query, backend.indexes[0], "cm-text", ALL_DOMAINS, 5)
-    assert items == [] and status.startswith("error:")  # an image index has no captions
+    examples = backend.examples()
+    assert len(examples) == 3
+    rows = [backend.rows.loc[backend.gallery_item(p)] for p in examples]
+    assert sorted(r["domain"] for r in rows) == backend.domains
+    assert len({r["class_name"] for r in rows}) == 3  # different things, not three suns
+    assert readable_name("u1f47b_ghost") == "👻 ghost"
+    assert readable_name("u02600") == "☀ black sun with rays"
+    assert readable_name("Alarm_Clock") == "Alarm Clock"
+
+
+def test_image_query_leaves_out_its_own_domain_and_itself(ws, backend, tmp_path):
+    from app.backend import ALL_DOMAINS, Query
+
+    path = _file(ws, "twemoji")
+    a = backend.search(Query(path=path), "visual", _index(backend), None, k=5)
+    assert not a.error and len(a.hits) == 5, a.message
+    assert a.query_domain == "twemoji" and "the gallery item's" in a.message
+    assert all(h.domain != "twemoji" for h in a.hits)
+    assert a.hits[0].score >= a.hits[-1].score and "·" not in a.hits[0].name
+    # all domains: the query's own file is not its own first result at 1.000
+    a = backend.search(Query(path=path), "visual", _index(backend), None, ALL_DOMAINS, k=5)
+    item = backend.gallery_item(path)
+    assert item not in [h.id for h in a.hits] and a.hits[0].score < 0.999
+    # the same bytes uploaded under another name are recognised as that gallery item
+    copy = tmp_path / "upload.png"
+    shutil.copy(path, copy)
+    b = backend.search(Query(path=str(copy)), "visual", _index(backend), None, ALL_DOMAINS, 5)
+    assert [h.id for h in b.hits] == [h.id for h in a.hits]
+    # a new image gets its domain detected from its nearest gallery items
+    im = Image.open(path).convert("RGB").rotate(7)
+    im.save(tmp_path / "new.png")
+    c = backend.search(Query(path=str(tmp_path / "new.png")), "visual", _index(backend), None)
+    assert c.query_domain in backend.domains and "detected" in c.message
+    assert all(h.domain != c.query_domain for h in c.hits)
+    d = backend.search(Query(path=str(tmp_path / "new.png")), "visual", _index(backend), None,
+                       "openmoji", 4, query_domain="noto_mono")
+    assert [h.domain for h in d.hits] == ["openmoji"] * 4 and "(given)" in d.message
+
+
+def test_normalised_index_and_click_query(ws, backend):
+    from app.backend import Query
+
+    item = backend.gallery_item(_file(ws, "openmoji", 3))
+    a = backend.search(backend.item_query(item), "visual", _index(backend, "domain-whiten"),
+                       None, k=6)
+    assert not a.error and len(a.hits) == 6 and "domain-whiten" in a.message
+    assert a.query_domain == "openmoji"
+    # clicking a result searches with it: its own domain is now the one left out
+    nxt = backend.search(backend.item_query(a.hits[0].id), "visual",
+                         _index(backend, "domain-whiten"), None, k=6)
+    assert nxt.query_domain == a.hits[0].domain
+    assert all(h.domain != a.hits[0].domain and h.id != a.hits[0].id for h in nxt.hits)
+    assert backend.search(Query(), "visual", None, None).message.startswith("Upload")
+
+
+def test_text_queries(backend):
+    from app.backend import Query
+
+    cap = _index(backend, caption=True)
+    a = backend.search(Query(text="a picture of a ghost"), "cm-text", None, cap, k=3)
+    want = [n for n in backend.rows["class_name"] if "ghost" in n]
+    if want:
+        assert all("ghost" in h.name for h in a.hits), a.hits
+    assert not a.error and len(a.hits) == 3 and a.message.startswith("text cm-text")
+    assert a.hits[0].caption and a.hits[0].caption.startswith("a picture of")
+    name = backend.rows["class_name"].iloc[0].split("_", 1)[1].replace("_", " ")
+    b = backend.search(Query(text=name), "visual", _index(backend), None, k=3)
+    assert not b.error and "cm-text" in b.message  # pixels have no text tower: the captions do
+    assert {h.domain for h in b.hits} <= set(backend.domains)
+    assert name in b.hits[0].name
+    c = backend.search(Query(text=name), "fusion", None, None)
+    assert c.error and "no image to fuse" in c.message
+
+
+def test_cm_text_and_fusion_image_queries(ws, backend):
+    from app.backend import Query
+
+    q = Query(path=_file(ws, "noto_mono", 2))
+    a = backend.search(q, "cm-text", None, None, k=4)
+    assert not a.error and len(a.hits) == 4 and isinstance(a.caption, str)
+    vis = backend.search(q, "visual", _index(backend), None, k=4)
+    only_visual = backend.search(q, "fusion", _index(backend), None, k=4, weight=1.0)
+    assert [h.id for h in only_visual.hits] == [h.id for h in vis.hits]
+    half = backend.search(q, "fusion", _index(backend), None, k=4, weight=0.5)
+    assert not half.error and len(half.hits) == 4 and "cm-text" in half.message
+
+
+@pytest.mark.parametrize("kind", ["text", "empty", "truncated", "bomb"])
+def test_bad_uploads_are_messages(ws, backend, tmp_path, monkeypatch, kind):
+    from app.backend import Query
+
+    path = tmp_path / "bad.png"
+    good = open(_file(ws, "twemoji"), "rb").read()
+    want = {"text": "not an image", "empty": "empty file", "truncated": "cannot decode",
+            "bomb": "too large"}[kind]
+    path.write_bytes({"text": b"hello, I am not a picture", "empty": b"",
+                      "truncated": good[: len(good) // 2], "bomb": good}[kind])
+    if kind == "bomb":
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    a = backend.search(Query(path=str(path)), "visual", _index(backend), None)
+    assert a.error and a.bad_file and a.hits == [] and want in a.message, a.message
+
+
+def test_thumbnails_are_made_once(backend, tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (1200, 900), "red").save(big)
+    thumb = backend.thumbnail(str(big))
+    assert thumb.endswith(".jpg") and max(Image.open(thumb).size) <= 192
+    stamp = os.stat(thumb).st_mtime_ns
+    assert backend.thumbnail(str(big)) == thumb and os.stat(thumb).st_mtime_ns == stamp
+    small = backend.thumbnail(backend.rows["path"].iloc[0])
+    assert small.startswith(str(backend.thumb_dir)) and small.endswith(".png")
 
 
 def test_backend_needs_an_index(tmp_path):
-    from app.demo import DemoBackend
+    from app.backend import DemoBackend
 
-    ws = tmp_path / "ws"
-    assert main(["data", "emoji", "-w", str(ws), "--limit", "3"]) == 0
+    assert cdir("data", "emoji", "-w", tmp_path / "ws", "--limit", "3") == 0
     with pytest.raises(CdirError, match="no up-to-date index"):
-        DemoBackend(ws)
+        DemoBackend(tmp_path / "ws")
 
 
-def test_server_answers_on_loopback(ws):
-    from gradio_client import Client, handle_file
+# -- the server ----------------------------------------------------------------------------------
 
-    from app.demo import build_demo
+@pytest.fixture(scope="module")
+def server(backend):
+    from app.demo import serve
 
-    demo = build_demo(ws)
-    demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True,
-                allowed_paths=[str(ws)], quiet=True)
+    demo = serve(backend, port=None, max_upload="200kb", block=False)
+    yield demo
+    demo.close()
+
+
+def _call(url, endpoint, data):
+    with httpx.Client(base_url=url, timeout=60) as c:
+        ev = c.post(f"/gradio_api/call/{endpoint}", json={"data": data}).json()["event_id"]
+        kind = None
+        with c.stream("GET", f"/gradio_api/call/{endpoint}/{ev}") as s:
+            for line in s.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:") and kind in ("complete", "error"):
+                    import json
+
+                    return kind, json.loads(line[5:])
+    raise AssertionError("no answer")
+
+
+def _upload(url, path):
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/gradio_api/upload", files=[("files", (os.path.basename(path),
+                                                            open(path, "rb").read()))])
+    return r
+
+
+def test_server_answers_image_text_and_item_queries(server, ws, backend):
+    url = server.local_url
+    path = _upload(url, _file(ws, "noto_mono")).json()[0]
+    kind, out = _call(url, "search_image", [{"path": path, "meta": {"_type": "gradio.FileData"}},
+                                            "visual", None, None, "every other domain", 3,
+                                            "detect", 0.5])
+    assert kind == "complete" and len(out[1]) == 3, out
+    assert "query domain noto_mono" in out[2] and "/cache/thumbs/" in out[1][0]["image"]["url"]
+    kind, out = _call(url, "search_text", ["a picture of a cat", "cm-text", None, None,
+                                           "all domains", 4, "detect", 0.5])
+    assert kind == "complete" and len(out[1]) == 4 and "text cm-text" in out[2]
+    item = backend.gallery_item(_file(ws, "openmoji"))
+    kind, out = _call(url, "search_item", [item, "visual", None, None, "every other domain",
+                                           12, "detect", 0.5])
+    grid, status, _ = out[0]
+    assert kind == "complete" and len(grid) == 12 and "query domain openmoji" in status, out
+
+
+def test_server_bad_input_is_a_message_not_an_error(server, tmp_path):
+    url = server.local_url
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    path = _upload(url, bad).json()[0]
+    kind, out = _call(url, "search_image", [{"path": path, "meta": {"_type": "gradio.FileData"}},
+                                            "visual", None, None, "every other domain", 3,
+                                            "detect", 0.5])
+    assert kind == "complete" and out[1] == [] and "not an image" in out[2], out
+    assert not os.path.exists(path)  # a useless upload is not kept
+    big = tmp_path / "big.png"
+    big.write_bytes(os.urandom(300_000))
+    r = _upload(url, big)
+    assert r.status_code == 413 and "size" in r.text.lower(), (r.status_code, r.text[:200])
+
+
+def test_only_thumbnails_are_served(server, ws, backend):
+    url = server.local_url
+    thumb = backend.thumbnail(_file(ws, "twemoji"))
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get(f"/gradio_api/file={thumb}").status_code == 200
+        for path in ("/etc/passwd", str(ws / "manifest.parquet"), _file(ws, "twemoji"),
+                     f"{backend.thumb_dir}/../../manifest.parquet",
+                     f"{backend.thumb_dir}/%2e%2e/%2e%2e/manifest.parquet"):
+            assert c.get(f"/gradio_api/file={path}").status_code in (403, 404), path
+
+
+def test_cli_refuses_bad_arguments_and_says_when_it_listens_beyond_loopback(ws, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    r = subprocess.run([sys.executable, "-m", "cdir", "demo", "-w", ws, "--max-upload", "lots"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--max-upload" in r.stderr
+    log = tmp_path / "demo.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "cdir", "demo", "-w", ws, "--host",
+                                 "0.0.0.0", "--port", "0"], stdout=f, stderr=f, env=env,
+                                cwd=tmp_path)
     try:
-        client = Client(demo.local_url, verbose=False)
-        query = next((ws / "gallery" / "noto_mono").rglob("*.png"))
-        gallery, status = client.predict(handle_file(str(query)), demo.fns[0].inputs[1].value,
-                                         "auto", "twemoji", 3, fn_index=0)
-        assert len(gallery) == 3 and "top 3 in twemoji" in status
+        deadline = time.monotonic() + 120
+        while "anyone who can reach this machine" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
     finally:
-        demo.close()
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -236,6 +236,19 @@ class Searcher:
             self._text_encoder = load_text_encoder(self.text_spec, device=self.device)
         return self._text_encoder.encode(captions), captions
 
+    def text_vectors(self, texts: list[str]) -> np.ndarray:
+        """Text queries as this index's vectors: by its text encoder (a caption index), or by
+        the CLIP text tower of a CLIP image index."""
+        from encoders.text import load_text_encoder
+
+        spec = self.text_spec or self.spec
+        if not spec.startswith("clip:") and self.caption_source is None:
+            raise CdirError(f"index {self.spec} holds image embeddings of an encoder without a "
+                            "text tower: search text in a caption index or a CLIP index")
+        if self._text_encoder is None:
+            self._text_encoder = load_text_encoder(spec.split("?", 1)[0], device=self.device)
+        return self._text_encoder.encode(texts)
+
     # -- search ------------------------------------------------------------------------------------
     def search(self, images: list[Image.Image], k: int = 10, domain: str | None = None,
                query_domain: str | None = None

@@ -42,6 +42,7 @@ class ResNetTrunk(nn.Module):
         width: float = 1.0,
         stem: str = "imagenet",
         embed_dim: int = 0,
+        embed_grid: int = 1,
     ) -> None:
         super().__init__()
         if width <= 0:
@@ -63,14 +64,17 @@ class ResNetTrunk(nn.Module):
         self.layer2 = self._make_layer(block, widths[1], layers[1], 2)
         self.layer3 = self._make_layer(block, widths[2], layers[2], 2)
         self.layer4 = self._make_layer(block, widths[3], layers[3], 2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = widths[3] * block.expansion
-        # a linear embedding after the pooling: what a label-free distilled student outputs
+        # a linear embedding after the pooling: what a label-free distilled student outputs;
+        # embed_grid > 1 pools the last map to that many cells a side first (the layout kept)
         self.embed: nn.Module | None = None
+        if embed_grid < 1 or (embed_grid > 1 and not embed_dim):
+            raise CdirError(f"embed_grid must be 1, or more with an embed_dim, got {embed_grid}")
+        self.avgpool = nn.AdaptiveAvgPool2d(int(embed_grid))
         if embed_dim:
             if embed_dim < 1:
                 raise CdirError(f"embed_dim must be positive, got {embed_dim}")
-            self.embed = nn.Linear(self.out_dim, int(embed_dim))
+            self.embed = nn.Linear(self.out_dim * int(embed_grid) ** 2, int(embed_dim))
             self.out_dim = int(embed_dim)
         self.layer_dims = [c * block.expansion for c in widths]  # channels of layer1..layer4
         # Same initialisation as torchvision's ResNet (zero_init_residual=False).
@@ -151,13 +155,14 @@ def build_backbone(name: str, **kwargs: object) -> tuple[nn.Module, int]:
     """Build a ResNet feature extractor by name; returns ``(module, feature_dim)``.
 
     Keyword options: ``width`` (float, channel multiplier, default 1.0), ``small_stem`` (bool,
-    3x3 stride-2 stem without max-pool; only for the ImageNet-stem names) and ``embed_dim``
-    (int, a linear embedding of that size after the pooling; 0: none).
+    3x3 stride-2 stem without max-pool; only for the ImageNet-stem names), ``embed_dim``
+    (int, a linear embedding of that size after the pooling; 0: none) and ``embed_grid`` (int,
+    the last map pooled to that many cells a side before the embedding; default 1: global).
     """
-    unknown = set(kwargs) - {"width", "small_stem", "embed_dim"}
+    unknown = set(kwargs) - {"width", "small_stem", "embed_dim", "embed_grid"}
     if unknown:
         raise CdirError(f"unknown backbone option(s) {sorted(unknown)} for {name!r}; valid: "
-                        "width, small_stem, embed_dim")
+                        "width, small_stem, embed_dim, embed_grid")
     width = float(kwargs.get("width", 1.0))  # type: ignore[arg-type]
     small_stem = bool(kwargs.get("small_stem", False))
     base, stem = name, "imagenet"
@@ -171,5 +176,7 @@ def build_backbone(name: str, **kwargs: object) -> tuple[nn.Module, int]:
         raise CdirError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     block, layers = _ARCHS[base]
     embed_dim = int(kwargs.get("embed_dim", 0) or 0)  # type: ignore[call-overload]
-    model = ResNetTrunk(block, layers, width=width, stem=stem, embed_dim=embed_dim)
+    embed_grid = int(kwargs.get("embed_grid", 1) or 1)  # type: ignore[call-overload]
+    model = ResNetTrunk(block, layers, width=width, stem=stem, embed_dim=embed_dim,
+                        embed_grid=embed_grid)
     return model, model.out_dim

@@ -1,0 +1,418 @@
+"""The demo's search backend, free of Gradio: queries (an image, a gallery item, a text) in,
+ranked gallery items out, every failure turned into a message for the page.
+
+It searches the workspace's indexes exactly as `cdir search` does (`cdir.stages.search`), with
+what a demo adds: the query's own domain (known for a gallery item, detected otherwise) left out
+of the default target, the query itself never returned as its own first result, text queries,
+score fusion of an image and a caption index, readable class names and thumbnails made once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cdir.core.errors import CdirError
+from cdir.core.images import BadImage, load_image
+from cdir.core.io import atomic_write, sha256_file
+from cdir.core.workspace import Workspace, split_caption_spec
+from cdir.stages.index import list_indexes
+from cdir.stages.search import Searcher
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+OTHER_DOMAINS = "every other domain"  # the default target: all but the query's own
+ALL_DOMAINS = "all domains"
+DETECT = "detect"
+MODES = ("visual", "cm-text", "cm-image", "fusion")
+TEXT = "text"  # the mode of a text query against the chosen index
+THUMB = 192  # thumbnails: longest side in pixels; smaller gallery images are served as they are
+DETECT_NEIGHBOURS = 10
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    name: str
+    spec: str  # the encoder spec (``<text encoder>@captions:<source>`` for a caption index)
+    normalize: str
+    caption: bool  # over caption embeddings, not image embeddings
+
+    @property
+    def label(self) -> str:
+        return self.spec + ("" if self.normalize == "none" else f" ({self.normalize})")
+
+
+@dataclass(frozen=True)
+class Query:
+    """An image (a file on disk) or a text; ``item``: the gallery id when the image is one."""
+    path: str | None = None
+    text: str | None = None
+    item: str | None = None
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    id: str
+    path: str
+    thumb: str
+    domain: str
+    name: str
+    caption: str | None = None
+
+
+@dataclass
+class Answer:
+    hits: list[Hit] = field(default_factory=list)
+    message: str = ""  # what the page shows above the results (an error, or what was done)
+    error: bool = False
+    bad_file: bool = False  # the query file is not a usable image (the page may delete it)
+    query_domain: str | None = None
+    caption: str | None = None  # the query's generated caption (cm-text, fusion)
+    seconds: float = 0.0
+
+
+def readable_name(class_name: str) -> str:
+    """``u1f47b_ghost`` -> ``👻 ghost``; other names with ``_`` become spaces."""
+    m = re.fullmatch(r"u([0-9a-f]{4,6})(?:_(.*))?", class_name)
+    if m:
+        char = chr(int(m.group(1), 16))
+        name = (m.group(2) or "").replace("_", " ") or unicodedata.name(char, "").lower()
+        return f"{char} {name}".strip()
+    return class_name.replace("_", " ")
+
+
+class DemoBackend:
+    """The workspace's up-to-date indexes, one warm Searcher per (index, mode) shared by every
+    request, and the gallery's names, content hashes and thumbnails."""
+
+    def __init__(self, workspace: str | Path, device: str | None = None,
+                 captioner: str | None = None):
+        self.ws = Workspace(workspace).require()
+        self.device, self.captioner = device, captioner
+        rows = [r for r in list_indexes(self.ws.root) if r["current"]]
+        self.indexes = [IndexInfo(r["name"], r["encoder_spec"], r.get("normalize") or "none",
+                                  split_caption_spec(r["encoder_spec"]) is not None)
+                        for r in rows]
+        if not self.indexes:
+            raise CdirError(f"no up-to-date index in {self.ws.root}: build one with "
+                            f"`cdir index build -w {self.ws.root} --encoder SPEC`")
+        m = self.ws.manifest()
+        self.domains = sorted(m["domain"].astype(str).unique())
+        self.rows = m.set_index("id", drop=False)
+        self._by_path = {os.path.realpath(p): i for p, i in zip(m["path"], m["id"], strict=True)}
+        self._by_hash: dict[tuple[int, str], str] | None = None
+        self._captions: dict[str, dict[str, str]] = {}
+        self._searchers: dict[tuple[str, str], Searcher] = {}
+        self._lock = threading.Lock()
+        self.thumb_dir = self.ws.root / "cache" / "thumbs"
+
+    # -- what the page offers -------------------------------------------------------------------
+    def image_indexes(self) -> list[IndexInfo]:
+        return [i for i in self.indexes if not i.caption]
+
+    def caption_indexes(self) -> list[IndexInfo]:
+        return [i for i in self.indexes if i.caption]
+
+    def info(self, name: str | None) -> IndexInfo | None:
+        return next((i for i in self.indexes if i.name == name), None)
+
+    def modes(self) -> list[str]:
+        """The modes this workspace's indexes allow."""
+        img, cap = self.image_indexes(), self.caption_indexes()
+        clip_cap = any(split_caption_spec(i.spec)[0].startswith("clip:") for i in cap)
+        out = (["visual"] if img else []) + (["cm-text"] if cap else [])
+        out += ["cm-image"] if clip_cap else []
+        return out + (["fusion"] if img and cap else [])
+
+    def default_mode(self) -> str:
+        return self.modes()[0]
+
+    def served_dirs(self) -> list[str]:
+        """The one folder the server may serve files from: the thumbnails' (`thumbnail`)."""
+        self.thumb_dir.mkdir(parents=True, exist_ok=True)
+        return [str(self.thumb_dir.resolve())]
+
+    def examples(self) -> list[str]:
+        """One query per domain, each of another class, spread over the gallery."""
+        out: list[str] = []
+        used: set[str] = set()
+        m = self.rows.reset_index(drop=True)
+        for i, d in enumerate(self.domains):
+            rows = m[m["domain"].astype(str) == d]
+            if rows.empty:
+                continue
+            start = (len(rows) * (2 * i + 1)) // (2 * len(self.domains) + 1)
+            order = list(range(start, len(rows))) + list(range(start))
+            for j in order:
+                r = rows.iloc[j]
+                if r["class_name"] not in used and Path(r["path"]).exists():
+                    out.append(str(r["path"]))
+                    used.add(r["class_name"])
+                    break
+        return out
+
+    def warm_up(self) -> None:
+        """Load the default searcher's models now, so the first visitor does not wait."""
+        mode = self.default_mode()
+        index = (self.image_indexes() or self.caption_indexes())[0].name
+        path = self.examples()[:1]
+        if path and mode == "visual":
+            self.search(Query(path=path[0]), mode, index, None)
+
+    # -- queries ---------------------------------------------------------------------------------
+    def gallery_item(self, path: str) -> str | None:
+        """The gallery id of the image file ``path``: by path, else by content (an upload of a
+        gallery file), else None."""
+        item = self._by_path.get(os.path.realpath(path))
+        if item is not None:
+            return item
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return None
+        key = (size, sha256_file(path))
+        return self._content_index().get(key)
+
+    def _content_index(self) -> dict[tuple[int, str], str]:
+        with self._lock:
+            if self._by_hash is None:
+                self._by_hash = {}
+                for p, i, size in zip(self.rows["path"], self.rows["id"],
+                                      self.rows["file_size"], strict=True):
+                    if os.path.exists(p):
+                        self._by_hash[(int(size), sha256_file(p))] = i
+            return self._by_hash
+
+    def item_query(self, item: str) -> Query:
+        return Query(path=str(self.rows.loc[item, "path"]), item=item)
+
+    def preview(self, query: Query) -> str | None:
+        """The file the page shows as the query image of a gallery item."""
+        return self.thumbnail(query.path) if query.item and query.path else query.path
+
+    def searcher(self, index: str, mode: str) -> Searcher:
+        with self._lock:
+            key = (index, mode)
+            if key not in self._searchers:
+                self._searchers[key] = Searcher(
+                    str(self.ws.root), index=index, device=self.device,
+                    mode=None if mode in ("visual", TEXT) else mode,
+                    captioner=self.captioner if mode == "cm-text" else None)
+            return self._searchers[key]
+
+    def search(self, query: Query, mode: str, index: str | None, caption_index: str | None,
+               target: str = OTHER_DOMAINS, k: int = 12, query_domain: str = DETECT,
+               weight: float = 0.5) -> Answer:
+        """The top ``k`` of ``query`` in ``target`` (a domain, ALL_DOMAINS or OTHER_DOMAINS);
+        ``weight``: the image index's share of a fusion score. Never raises a CdirError: it
+        becomes the answer's message."""
+        t0 = time.perf_counter()
+        try:
+            answer = self._search(query, mode, index, caption_index, target, int(k),
+                                  query_domain, float(weight))
+        except BadImage as e:
+            answer = Answer(message=f"This file cannot be searched: {_reason(e, query)}",
+                            error=True, bad_file=True)
+        except CdirError as e:
+            answer = Answer(message=str(e), error=True)
+        answer.seconds = time.perf_counter() - t0
+        return answer
+
+    def _search(self, query: Query, mode: str, index: str | None, caption_index: str | None,
+                target: str, k: int, query_domain: str, weight: float) -> Answer:
+        if query.path is None and not (query.text or "").strip():
+            return Answer(message="Upload, paste or click an image, or type a text, to search.")
+        if k < 1:
+            raise CdirError(f"k must be at least 1, got {k}")
+        for name, d in (("domain", target), ("query domain", query_domain)):
+            if d not in (OTHER_DOMAINS, ALL_DOMAINS, DETECT, *self.domains):
+                raise CdirError(f"unknown {name} {d!r}: the gallery has {', '.join(self.domains)}")
+        parts = self._parts(mode, index, caption_index, text=query.path is None)
+        image = None
+        item = query.item
+        if query.path is not None:
+            image = load_image(query.path)
+            if image.width * image.height == 0:
+                raise BadImage(f"{query.path}: empty image")
+            item = item or self.gallery_item(query.path)
+        known = str(self.rows.loc[item, "domain"]) if item is not None else None
+        given = None if query_domain == DETECT else query_domain
+        n = len(self.rows)
+        depth = k + 1 if len(parts) == 1 else min(n, max(5 * k, 50))
+        ranked: list[dict[str, float]] = []
+        caption = used = None
+        for part_mode, info in parts:
+            s = self.searcher(info.name, TEXT if image is None else part_mode)
+            q, cap = self._vectors(s, image, query.text)
+            caption = caption or cap
+            q, domain = self._as_domain(s, q, given or known)
+            used = used or domain
+            if len(ranked) == 0 and used is None and image is not None:
+                used = self._detect(s, q)
+            targets = self._targets(target, used, text=image is None)
+            res = s.index.search(q, k=depth, domain=targets)
+            ranked.append({i: float(v) for i, v in zip(res.ids[0], res.scores[0], strict=True)
+                           if i and i != item})
+        scores = _fuse(ranked, [weight, 1 - weight]) if len(ranked) == 2 else ranked[0]
+        best = sorted(scores.items(), key=lambda kv: -kv[1])[:k]
+        caption_source = next((split_caption_spec(i.spec)[1] for _, i in parts if i.caption), None)
+        hits = [self._hit(r, i, v, caption_source) for r, (i, v) in enumerate(best, 1)]
+        how = ("given" if given else "the gallery item's" if known else
+               "detected from its nearest gallery items" if used else "")
+        desc = ", ".join(f"{m} on {i.label}" for m, i in parts)
+        where = {OTHER_DOMAINS: "every domain but the query's", ALL_DOMAINS: "all domains"}.get(
+            target, target)
+        msg = f"{'text ' if image is None else ''}{desc}: top {len(hits)} in {where}"
+        if used:
+            msg += f"; query domain {used} ({how})"
+        return Answer(hits=hits, message=msg, query_domain=used, caption=caption)
+
+    def _parts(self, mode: str, index: str | None, caption_index: str | None, text: bool
+               ) -> list[tuple[str, IndexInfo]]:
+        """(mode, index) of each score the mode combines."""
+        if mode not in MODES:
+            raise CdirError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        img = self.info(index) if index else next(iter(self.image_indexes()), None)
+        cap = (self.info(caption_index) if caption_index
+               else next(iter(self.caption_indexes()), None))
+        for name, chosen, info in (("index", index, img), ("caption index", caption_index, cap)):
+            if chosen and info is None:
+                raise CdirError(f"no up-to-date {name} {chosen!r} in this workspace")
+        if mode in ("visual", "fusion") and img is None:
+            raise CdirError(f"mode {mode} needs an image index: build one with "
+                            f"`cdir index build -w {self.ws.root} --encoder SPEC`")
+        if mode != "visual" and cap is None:
+            raise CdirError(f"mode {mode} needs a caption index: caption the gallery (`cdir "
+                            f"caption -w {self.ws.root} ...`), then `cdir index build -w "
+                            f"{self.ws.root} --captions SOURCE --text-encoder SPEC`")
+        if text:
+            if mode == "fusion":
+                raise CdirError("a text query has no image to fuse: choose visual, cm-text or "
+                                "cm-image")
+            info = img if mode == "visual" else cap
+            if not info.caption and not info.spec.startswith("clip:") and cap is not None:
+                return [("cm-text", cap)]  # the image index has no text tower: the captions do
+            if not info.caption and not info.spec.startswith("clip:"):
+                raise CdirError(f"a text query needs a CLIP image index or a caption index; "
+                                f"{info.spec} has no text tower: choose a caption index")
+            return [(mode, info)]
+        if mode == "cm-image" and not split_caption_spec(cap.spec)[0].startswith("clip:"):
+            raise CdirError(f"cm-image needs a caption index of CLIP text embeddings; "
+                            f"{cap.spec} is not one: choose cm-text")
+        if mode == "fusion":
+            clip = split_caption_spec(cap.spec)[0].startswith("clip:") and not self.captioner
+            return [("visual", img), ("cm-image" if clip else "cm-text", cap)]
+        return [(mode, img if mode == "visual" else cap)]
+
+    def _vectors(self, s: Searcher, image: Image.Image | None, text: str | None
+                 ) -> tuple[np.ndarray, str | None]:
+        if image is None:
+            return s.text_vectors([text.strip()]), None
+        if s.domain_bn:
+            raise CdirError(f"{s.spec} embeds with per-domain BatchNorm statistics: search it "
+                            "with `cdir search`")
+        q, captions = s.query_vectors([image])
+        return q, (captions[0] if captions else None)
+
+    @staticmethod
+    def _as_domain(s: Searcher, q: np.ndarray, domain: str | None
+                   ) -> tuple[np.ndarray, str | None]:
+        """The query vector in the index's space: a normalised index transforms it with its
+        domain's statistics (that of the nearest centroid when the domain is unknown)."""
+        if s.normalizer is None:
+            return q, domain
+        q, used = s.normalizer.transform_query(q, domain)
+        return q, str(used[0])
+
+    def _detect(self, s: Searcher, q: np.ndarray) -> str | None:
+        """The most common domain among the query's nearest gallery items (label-free: a
+        domain is a style, and style is what nearest neighbours share most)."""
+        res = s.index.search(q, k=min(DETECT_NEIGHBOURS, len(self.rows)))
+        doms = [self.rows.loc[i, "domain"] for i in res.ids[0] if i]
+        return max(sorted(set(doms)), key=doms.count) if doms else None
+
+    def _targets(self, target: str, query_domain: str | None, text: bool) -> list[str] | None:
+        if target == ALL_DOMAINS or (target == OTHER_DOMAINS and (text or not query_domain)):
+            return None
+        if target == OTHER_DOMAINS:
+            others = [d for d in self.domains if d != query_domain]
+            return others or None
+        return [target]
+
+    def _hit(self, rank: int, item: str, score: float, caption_source: str | None) -> Hit:
+        row = self.rows.loc[item]
+        path = str(row["path"])
+        return Hit(rank, score, item, path, self.thumbnail(path), str(row["domain"]),
+                   readable_name(str(row["class_name"])),
+                   self.captions(caption_source).get(item) if caption_source else None)
+
+    def captions(self, source: str) -> dict[str, str]:
+        """id -> caption of a caption source, read once."""
+        with self._lock:
+            if source not in self._captions:
+                from cdir.core.caption_store import CaptionStore
+
+                try:
+                    table = CaptionStore(self.ws, source).read()
+                    self._captions[source] = dict(zip(table["id"], table["caption"],
+                                                      strict=True))
+                except (CdirError, OSError, KeyError):
+                    self._captions[source] = {}
+            return self._captions[source]
+
+    def thumbnail(self, path: str) -> str:
+        """The file the page shows for the gallery image ``path``, made once under the
+        workspace cache (keyed by the file's path, size and mtime): a copy when the image is
+        small, else a JPEG of at most THUMB pixels a side. Only these files are served, so the
+        server never needs to read anywhere but this one folder."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return path
+        key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+        suffix = Path(path).suffix.lower()
+        for done in (self.thumb_dir / f"{key[:24]}.jpg", self.thumb_dir / f"{key[:24]}{suffix}"):
+            if done.exists():
+                return str(done)
+        try:
+            im = load_image(path)
+        except BadImage:
+            return path
+        self.thumb_dir.mkdir(parents=True, exist_ok=True)
+        if max(im.size) <= 2 * THUMB and suffix in (".png", ".jpg", ".jpeg", ".webp", ".gif"):
+            out = self.thumb_dir / f"{key[:24]}{suffix}"
+            with open(path, "rb") as src, atomic_write(out, "wb") as f:
+                shutil.copyfileobj(src, f)
+        else:
+            out = self.thumb_dir / f"{key[:24]}.jpg"
+            im.thumbnail((THUMB, THUMB))
+            with atomic_write(out, "wb") as f:
+                im.save(f, format="JPEG", quality=88)
+        return str(out)
+
+
+def _fuse(ranked: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
+    """Weighted sum of each part's scores over the union of their candidates; an item one part
+    did not rank gets that part's lowest ranked score (the most it could have scored)."""
+    floor = [min(r.values()) if r else 0.0 for r in ranked]
+    ids = set().union(*ranked)
+    return {i: sum(w * r.get(i, f) for w, r, f in zip(weights, ranked, floor, strict=True))
+            for i in ids}
+
+
+def _reason(e: BadImage, query: Query) -> str:
+    text = str(e)
+    prefix = f"{query.path}: "
+    return text[len(prefix):] if query.path and text.startswith(prefix) else text
