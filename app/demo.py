@@ -110,7 +110,7 @@ def build_demo(workspace: str | Path | None = None, device: str | None = None,
                         [(backend.thumbnail(p), backend.rows.loc[backend.gallery_item(p), "domain"])
                          for p in examples], label="examples: one per domain (click one)",
                         columns=len(examples), height=150, object_fit="contain",
-                        allow_preview=False, elem_id="examples")
+                        allow_preview=False, buttons=[], elem_id="examples")
                 mode = gr.Radio(modes, value=modes[0], label="mode", elem_id="mode")
                 index = gr.Dropdown(images, value=images[0][1] if images else None,
                                     label="image index", visible=bool(images),
@@ -129,7 +129,7 @@ def build_demo(workspace: str | Path | None = None, device: str | None = None,
                 status = gr.Markdown(elem_id="status")
                 gallery = gr.Gallery(label="results (click one to search with it)", columns=4,
                                      object_fit="contain", height="auto", allow_preview=False,
-                                     elem_id="results")
+                                     buttons=[], elem_id="results")
                 table = gr.Markdown(elem_id="result-table")
         controls = [mode, index, caption_index, target, k, query_domain, weight]
         outputs = [gallery, status, table, hits_state]
