@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.batcher import Batcher
 from cdir.core.errors import CdirError
 from cdir.core.images import BadImage, load_image
 from cdir.core.io import atomic_write, sha256_file
@@ -58,6 +59,18 @@ class Query:
     path: str | None = None
     text: str | None = None
     item: str | None = None
+
+
+@dataclass(frozen=True)
+class _Work:
+    """One query's work on one index, batched with the others on that index."""
+    image: Image.Image | None
+    text: str | None
+    domain: str | None  # its domain when given or known: the normaliser's statistics
+    own: str | None  # the domain an earlier part of a fusion settled on
+    target: str
+    depth: int
+    item: str | None  # the gallery item it is, never returned
 
 
 @dataclass
@@ -111,12 +124,17 @@ class DemoBackend:
         m = self.ws.manifest()
         self.domains = sorted(m["domain"].astype(str).unique())
         self.rows = m.set_index("id", drop=False)
+        # id -> (path, domain, readable name): a dict, as a pandas lookup per hit is slow
+        self._row = {i: (str(p), str(d), readable_name(str(c))) for i, p, d, c in zip(
+            m["id"], m["path"], m["domain"], m["class_name"], strict=True)}
         self._by_path = {os.path.realpath(p): i for p, i in zip(m["path"], m["id"], strict=True)}
         self._by_hash: dict[tuple[int, str], str] | None = None
         self._captions: dict[str, dict[str, str]] = {}
         self._searchers: dict[tuple[str, str], Searcher] = {}
         self._lock = threading.Lock()
+        self._batcher = Batcher(self._rank)
         self.thumb_dir = self.ws.root / "cache" / "thumbs"
+        self._thumbs: dict[tuple, str] = {}  # (path, size, mtime) -> its thumbnail
 
     # -- what the page offers -------------------------------------------------------------------
     def image_indexes(self) -> list[IndexInfo]:
@@ -196,7 +214,7 @@ class DemoBackend:
             return self._by_hash
 
     def item_query(self, item: str) -> Query:
-        return Query(path=str(self.rows.loc[item, "path"]), item=item)
+        return Query(path=self._row[item][0], item=item)
 
     def preview(self, query: Query) -> str | None:
         """The file the page shows as the query image of a gallery item."""
@@ -247,24 +265,18 @@ class DemoBackend:
             if image.width * image.height == 0:
                 raise BadImage(f"{query.path}: empty image")
             item = item or self.gallery_item(query.path)
-        known = str(self.rows.loc[item, "domain"]) if item is not None else None
+        known = self._row[item][1] if item is not None else None
         given = None if query_domain == DETECT else query_domain
         n = len(self.rows)
         depth = k + 1 if len(parts) == 1 else min(n, max(5 * k, 50))
         ranked: list[dict[str, float]] = []
         caption = used = None
         for part_mode, info in parts:
-            s = self.searcher(info.name, TEXT if image is None else part_mode)
-            q, cap = self._vectors(s, image, query.text)
-            caption = caption or cap
-            q, domain = self._as_domain(s, q, given or known)
-            used = used or domain
-            if len(ranked) == 0 and used is None and image is not None:
-                used = self._detect(s, q)
-            targets = self._targets(target, used, text=image is None)
-            res = s.index.search(q, k=depth, domain=targets)
-            ranked.append({i: float(v) for i, v in zip(res.ids[0], res.scores[0], strict=True)
-                           if i and i != item})
+            key = (info.name, TEXT if image is None else part_mode)
+            got, domain, cap = self._batcher.submit(key, _Work(
+                image, query.text, given or known, used, target, depth, item))
+            ranked.append(got)
+            caption, used = caption or cap, used or domain
         scores = _fuse(ranked, [weight, 1 - weight]) if len(ranked) == 2 else ranked[0]
         best = sorted(scores.items(), key=lambda kv: -kv[1])[:k]
         caption_source = next((split_caption_spec(i.spec)[1] for _, i in parts if i.caption), None)
@@ -316,32 +328,62 @@ class DemoBackend:
             return [("visual", img), ("cm-image" if clip else "cm-text", cap)]
         return [(mode, img if mode == "visual" else cap)]
 
-    def _vectors(self, s: Searcher, image: Image.Image | None, text: str | None
-                 ) -> tuple[np.ndarray, str | None]:
-        if image is None:
-            return s.text_vectors([text.strip()]), None
-        if s.domain_bn:
-            raise CdirError(f"{s.spec} embeds with per-domain BatchNorm statistics: search it "
-                            "with `cdir search`")
-        q, captions = s.query_vectors([image])
-        return q, (captions[0] if captions else None)
+    def _rank(self, key: tuple[str, str], works: list[_Work]
+              ) -> list[tuple[dict[str, float], str | None, str | None]]:
+        """One batch of queries on one index (what the batcher runs): encoded in one pass,
+        normalised and searched as matrices. Per query: (id -> score of its candidates, its
+        domain, its generated caption)."""
+        import numpy as np
 
-    @staticmethod
-    def _as_domain(s: Searcher, q: np.ndarray, domain: str | None
-                   ) -> tuple[np.ndarray, str | None]:
-        """The query vector in the index's space: a normalised index transforms it with its
-        domain's statistics (that of the nearest centroid when the domain is unknown)."""
-        if s.normalizer is None:
-            return q, domain
-        q, used = s.normalizer.transform_query(q, domain)
-        return q, str(used[0])
+        s = self.searcher(*key)
+        if key[1] == TEXT:
+            q, captions = s.text_vectors([w.text.strip() for w in works]), None
+        else:
+            if s.domain_bn:
+                raise CdirError(f"{s.spec} embeds with per-domain BatchNorm statistics: search "
+                                "it with `cdir search`")
+            q, captions = s.query_vectors([w.image for w in works])
+        domains: list[str | None] = [w.domain for w in works]
+        if s.normalizer is not None:  # the domain's statistics; the nearest centroid's if unknown
+            for rows in ([i for i, d in enumerate(domains) if d is not None],
+                         [i for i, d in enumerate(domains) if d is None]):
+                if rows:
+                    given = [domains[i] for i in rows] if domains[rows[0]] else None
+                    q[rows], used = s.normalizer.transform_query(q[rows], given)
+                    for i, d in zip(rows, used, strict=True):
+                        domains[i] = str(d)
+        unknown = [i for i, (w, d) in enumerate(zip(works, domains, strict=True))
+                   if d is None and w.own is None and w.image is not None]
+        if unknown:
+            for i, d in zip(unknown, self._detect(s, q[unknown]), strict=True):
+                domains[i] = d
+        own = [w.own or d for w, d in zip(works, domains, strict=True)]
+        groups: dict[tuple, list[int]] = {}
+        for i, w in enumerate(works):
+            targets = self._targets(w.target, own[i], text=w.image is None)
+            groups.setdefault(tuple(targets) if targets else (), []).append(i)
+        out: list = [None] * len(works)
+        for targets, rows in groups.items():
+            depth = max(works[i].depth for i in rows)
+            res = s.index.search(np.ascontiguousarray(q[rows]), k=depth,
+                                 domain=list(targets) or None)
+            for j, i in enumerate(rows):
+                item = works[i].item
+                got = {g: float(v) for g, v in zip(res.ids[j][:works[i].depth],
+                                                   res.scores[j][:works[i].depth], strict=True)
+                       if g and g != item}
+                out[i] = (got, domains[i], captions[i] if captions else None)
+        return out
 
-    def _detect(self, s: Searcher, q: np.ndarray) -> str | None:
-        """The most common domain among the query's nearest gallery items (label-free: a
+    def _detect(self, s: Searcher, q: np.ndarray) -> list[str | None]:
+        """The most common domain among each query's nearest gallery items (label-free: a
         domain is a style, and style is what nearest neighbours share most)."""
         res = s.index.search(q, k=min(DETECT_NEIGHBOURS, len(self.rows)))
-        doms = [self.rows.loc[i, "domain"] for i in res.ids[0] if i]
-        return max(sorted(set(doms)), key=doms.count) if doms else None
+        out: list[str | None] = []
+        for ids in res.ids:
+            doms = [self._row[i][1] for i in ids if i]
+            out.append(max(sorted(set(doms)), key=doms.count) if doms else None)
+        return out
 
     def _targets(self, target: str, query_domain: str | None, text: bool) -> list[str] | None:
         if target == ALL_DOMAINS or (target == OTHER_DOMAINS and (text or not query_domain)):
@@ -352,10 +394,8 @@ class DemoBackend:
         return [target]
 
     def _hit(self, rank: int, item: str, score: float, caption_source: str | None) -> Hit:
-        row = self.rows.loc[item]
-        path = str(row["path"])
-        return Hit(rank, score, item, path, self.thumbnail(path), str(row["domain"]),
-                   readable_name(str(row["class_name"])),
+        path, domain, name = self._row[item]
+        return Hit(rank, score, item, path, self.thumbnail(path), domain, name,
                    self.captions(caption_source).get(item) if caption_source else None)
 
     def captions(self, source: str) -> dict[str, str]:
@@ -381,11 +421,18 @@ class DemoBackend:
             st = os.stat(path)
         except OSError:
             return path
+        memo = (path, st.st_size, st.st_mtime_ns)
+        if memo in self._thumbs:
+            return self._thumbs[memo]
+        self._thumbs[memo] = out = self._make_thumbnail(path, st)
+        return out
+
+    def _make_thumbnail(self, path: str, st: os.stat_result) -> str:
         key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
         suffix = Path(path).suffix.lower()
         for done in (self.thumb_dir / f"{key[:24]}.jpg", self.thumb_dir / f"{key[:24]}{suffix}"):
             if done.exists():
-                return str(done)
+                return str(done.resolve())
         try:
             im = load_image(path)
         except BadImage:
@@ -400,7 +447,7 @@ class DemoBackend:
             im.thumbnail((THUMB, THUMB))
             with atomic_write(out, "wb") as f:
                 im.save(f, format="JPEG", quality=88)
-        return str(out)
+        return str(out.resolve())  # absolute: Gradio checks served paths by resolving them
 
 
 def _fuse(ranked: list[dict[str, float]], weights: list[float]) -> dict[str, float]:

@@ -29,7 +29,7 @@ from app.backend import (
 
 TITLE = "cdir — cross-domain image search"
 MAX_UPLOAD = "10mb"
-CONCURRENCY = 2  # searches at once: more only queue up for the same CPU cores
+CONCURRENCY = 16  # searches at once: their queries are encoded in one batch (app.batcher)
 QUEUE_SIZE = 256
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
