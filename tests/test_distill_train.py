@@ -216,6 +216,18 @@ def test_backbone_embedding_head_and_grid_refusal() -> None:
         GridPooled(net, 2)
     plain, d = build_backbone("resnet18", width=0.125, small_stem=True)
     assert d == 64 and "embed.weight" not in plain.state_dict()
+    # embed_grid: the last map pooled to 2x2 cells before the head, so the layout survives
+    cells, d = build_backbone("resnet18", width=0.125, small_stem=True, embed_dim=24,
+                              embed_grid=2)
+    assert d == 24 and cells.embed.in_features == 64 * 4
+    x = torch.randn(2, 3, 32, 32)
+    flipped = torch.flip(x, dims=[3])
+    cells.eval()
+    pooled = torch.nn.functional.adaptive_avg_pool2d(cells.feature_map(x), 2).flatten(1)
+    assert torch.allclose(cells(x), cells.embed(pooled), atol=1e-5)
+    assert not torch.allclose(cells(x), cells(flipped), atol=1e-3)  # left and right differ
+    with pytest.raises(CdirError, match="embed_grid"):
+        build_backbone("resnet18", width=0.125, embed_grid=2)
 
 
 def test_every_distillation_recipe_resolves(tmp_path: Path) -> None:
