@@ -284,8 +284,8 @@ class DemoBackend:
         how = ("given" if given else "the gallery item's" if known else
                "detected from its nearest gallery items" if used else "")
         desc = ", ".join(f"{m} on {i.label}" for m, i in parts)
-        where = {OTHER_DOMAINS: "every domain but the query's", ALL_DOMAINS: "all domains"}.get(
-            target, target)
+        other = "all domains" if image is None else "every domain but the query's"
+        where = {OTHER_DOMAINS: other, ALL_DOMAINS: "all domains"}.get(target, target)
         msg = f"{'text ' if image is None else ''}{desc}: top {len(hits)} in {where}"
         if used:
             msg += f"; query domain {used} ({how})"

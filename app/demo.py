@@ -141,14 +141,16 @@ def build_demo(workspace: str | Path | None = None, device: str | None = None,
         def on_image(path: str | None, *settings) -> tuple:
             q = Query(path=path) if path else None
             a = backend.search(q or Query(), *settings)
+            shown = path  # a value, not gr.skip(): an update would rebuild the component
+            # from its arguments, without the preprocessing set on this instance
             if a.bad_file and path:
                 _drop_upload(path)
-                q = None
-            return (q, *render(a), [h.id for h in a.hits])
+                q = shown = None  # no broken picture left in the query box
+            return (shown, q, *render(a), [h.id for h in a.hits])
 
         def on_text(value: str, *settings) -> tuple:
             q = Query(text=value) if value and value.strip() else None
-            return (q, *answer(q, *settings))
+            return (None, q, *answer(q, *settings))  # the image box no longer is the query
 
         def on_item(item: str, *settings) -> tuple:
             q = backend.item_query(item)
@@ -163,10 +165,11 @@ def build_demo(workspace: str | Path | None = None, device: str | None = None,
         def rerun(q: Query | None, *settings) -> tuple:
             return answer(q, *settings)
 
-        query.input(on_image, [query, *controls], [query_state, *outputs],
+        query.input(on_image, [query, *controls], [query, query_state, *outputs],
                     api_name="search_image")
-        text.submit(on_text, [text, *controls], [query_state, *outputs], api_name="search_text")
-        text_button.click(on_text, [text, *controls], [query_state, *outputs],
+        text.submit(on_text, [text, *controls], [query, query_state, *outputs],
+                    api_name="search_text")
+        text_button.click(on_text, [text, *controls], [query, query_state, *outputs],
                           api_visibility="private")
         gallery.select(on_result, [hits_state, *controls], [query, query_state, *outputs],
                        api_visibility="private")

@@ -210,11 +210,12 @@ def test_server_answers_image_text_and_item_queries(server, ws, backend):
     kind, out = _call(url, "search_image", [{"path": path, "meta": {"_type": "gradio.FileData"}},
                                             "visual", None, None, "every other domain", 3,
                                             "detect", 0.5])
-    assert kind == "complete" and len(out[1]) == 3, out
-    assert "query domain noto_mono" in out[2] and "/cache/thumbs/" in out[1][0]["image"]["url"]
+    assert kind == "complete" and len(out[2]) == 3, out
+    assert "query domain noto_mono" in out[3] and "/cache/thumbs/" in out[2][0]["image"]["url"]
     kind, out = _call(url, "search_text", ["a picture of a cat", "cm-text", None, None,
                                            "all domains", 4, "detect", 0.5])
-    assert kind == "complete" and len(out[1]) == 4 and "text cm-text" in out[2]
+    assert kind == "complete" and out[0] is None and len(out[2]) == 4, out
+    assert "text cm-text" in out[3] and "top 4 in all domains" in out[3]
     item = backend.gallery_item(_file(ws, "openmoji"))
     kind, out = _call(url, "search_item", [item, "visual", None, None, "every other domain",
                                            12, "detect", 0.5])
@@ -230,7 +231,7 @@ def test_server_bad_input_is_a_message_not_an_error(server, tmp_path):
     kind, out = _call(url, "search_image", [{"path": path, "meta": {"_type": "gradio.FileData"}},
                                             "visual", None, None, "every other domain", 3,
                                             "detect", 0.5])
-    assert kind == "complete" and out[1] == [] and "not an image" in out[2], out
+    assert kind == "complete" and out[0] is None and out[2] == [] and "not an image" in out[3]
     assert not os.path.exists(path)  # a useless upload is not kept
     big = tmp_path / "big.png"
     big.write_bytes(os.urandom(300_000))
