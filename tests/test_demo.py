@@ -269,3 +269,69 @@ def test_cli_refuses_bad_arguments_and_says_when_it_listens_beyond_loopback(ws, 
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_concurrent_queries_of_every_kind_all_answer(server, ws, backend):
+    """60 queries from 12 clients at once (image uploads, clicks, texts): every one answered,
+    none an error, each with its own results (the batched backend keeps them apart)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = server.local_url
+    files = sorted((ws / "gallery").rglob("*.png"))[:20]
+
+    def image(path):
+        up = _upload(url, str(path)).json()[0]
+        kind, out = _call(url, "search_image", [{"path": up, "meta": {"_type": "gradio.FileData"}},
+                                                "visual", None, None, "every other domain", 4,
+                                                "detect", 0.5])
+        return kind, out[3], path.parent.parent.name
+
+    def item(path):
+        kind, out = _call(url, "search_item", [backend.gallery_item(str(path)), "visual", None,
+                                               None, "every other domain", 4, "detect", 0.5])
+        return kind, out[0][1], path.parent.parent.name
+
+    def text(path):
+        name = path.parent.name.split("_", 1)[1].replace("_", " ")
+        kind, out = _call(url, "search_text", [f"a picture of a {name}", "cm-text", None, None,
+                                               "all domains", 4, "detect", 0.5])
+        return kind, out[3], None
+
+    jobs = [(f, p) for p in files for f in (image, item, text)]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda job: job[0](job[1]), jobs))
+    assert len(answers) == 60
+    for kind, status, domain in answers:
+        assert kind == "complete" and "top 4" in status and "Cannot" not in status, status
+        if domain:
+            assert f"query domain {domain} " in status, (domain, status)
+
+
+def test_batcher_gathers_waiting_requests_and_routes_results_and_errors():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.batcher import Batcher
+
+    gate = threading.Event()
+
+    def fn(key, items):
+        gate.wait(10)  # the first batch holds the thread while the others queue up
+        if key == "bad":
+            raise CdirError("no")
+        return [(key, x * 10) for x in items]
+
+    b = Batcher(fn, max_batch=16)
+    with ThreadPoolExecutor(9) as pool:
+        first = pool.submit(b.submit, "a", 0)
+        time.sleep(0.2)
+        rest = [pool.submit(b.submit, "a" if i % 2 else "b", i) for i in range(1, 9)]
+        bad = pool.submit(b.submit, "bad", 99)
+        time.sleep(0.3)
+        gate.set()
+        assert first.result() == ("a", 0)
+        assert [f.result() for f in rest] == [("a" if i % 2 else "b", i * 10)
+                                              for i in range(1, 9)]
+        with pytest.raises(CdirError, match="no"):
+            bad.result()
+    assert b.batches[0] == 1 and sorted(b.batches[1:]) == [4, 4]  # one call per key
