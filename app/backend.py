@@ -26,6 +26,7 @@ from cdir.core.images import BadImage, load_image
 from cdir.core.io import atomic_write, sha256_file
 from cdir.core.workspace import Workspace, split_caption_spec
 from cdir.stages.index import list_indexes
+from cdir.stages.modes import MODES
 from cdir.stages.search import Searcher
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 OTHER_DOMAINS = "every other domain"  # the default target: all but the query's own
 ALL_DOMAINS = "all domains"
 DETECT = "detect"
-MODES = ("visual", "cm-text", "cm-image", "fusion")
 TEXT = "text"  # the mode of a text query against the chosen index
 THUMB = 192  # thumbnails: longest side in pixels; smaller gallery images are served as they are
 DETECT_NEIGHBOURS = 10
@@ -281,7 +281,9 @@ class DemoBackend:
         best = sorted(scores.items(), key=lambda kv: -kv[1])[:k]
         caption_source = next((split_caption_spec(i.spec)[1] for _, i in parts if i.caption), None)
         hits = [self._hit(r, i, v, caption_source) for r, (i, v) in enumerate(best, 1)]
+        normalised = self.searcher(parts[0][1].name, parts[0][0]).normalizer is not None
         how = ("given" if given else "the gallery item's" if known else
+               "nearest centroid" if normalised else
                "detected from its nearest gallery items" if used else "")
         desc = ", ".join(f"{m} on {i.label}" for m, i in parts)
         other = "all domains" if image is None else "every domain but the query's"

@@ -225,13 +225,17 @@ def test_bad_query_domain(ws, capsys):
     assert "unknown query domain 'nope'" in err and len(err.strip().splitlines()) == 1
 
 
-def test_demo_query_domain(ws, capsys):
-    from app.demo import INFER, DemoBackend
+def test_demo_query_domain(ws, capsys, tmp_path):
+    """The demo on a whitened index: a new image normalised as the domain given, or as that of
+    the nearest gallery centroid."""
+    from app.backend import ALL_DOMAINS, DETECT, DemoBackend, Query
 
     _build(ws, capsys, "--normalize", WHITE)
     backend = DemoBackend(ws)
-    query = load_image(sorted((ws / "gallery" / "twemoji").rglob("*.png"))[3])
-    items, status = backend.search(query, _name(ws), "auto", "all domains", 3, "twemoji")
-    assert items[0][1].startswith("#1 twemoji") and "query as twemoji (given)" in status
-    _, status = backend.search(query, _name(ws), "auto", "all domains", 3, INFER)
-    assert "(nearest centroid)" in status and WHITE in status
+    query = tmp_path / "new.png"
+    load_image(sorted((ws / "gallery" / "twemoji").rglob("*.png"))[3]).rotate(5).save(query)
+    a = backend.search(Query(path=str(query)), "visual", _name(ws), None, ALL_DOMAINS, 3,
+                       "twemoji")
+    assert not a.error and a.query_domain == "twemoji" and "(given)" in a.message, a.message
+    b = backend.search(Query(path=str(query)), "visual", _name(ws), None, ALL_DOMAINS, 3, DETECT)
+    assert "(nearest centroid)" in b.message and WHITE in b.message, b.message
