@@ -338,17 +338,36 @@ class DemoBackend:
         import numpy as np
 
         s = self.searcher(*key)
-        if key[1] == TEXT:
-            q, captions = s.text_vectors([w.text.strip() for w in works]), None
-        else:
-            if s.domain_bn:
-                raise CdirError(f"{s.spec} embeds with per-domain BatchNorm statistics: search "
-                                "it with `cdir search`")
-            q, captions = s.query_vectors([w.image for w in works])
+        if s.domain_bn and key[1] != TEXT:
+            raise CdirError(f"{s.spec} embeds with per-domain BatchNorm statistics: search it "
+                            "with `cdir search`")
+        # a gallery item searched as itself (a click, an upload of its file) has its vector in
+        # the index already, transformed as its domain: no model, no normaliser
+        stored = ([i for i, w in enumerate(works) if w.item is not None
+                   and w.domain == self._row[w.item][1]] if key[1] in ("visual", "cm-text")
+                  else [])
+        kept = s.index.stored_vectors([works[i].item for i in stored]) if stored else None
+        if kept is None:
+            stored = []
+        fresh = [i for i in range(len(works)) if i not in set(stored)]
+        q = np.zeros((len(works), s.index.dim), np.float32)
+        captions: list[str | None] = [None] * len(works)
+        if fresh and key[1] == TEXT:
+            q[fresh] = s.text_vectors([works[i].text.strip() for i in fresh])
+        elif fresh:
+            vecs, caps = s.query_vectors([works[i].image for i in fresh])
+            q[fresh] = vecs
+            for i, c in zip(fresh, caps or [None] * len(fresh), strict=True):
+                captions[i] = c
+        if stored:
+            q[stored] = kept
+            source = split_caption_spec(s.spec)[1] if key[1] == "cm-text" else None
+            for i in stored:
+                captions[i] = self.captions(source).get(works[i].item) if source else None
         domains: list[str | None] = [w.domain for w in works]
         if s.normalizer is not None:  # the domain's statistics; the nearest centroid's if unknown
-            for rows in ([i for i, d in enumerate(domains) if d is not None],
-                         [i for i, d in enumerate(domains) if d is None]):
+            for rows in ([i for i in fresh if domains[i] is not None],
+                         [i for i in fresh if domains[i] is None]):
                 if rows:
                     given = [domains[i] for i in rows] if domains[rows[0]] else None
                     q[rows], used = s.normalizer.transform_query(q[rows], given)
@@ -374,7 +393,7 @@ class DemoBackend:
                 got = {g: float(v) for g, v in zip(res.ids[j][:works[i].depth],
                                                    res.scores[j][:works[i].depth], strict=True)
                        if g and g != item}
-                out[i] = (got, domains[i], captions[i] if captions else None)
+                out[i] = (got, domains[i], captions[i])
         return out
 
     def _detect(self, s: Searcher, q: np.ndarray) -> list[str | None]:

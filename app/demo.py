@@ -141,12 +141,12 @@ def build_demo(workspace: str | Path | None = None, device: str | None = None,
         def on_image(path: str | None, *settings) -> tuple:
             q = Query(path=path) if path else None
             a = backend.search(q or Query(), *settings)
-            shown = path  # a value, not gr.skip(): an update would rebuild the component
-            # from its arguments, without the preprocessing set on this instance
             if a.bad_file and path:
                 _drop_upload(path)
-                q = shown = None  # no broken picture left in the query box
-            return (shown, q, *render(a), [h.id for h in a.hits])
+                q = None
+            # the image box is no output here: sending the upload back costs a copy and a hash
+            # per query, and gr.skip() would rebuild the component without _raw_path
+            return (q, *render(a), [h.id for h in a.hits])
 
         def on_text(value: str, *settings) -> tuple:
             q = Query(text=value) if value and value.strip() else None
@@ -165,7 +165,7 @@ def build_demo(workspace: str | Path | None = None, device: str | None = None,
         def rerun(q: Query | None, *settings) -> tuple:
             return answer(q, *settings)
 
-        query.input(on_image, [query, *controls], [query, query_state, *outputs],
+        query.input(on_image, [query, *controls], [query_state, *outputs],
                     api_name="search_image")
         text.submit(on_text, [text, *controls], [query, query_state, *outputs],
                     api_name="search_text")

@@ -504,6 +504,13 @@ class CdirIndex:
         """The row of ``id_`` (KeyError if absent)."""
         return self._pos[id_]
 
+    def stored_vectors(self, ids: Sequence[str]) -> np.ndarray | None:
+        """The vectors held for ``ids`` [len(ids), dim], as searched (a normalised index's are
+        transformed); None where the index keeps no exact copy (IVF kinds) or lacks an id."""
+        if self.kind not in ("flat", "hnsw") or any(i not in self._pos for i in ids):
+            return None
+        return np.stack([self._cpu.reconstruct(self._pos[i]) for i in ids]).astype(np.float32)
+
     def __repr__(self) -> str:
         return (f"CdirIndex(kind={self.kind!r}, count={len(self)}, dim={self.dim}, "
                 f"device={self.device!r}, encoder={self.meta.encoder_spec!r})")

@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -102,6 +103,15 @@ def test_normalised_index_and_click_query(ws, backend):
     assert nxt.query_domain == a.hits[0].domain
     assert all(h.domain != a.hits[0].domain and h.id != a.hits[0].id for h in nxt.hits)
     assert backend.search(Query(), "visual", None, None).message.startswith("Upload")
+    # a gallery item is searched with its stored vector: the one the model and the normaliser
+    # give its image
+    from cdir.core.images import load_image
+
+    s = backend.searcher(_index(backend, "domain-whiten"), "visual")
+    q, _ = s.query_vectors([load_image(_file(ws, "openmoji", 3))])
+    q, _ = s.normalizer.transform_query(q, ["openmoji"])
+    np.testing.assert_allclose(s.index.stored_vectors([item]), q, atol=1e-5)
+    assert s.index.stored_vectors(["no such id"]) is None
 
 
 def test_text_queries(backend):
@@ -210,8 +220,8 @@ def test_server_answers_image_text_and_item_queries(server, ws, backend):
     kind, out = _call(url, "search_image", [{"path": path, "meta": {"_type": "gradio.FileData"}},
                                             "visual", None, None, "every other domain", 3,
                                             "detect", 0.5])
-    assert kind == "complete" and len(out[2]) == 3, out
-    assert "query domain noto_mono" in out[3] and "/cache/thumbs/" in out[2][0]["image"]["url"]
+    assert kind == "complete" and len(out[1]) == 3, out
+    assert "query domain noto_mono" in out[2] and "/cache/thumbs/" in out[1][0]["image"]["url"]
     kind, out = _call(url, "search_text", ["a picture of a cat", "cm-text", None, None,
                                            "all domains", 4, "detect", 0.5])
     assert kind == "complete" and out[0] is None and len(out[2]) == 4, out
@@ -231,7 +241,7 @@ def test_server_bad_input_is_a_message_not_an_error(server, tmp_path):
     kind, out = _call(url, "search_image", [{"path": path, "meta": {"_type": "gradio.FileData"}},
                                             "visual", None, None, "every other domain", 3,
                                             "detect", 0.5])
-    assert kind == "complete" and out[0] is None and out[2] == [] and "not an image" in out[3]
+    assert kind == "complete" and out[1] == [] and "not an image" in out[2], out
     assert not os.path.exists(path)  # a useless upload is not kept
     big = tmp_path / "big.png"
     big.write_bytes(os.urandom(300_000))
@@ -284,7 +294,7 @@ def test_concurrent_queries_of_every_kind_all_answer(server, ws, backend):
         kind, out = _call(url, "search_image", [{"path": up, "meta": {"_type": "gradio.FileData"}},
                                                 "visual", None, None, "every other domain", 4,
                                                 "detect", 0.5])
-        return kind, out[3], path.parent.parent.name
+        return kind, out[2], path.parent.parent.name
 
     def item(path):
         kind, out = _call(url, "search_item", [backend.gallery_item(str(path)), "visual", None,
