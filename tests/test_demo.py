@@ -345,3 +345,35 @@ def test_batcher_gathers_waiting_requests_and_routes_results_and_errors():
         with pytest.raises(CdirError, match="no"):
             bad.result()
     assert b.batches[0] == 1 and sorted(b.batches[1:]) == [4, 4]  # one call per key
+
+
+def test_cm_image_and_text_on_a_clip_caption_index(tmp_path):
+    """A caption index of CLIP text embeddings: image queries go through the CLIP image tower
+    (cm-image), text queries through its text tower; a CLIP image index takes text queries."""
+    from app.backend import ALL_DOMAINS, DemoBackend, Query
+    from tests.helpers.cli import emoji_workspace
+    from tests.helpers.tiny_models import write_tiny_clip_config
+
+    ws = emoji_workspace(tmp_path, 4)
+    clip = f"clip:{write_tiny_clip_config(tmp_path)}/random"
+    names = tmp_path / "names.csv"
+    import pandas as pd
+
+    m = pd.read_parquet(ws / "manifest.parquet")
+    pd.DataFrame({"id": m["id"], "caption": m["class_name"].str.replace("_", " ")}).to_csv(
+        names, index=False)
+    assert cdir("caption", "-w", ws, "--from-file", names, "--name", "names") == 0
+    assert cdir("embed", "-w", ws, "--captions", "names", "--text-encoder", clip) == 0
+    assert cdir("index", "build", "-w", ws, "--captions", "names", "--text-encoder", clip) == 0
+    assert cdir("embed", "-w", ws, "--encoder", clip, "--workers", "0") == 0
+    assert cdir("index", "build", "-w", ws, "--encoder", clip) == 0
+    backend = DemoBackend(ws)
+    assert backend.modes() == ["visual", "cm-text", "cm-image", "fusion"]
+    query = Query(path=str(sorted((ws / "gallery" / "openmoji").rglob("*.png"))[0]))
+    a = backend.search(query, "cm-image", None, None, k=3)
+    assert not a.error and len(a.hits) == 3 and "cm-image on" in a.message, a.message
+    f = backend.search(query, "fusion", None, None, k=3)  # CLIP captions: fused through cm-image
+    assert not f.error and "visual on" in f.message and "cm-image on" in f.message, f.message
+    t = backend.search(Query(text="a red umbrella"), "visual", None, None, ALL_DOMAINS, 3)
+    assert not t.error and t.message.startswith("text visual on clip:"), t.message
+    assert len(t.hits) == 3
