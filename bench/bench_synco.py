@@ -30,7 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoders.ssl.moco import infonce_logits, infonce_loss  # noqa: E402
 from encoders.ssl.synco import synco_logits  # noqa: E402
-from encoders.ssl.synthetic import SyntheticConfig  # noqa: E402
+from encoders.ssl.synthetic import (  # noqa: E402
+    SyntheticConfig,
+    select_hard,
+    synthesize,
+    synthetic_logits,
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -66,21 +71,45 @@ def bench_loss(args: argparse.Namespace, device: torch.device) -> None:
     k = F.normalize(torch.randn(b, d, generator=g), dim=1).to(device)
     queue = F.normalize(torch.randn(k_size, d, generator=g), dim=1).to(device)
     cfg = SyntheticConfig(n_hard=args.n_hard)
+    vectors = SyntheticConfig(n_hard=args.n_hard, logits="materialize")
     tau = 0.2
 
     def moco() -> None:
         q = q0.clone().requires_grad_(True)
         infonce_loss(infonce_logits(q, k, queue), tau).backward()
 
-    def synco() -> None:
-        q = q0.clone().requires_grad_(True)
-        logits, _ = synco_logits(q, k, queue, cfg)
-        infonce_loss(logits, tau).backward()
+    def step(c: SyntheticConfig) -> Callable[[], None]:
+        def run() -> None:
+            q = q0.clone().requires_grad_(True)
+            logits, _ = synco_logits(q, k, queue, c)
+            infonce_loss(logits, tau).backward()
+        return run
 
     print(f"loss head: batch {b}, K {k_size}, d {d}, N {cfg.n_hard}, "
           f"{cfg.total} synthetic/query, device {device}, threads {torch.get_num_threads()}")
-    times = time_interleaved({"moco": moco, "synco": synco}, args.reps, args.warmup, device)
+    times = time_interleaved({"moco": moco, "synco": step(cfg), "materialized": step(vectors)},
+                             args.reps, args.warmup, device)
     report(times, "loss head (fwd+bwd)")
+
+    # the part SynCo adds, forward only, against the queue logits it starts from
+    neg = q0 @ queue.t()
+
+    def queue_logits() -> None:
+        q0 @ queue.t()
+
+    def added(c: SyntheticConfig) -> Callable[[], None]:
+        def run() -> None:
+            hard = select_hard(neg, c.n_hard)
+            if c.logits == "closed_form":
+                synthetic_logits(q0, neg, queue, hard, c)
+            else:
+                torch.bmm(synthesize(q0, queue, hard, c), q0.unsqueeze(2))
+        return run
+
+    print("selection + synthetic logits (forward) vs the queue logits q @ queue.T:")
+    times = time_interleaved({"moco": queue_logits, "synco": added(cfg),
+                              "materialized": added(vectors)}, args.reps, args.warmup, device)
+    report(times, "selection + synthetic logits")
 
 
 def bench_full(args: argparse.Namespace, device: torch.device) -> None:
@@ -119,6 +148,10 @@ def bench_full(args: argparse.Namespace, device: torch.device) -> None:
 
 def report(times: dict[str, list[float]], what: str) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
+    if "materialized" in med:
+        print(f"{what}: materialized synthetic vectors {med['materialized'] * 1e3:.1f} ms = "
+              f"{med['materialized'] / med['moco']:.3f}x the baseline; closed form "
+              f"{med['synco'] * 1e3:.1f} ms = {med['synco'] / med['moco']:.3f}x")
     ratio = med["synco"] / med["moco"]
     # Adjacent pairs share the machine's momentary load, so their ratios are the least noisy.
     paired = statistics.median(s / m for s, m in zip(times["synco"], times["moco"], strict=True))

@@ -351,7 +351,7 @@ def test_synco_loss_gradient_only_through_query() -> None:
     torch.manual_seed(0)
     queue = unit(torch.randn(64, 16))
     q0, k = unit(torch.randn(6, 16)), unit(torch.randn(6, 16))
-    cfg = syn.SyntheticConfig(n_hard=8, n1=4, n2=4, n3=4, n4=2, n5=2, n6=2)
+    cfg = syn.SyntheticConfig(n_hard=8, n1=4, n2=4, n3=4, n4=2, n5=2, n6=2, logits="materialize")
     q = q0.clone().requires_grad_(True)
     logits, s = synco_logits(q, k, queue, cfg, torch.Generator().manual_seed(3))
     assert logits.shape == (6, 1 + 64 + 18) and not s.requires_grad
@@ -370,6 +370,42 @@ def test_synco_loss_gradient_only_through_query() -> None:
     ref.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(q.grad, qr.grad)
+
+
+@pytest.mark.parametrize("extrapolate_from", syn.EXTRAPOLATE_FROM)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_closed_form_synthetic_logits_equal_the_materialised_ones(extrapolate_from, seed):
+    """Every type: the closed-form logits (no synthetic vectors) have the values and the
+    gradient with respect to q of the materialised ones, draw for draw."""
+    torch.manual_seed(seed)
+    queue = unit(torch.randn(512, 32))
+    q0, k = unit(torch.randn(8, 32)), unit(torch.randn(8, 32))
+    kw = dict(n_hard=64, n1=16, n2=16, n3=16, n4=8, n5=8, n6=8, sigma=0.1, delta=0.05,
+              eta=0.05, extrapolate_from=extrapolate_from)
+    out = {}
+    for how in syn.LOGITS:
+        cfg = syn.SyntheticConfig(**kw, logits=how)
+        q = q0.clone().requires_grad_(True)
+        logits, vectors = synco_logits(q, k, queue, cfg, torch.Generator().manual_seed(seed))
+        weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(9))
+        (logits * weights).sum().backward()  # any downstream loss: a random linear one
+        out[how] = (logits.detach(), q.grad, vectors)
+    assert out["closed_form"][2] is None and out["materialize"][2].shape == (8, 72, 32)
+    torch.testing.assert_close(out["closed_form"][0], out["materialize"][0], atol=2e-6, rtol=0)
+    torch.testing.assert_close(out["closed_form"][1], out["materialize"][1], atol=2e-5, rtol=0)
+
+
+def test_closed_form_refuses_the_finite_difference_perturbation():
+    cfg = syn.SyntheticConfig(n_hard=8, n1=0, n2=0, n3=0, n4=0, n5=2, n6=2,
+                              perturb_impl="finite_difference")
+    q, queue = unit(torch.randn(2, 8)), unit(torch.randn(16, 8))
+    hard = syn.select_hard(q @ queue.t(), 8)
+    with pytest.raises(CdirError, match="closed_form"):
+        syn.synthetic_logits(q, q @ queue.t(), queue, hard, cfg)
+    logits, vectors = synco_logits(q, q, queue, cfg)  # falls back to the vectors
+    assert vectors is not None and logits.shape == (2, 1 + 16 + 4)
+    with pytest.raises(CdirError, match="logits"):
+        syn.SyntheticConfig(logits="lazy").validate()
 
 
 def test_synco_warmup_gating() -> None:
@@ -550,3 +586,26 @@ def test_registry_defaults_and_errors() -> None:
         tiny("synco", queue_size=64)  # n_hard 1024 > K
     with pytest.raises(CdirError):
         tiny("moco", temperature=0)
+
+
+def test_select_hard_is_the_exact_top_n_also_where_its_sample_misleads() -> None:
+    """The thresholded selection picks exactly the top-N set of every row: random rows, rows
+    with many ties, and a row whose sampled columns hold its largest values (too few of the
+    rest pass the threshold: that row falls back to a full top-k)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 8192, generator=g)
+    x[1] = torch.randint(0, 50, (8192,), generator=g).float()  # ties
+    step = 8192 // (8 * 64)
+    x[2, ::step] += 10.0
+    x[3] = -x[3]
+    for n in (64, 100):
+        got = syn.select_hard(x, n).sort(1).values
+        want = torch.topk(x, n, dim=1).indices.sort(1).values
+        for r in (0, 2, 3, 4, 5):
+            assert torch.equal(got[r], want[r]), r
+        # with ties the set may differ among equal values; the values selected may not
+        vals = x[1, got[1]].sort().values
+        torch.testing.assert_close(vals, torch.topk(x[1], n).values.sort().values)
+    wide = torch.rand(3, 100, generator=g)  # hard set a large part of the row: plain top-k
+    assert torch.equal(syn.select_hard(wide, 40).sort(1).values,
+                       torch.topk(wide, 40, dim=1).indices.sort(1).values)

@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from encoders.ssl.moco import MoCo, MoCoConfig
-from encoders.ssl.synthetic import SyntheticConfig, select_hard, synthesize
+from encoders.ssl.synthetic import (
+    SyntheticConfig,
+    select_hard,
+    synthesize,
+    synthetic_logits,
+)
 
 
 def synco_logits(
@@ -26,10 +31,15 @@ def synco_logits(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unscaled logits [q.k+ | q.queue | q.synthetic], (B, 1 + K + cfg.total), and the synthetic
-    negatives (B, cfg.total, d). ``q``, ``k`` and ``queue`` are unit rows (float32)."""
+    negatives (B, cfg.total, d), or None where they are not built (``cfg.logits`` closed_form,
+    the default: the same logits and gradient from the queue logits). ``q``, ``k`` and ``queue``
+    are unit rows (float32)."""
     pos = (q * k).sum(dim=1, keepdim=True)
     neg = q @ queue.t()
     hard = select_hard(neg, cfg.n_hard)  # from the current queue, before the enqueue
+    if cfg.logits == "closed_form" and cfg.perturb_impl == "closed_form":
+        return torch.cat([pos, neg, synthetic_logits(q, neg, queue, hard, cfg, generator)],
+                         dim=1), None
     syn = synthesize(q, queue, hard, cfg, generator)
     syn_logits = torch.bmm(syn, q.unsqueeze(2)).squeeze(2)
     return torch.cat([pos, neg, syn_logits], dim=1), syn
@@ -69,11 +79,11 @@ class SynCo(MoCo):
             logits, logs = super()._logits(q, k, queue)
             logs["n_syn"] = logits.new_zeros(())
             return logits, logs
-        logits, syn = synco_logits(q, k, queue, self.cfg.synthetic)
+        logits, _ = synco_logits(q, k, queue, self.cfg.synthetic)
         with torch.no_grad():
             syn_logits = logits[:, 1 + queue.shape[0]:]
             logs = {
-                "n_syn": logits.new_tensor(float(syn.shape[1])),
+                "n_syn": logits.new_tensor(float(syn_logits.shape[1])),
                 "syn_sim": syn_logits.mean(),
             }
         return logits, logs

@@ -33,6 +33,7 @@ _T = torch.Tensor
 _Gen = torch.Generator | None
 EXTRAPOLATE_FROM = ("query", "negative")
 PERTURB_IMPLS = ("closed_form", "finite_difference")
+LOGITS = ("closed_form", "materialize")
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -203,6 +204,9 @@ class SyntheticConfig:
     extrapolate_from: str = "query"  # "query" = reference code, "negative" = paper formula
     perturb_impl: str = "closed_form"  # or "finite_difference" (pre-c214637 reference)
     fd_eps: float = 1e-5
+    # "closed_form": the synthetic logits from the queue logits, no synthetic vectors (same
+    # values and gradient); "materialize": build the vectors (`synthesize`), then q . s
+    logits: str = "closed_form"
 
     @property
     def counts(self) -> tuple[int, int, int, int, int, int]:
@@ -231,6 +235,8 @@ class SyntheticConfig:
             raise CdirError(f"synco: extrapolate_from must be one of {EXTRAPOLATE_FROM}")
         if self.perturb_impl not in PERTURB_IMPLS:
             raise CdirError(f"synco: perturb_impl must be one of {PERTURB_IMPLS}")
+        if self.logits not in LOGITS:
+            raise CdirError(f"synco: logits must be one of {LOGITS}, got {self.logits!r}")
         if min(self.sigma, self.delta, self.eta, self.fd_eps) < 0:
             raise CdirError("synco: sigma, delta, eta and fd_eps must be >= 0")
         if not (self.alpha_max >= 0 and self.beta_max >= 1 and self.gamma_max >= 0):
@@ -239,9 +245,37 @@ class SyntheticConfig:
 
 @torch.no_grad()
 def select_hard(neg_logits: torch.Tensor, n_hard: int) -> torch.Tensor:
-    """Indices (B, n_hard) of each query's ``n_hard`` most similar queue entries (unsorted)."""
-    k = min(int(n_hard), neg_logits.shape[1])
-    return torch.topk(neg_logits.detach(), k, dim=1, sorted=False).indices
+    """Indices (B, n_hard) of each query's ``n_hard`` most similar queue entries (unsorted).
+
+    Exact, and faster than one top-k over the whole queue when the hard set is a small part of
+    it (N = 1024 of K = 65536): a threshold that about 2N entries of a row pass, from the top
+    of a strided sample of 8N of its columns, keeps the candidates, and a top-k over those alone
+    picks the N; a row where fewer than N pass gets the full top-k.
+    """
+    x = neg_logits.detach()
+    b, width = x.shape
+    k = min(int(n_hard), width)
+    if k * 16 > width or b == 0:  # no gain
+        return torch.topk(x, k, dim=1, sorted=False).indices
+    step = max(1, width // (8 * k))  # a sample of about 8 N columns
+    sample = x[:, ::step]
+    keep = min(sample.shape[1], 2 * k // step + 1)  # about 2N entries of the row pass
+    threshold = torch.topk(sample, keep, dim=1, sorted=False).values.amin(1, keepdim=True)
+    rows, cols = (x >= threshold).nonzero(as_tuple=True)  # row-major: rows stay together
+    counts = torch.bincount(rows, minlength=b)  # (a sum over the bool mask is far slower)
+    cap = int(counts.max())
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(rows), device=x.device) - start[rows]
+    cand = x.new_full((b, cap), float("-inf"))
+    cand_idx = torch.zeros((b, cap), dtype=torch.long, device=x.device)
+    cand[rows, slot] = x[rows, cols]
+    cand_idx[rows, slot] = cols
+    top = torch.topk(cand, k, dim=1, sorted=False).indices
+    out = cand_idx.gather(1, top)
+    short = (counts < k).nonzero(as_tuple=True)[0]
+    if len(short):  # the sample put the threshold too high: these rows in full
+        out[short] = torch.topk(x[short], k, dim=1, sorted=False).indices
+    return out
 
 
 @torch.no_grad()
@@ -288,3 +322,98 @@ def synthesize(
     if c6:
         _adversarial_(q, n6, cfg.eta, cfg.perturb_impl, cfg.fd_eps, generator)
     return src[:, :total]
+
+
+# --------------------------------------------------------------------------------------------
+# the synthetic logits in closed form, without the synthetic vectors
+
+
+def _ratio(num: _T, sq_norm: _T) -> _T:
+    return num / sq_norm.clamp_min(1e-24).sqrt()
+
+
+def synthetic_logits(
+    q: torch.Tensor,
+    neg: torch.Tensor,
+    queue: torch.Tensor,
+    hard_idx: torch.Tensor,
+    cfg: SyntheticConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The logits q.s of every synthetic negative s, (B, cfg.total), with the values and the
+    gradient with respect to ``q`` of ``bmm(synthesize(...), q)``, without building s.
+
+    Each s is unit(u) with u a combination of q, the queue rows n and a few random terms, and a
+    constant for the loss: its logit is q.u / |u|, where q.u is a combination of q.q_d (q_d the
+    detached query; gradient q_d) and q.n, an entry of the queue logits ``neg`` (= q @ queue.T,
+    gradient n), and |u| follows from q_d.n (the same entry, detached) and the coefficient.
+    Mixup needs n1.n2, noise n.e and q.e, adversarial n.sign(q_d): small gathers. The random
+    draws are those of ``synthesize``, in its order, so a seeded generator gives the same
+    logits. ``perturb_impl="finite_difference"`` has no closed form: use ``synthesize``.
+    """
+    if cfg.perturb_impl != "closed_form" and (cfg.n5 or cfg.n6):
+        raise CdirError("closed-form synthetic logits need perturb_impl='closed_form'")
+    qd = q.detach()
+    b, d = qd.shape
+    c1, c2, c3, c4, c5, c6 = cfg.counts
+    total = cfg.total
+    if total == 0:
+        return q.new_zeros((b, 0))
+    n_src = total + c3
+    pos = torch.randint(hard_idx.shape[1], (b, n_src), generator=generator, device=qd.device)
+    rows = hard_idx.gather(1, pos)  # queue rows of every source, laid out as in synthesize
+    ln = neg.gather(1, rows)  # q.n, with its gradient n
+    c = ln.detach()  # q_d.n
+    pq = (q * qd).sum(1, keepdim=True)  # q.q_d: value 1, gradient q_d
+    parts = []
+    split = dict(zip("1 2 3 4 5 6 3b".split(), torch.arange(n_src, device=qd.device).split(
+        [c1, c2, c3, c4, c5, c6, c3]), strict=True))
+
+    def cols(key: str) -> tuple[_T, _T]:
+        idx = split[key]
+        return ln[:, idx], c[:, idx]
+
+    def vectors(key: str) -> _T:
+        return queue.detach().index_select(0, rows[:, split[key]].reshape(-1)).view(b, -1, d)
+
+    if c1:  # a q + (1 - a) n
+        a = _uniform((b, c1), 0.0, cfg.alpha_max, qd, generator)
+        l1, c1_ = cols("1")
+        parts.append(_ratio(a * pq + (1 - a) * l1,
+                            a * a + (1 - a) ** 2 + 2 * a * (1 - a) * c1_))
+    if c2:
+        t = _uniform((b, c2), 1.0, cfg.beta_max, qd, generator)
+        l2, c2_ = cols("2")
+        if cfg.extrapolate_from == "query":  # (1 - t) q + t n
+            x, y = 1 - t, t
+        else:  # (1 + t) n - t q
+            x, y = -t, 1 + t
+        parts.append(_ratio(x * pq + y * l2, x * x + y * y + 2 * x * y * c2_))
+    if c3:  # g n1 + (1 - g) n2
+        g = _uniform((b, c3), 0.0, cfg.gamma_max, qd, generator)
+        l3, _ = cols("3")
+        l3b, _ = cols("3b")
+        n12 = torch.einsum("bmd,bmd->bm", vectors("3"), vectors("3b"))
+        parts.append(_ratio(g * l3 + (1 - g) * l3b, g * g + (1 - g) ** 2 + 2 * g * (1 - g) * n12))
+    if c4:  # n + sigma e
+        e = torch.randn((b, c4, d), generator=generator, device=qd.device, dtype=qd.dtype)
+        l4, _ = cols("4")
+        n = vectors("4")
+        qe = torch.einsum("bd,bmd->bm", q, e)
+        s = cfg.sigma
+        sq = (torch.einsum("bmd,bmd->bm", n, n) + 2 * s * torch.einsum("bmd,bmd->bm", n, e)
+              + s * s * torch.einsum("bmd,bmd->bm", e, e))
+        parts.append(_ratio(l4 + s * qe, sq))
+    if c5:  # n + delta q
+        l5, c5_ = cols("5")
+        dl = cfg.delta
+        parts.append(_ratio(l5 + dl * pq, 1 + 2 * dl * c5_ + dl * dl))
+    if c6:  # n + eta sign(q)
+        l6, _ = cols("6")
+        sign = torch.sign(qd)
+        n_sign = torch.einsum("bmd,bd->bm", vectors("6"), sign)
+        et = cfg.eta
+        q_sign = (q * sign).sum(1, keepdim=True)
+        sq = 1 + 2 * et * n_sign + et * et * (sign * sign).sum(1, keepdim=True)
+        parts.append(_ratio(l6 + et * q_sign, sq))
+    return torch.cat(parts, dim=1)
