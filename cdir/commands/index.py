@@ -27,9 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--encoder", help="image encoder spec whose embeddings are indexed")
     b.add_argument("--captions", help="index caption embeddings of this caption source instead")
     b.add_argument("--text-encoder", help="text encoder of the caption embeddings")
-    b.add_argument("--type", choices=KINDS, default="flat",
+    b.add_argument("--type", choices=(*KINDS, "auto"), default="flat",
                    help="flat: exact; ivf / ivfpq: inverted lists (faster, approximate, "
-                        "ivfpq compressed); hnsw: graph")
+                        "ivfpq compressed); hnsw: graph; auto: chosen from the vector count, "
+                        "dimension and --memory, its nprobe / efSearch tuned to --recall")
+    b.add_argument("--memory", default=None,
+                   help="--type auto: memory budget of the index, e.g. 4GB (default: none)")
+    b.add_argument("--recall", type=float, default=0.95,
+                   help="--type auto: recall@10 against exact search to tune for (default 0.95)")
     b.add_argument("--normalize", choices=tuple(NORMALIZERS), default="none",
                    help="per-domain normalisation of the indexed vectors, fitted on the gallery "
                         "without labels (statistics saved beside the index; queries get their "
@@ -64,7 +69,8 @@ def run_build(args: argparse.Namespace) -> int:
     summary = build_index(args.workspace, encoder=args.encoder, text_encoder=args.text_encoder,
                           captions=args.captions, kind=args.type, name=args.name, gpu=args.gpu,
                           nlist=args.nlist, m=args.m, rebuild=args.rebuild, force=args.force,
-                          allow_missing=args.allow_missing, normalize=args.normalize)
+                          allow_missing=args.allow_missing, normalize=args.normalize,
+                          memory=args.memory, recall=args.recall)
     for note in summary["notes"]:
         print(note, file=sys.stderr)
     print(summary["summary"])

@@ -128,7 +128,8 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
                 kind: str = "flat", name: str | None = None, gpu: bool | None = None,
                 nlist: int | None = None, m: int | None = None,
                 rebuild: bool = False, force: bool = False,
-                allow_missing: bool = False, normalize: str = "none") -> dict[str, Any]:
+                allow_missing: bool = False, normalize: str = "none",
+                memory: str | None = None, recall: float = 0.95) -> dict[str, Any]:
     """Build a cosine index of ``kind`` over the image embeddings of ``encoder`` or the caption
     embeddings of ``captions`` by ``text_encoder``, in ``WORKSPACE/indexes/NAME.faiss``.
 
@@ -139,7 +140,10 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     sub-quantizers (ivfpq) or graph degree (hnsw); ``nlist``: IVF lists. ``normalize`` (a key of
     `indexes.normalize.NORMALIZERS`): the vectors are normalised per domain with statistics
     fitted on the indexed rows, saved as ``NAME.normalize.npz`` (fingerprint in the sidecar);
-    such an index is refit and rebuilt, never extended, when the gallery grows. Returns the index's
+    such an index is refit and rebuilt, never extended, when the gallery grows. ``kind="auto"``
+    chooses the family from the vector count, dimension and ``memory`` (e.g. "4GB") and tunes
+    its nprobe / efSearch to reach ``recall``@10 against exact search (`indexes.auto`); the
+    choice and the measurement go into the sidecar (``params.auto``). Returns the index's
     name, path, spec, kind, vector count, what was done (``action``: up-to-date, added or built),
     ``notes`` (lines for stderr: what was left out, parameters lowered for small data) and the
     one-line ``summary``."""
@@ -170,6 +174,16 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     x, ok, spec = index_vectors(ws, manifest, encoder, text_encoder, captions)
     # a normalised index has a name of its own, so the plain one can stay beside it
     name = name or f"{spec_key(spec)}.{kind}" + (f".{normalize}" if normalize != "none" else "")
+    choice = None
+    if kind == "auto":
+        from indexes.auto import choose, parse_memory
+
+        if nlist or m:
+            raise CdirError("--nlist and --m do not go with --type auto: it chooses them")
+        choice = choose(int(ok.sum()), int(x.shape[1]), parse_memory(memory))
+        kind = choice.kind
+    elif memory is not None:
+        raise CdirError("--memory applies to --type auto")
     path = ws.index_path(name)
     ids = manifest["id"].to_numpy()[ok].tolist()
     domains = manifest["domain"].astype(str).to_numpy()[ok].tolist()
@@ -180,6 +194,8 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     if nlist and "nlist" not in accepts:
         raise CdirError("--nlist applies to --type ivf or ivfpq")
     params = {k: v for k, v in (("nlist", nlist), (m_name, m)) if v}
+    if choice is not None:
+        params.update(choice.params)
     old_meta = None
     if index_files(path).faiss.exists():
         try:
@@ -245,6 +261,12 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     index = new_index(vecs, ids, domains, kind=kind, encoder_spec=spec,
                       manifest_fingerprint=fp, gpu=gpu, **params)
     index.normalizer = norm  # saved beside it, its fingerprint in the sidecar
+    if choice is not None:
+        from indexes.auto import describe, tune
+
+        record = tune(index, vecs, recall)
+        index.meta.params["auto"]["reason"] = choice.reason
+        notes.append(describe(choice, record))
     _stamp(ws, spec, index)
     index.save(path)
     small = small_data_note(kind, len(index), index.meta.params, params)

@@ -1,0 +1,90 @@
+"""`--type auto`: the family chosen for each size and budget, the tuning that reaches a recall
+target against exact search, and the command that records both in the sidecar."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cdir.core.errors import CdirError
+from indexes.auto import _ground_truth, choose, parse_memory, tune
+from indexes.faiss_index import build_index
+from tests.helpers.cli import cdir
+
+
+def test_each_family_where_it_belongs():
+    assert choose(5_000, 512).kind == "flat"
+    assert choose(100_000, 512).kind == "hnsw"
+    assert choose(200_000, 128).kind == "hnsw"
+    assert choose(200_000, 128, parse_memory("120MB")).kind == "ivf"  # no room for the graph
+    assert choose(1_000_000, 512, parse_memory("4GB")).kind == "ivf"
+    pq = choose(1_000_000, 512, parse_memory("1GB"))
+    assert pq.kind == "ivfpq" and pq.params["pq_m"] <= 900 and 512 % pq.params["pq_m"] == 0
+    small = choose(1_000_000, 512, parse_memory("40MB"))
+    assert small.kind == "ivfpq" and small.params["pq_m"] <= 36
+    with pytest.raises(CdirError, match="raise --memory"):
+        choose(1_000_000, 512, parse_memory("100kB"))
+    assert parse_memory("16GiB") == 16 * 2**30 and parse_memory(None) is None
+    for bad in ("lots", "-1GB", "4 parsecs", "0"):
+        with pytest.raises(CdirError, match="--memory"):
+            parse_memory(bad)
+
+
+def _clustered(n, d, centres, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, d)).astype(np.float32)
+    x = c[rng.integers(0, centres, n)] + 0.35 * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_ground_truth_leaves_each_query_out():
+    x = _clustered(700, 16, 5)
+    rows = np.array([3, 50, 699])
+    got = _ground_truth(x, x[rows], rows, 10, block=128)
+    sims = x[rows] @ x.T
+    sims[np.arange(3), rows] = -np.inf
+    want = np.argsort(-sims, axis=1)[:, :10]
+    assert [set(g) for g in got] == [set(w) for w in want]
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_tuning_reaches_the_target_with_the_smallest_setting(kind):
+    x = _clustered(12_000, 32, 60)
+    ids = [str(i) for i in range(len(x))]
+    index = build_index(x, ids, ["d"] * len(x), kind=kind, gpu=False)
+    record = tune(index, x, target=0.95, n_queries=150)
+    name = "nprobe" if kind == "ivf" else "ef_search"
+    assert record["reached"] and record["recall"] >= 0.95
+    assert index.meta.params[name] == record[name] and index.meta.params["auto"] is record
+    tried = record["tried"]
+    assert tried[-1][0] == record[name] and all(r < 0.95 for _, r in tried[:-1])
+    assert [v for v, _ in tried] == sorted(v for v, _ in tried)
+    assert record["ms_per_query"] > 0
+
+
+def test_tuning_says_when_the_target_is_out_of_reach():
+    x = _clustered(3_000, 64, 30)
+    index = build_index(x, [str(i) for i in range(len(x))], ["d"] * len(x), kind="ivfpq",
+                        gpu=False, pq_m=2, pq_nbits=4)
+    record = tune(index, x, target=0.999, n_queries=100)
+    assert not record["reached"] and record["nprobe"] == index.meta.params["nlist"]
+
+
+def test_cli_auto_records_the_choice(tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert cdir("data", "emoji", "-w", ws, "--limit", "40") == 0
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    capsys.readouterr()
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels", "--type", "auto",
+                "--memory", "200kB", "--recall", "0.9") == 0
+    err = capsys.readouterr().err
+    assert "auto: ivfpq" in err and "held-out queries" in err
+    meta = json.loads(next((ws / "indexes").glob("*.auto.json")).read_text())
+    assert meta["kind"] == "ivfpq" and meta["params"]["auto"]["recall_target"] == 0.9
+    assert "PQ codes" in meta["params"]["auto"]["reason"]
+    assert cdir("search", "-w", ws, "--index", next((ws / "indexes").glob("*.auto.json")).stem,
+                "--image", next((ws / "gallery").rglob("*.png")), "-k", "3") == 0
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels", "--memory", "1GB") == 2
+    assert "--memory applies to --type auto" in capsys.readouterr().err
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels", "--type", "auto",
+                "--nlist", "4") == 2
