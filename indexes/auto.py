@@ -4,7 +4,7 @@ budget, then its search parameter tuned on held-out queries to reach a recall ta
 The choice (vectors of ``dim`` float32 take ``4 * dim`` bytes each):
 
     exact search is fast enough (n * dim <= 2e7, about 1 ms a query)    flat
-    the vectors and an HNSW graph fit the budget, n <= 200k               hnsw (efSearch tuned)
+    the vectors and an HNSW graph fit the budget, n <= 2M                hnsw (efSearch tuned)
     the vectors fit the budget                                           ivf  (nprobe tuned)
     they do not                                                          ivfpq, codes sized to it
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from indexes.faiss_index import CdirIndex
 
 FLAT_MAX_WORK = 2e7  # n * dim of an exact search of about a millisecond (2 CPU threads)
-HNSW_MAX_N = 200_000  # beyond this an HNSW graph takes long to build on a few cores
+HNSW_MAX_N = 2_000_000  # beyond this an HNSW graph takes long to build on a few cores
 HNSW_M = 32
 UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

@@ -17,7 +17,9 @@ def test_each_family_where_it_belongs():
     assert choose(100_000, 512).kind == "hnsw"
     assert choose(200_000, 128).kind == "hnsw"
     assert choose(200_000, 128, parse_memory("120MB")).kind == "ivf"  # no room for the graph
-    assert choose(1_000_000, 512, parse_memory("4GB")).kind == "ivf"
+    assert choose(1_000_000, 512, parse_memory("4GB")).kind == "hnsw"
+    assert choose(1_000_000, 512, parse_memory("2.2GB")).kind == "ivf"  # vectors, no graph
+    assert choose(3_000_000, 512).kind == "ivf"  # a graph that takes too long to build
     pq = choose(1_000_000, 512, parse_memory("1GB"))
     assert pq.kind == "ivfpq" and pq.params["pq_m"] <= 900 and 512 % pq.params["pq_m"] == 0
     small = choose(1_000_000, 512, parse_memory("40MB"))
