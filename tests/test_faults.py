@@ -186,9 +186,12 @@ def zygote(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Manifest rows of 96 PNGs (4 domains x 4 classes x 6, 160 px): a `cdir embed --encoder
-    pixels --batch-size 1` run takes about half a second, long enough to be cut anywhere."""
-    base = write_shape_tree(tmp_path_factory.mktemp("images"), per_class=6, size=160, ext=".png")
+    """Manifest rows of 384 PNGs (4 domains x 4 classes x 24, 160 px): a `cdir embed --encoder
+    pixels --batch-size 1` run takes a few tenths of a second (about 1400 images/s here), long
+    enough to be cut anywhere, also after its bar's first refresh (tqdm redraws every 0.1 s:
+    with 96 images a fast run could finish before a SIGTERM sent at "10 done" arrived)."""
+    base = write_shape_tree(tmp_path_factory.mktemp("images"), per_class=24, size=160,
+                            ext=".png")
     return manifest_rows(base)
 
 

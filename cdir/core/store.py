@@ -17,6 +17,7 @@ interrupted run continues without duplicated or missing rows.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 _SHARD = re.compile(r"shard_(\d{5})\.ids\.json$")
-_SHARD_FILE = re.compile(r"shard_\d{5}\.(ids\.json|versions\.json|npy)$")
+_SHARD_FILE = re.compile(r"shard_(\d{5})\.(ids\.json|versions\.json|npy|claim)$")
 
 
 def same_version(stored: str | None, now: str | None) -> bool:
@@ -146,7 +147,7 @@ class EmbeddingStore:
         if not np.isfinite(vectors).all():
             raise CdirError(f"non-finite embeddings produced for e.g. {ids[0]!r}")
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        n = (self._shards() or [-1])[-1] + 1
+        n = self._claim()
         with atomic_path(self.dir / f"shard_{n:05d}.npy") as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, vectors)
@@ -156,6 +157,22 @@ class EmbeddingStore:
         elif versions_path.exists():  # left by a run killed before its ids landed
             versions_path.unlink()
         write_json(self.dir / f"shard_{n:05d}.ids.json", list(ids))
+        (self.dir / f"shard_{n:05d}.claim").unlink(missing_ok=True)
+
+    def _claim(self) -> int:
+        """The next shard number, taken by creating its claim file exclusively: processes
+        writing into one store at once (the ranks of a torchrun) never pick the same one. A
+        claim left by a killed process only makes its number skipped."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        n = max((int(m.group(1)) for p in self.dir.iterdir()
+                 if (m := _SHARD_FILE.match(p.name))), default=-1) + 1
+        while True:
+            try:
+                os.close(os.open(self.dir / f"shard_{n:05d}.claim",
+                                 os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                return n
+            except FileExistsError:
+                n += 1
 
     # -- reading -------------------------------------------------------------------------------
     def load(self, manifest: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cdir.core.caption_store import CaptionStore, resolve_source
+from cdir.core.dist import all_gather_object, barrier, rank_world
 from cdir.core.errors import CdirError
 from cdir.core.images import failure_reason, failure_report, load_image
 from cdir.core.lock import beside, exclusive
@@ -178,20 +179,27 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
                 new_vecs[:] = [vecs[n:]] if len(vecs) > n else []
                 state["written"] += n
             wrote = True
-        # failures go out with the shards (unwritten ones are simply retried after a kill)
-        if wrote or final:
+        # failures go out with the shards (unwritten ones are simply retried after a kill);
+        # under torchrun rank 0 writes them all at the end
+        if (wrote or final) and world == 1:
             _write_failed(store, old_failed, failures, embedded)
 
     t0 = time.perf_counter()
     estimated: list[str] = []
     # parts of the run: (BN statistics to embed with, or None: the model's own; their tag; rows)
     parts: list[tuple[dict | None, str | None, list[int]]]
+    rank, world = rank_world()
     if enc.domain_bn:
+        if world > 1:
+            raise CdirError(f"{spec} estimates per-domain BatchNorm statistics: embed it in one "
+                            "process, not under torchrun")
         parts, already = _domain_parts(enc, store, df, done, limit, loader, estimated, progress)
     else:
         todo = [j for j, i in enumerate(ids) if i not in done]  # earlier failures are retried
         already = len(ids) - len(todo)
-        parts = [(None, None, todo[:max(0, int(limit))] if limit is not None else todo)]
+        todo = todo[:max(0, int(limit))] if limit is not None else todo
+        parts = [(None, None, todo[rank::world])]  # torchrun: every world-th row is this rank's
+    barrier()  # every rank has read the store before any of them writes to it
     total = sum(len(rows) for _, _, rows in parts)
     bar = tqdm(total=total, unit="img", desc=f"embed {spec}", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
@@ -235,6 +243,15 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
         bar.close()
         flush(final=True)  # also on Ctrl-C / errors: finished vectors are complete, keep them
     seconds = time.perf_counter() - t0
+    if world > 1:  # the ranks' shares, summed; rank 0 writes every rank's failures
+        shares = all_gather_object((state["written"], state["rows"], failures, embedded, seconds))
+        state["written"], state["rows"] = (sum(x[0] for x in shares), sum(x[1] for x in shares))
+        failures = {k: v for x in shares for k, v in x[2].items()}
+        embedded = set().union(*(x[3] for x in shares))
+        seconds = max(x[4] for x in shares)
+        if rank == 0:
+            _write_failed(store, old_failed, failures, embedded)
+        barrier()
 
     failed_total = len(store.failed())
     rate = state["rows"] / seconds if seconds > 0 and state["rows"] else 0.0

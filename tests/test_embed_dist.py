@@ -1,0 +1,83 @@
+"""`torchrun -m cdir embed`: the rows split over ranks (Gloo on CPU), each rank writing its own
+shards into the one store; the same ids and vectors as one process, and a run continued with
+another world size neither repeats nor misses a row."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+
+from cdir.core.store import EmbeddingStore
+from tests.helpers.cli import REPO, cdir, emoji_workspace
+
+ENCODER = "pixels"
+
+
+def _torchrun(nproc: int, *args: object) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(nproc), "-m", "cdir", "embed", *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _stored(ws):
+    store = EmbeddingStore(next((ws / "embeddings").iterdir()))
+    ids = [i for n in store._shards() for i in
+           pd.read_json(store.dir / f"shard_{n:05d}.ids.json", typ="series").tolist()]
+    m = pd.read_parquet(ws / "manifest.parquet")
+    x, ok = store.load(m)
+    return store, ids, x, ok
+
+
+def test_two_ranks_embed_what_one_process_does(tmp_path):
+    one = emoji_workspace(tmp_path / "one", 12)
+    two = emoji_workspace(tmp_path / "two", 12)
+    assert cdir("embed", "-w", one, "--encoder", ENCODER, "--workers", "0", "--no-progress") == 0
+    proc = _torchrun(2, "-w", two, "--encoder", ENCODER, "--workers", "0", "--shard-rows", "5",
+                     "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("embedded 36 new") == 1, proc.stdout  # rank 0 alone reports
+    s1, ids1, x1, ok1 = _stored(one)
+    s2, ids2, x2, ok2 = _stored(two)
+    assert len(ids2) == len(set(ids2)) == 36 and set(ids2) == set(ids1)
+    assert ok1.all() and ok2.all()
+    np.testing.assert_allclose(x2, x1, atol=1e-6)
+    assert len(s2._shards()) >= 8  # 18 rows a rank in shards of 5: each rank wrote its own
+    assert not list(s2.dir.glob("*.claim"))
+
+
+def test_a_run_continued_with_another_world_size(tmp_path):
+    ws = emoji_workspace(tmp_path, 15)
+    proc = _torchrun(2, "-w", ws, "--encoder", ENCODER, "--workers", "0", "--limit", "17",
+                     "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, ids, _, _ = _stored(ws)
+    assert len(ids) == len(set(ids)) == 17
+    proc = _torchrun(3, "-w", ws, "--encoder", ENCODER, "--workers", "0", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "embedded 28 new, 17 already done" in proc.stdout, proc.stdout
+    _, ids, _, ok = _stored(ws)
+    assert len(ids) == len(set(ids)) == 45 and ok.all()
+    assert cdir("embed", "-w", ws, "--encoder", ENCODER, "--workers", "0") == 0  # one process:
+    _, again, _, _ = _stored(ws)
+    assert again == ids  # nothing left to do
+
+
+def test_unreadable_images_of_every_rank_are_listed_once(tmp_path):
+    import json
+
+    from tests.helpers.trees import write_shape_tree
+
+    root = write_shape_tree(tmp_path / "gallery", domains=("a", "b"), classes=("c", "s"),
+                            per_class=3, n_corrupt=3)
+    ws = tmp_path / "ws"
+    assert cdir("data", "folder", root, "-w", ws) == 0
+    proc = _torchrun(2, "-w", ws, "--encoder", ENCODER, "--workers", "0", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store, ids, _, ok = _stored(ws)
+    failed = json.loads((store.dir / "failed.json").read_text())
+    assert len(failed) == 3 == len({r["id"] for r in failed})
+    assert len(ids) == len(set(ids)) == int(ok.sum()) == 12
+    assert "3 failed" in proc.stdout, proc.stdout
