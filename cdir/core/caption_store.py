@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 COLUMNS = ["id", "caption", "model", "prompt", "params"]
 VERSION = "version"  # stored beside COLUMNS; absent in older stores (read as null)
-_PART = re.compile(r"^part-(\d{6,})\.parquet$")
+_PART = re.compile(r"^part-(\d{6,})(?:-r\d+)?\.parquet$")  # -rN: written by rank N of a torchrun
 
 
 def _params_text(params: dict | str | None) -> str:
@@ -135,7 +135,11 @@ class CaptionStore:
         df["prompt"] = df["prompt"].astype(object)
         df[VERSION] = pd.Series(list(versions) if versions is not None else [None] * len(ids),
                                 dtype=object)
-        target = self.parts_dir / f"part-{n:06d}.parquet"
+        from cdir.core.dist import rank_world
+
+        rank, world = rank_world()  # ranks writing at once: their names never collide
+        target = self.parts_dir / (f"part-{n:06d}-r{rank}.parquet" if world > 1
+                                   else f"part-{n:06d}.parquet")
         with atomic_path(target) as tmp:
             df.to_parquet(tmp, index=False)
         return target

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdir.core.caption_store import COLUMNS, CaptionStore, resolve_source
+from cdir.core.dist import all_gather_object, barrier, rank_world
 from cdir.core.errors import CdirError, first_line
 from cdir.core.io import atomic_path
 from cdir.core.signals import graceful
@@ -104,17 +105,22 @@ def caption_workspace(
             return None
         return " ".join(filter(None, (version.split()[0], digest)))
 
+    rank, world = rank_world()
     with store.lock():
+        if rank == 0:
+            meta = store.meta()
+            if not meta:
+                store.write_meta(kind="model", model=model, family=family,
+                                 prompt=params.get("prompt"), params=params, count=0,
+                                 empty=0, failed=[])
+            elif meta.get("kind") != "model":
+                raise CdirError(f"caption source {key!r} holds imported captions, not a "
+                                "model's")
+            # fold in what a killed run left; captions stored before images were versioned
+            # count as current and get the present versions, so a later change is noticed
+            store.compact(adopt=version_of)
+        barrier()  # torchrun: the other ranks read the store once rank 0 has folded it
         meta = store.meta()
-        if not meta:
-            meta = store.write_meta(kind="model", model=model, family=family,
-                                    prompt=params.get("prompt"), params=params, count=0,
-                                    empty=0, failed=[])
-        elif meta.get("kind") != "model":
-            raise CdirError(f"caption source {key!r} holds imported captions, not a model's")
-        # fold in what a killed run left; captions stored before images were versioned count
-        # as current and get the present versions, so a later change is noticed
-        store.compact(adopt=version_of)
         have = store.versions()
         changed = {i for i in ids if i in have and not same_version(have[i], version_of[i])}
         done = set(have) - changed  # changed images are captioned again
@@ -123,6 +129,8 @@ def caption_workspace(
         already = len(ids) - len(todo)
         if limit is not None:
             todo = todo[:max(0, int(limit))]
+        todo = todo[rank::world]  # torchrun: every world-th row is this rank's
+        barrier()  # every rank has read the store before any of them writes to it
 
         failures: dict[str, dict] = {}
         captioned: set[str] = set()
@@ -134,6 +142,8 @@ def caption_workspace(
                    dynamic_ncols=True, file=sys.stderr)
 
         def save_failed() -> None:
+            if world > 1:
+                return  # rank 0 writes every rank's at the end
             merged = {k: r for k, r in old_failed.items() if k not in captioned}
             merged.update(failures)
             store.write_meta(failed=sorted(merged.values(), key=lambda r: r["id"]))
@@ -191,10 +201,27 @@ def caption_workspace(
             bar.close()
             if failures or captioned & old_failed.keys():
                 save_failed()
-            rows = store.compact()
-            n_empty = int((rows["caption"].astype(str).str.strip() == "").sum())
-            store.write_meta(count=len(rows), empty=n_empty)
+            if world == 1:
+                rows = store.compact()
+                n_empty = int((rows["caption"].astype(str).str.strip() == "").sum())
+                store.write_meta(count=len(rows), empty=n_empty)
         seconds = time.perf_counter() - t0
+        if world > 1:  # the ranks' shares, summed; rank 0 folds the parts and the failures
+            shares = all_gather_object((dict(state), failures, captioned, seconds, device_name))
+            for k in state:
+                state[k] = sum(x[0][k] for x in shares)
+            failures = {k: v for x in shares for k, v in x[1].items()}
+            captioned = set().union(*(x[2] for x in shares))
+            seconds = max(x[3] for x in shares)
+            device_name = ",".join(sorted({x[4] for x in shares}))
+            if rank == 0:
+                merged = {k: r for k, r in old_failed.items() if k not in captioned}
+                merged.update(failures)
+                rows = store.compact()
+                n_empty = int((rows["caption"].astype(str).str.strip() == "").sum())
+                store.write_meta(count=len(rows), empty=n_empty,
+                                 failed=sorted(merged.values(), key=lambda r: r["id"]))
+            barrier()
 
     rate = state["new"] / seconds if seconds > 0 and state["new"] else 0.0
     summary = {

@@ -1,6 +1,6 @@
-"""`torchrun -m cdir embed`: the rows split over ranks (Gloo on CPU), each rank writing its own
-shards into the one store; the same ids and vectors as one process, and a run continued with
-another world size neither repeats nor misses a row."""
+"""`torchrun -m cdir embed` and `-m cdir caption`: the rows split over ranks (Gloo on CPU), each
+rank writing its own shards or parts into the one store; the same ids and vectors (captions) as
+one process, and a run continued with another world size neither repeats nor misses a row."""
 
 import os
 import subprocess
@@ -15,10 +15,10 @@ from tests.helpers.cli import REPO, cdir, emoji_workspace
 ENCODER = "pixels"
 
 
-def _torchrun(nproc: int, *args: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def _torchrun(nproc: int, *args: object, stage: str = "embed") -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc), "-m", "cdir", "embed", *map(str, args)]
+           str(nproc), "-m", "cdir", stage, *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -81,3 +81,27 @@ def test_unreadable_images_of_every_rank_are_listed_once(tmp_path):
     assert len(failed) == 3 == len({r["id"] for r in failed})
     assert len(ids) == len(set(ids)) == int(ok.sum()) == 12
     assert "3 failed" in proc.stdout, proc.stdout
+
+
+def test_two_ranks_caption_what_one_process_does(tmp_path, hf_offline):
+    from cdir.core.caption_store import list_sources, load_captions
+    from tests.helpers.tiny_models import tiny_model_path
+
+    blip = f"hf:{tiny_model_path('blip')}"
+    gen = ["--min-new-tokens", "2", "--max-new-tokens", "4", "--batch-size", "4",
+           "--no-progress"]
+    one = emoji_workspace(tmp_path / "one", 5)
+    two = emoji_workspace(tmp_path / "two", 5)
+    assert cdir("caption", "-w", one, "--captioner", blip, *gen) == 0
+    proc = _torchrun(2, "-w", two, "--captioner", blip, "--limit", "9", *gen, stage="caption")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("captioned 9 new") == 1, proc.stdout
+    proc = _torchrun(3, "-w", two, "--captioner", blip, *gen, stage="caption")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "captioned 6 new, 9 already done" in proc.stdout, proc.stdout
+    a = load_captions(one).set_index("id")["caption"].sort_index()
+    b = load_captions(two).set_index("id")["caption"].sort_index()
+    assert b.index.is_unique and len(b) == 15 and b.equals(a)
+    assert list_sources(two)[0]["count"] == 15
+    store_parts = list((two / "captions").glob("*.parts"))
+    assert not store_parts or not any(p.iterdir() for p in store_parts)  # all folded in
