@@ -74,7 +74,7 @@ TRAIN_POINTS_PER_CENTROID = 256  # FAISS's own cap (max_points_per_centroid): mo
 KIND_PARAMS: dict[str, tuple[str, ...]] = {
     "flat": (),
     "ivf": ("nlist", "nprobe", "seed"),
-    "ivfpq": ("nlist", "nprobe", "pq_m", "pq_nbits", "seed"),
+    "ivfpq": ("nlist", "nprobe", "pq_m", "pq_nbits", "seed", "refine"),
     "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
 }
 KINDS = tuple(KIND_PARAMS)  # the index kinds, in the order `cdir index build --type` lists them
@@ -162,6 +162,8 @@ def default_params(kind: str, n: int, dim: int, **overrides: Any) -> dict[str, A
     - IVF-PQ ``pq_m`` = the largest divisor of dim that is ≤ min(64, dim/8) (sub-vectors of ≥ 8
       dims; 64 bytes/vector at most), ``pq_nbits`` = 8, lowered for small n so each of the 2^nbits
       codewords gets ≥ 4 training points (at least 1 bit).
+    - IVF-PQ ``refine`` = K (default 0, off): the exact vectors are kept too and each search
+      re-ranks K x k PQ candidates by their exact scores (more memory, far better recall).
     - HNSW ``hnsw_m`` = 32, ``ef_construction`` = 80, ``ef_search`` = 64.
     """
     if kind not in KINDS:
@@ -195,6 +197,11 @@ def default_params(kind: str, n: int, dim: int, **overrides: Any) -> dict[str, A
                 f"pq_nbits={nbits} needs 1..16 bits and at least 2^{nbits} vectors to train "
                 f"(got {n}); use pq_nbits ≤ {_default_pq_nbits(n)}")
         p["pq_nbits"] = nbits
+        refine = int(overrides.get("refine") or 0)
+        if refine < 0:
+            raise CdirError(f"refine={refine}: give the candidates re-ranked per result (0: off)")
+        if refine:
+            p["refine"] = refine
     if kind == "hnsw":
         p["hnsw_m"] = int(overrides.get("hnsw_m") or 32)
         p["ef_construction"] = int(overrides.get("ef_construction") or 80)
@@ -381,6 +388,10 @@ def _new_cpu_index(kind: str, x: np.ndarray, p: dict[str, Any], train_gpu: Any =
     if train_gpu is not None:
         index.clustering_index = None
     # (faiss's Python wrapper keeps `quantizer` referenced by the index; no own_fields juggling)
+    if p.get("refine"):  # exact vectors beside the codes: candidates re-ranked by exact scores
+        refined = faiss.IndexRefineFlat(index)
+        refined.k_factor = float(p["refine"])
+        return refined
     return index
 
 
@@ -604,6 +615,14 @@ class CdirIndex:
         if self.kind in ("ivf", "ivfpq"):
             sp = faiss.SearchParametersIVF()
             sp.nprobe = nprobe
+            if self.meta.params.get("refine"):  # the selector filters the PQ candidates
+                if selector is not None:
+                    sp.sel = selector
+                outer = faiss.IndexRefineSearchParameters()
+                outer.k_factor = float(self.meta.params["refine"])
+                outer.base_index_params = sp
+                outer._base = sp  # keep the inner parameters alive while FAISS reads them
+                return outer
         elif self.kind == "hnsw":
             sp = faiss.SearchParametersHNSW()
             sp.efSearch = ef_search

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--nlist", type=positive_int, help="IVF lists (default ≈ 4·√N)")
     b.add_argument("--m", type=positive_int,
                    help="PQ sub-quantizers (ivfpq) or graph degree (hnsw)")
+    b.add_argument("--refine", type=positive_int, default=None, metavar="K",
+                   help="ivfpq: keep the exact vectors too and re-rank K x k PQ candidates by "
+                        "their exact scores (more memory, far better recall)")
     b.add_argument("--rebuild", action="store_true", help="rebuild even if it could be extended")
     b.set_defaults(func=run_build)
     i = actions.add_parser("info", help="list the indexes of a workspace")
@@ -70,7 +73,7 @@ def run_build(args: argparse.Namespace) -> int:
                           captions=args.captions, kind=args.type, name=args.name, gpu=args.gpu,
                           nlist=args.nlist, m=args.m, rebuild=args.rebuild, force=args.force,
                           allow_missing=args.allow_missing, normalize=args.normalize,
-                          memory=args.memory, recall=args.recall)
+                          memory=args.memory, recall=args.recall, refine=args.refine)
     for note in summary["notes"]:
         print(note, file=sys.stderr)
     print(summary["summary"])

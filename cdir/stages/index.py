@@ -129,7 +129,8 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
                 nlist: int | None = None, m: int | None = None,
                 rebuild: bool = False, force: bool = False,
                 allow_missing: bool = False, normalize: str = "none",
-                memory: str | None = None, recall: float = 0.95) -> dict[str, Any]:
+                memory: str | None = None, recall: float = 0.95,
+                refine: int | None = None) -> dict[str, Any]:
     """Build a cosine index of ``kind`` over the image embeddings of ``encoder`` or the caption
     embeddings of ``captions`` by ``text_encoder``, in ``WORKSPACE/indexes/NAME.faiss``.
 
@@ -193,7 +194,9 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
         raise CdirError("--m applies to --type ivfpq (sub-quantizers) or hnsw (graph degree)")
     if nlist and "nlist" not in accepts:
         raise CdirError("--nlist applies to --type ivf or ivfpq")
-    params = {k: v for k, v in (("nlist", nlist), (m_name, m)) if v}
+    if refine and kind != "ivfpq":
+        raise CdirError("--refine applies to --type ivfpq (its codes are what gets re-ranked)")
+    params = {k: v for k, v in (("nlist", nlist), (m_name, m), ("refine", refine)) if v}
     if choice is not None:
         params.update(choice.params)
     old_meta = None
