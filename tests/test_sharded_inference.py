@@ -105,3 +105,24 @@ def test_two_ranks_caption_what_one_process_does(tmp_path, hf_offline):
     assert list_sources(two)[0]["count"] == 15
     store_parts = list((two / "captions").glob("*.parts"))
     assert not store_parts or not any(p.iterdir() for p in store_parts)  # all folded in
+
+
+def test_memory_mapped_load_equals_the_stored_rows(tmp_path):
+    """The store reads its shards memory-mapped into the manifest's order: the same vectors as
+    the shards hold, a re-embedded id taking its later shard's vector, missing rows zero."""
+    store = EmbeddingStore(tmp_path / "s")
+    store.open("x", 4)
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal((3, 4)).astype(np.float32) for _ in range(3))
+    store.append(["p", "q", "r"], a)
+    store.append(["s", "q"], b[:2])
+    store.append(["t"], c[:1])
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    m = pd.DataFrame({"id": ["t", "q", "nope", "p", "s", "r"]})
+    x, ok = store.load(m)
+    assert ok.tolist() == [True, True, False, True, True, True]
+    want = [unit(c[0]), unit(b[1]), np.zeros(4), unit(a[0]), unit(b[0]), unit(a[2])]
+    np.testing.assert_allclose(x, np.stack(want), atol=1e-6)
+    allrows, ok = store.load()
+    assert allrows.shape == (6, 4) and ok.all()
+    assert not list(store.dir.glob("*.claim"))

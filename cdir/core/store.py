@@ -181,17 +181,25 @@ class EmbeddingStore:
         shards = self._shards()
         if not shards:
             raise CdirError(f"no embeddings in {self.dir}: run `cdir embed` first")
-        ids: list[str] = []
-        blocks = []
-        for i in shards:
-            ids.extend(read_json(self.dir / f"shard_{i:05d}.ids.json"))
-            blocks.append(np.load(self.dir / f"shard_{i:05d}.npy"))
-        stored = np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
+        # shards are memory-mapped and copied straight to their rows: the output is the only
+        # copy in memory (not the shards, then their concatenation, then the output)
+        blocks = [(read_json(self.dir / f"shard_{i:05d}.ids.json"),
+                   np.load(self.dir / f"shard_{i:05d}.npy", mmap_mode="r")) for i in shards]
+        dim = blocks[0][1].shape[1]
         if manifest is None:
-            return stored, np.ones(len(stored), bool)
-        pos = {id_: j for j, id_ in enumerate(ids)}  # a later shard wins if an id was re-embedded
-        rows = np.array([pos.get(i, -1) for i in manifest["id"].tolist()], dtype=np.int64)
-        valid = rows >= 0
-        out = np.zeros((len(manifest), stored.shape[1]), np.float32)
-        out[valid] = stored[rows[valid]]
+            out = np.empty((sum(len(ids) for ids, _ in blocks), dim), np.float32)
+            at = 0
+            for ids, vecs in blocks:
+                out[at:at + len(ids)] = vecs
+                at += len(ids)
+            return out, np.ones(len(out), bool)
+        row_of = {id_: j for j, id_ in enumerate(manifest["id"].tolist())}
+        out = np.zeros((len(manifest), dim), np.float32)
+        valid = np.zeros(len(manifest), bool)
+        for ids, vecs in blocks:  # in shard order: a later shard wins if an id was re-embedded
+            pairs = [(k, row_of[i]) for k, i in enumerate(ids) if i in row_of]
+            if pairs:
+                src, dst = map(np.asarray, zip(*pairs, strict=True))
+                out[dst] = vecs[src]
+                valid[dst] = True
         return out, valid
