@@ -460,6 +460,68 @@ def build_index(
     return index
 
 
+def build_sharded(
+    vectors: np.ndarray,
+    ids: Sequence[str],
+    domains: Sequence[str],
+    path: str | os.PathLike,
+    shards: int,
+    kind: str = "ivf",
+    encoder_spec: str = "",
+    manifest_fingerprint: str = "",
+    **params: Any,
+) -> CdirIndex:
+    """An IVF / IVF-PQ index built shard by shard and merged on disk, for indexes larger than
+    memory: trained once on a sample, each of ``shards`` row ranges added to its own copy of the
+    trained index and written out, then their inverted lists merged into one file beside the
+    index, ``<name>.<token>.ivfdata``, that searches read memory-mapped. Same rows, same lists
+    and so the same results as a single build (labels are row positions in both). The sidecar
+    names the lists file and the shard count; `save` keeps both. CPU only."""
+    import tempfile
+    import uuid
+
+    from faiss.contrib.ondisk import merge_ondisk
+
+    if kind not in ("ivf", "ivfpq"):
+        raise CdirError(f"--shards applies to --type ivf or ivfpq, not {kind}")
+    if shards < 1:
+        raise CdirError(f"--shards must be at least 1, got {shards}")
+    if params.get("refine"):
+        raise CdirError("--shards does not go with --refine (its exact vectors stay in memory)")
+    x = _check_vectors(vectors, "vectors")
+    n, d = x.shape
+    if n == 0:
+        raise CdirError("no vectors to index: embed the gallery first (`cdir embed`)")
+    ids, domains = _check_rows(ids, domains, n)
+    p = default_params(kind, n, d, **params)
+    faiss = _faiss()
+    trained = _new_cpu_index(kind, x, p)
+    files = index_files(path)
+    folder = files.faiss.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    lists = folder / f"{files.faiss.stem}.{uuid.uuid4().hex[:12]}.ivfdata"
+    bounds = np.linspace(0, n, min(shards, n) + 1).astype(np.int64)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".shards-") as tmp:
+        names = []
+        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            part = faiss.clone_index(trained)
+            part.add_with_ids(x[a:b], np.arange(a, b, dtype=np.int64))
+            names.append(os.path.join(tmp, f"shard_{s:04d}.faiss"))
+            faiss.write_index(part, names[-1])
+            del part  # one shard's lists in memory at a time
+        merge_ondisk(trained, names, str(lists))
+    p["shards"] = int(len(bounds) - 1)
+    p["ivfdata"] = lists.name
+    meta = IndexMeta(
+        encoder_spec=encoder_spec, kind=kind, dim=d, count=n,
+        manifest_fingerprint=manifest_fingerprint, params=p,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        versions=_versions())
+    log.info("built %s index shard by shard: %d × %d in %d shards, lists in %s", kind, n, d,
+             p["shards"], lists.name)
+    return CdirIndex(trained, meta, ids, domains)
+
+
 # -------------------------------------------------------------------------------------------------
 # the index
 # -------------------------------------------------------------------------------------------------
@@ -746,6 +808,10 @@ class CdirIndex:
         self.meta.normalize_fingerprint = meta.normalize_fingerprint
         if self.normalizer is None:  # a plain index replacing a normalised one of this name
             normalizer_file(path).unlink(missing_ok=True)
+        keep = self.meta.params.get("ivfdata")
+        for old in files.faiss.parent.glob(f"{files.faiss.stem}.*.ivfdata"):
+            if old.name != keep:  # the lists of an index this one replaced
+                old.unlink(missing_ok=True)
         return files.faiss
 
 
@@ -891,7 +957,11 @@ def load_index(
                 f"index file {f} does not match its sidecar {files.meta.name} (a save was "
                 "interrupted, or the file was changed): rebuild with `cdir index build`")
     try:
-        cpu_index = _faiss().read_index(str(files.faiss))
+        flags = _faiss().IO_FLAG_ONDISK_SAME_DIR if meta.params.get("ivfdata") else 0
+        if flags and not (files.faiss.parent / meta.params["ivfdata"]).exists():
+            raise CdirError(f"the inverted lists {meta.params['ivfdata']} of {files.faiss} are "
+                            "missing: rebuild with `cdir index build`")
+        cpu_index = _faiss().read_index(str(files.faiss), flags)
         table = pq.read_table(files.rows, columns=["id", "domain"])
     except Exception as e:  # FAISS raises RuntimeError, pyarrow ArrowInvalid, on corrupt files
         raise CdirError(
@@ -905,6 +975,6 @@ def load_index(
         cpu_index, meta, table.column("id").to_pylist(), table.column("domain").to_pylist())
     if normalizer:
         index.normalizer = load_normalizer(files.faiss, meta)
-    if device == "gpu":
+    if device == "gpu" and not meta.params.get("ivfdata"):  # on-disk lists stay on the CPU
         index._attach_gpu()
     return index

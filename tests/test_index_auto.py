@@ -121,3 +121,57 @@ def test_refine_reranks_pq_candidates_by_exact_scores(tmp_path):
                                   refined.search(q, k=10).positions)
     with pytest.raises(CdirError, match="refine"):
         build_index(x, ids, doms, kind="ivf", gpu=False, refine=4)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_sharded_build_merged_on_disk_equals_a_single_build(tmp_path, kind):
+    """Built in 4 shards and merged into on-disk lists: the same ids and, searched exhaustively
+    (nprobe = nlist), the same results as one build on the same data; it saves, loads from a
+    moved folder (the lists are found beside the index) and keeps the domain filter."""
+    import shutil
+
+    from indexes.faiss_index import build_sharded, load_index
+
+    x = _clustered(4_000, 32, 40)
+    ids = [f"i{k}" for k in range(len(x))]
+    doms = ["a" if k % 2 else "b" for k in range(len(x))]
+    kw = {"pq_m": 8} if kind == "ivfpq" else {}
+    one = build_index(x, ids, doms, kind=kind, gpu=False, **kw)
+    path = tmp_path / "ws" / "idx"
+    sharded = build_sharded(x, ids, doms, path, 4, kind=kind, **kw)
+    assert sharded.meta.params["shards"] == 4 and sharded.ids == one.ids
+    sharded.save(path)
+    lists = list((tmp_path / "ws").glob("idx.*.ivfdata"))
+    assert [p.name for p in lists] == [sharded.meta.params["ivfdata"]]
+    assert not list((tmp_path / "ws").glob(".shards-*"))
+    shutil.move(tmp_path / "ws", tmp_path / "moved")
+    again = load_index(tmp_path / "moved" / "idx", gpu=False)
+    q = x[::97]
+    nlist = one.meta.params["nlist"]
+    a = again.search(q, k=10, nprobe=nlist)
+    b = one.search(q, k=10, nprobe=nlist)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    d = again.search(q, k=5, domain="a", nprobe=nlist)
+    assert {doms[p] for p in d.positions.ravel()} == {"a"}
+    # a rebuild under the same name leaves one lists file, its own
+    rebuilt = build_sharded(x, ids, doms, tmp_path / "moved" / "idx", 2, kind=kind, **kw)
+    rebuilt.save(tmp_path / "moved" / "idx")
+    assert [p.name for p in (tmp_path / "moved").glob("idx.*.ivfdata")] == \
+        [rebuilt.meta.params["ivfdata"]]
+
+
+def test_cli_shards(tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert cdir("data", "emoji", "-w", ws, "--limit", "60") == 0
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels", "--type", "ivf",
+                "--shards", "3") == 0
+    meta = json.loads(next((ws / "indexes").glob("*.ivf.json")).read_text())
+    assert meta["params"]["shards"] == 3 and (ws / "indexes" / meta["params"]["ivfdata"]).exists()
+    capsys.readouterr()
+    assert cdir("search", "-w", ws, "--image", next((ws / "gallery").rglob("*.png")), "-k",
+                "3", "--json") == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["results"]) == 3
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels", "--type", "hnsw",
+                "--shards", "3", "--name", "h") == 2

@@ -57,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--refine", type=positive_int, default=None, metavar="K",
                    help="ivfpq: keep the exact vectors too and re-rank K x k PQ candidates by "
                         "their exact scores (more memory, far better recall)")
+    b.add_argument("--shards", type=positive_int, default=None, metavar="N",
+                   help="ivf / ivfpq larger than memory: build N shards one at a time and merge "
+                        "their lists into one file on disk, searched memory-mapped")
     b.add_argument("--rebuild", action="store_true", help="rebuild even if it could be extended")
     b.set_defaults(func=run_build)
     i = actions.add_parser("info", help="list the indexes of a workspace")
@@ -73,7 +76,8 @@ def run_build(args: argparse.Namespace) -> int:
                           captions=args.captions, kind=args.type, name=args.name, gpu=args.gpu,
                           nlist=args.nlist, m=args.m, rebuild=args.rebuild, force=args.force,
                           allow_missing=args.allow_missing, normalize=args.normalize,
-                          memory=args.memory, recall=args.recall, refine=args.refine)
+                          memory=args.memory, recall=args.recall, refine=args.refine,
+                          shards=args.shards)
     for note in summary["notes"]:
         print(note, file=sys.stderr)
     print(summary["summary"])

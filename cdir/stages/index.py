@@ -130,7 +130,7 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
                 rebuild: bool = False, force: bool = False,
                 allow_missing: bool = False, normalize: str = "none",
                 memory: str | None = None, recall: float = 0.95,
-                refine: int | None = None) -> dict[str, Any]:
+                refine: int | None = None, shards: int | None = None) -> dict[str, Any]:
     """Build a cosine index of ``kind`` over the image embeddings of ``encoder`` or the caption
     embeddings of ``captions`` by ``text_encoder``, in ``WORKSPACE/indexes/NAME.faiss``.
 
@@ -141,7 +141,9 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     sub-quantizers (ivfpq) or graph degree (hnsw); ``nlist``: IVF lists. ``normalize`` (a key of
     `indexes.normalize.NORMALIZERS`): the vectors are normalised per domain with statistics
     fitted on the indexed rows, saved as ``NAME.normalize.npz`` (fingerprint in the sidecar);
-    such an index is refit and rebuilt, never extended, when the gallery grows. ``kind="auto"``
+    such an index is refit and rebuilt, never extended, when the gallery grows. ``shards``
+    (ivf, ivfpq): built shard by shard and merged into inverted lists on disk
+    (`indexes.faiss_index.build_sharded`), rebuilt rather than extended. ``kind="auto"``
     chooses the family from the vector count, dimension and ``memory`` (e.g. "4GB") and tunes
     its nprobe / efSearch to reach ``recall``@10 against exact search (`indexes.auto`); the
     choice and the measurement go into the sidecar (``params.auto``). Returns the index's
@@ -247,6 +249,8 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
         if grew and old.normalizer is not None:
             notes.append(f"the gallery grew: the {normalize} statistics of {name} are refit and "
                          "the index rebuilt")
+        elif grew and old.meta.params.get("ivfdata"):
+            notes.append(f"the gallery grew: {name}'s on-disk lists are built again")
         elif grew:
             new = [i for i, id_ in enumerate(ids) if id_ not in known]
             sel = ok.nonzero()[0][new]
@@ -261,8 +265,14 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     norm = gallery_normalizer(vecs, domains, normalize)
     if norm is not None:
         vecs = norm.transform(vecs, domains)
-    index = new_index(vecs, ids, domains, kind=kind, encoder_spec=spec,
-                      manifest_fingerprint=fp, gpu=gpu, **params)
+    if shards and shards > 1:
+        from indexes.faiss_index import build_sharded
+
+        index = build_sharded(vecs, ids, domains, path, shards, kind=kind, encoder_spec=spec,
+                              manifest_fingerprint=fp, **params)
+    else:
+        index = new_index(vecs, ids, domains, kind=kind, encoder_spec=spec,
+                          manifest_fingerprint=fp, gpu=gpu, **params)
     index.normalizer = norm  # saved beside it, its fingerprint in the sidecar
     if choice is not None:
         from indexes.auto import describe, tune
