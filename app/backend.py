@@ -187,7 +187,10 @@ class DemoBackend:
         index = (self.image_indexes() or self.caption_indexes())[0].name
         path = self.examples()[:1]
         if path and mode == "visual":
-            self.search(Query(path=path[0]), mode, index, None)
+            self.search(Query(path=path[0]), mode, index, None)  # index, rows, thumbnails
+            # a gallery item is searched with its stored vector: run the encoder itself too
+            self.searcher(index, mode).query_vectors([load_image(path[0])])
+            self._content_index()  # the hashes that recognise an uploaded gallery file
 
     # -- queries ---------------------------------------------------------------------------------
     def gallery_item(self, path: str) -> str | None:

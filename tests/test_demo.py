@@ -162,6 +162,15 @@ def test_bad_uploads_are_messages(ws, backend, tmp_path, monkeypatch, kind):
     assert a.error and a.bad_file and a.hits == [] and want in a.message, a.message
 
 
+def test_warm_up_loads_the_encoder(ws):
+    from app.backend import DemoBackend
+
+    b = DemoBackend(ws)
+    b.warm_up()
+    s = b.searcher(b.image_indexes()[0].name, "visual")
+    assert s._image_encoder is not None and b._by_hash is not None
+
+
 def test_thumbnails_are_made_once(backend, tmp_path):
     big = tmp_path / "big.png"
     Image.new("RGB", (1200, 900), "red").save(big)
