@@ -128,7 +128,11 @@ class DemoBackend:
         self._row = {i: (str(p), str(d), readable_name(str(c))) for i, p, d, c in zip(
             m["id"], m["path"], m["domain"], m["class_name"], strict=True)}
         self._by_path = {os.path.realpath(p): i for p, i in zip(m["path"], m["id"], strict=True)}
-        self._by_hash: dict[tuple[int, str], str] | None = None
+        self._by_size: dict[int, list[str]] = {}  # file size -> ids, to recognise uploads
+        for i, size in zip(m["id"], m["file_size"], strict=True):
+            if size == size:  # not NaN: a row without file facts is never matched by content
+                self._by_size.setdefault(int(size), []).append(i)
+        self._hash_of: dict[str, str] = {}  # id -> content hash, computed when first needed
         self._captions: dict[str, dict[str, str]] = {}
         self._searchers: dict[tuple[str, str], Searcher] = {}
         self._lock = threading.Lock()
@@ -190,12 +194,11 @@ class DemoBackend:
             self.search(Query(path=path[0]), mode, index, None)  # index, rows, thumbnails
             # a gallery item is searched with its stored vector: run the encoder itself too
             self.searcher(index, mode).query_vectors([load_image(path[0])])
-            self._content_index()  # the hashes that recognise an uploaded gallery file
 
     # -- queries ---------------------------------------------------------------------------------
     def gallery_item(self, path: str) -> str | None:
         """The gallery id of the image file ``path``: by path, else by content (an upload of a
-        gallery file), else None."""
+        gallery file: only the gallery files of the same size are hashed, once), else None."""
         item = self._by_path.get(os.path.realpath(path))
         if item is not None:
             return item
@@ -203,18 +206,23 @@ class DemoBackend:
             size = os.path.getsize(path)
         except OSError:
             return None
-        key = (size, sha256_file(path))
-        return self._content_index().get(key)
-
-    def _content_index(self) -> dict[tuple[int, str], str]:
-        with self._lock:
-            if self._by_hash is None:
-                self._by_hash = {}
-                for p, i, size in zip(self.rows["path"], self.rows["id"],
-                                      self.rows["file_size"], strict=True):
-                    if os.path.exists(p):
-                        self._by_hash[(int(size), sha256_file(p))] = i
-            return self._by_hash
+        same_size = self._by_size.get(size, [])
+        if not same_size:
+            return None
+        digest = sha256_file(path)
+        for i in same_size:
+            with self._lock:
+                known = self._hash_of.get(i)
+            if known is None:
+                try:
+                    known = sha256_file(self._row[i][0])
+                except OSError:
+                    continue
+                with self._lock:
+                    self._hash_of[i] = known
+            if known == digest:
+                return i
+        return None
 
     def item_query(self, item: str) -> Query:
         return Query(path=self._row[item][0], item=item)
