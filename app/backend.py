@@ -360,7 +360,7 @@ class DemoBackend:
         kept = s.index.stored_vectors([works[i].item for i in stored]) if stored else None
         if kept is None:
             stored = []
-        fresh = [i for i in range(len(works)) if i not in set(stored)]
+        fresh = sorted(set(range(len(works))) - set(stored))
         q = np.zeros((len(works), s.index.dim), np.float32)
         captions: list[str | None] = [None] * len(works)
         if fresh and key[1] == TEXT:

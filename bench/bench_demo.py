@@ -36,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from app.http_api import call, file_data, upload  # noqa: E402
+
 MINILM = "st:sentence-transformers/all-MiniLM-L6-v2"
 TARGET = "every other domain"
 
@@ -106,8 +108,7 @@ def start_server(ws: Path, port: int, log: Path) -> subprocess.Popen:
 
 
 class Client:
-    """One HTTP connection per thread; each call is Gradio's two-step API (post, then read the
-    event stream until its result)."""
+    """One HTTP connection per thread, speaking the demo's API (`app.http_api`)."""
 
     def __init__(self, url: str):
         self.url = url
@@ -121,22 +122,13 @@ class Client:
         return self.local.c
 
     def call(self, endpoint: str, data: list) -> tuple[bool, str]:
-        c = self.http()
-        ev = c.post(f"/gradio_api/call/{endpoint}", json={"data": data}).json()["event_id"]
-        kind = None
-        with c.stream("GET", f"/gradio_api/call/{endpoint}/{ev}") as s:
-            for line in s.iter_lines():
-                if line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:") and kind in ("complete", "error"):
-                    return kind == "complete", line[5:]
-        return False, "no result"
+        kind, payload = call(self.http(), endpoint, data)
+        return kind == "complete", json.dumps(payload, ensure_ascii=False)
 
     def image(self, data: bytes, name: str) -> tuple[bool, str]:
-        r = self.http().post("/gradio_api/upload", files=[("files", (name, data, "image/png"))])
-        path = r.json()[0]
-        return self.call("search_image", [{"path": path, "meta": {"_type": "gradio.FileData"}},
-                                          "visual", None, None, TARGET, 12, "detect", 0.5])
+        path = upload(self.http(), data, name).json()[0]
+        return self.call("search_image", [file_data(path), "visual", None, None, TARGET, 12,
+                                          "detect", 0.5])
 
     def text(self, text: str) -> tuple[bool, str]:
         return self.call("search_text", [text, "cm-text", None, None, TARGET, 12, "detect", 0.5])
@@ -150,7 +142,7 @@ def run(fn, args: list, clients: int) -> dict:
         t0 = time.perf_counter()
         ok, body = fn(*a)
         ok = ok and "Cannot search" not in body
-        ms = re.search(r"— (\d+) ms", json.dumps(json.loads(body), ensure_ascii=False))
+        ms = re.search(r"— (\d+) ms", body)
         return time.perf_counter() - t0, ok, int(ms.group(1)) if ms else None
 
     t0 = time.perf_counter()

@@ -157,6 +157,9 @@ def tune(index: CdirIndex, x: np.ndarray, target: float = 0.95, k: int = 10,
 
 def describe(choice: Choice, record: dict[str, Any]) -> str:
     """One line for the user: the family, why, the tuned parameter and what was measured."""
+    if choice.kind == "flat":
+        return (f"auto: flat ({choice.reason}); exact, {record['ms_per_query']:.2f} ms a query "
+                f"(timed on {min(record['queries'], TIME_QUERIES)} queries)")
     tuned = next((f"{p} {record[p]}" for p in ("nprobe", "ef_search") if p in record), "")
     reached = ("" if record.get("reached", True)
                else f" (target {record['recall_target']} not reached)")

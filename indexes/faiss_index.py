@@ -415,6 +415,26 @@ def _to_gpu(cpu_index: Any, kind: str, device: int = 0) -> _Gpu | None:
         return None
 
 
+def _checked_input(vectors: Any, ids: Sequence[str], domains: Sequence[str], kind: str,
+                   params: dict[str, Any]) -> tuple[np.ndarray, list[str], list[str], dict]:
+    """The vectors as a float32 matrix, the rows checked against them, the full parameters."""
+    x = _check_vectors(vectors, "vectors")
+    n, d = x.shape
+    if n == 0:
+        raise CdirError("no vectors to index: embed the gallery first (`cdir embed`)")
+    ids, domains = _check_rows(ids, domains, n)
+    return x, ids, domains, default_params(kind, n, d, **params)
+
+
+def _new_meta(kind: str, n: int, d: int, params: dict[str, Any], encoder_spec: str,
+              manifest_fingerprint: str) -> IndexMeta:
+    return IndexMeta(
+        encoder_spec=encoder_spec, kind=kind, dim=d, count=n,
+        manifest_fingerprint=manifest_fingerprint, params=params,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        versions=_versions())
+
+
 def build_index(
     vectors: np.ndarray,
     ids: Sequence[str],
@@ -432,12 +452,8 @@ def build_index(
     """
     if kind not in KINDS:
         raise CdirError(f"unknown index type {kind!r}: choose one of {', '.join(KINDS)}")
-    x = _check_vectors(vectors, "vectors")
+    x, ids, domains, p = _checked_input(vectors, ids, domains, kind, params)
     n, d = x.shape
-    if n == 0:
-        raise CdirError("no vectors to index: embed the gallery first (`cdir embed`)")
-    ids, domains = _check_rows(ids, domains, n)
-    p = default_params(kind, n, d, **params)
     device, reason = choose_device(kind, gpu)
     _log_device(kind, gpu, device, reason)
 
@@ -448,12 +464,8 @@ def build_index(
         train_gpu = _to_gpu(faiss.IndexFlatIP(d), "flat")
     cpu_index = _new_cpu_index(kind, x, p, train_gpu.index if train_gpu else None)
     cpu_index.add(x)
-    meta = IndexMeta(
-        encoder_spec=encoder_spec, kind=kind, dim=d, count=n,
-        manifest_fingerprint=manifest_fingerprint, params=p,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        versions=_versions())
-    index = CdirIndex(cpu_index, meta, ids, domains)
+    index = CdirIndex(cpu_index, _new_meta(kind, n, d, p, encoder_spec, manifest_fingerprint),
+                      ids, domains)
     if device == "gpu":
         index._attach_gpu()
     log.info("built %s index: %d × %d on %s", kind, n, d, index.device)
@@ -488,12 +500,8 @@ def build_sharded(
         raise CdirError(f"--shards must be at least 1, got {shards}")
     if params.get("refine"):
         raise CdirError("--shards does not go with --refine (its exact vectors stay in memory)")
-    x = _check_vectors(vectors, "vectors")
+    x, ids, domains, p = _checked_input(vectors, ids, domains, kind, params)
     n, d = x.shape
-    if n == 0:
-        raise CdirError("no vectors to index: embed the gallery first (`cdir embed`)")
-    ids, domains = _check_rows(ids, domains, n)
-    p = default_params(kind, n, d, **params)
     faiss = _faiss()
     trained = _new_cpu_index(kind, x, p)
     files = index_files(path)
@@ -512,14 +520,10 @@ def build_sharded(
         merge_ondisk(trained, names, str(lists))
     p["shards"] = int(len(bounds) - 1)
     p["ivfdata"] = lists.name
-    meta = IndexMeta(
-        encoder_spec=encoder_spec, kind=kind, dim=d, count=n,
-        manifest_fingerprint=manifest_fingerprint, params=p,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        versions=_versions())
     log.info("built %s index shard by shard: %d × %d in %d shards, lists in %s", kind, n, d,
              p["shards"], lists.name)
-    return CdirIndex(trained, meta, ids, domains)
+    return CdirIndex(trained, _new_meta(kind, n, d, p, encoder_spec, manifest_fingerprint),
+                     ids, domains)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from app.http_api import call, file_data, upload
 from cdir.core.errors import CdirError
 from tests.helpers.cli import REPO, cdir
 from tests.helpers.demo import blip, demo_workspace
@@ -118,10 +119,10 @@ def test_text_queries(backend):
     from app.backend import Query
 
     cap = _index(backend, caption=True)
-    a = backend.search(Query(text="a picture of a ghost"), "cm-text", None, cap, k=3)
-    want = [n for n in backend.rows["class_name"] if "ghost" in n]
-    if want:
-        assert all("ghost" in h.name for h in a.hits), a.hits
+    thing = backend.rows["class_name"].iloc[5].split("_", 1)[1].replace("_", " ")
+    a = backend.search(Query(text=f"a picture of a {thing}"), "cm-text", None, cap, k=3)
+    assert [h.name.split(" ", 1)[1] for h in a.hits] == [thing] * 3, a.hits  # one per domain
+    assert sorted(h.domain for h in a.hits) == backend.domains
     assert not a.error and len(a.hits) == 3 and a.message.startswith("text cm-text")
     assert a.hits[0].caption and a.hits[0].caption.startswith("a picture of")
     name = backend.rows["class_name"].iloc[0].split("_", 1)[1].replace("_", " ")
@@ -203,30 +204,18 @@ def server(backend):
 
 def _call(url, endpoint, data):
     with httpx.Client(base_url=url, timeout=60) as c:
-        ev = c.post(f"/gradio_api/call/{endpoint}", json={"data": data}).json()["event_id"]
-        kind = None
-        with c.stream("GET", f"/gradio_api/call/{endpoint}/{ev}") as s:
-            for line in s.iter_lines():
-                if line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:") and kind in ("complete", "error"):
-                    import json
-
-                    return kind, json.loads(line[5:])
-    raise AssertionError("no answer")
+        return call(c, endpoint, data)
 
 
 def _upload(url, path):
     with httpx.Client(base_url=url, timeout=60) as c:
-        r = c.post("/gradio_api/upload", files=[("files", (os.path.basename(path),
-                                                            open(path, "rb").read()))])
-    return r
+        return upload(c, open(path, "rb").read(), os.path.basename(path))
 
 
 def test_server_answers_image_text_and_item_queries(server, ws, backend):
     url = server.local_url
     path = _upload(url, _file(ws, "noto_mono")).json()[0]
-    kind, out = _call(url, "search_image", [{"path": path, "meta": {"_type": "gradio.FileData"}},
+    kind, out = _call(url, "search_image", [file_data(path),
                                             "visual", None, None, "every other domain", 3,
                                             "detect", 0.5])
     assert kind == "complete" and len(out[1]) == 3, out
@@ -247,7 +236,7 @@ def test_server_bad_input_is_a_message_not_an_error(server, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not a picture")
     path = _upload(url, bad).json()[0]
-    kind, out = _call(url, "search_image", [{"path": path, "meta": {"_type": "gradio.FileData"}},
+    kind, out = _call(url, "search_image", [file_data(path),
                                             "visual", None, None, "every other domain", 3,
                                             "detect", 0.5])
     assert kind == "complete" and out[1] == [] and "not an image" in out[2], out
@@ -300,7 +289,7 @@ def test_concurrent_queries_of_every_kind_all_answer(server, ws, backend):
 
     def image(path):
         up = _upload(url, str(path)).json()[0]
-        kind, out = _call(url, "search_image", [{"path": up, "meta": {"_type": "gradio.FileData"}},
+        kind, out = _call(url, "search_image", [file_data(up),
                                                 "visual", None, None, "every other domain", 4,
                                                 "detect", 0.5])
         return kind, out[2], path.parent.parent.name

@@ -99,26 +99,18 @@ def run(args: argparse.Namespace) -> int:
     if args.name or args.source:
         raise CdirError("--name goes with --from-file, --source with --export")
 
-    import os
-
-    from cdir.core.dist import setup_distributed, teardown
+    from cdir.core.dist import torchrun_group
     from cdir.core.images import failure_report
     from cdir.stages.caption import DEFAULT_CAPTIONER, caption_workspace
 
-    device, d = args.device, None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: the rows are split over ranks
-        d = setup_distributed(args.device or "auto", flag="--device")
-        device = str(d.device)
-    try:
+    with torchrun_group(args.device) as d:  # torchrun: the rows are split over ranks
         summary = caption_workspace(
             ws.require(), args.captioner or DEFAULT_CAPTIONER, batch_size=args.batch_size,
             prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-            min_new_tokens=args.min_new_tokens, num_beams=args.num_beams, device=device,
-            dtype=args.dtype, trust_remote_code=args.trust_remote_code, limit=args.limit,
+            min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
+            device=str(d.device) if d else args.device, dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code, limit=args.limit,
             progress=not args.no_progress and (d is None or d.main))
-    finally:
-        if d is not None:
-            teardown(d)
     if d is not None and not d.main:
         return 0
     if args.no_progress:  # caption_workspace printed nothing: still say what was written

@@ -98,26 +98,19 @@ def _default_encoder() -> str:
 
 
 def _run_images(args: argparse.Namespace) -> int:
-    import os
     import sys
 
-    from cdir.core.dist import setup_distributed, teardown
+    from cdir.core.dist import torchrun_group
     from cdir.core.images import failure_report
     from cdir.core.workspace import Workspace
     from cdir.stages.embed import embed_images
 
-    device, d = args.device, None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: the rows are split over ranks
-        d = setup_distributed(args.device or "auto", flag="--device")
-        device = str(d.device)
-    try:
+    with torchrun_group(args.device) as d:  # torchrun: the rows are split over ranks
         summary = embed_images(
             Workspace(args.workspace).require(), args.encoder, batch_size=args.batch_size,
-            num_workers=args.workers, device=device, shard_rows=args.shard_rows,
-            limit=args.limit, progress=not args.no_progress and (d is None or d.main))
-    finally:
-        if d is not None:
-            teardown(d)
+            num_workers=args.workers, device=str(d.device) if d else args.device,
+            shard_rows=args.shard_rows, limit=args.limit,
+            progress=not args.no_progress and (d is None or d.main))
     if args.no_progress and (d is None or d.main):  # nothing printed yet: say what was written
         if summary["failures"]:
             print(failure_report(summary["failures"], f"{summary['dir']}/failed.json"),

@@ -6,6 +6,8 @@ module stays cheap."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +73,20 @@ def teardown(d: Dist) -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+
+
+@contextmanager
+def torchrun_group(device: str | None) -> Iterator[Dist | None]:
+    """The process group of a batch-inference command (`embed`, `caption`) when torchrun
+    started several processes, destroyed on the way out; None in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield None
+        return
+    d = setup_distributed(device or "auto", flag="--device")
+    try:
+        yield d
+    finally:
+        teardown(d)
 
 
 def dist_ready() -> bool:
