@@ -69,6 +69,7 @@ GPU_MAX_K = 2048
 MIN_POINTS_PER_CENTROID = 39
 PQ_MIN_POINTS_PER_CODE = 4
 TRAIN_POINTS_PER_CENTROID = 256  # FAISS's own cap (max_points_per_centroid): more is subsampled
+ADD_CHUNK = 65536  # rows read and added at a time by a sharded build
 
 # index kind -> the build/search parameters it accepts (user overrides are checked against these)
 KIND_PARAMS: dict[str, tuple[str, ...]] = {
@@ -358,6 +359,8 @@ def _train_sample(x: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 def _new_cpu_index(kind: str, x: np.ndarray, p: dict[str, Any], train_gpu: Any = None) -> Any:
+    """An empty index of ``kind``, trained (IVF kinds) on a sample of ``x``: a matrix, or a view
+    read on demand whose sampled rows are checked here."""
     faiss = _faiss()
     d = x.shape[1]
     if kind == "flat":
@@ -384,6 +387,8 @@ def _new_cpu_index(kind: str, x: np.ndarray, p: dict[str, Any], train_gpu: Any =
     if train_gpu is not None:
         index.clustering_index = train_gpu  # k-means assignment on the GPU; centroids stay CPU
     sample = _train_sample(x, TRAIN_POINTS_PER_CENTROID * p["nlist"], p["seed"])
+    if not isinstance(x, np.ndarray):  # a view: its rows are checked as they are read
+        sample = _check_vectors(sample, "vectors")
     index.train(sample)
     if train_gpu is not None:
         index.clustering_index = None
@@ -488,7 +493,9 @@ def build_sharded(
     trained index and written out, then their inverted lists merged into one file beside the
     index, ``<name>.<token>.ivfdata``, that searches read memory-mapped. Same rows, same lists
     and so the same results as a single build (labels are row positions in both). The sidecar
-    names the lists file and the shard count; `save` keeps both. CPU only."""
+    names the lists file and the shard count; `save` keeps both. CPU only. ``vectors`` may be a
+    view read on demand (`cdir.core.store.StoredRows`, `indexes.normalize.NormalizedRows`):
+    then only the training sample and one chunk of rows are ever in memory beside the lists."""
     import tempfile
     import uuid
 
@@ -500,7 +507,14 @@ def build_sharded(
         raise CdirError(f"--shards must be at least 1, got {shards}")
     if params.get("refine"):
         raise CdirError("--shards does not go with --refine (its exact vectors stay in memory)")
-    x, ids, domains, p = _checked_input(vectors, ids, domains, kind, params)
+    if isinstance(vectors, np.ndarray):
+        x, ids, domains, p = _checked_input(vectors, ids, domains, kind, params)
+    else:  # a view read on demand (`StoredRows`): rows checked chunk by chunk as they are read
+        x = vectors
+        if len(x.shape) != 2 or x.shape[0] == 0:
+            raise CdirError("no vectors to index: embed the gallery first (`cdir embed`)")
+        ids, domains = _check_rows(ids, domains, x.shape[0])
+        p = default_params(kind, *x.shape, **params)
     n, d = x.shape
     faiss = _faiss()
     trained = _new_cpu_index(kind, x, p)
@@ -513,7 +527,10 @@ def build_sharded(
         names = []
         for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             part = faiss.clone_index(trained)
-            part.add_with_ids(x[a:b], np.arange(a, b, dtype=np.int64))
+            for c in range(a, b, ADD_CHUNK):  # a chunk of vectors in memory beside the lists
+                rows = x[c:min(c + ADD_CHUNK, b)]
+                part.add_with_ids(_check_vectors(rows, "vectors"),
+                                  np.arange(c, c + len(rows), dtype=np.int64))
             names.append(os.path.join(tmp, f"shard_{s:04d}.faiss"))
             faiss.write_index(part, names[-1])
             del part  # one shard's lists in memory at a time

@@ -39,6 +39,7 @@ import numpy as np
 
 from cdir.core.errors import CdirError
 from cdir.core.io import atomic_path
+from cdir.core.store import row_positions
 
 STATE_FORMAT = 1
 DEFAULT_SHRINKAGE = "ledoit-wolf"
@@ -201,8 +202,10 @@ class DomainNormalizer:
 
     def fit(self, x: np.ndarray, domains: Sequence[str] | np.ndarray) -> DomainNormalizer:
         """Fit the per-domain statistics of gallery rows ``x`` [N, D] with domain names
-        ``domains`` [N]. O(N D^2) time, O(D^2) extra memory per domain."""
-        x = _as_matrix(x)
+        ``domains`` [N]. O(N D^2) time, O(D^2) extra memory per domain. ``x`` may be a view
+        read on demand (`cdir.core.store.StoredRows`): only one domain's rows are then in memory
+        at a time."""
+        x = _as_matrix(x) if isinstance(x, np.ndarray) or not hasattr(x, "shape") else x
         dom = np.asarray(domains).astype(str)
         if dom.shape != (len(x),):
             raise CdirError(f"{len(x)} embeddings for {dom.size} domain names")
@@ -219,7 +222,7 @@ class DomainNormalizer:
         self.pooled = np.zeros(k, bool)
         self.matrices = np.zeros((k, d, d) if spec.whiten else (k, 0, 0), np.float32)
         for i, name in enumerate(names):
-            rows = x[dom == name]
+            rows = _as_matrix(x[dom == name])
             self.counts[i] = len(rows)
             mean, cov, fourth = _moments(rows, self.block, spec.whiten)
             self.centroids[i] = mean
@@ -278,6 +281,12 @@ class DomainNormalizer:
             rows = np.flatnonzero(codes == i)
             out[rows] = self._apply(x[rows], int(i))
         return out
+
+    def transform_rows(self, x: np.ndarray, domains: Sequence[str] | np.ndarray
+                       ) -> NormalizedRows:
+        """`transform` of a view read on demand, applied to the rows a caller reads from it."""
+        self._require()
+        return NormalizedRows(self, x, np.asarray(domains).astype(str))
 
     def infer_domain(self, x: np.ndarray) -> np.ndarray:
         """The fitted domain whose centroid is nearest (cosine) to each row of ``x`` [N, D]."""
@@ -403,6 +412,29 @@ class DomainNormalizer:
         except (OSError, ValueError) as e:
             raise CdirError(f"cannot read the normaliser {path}: {e}") from None
         return cls.from_state(state)
+
+
+class NormalizedRows:
+    """Rows of a matrix or view, normalised by a fitted `DomainNormalizer` as they are read:
+    ``rows[a:b]`` and ``rows[positions]`` give float32 unit rows."""
+
+    def __init__(self, norm: DomainNormalizer, x: np.ndarray, domains: np.ndarray):
+        if domains.shape != (len(x),):
+            raise CdirError(f"{len(x)} embeddings for {domains.size} domain names")
+        self.norm, self.x, self.domains = norm, x, domains
+        self.shape = tuple(x.shape)
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        pos = row_positions(key, len(self))
+        return self.norm.transform(self.x[pos], self.domains[pos])
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 def fit_normalizer(x: np.ndarray, domains: Sequence[str] | np.ndarray,

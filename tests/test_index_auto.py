@@ -175,3 +175,91 @@ def test_cli_shards(tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)[0]["results"]) == 3
     assert cdir("index", "build", "-w", ws, "--encoder", "pixels", "--type", "hnsw",
                 "--shards", "3", "--name", "h") == 2
+
+
+def _store_of(tmp_path, x, ids, per_shard):
+    """An embedding store of ``x`` written in shards of ``per_shard`` rows, in a shuffled order
+    (manifest order is not store order), the last rows re-embedded into a later shard."""
+    from cdir.core.store import EmbeddingStore
+
+    store = EmbeddingStore(tmp_path / "store")
+    store.open("test", x.shape[1])
+    order = np.random.default_rng(1).permutation(len(x))
+    for a in range(0, len(x), per_shard):
+        part = order[a:a + per_shard]
+        store.append([ids[k] for k in part], x[part])
+    store.append([ids[k] for k in order[:5]], x[order[:5]])  # a later shard wins
+    return store
+
+
+def test_stored_rows_read_what_load_gives(tmp_path):
+    import pandas as pd
+
+    x = _clustered(1_000, 16, 8)
+    ids = [f"i{k}" for k in range(len(x))]
+    store = _store_of(tmp_path, x, ids, 128)
+    manifest = pd.DataFrame({"id": ids[:900] + ["new1", "new2"]})  # two never embedded
+    full, ok = store.load(manifest)
+    view, valid = store.rows(manifest)
+    np.testing.assert_array_equal(ok, valid)
+    assert ok.sum() == 900 and view.shape == (900, 16)
+    want = full[ok]
+    np.testing.assert_allclose(want, x[:900], atol=1e-6)
+    np.testing.assert_array_equal(view[100:300], want[100:300])
+    pos = np.array([899, 3, 3, 500])
+    np.testing.assert_array_equal(view[pos], want[pos])
+    mask = np.arange(900) % 7 == 0
+    np.testing.assert_array_equal(view[mask], want[mask])
+    np.testing.assert_array_equal(np.asarray(view), want)
+
+
+def test_sharded_build_reads_the_store_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """A sharded build from the store's view never reads more than one chunk (or the training
+    sample) at once, and searches like the same build from vectors in memory."""
+    import pandas as pd
+
+    import indexes.faiss_index as fi
+    from cdir.core.store import StoredRows
+
+    x = _clustered(3_000, 32, 30)
+    ids = [f"i{k}" for k in range(len(x))]
+    doms = ["a" if k % 3 else "b" for k in range(len(x))]
+    view, _ = _store_of(tmp_path, x, ids, 256).rows(pd.DataFrame({"id": ids}))
+    reads = []
+    real = StoredRows.__getitem__
+    monkeypatch.setattr(StoredRows, "__getitem__",
+                        lambda self, key: reads.append(len(out := real(self, key))) or out)
+    monkeypatch.setattr(StoredRows, "__array__", None)  # reading it whole is refused
+    monkeypatch.setattr(fi, "ADD_CHUNK", 500)
+    from_view = fi.build_sharded(view, ids, doms, tmp_path / "v" / "idx", 3, kind="ivf", nlist=8)
+    from_ram = fi.build_sharded(x, ids, doms, tmp_path / "r" / "idx", 3, kind="ivf", nlist=8)
+    sample = fi.TRAIN_POINTS_PER_CENTROID * 8
+    assert max(reads) <= max(500, sample) < len(x) and sum(reads) == len(x) + sample
+    q = x[::53]
+    a = from_view.search(q, k=10, nprobe=8)
+    b = from_ram.search(q, k=10, nprobe=8)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+
+
+def test_cli_shards_with_normalize_equals_a_single_build(tmp_path, capsys):
+    """--shards with --normalize: the statistics fitted per domain, rows normalised as they are
+    read; exhaustive search gives the results of the same index built in memory."""
+    from indexes.faiss_index import load_index
+
+    ws = tmp_path / "ws"
+    assert cdir("data", "emoji", "-w", ws, "--limit", "80") == 0
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    common = ["index", "build", "-w", ws, "--encoder", "pixels", "--type", "ivf", "--nlist",
+              "4", "--normalize", "domain-whiten"]
+    assert cdir(*common, "--name", "one") == 0
+    assert cdir(*common, "--shards", "3", "--name", "three") == 0
+    one = load_index(ws / "indexes" / "one", gpu=False)
+    three = load_index(ws / "indexes" / "three", gpu=False)
+    assert three.meta.params["shards"] == 3 and three.ids == one.ids
+    assert three.meta.normalize_fingerprint == one.meta.normalize_fingerprint
+    q = one.normalizer.transform(np.eye(one.dim, dtype=np.float32)[:5] + 0.1,
+                                 [one.domains[0]] * 5)
+    a, b = one.search(q, k=5, nprobe=4), three.search(q, k=5, nprobe=4)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 _SHARD = re.compile(r"shard_(\d{5})\.ids\.json$")
+_CHUNK = 65536  # rows copied at a time out of the memory-mapped shards
 _SHARD_FILE = re.compile(r"shard_(\d{5})\.(ids\.json|versions\.json|npy|claim)$")
 
 
@@ -175,31 +176,76 @@ class EmbeddingStore:
                 n += 1
 
     # -- reading -------------------------------------------------------------------------------
-    def load(self, manifest: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Return (vectors, valid): vectors in manifest row order (zeros where missing) and a
-        boolean mask of rows that have a vector. Without a manifest, all rows in shard order."""
+    def rows(self, manifest: pd.DataFrame | None = None) -> tuple[StoredRows, np.ndarray]:
+        """(view, valid): the stored vectors of the manifest rows that have one, in manifest
+        order, as a `StoredRows` view read from the memory-mapped shards on demand, and the
+        boolean mask of those rows. Without a manifest, all rows in shard order."""
         shards = self._shards()
         if not shards:
             raise CdirError(f"no embeddings in {self.dir}: run `cdir embed` first")
-        # shards are memory-mapped and copied straight to their rows: the output is the only
-        # copy in memory (not the shards, then their concatenation, then the output)
-        blocks = [(read_json(self.dir / f"shard_{i:05d}.ids.json"),
-                   np.load(self.dir / f"shard_{i:05d}.npy", mmap_mode="r")) for i in shards]
-        dim = blocks[0][1].shape[1]
+        mmaps = [np.load(self.dir / f"shard_{i:05d}.npy", mmap_mode="r") for i in shards]
+        ids = [read_json(self.dir / f"shard_{i:05d}.ids.json") for i in shards]
         if manifest is None:
-            out = np.empty((sum(len(ids) for ids, _ in blocks), dim), np.float32)
-            at = 0
-            for ids, vecs in blocks:
-                out[at:at + len(ids)] = vecs
-                at += len(ids)
-            return out, np.ones(len(out), bool)
+            shard = np.concatenate([np.full(len(b), s, np.int32) for s, b in enumerate(ids)])
+            row = np.concatenate([np.arange(len(b), dtype=np.int64) for b in ids])
+            return StoredRows(mmaps, shard, row), np.ones(len(shard), bool)
         row_of = {id_: j for j, id_ in enumerate(manifest["id"].tolist())}
-        out = np.zeros((len(manifest), dim), np.float32)
-        valid = np.zeros(len(manifest), bool)
-        for ids, vecs in blocks:  # in shard order: a later shard wins if an id was re-embedded
-            pairs = [(k, row_of[i]) for k, i in enumerate(ids) if i in row_of]
+        shard = np.full(len(manifest), -1, np.int32)
+        row = np.zeros(len(manifest), np.int64)
+        for s, block in enumerate(ids):  # in shard order: a later shard wins if re-embedded
+            pairs = [(k, row_of[i]) for k, i in enumerate(block) if i in row_of]
             if pairs:
                 src, dst = map(np.asarray, zip(*pairs, strict=True))
-                out[dst] = vecs[src]
-                valid[dst] = True
+                shard[dst] = s
+                row[dst] = src
+        valid = shard >= 0
+        return StoredRows(mmaps, shard[valid], row[valid]), valid
+
+    def load(self, manifest: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return (vectors, valid): vectors in manifest row order (zeros where missing) and a
+        boolean mask of rows that have a vector. Without a manifest, all rows in shard order."""
+        view, valid = self.rows(manifest)
+        out = np.zeros((len(valid), view.shape[1]), np.float32)
+        dst = valid.nonzero()[0]
+        for a in range(0, len(dst), _CHUNK):  # from the maps a chunk at a time: one copy in all
+            out[dst[a:a + _CHUNK]] = view[a:a + _CHUNK]
         return out, valid
+
+
+def row_positions(key: slice | np.ndarray | list[int], n: int) -> np.ndarray:
+    """The row positions a slice, a list of positions or a boolean mask of ``n`` rows selects."""
+    pos = np.arange(n)[key] if isinstance(key, slice) else np.asarray(key)
+    if pos.dtype == bool:
+        pos = pos.nonzero()[0]
+    if pos.ndim != 1:
+        raise TypeError("rows are chosen by a slice, positions or a mask")
+    return pos
+
+
+class StoredRows:
+    """Chosen rows of an embedding store as a read-only matrix that is never whole in memory:
+    ``view[a:b]``, ``view[positions]`` and ``view[mask]`` read just those rows from the
+    memory-mapped shards (an index of a gallery larger than memory is built from it chunk by
+    chunk); ``np.asarray(view)`` reads them all."""
+
+    def __init__(self, mmaps: list[np.ndarray], shard: np.ndarray, row: np.ndarray):
+        self._mmaps, self._shard, self._row = mmaps, shard, row
+        self.shape = (len(shard), mmaps[0].shape[1])
+        self.ndim = 2
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice | np.ndarray | list[int]) -> np.ndarray:
+        pos = row_positions(key, len(self))
+        out = np.empty((len(pos), self.shape[1]), np.float32)
+        shard, row = self._shard[pos], self._row[pos]
+        for s in np.unique(shard):  # one gather per shard file
+            sel = shard == s
+            out[sel] = self._mmaps[s][row[sel]]
+        return out
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)

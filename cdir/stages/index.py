@@ -19,14 +19,16 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+    from cdir.core.store import StoredRows
     from indexes.faiss_index import CdirIndex
 
 
 def index_vectors(ws: Workspace, manifest: pd.DataFrame, encoder: str | None = None,
                   text_encoder: str | None = None, captions: str | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, str]:
+                  ) -> tuple[StoredRows, np.ndarray, str]:
     """(vectors, valid mask, spec) of the image embeddings of ``encoder``, or of the embeddings of
-    a caption source by ``text_encoder``."""
+    a caption source by ``text_encoder``: the vectors of the valid rows, in manifest order, as a
+    view read from the store on demand (`cdir.core.store.StoredRows`)."""
     from cdir.core.caption_store import resolve_source
     from cdir.stages.modes import caption_vectors, image_vectors
 
@@ -34,11 +36,11 @@ def index_vectors(ws: Workspace, manifest: pd.DataFrame, encoder: str | None = N
         if not text_encoder:
             raise CdirError("indexing captions needs --text-encoder (the one used by cdir embed)")
         key = resolve_source(ws, captions)
-        x, ok = caption_vectors(ws, manifest, key, text_encoder)
+        x, ok = caption_vectors(ws, manifest, key, text_encoder, lazy=True)
         return x, ok, caption_spec(text_encoder, key)
     if not encoder:
         raise CdirError("give --encoder SPEC (image embeddings) or --captions/--text-encoder")
-    x, ok = image_vectors(ws, manifest, encoder)
+    x, ok = image_vectors(ws, manifest, encoder, lazy=True)
     return x, ok, encoder
 
 
@@ -142,14 +144,18 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     `indexes.normalize.NORMALIZERS`): the vectors are normalised per domain with statistics
     fitted on the indexed rows, saved as ``NAME.normalize.npz`` (fingerprint in the sidecar);
     such an index is refit and rebuilt, never extended, when the gallery grows. ``shards``
-    (ivf, ivfpq): built shard by shard and merged into inverted lists on disk
-    (`indexes.faiss_index.build_sharded`), rebuilt rather than extended. ``kind="auto"``
+    (ivf, ivfpq): built shard by shard from vectors read off the store a chunk at a time (never
+    all in memory; with ``normalize``, one domain at a time while its statistics are fitted),
+    merged into inverted lists on disk (`indexes.faiss_index.build_sharded`), rebuilt rather
+    than extended. ``kind="auto"``
     chooses the family from the vector count, dimension and ``memory`` (e.g. "4GB") and tunes
     its nprobe / efSearch to reach ``recall``@10 against exact search (`indexes.auto`); the
     choice and the measurement go into the sidecar (``params.auto``). Returns the index's
     name, path, spec, kind, vector count, what was done (``action``: up-to-date, added or built),
     ``notes`` (lines for stderr: what was left out, parameters lowered for small data) and the
     one-line ``summary``."""
+    import numpy as np
+
     from cdir.core.manifest import fingerprint
     from cdir.stages.modes import gallery_normalizer
     from indexes.faiss_index import (
@@ -253,19 +259,20 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
             notes.append(f"the gallery grew: {name}'s on-disk lists are built again")
         elif grew:
             new = [i for i, id_ in enumerate(ids) if id_ not in known]
-            sel = ok.nonzero()[0][new]
-            old.add(x[sel], [ids[i] for i in new], [domains[i] for i in new])
+            old.add(x[new], [ids[i] for i in new], [domains[i] for i in new])
             old.meta.manifest_fingerprint = fp
             _stamp(ws, spec, old)
             old.save(path)
             return {**result, "count": len(old), "action": "added",
                     "summary": f"added {len(new)} vectors to {name}: {len(old)} in all "
                                f"({time.perf_counter() - t0:.1f}s) → {path}{left_out}"}
-    vecs = x[ok]
+    sharded = bool(shards and shards > 1)
+    # a sharded build reads the vectors from the store a shard at a time, never all at once
+    vecs = x if sharded else np.asarray(x)
     norm = gallery_normalizer(vecs, domains, normalize)
     if norm is not None:
-        vecs = norm.transform(vecs, domains)
-    if shards and shards > 1:
+        vecs = norm.transform_rows(vecs, domains) if sharded else norm.transform(vecs, domains)
+    if sharded:
         from indexes.faiss_index import build_sharded
 
         index = build_sharded(vecs, ids, domains, path, shards, kind=kind, encoder_spec=spec,

@@ -137,11 +137,13 @@ def _checked(store: EmbeddingStore, model: str, ids: list[str], versions: list[s
                         f"(e.g. {stale[0]!r}): re-run `{rerun}`")
 
 
-def image_vectors(ws: Workspace, manifest: pd.DataFrame, spec: str
+def image_vectors(ws: Workspace, manifest: pd.DataFrame, spec: str, lazy: bool = False
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(vectors in manifest order, valid rows) of the image embeddings of ``spec``; refused when
     ``spec`` now names other weights or an image changed since it was embedded (or, with
-    ``?bn=domain``, a row was embedded with other statistics than its domain's stored ones)."""
+    ``?bn=domain``, a row was embedded with other statistics than its domain's stored ones).
+    ``lazy``: the vectors of the valid rows only, as a `StoredRows` view read from disk on
+    demand, not loaded (`EmbeddingStore.rows`)."""
     from cdir.core.manifest import row_versions
     from cdir.core.store import EmbeddingStore
     from cdir.stages.domain_bn import check_domain_stats, wants_domain_bn
@@ -154,11 +156,11 @@ def image_vectors(ws: Workspace, manifest: pd.DataFrame, spec: str
              "image embeddings", "image(s)", rerun)
     if wants_domain_bn(spec):  # each row with the statistics stored for its domain
         check_domain_stats(store, manifest, rerun, current=False)
-    return store.load(manifest)
+    return store.rows(manifest) if lazy else store.load(manifest)
 
 
 def caption_vectors(ws: Workspace, manifest: pd.DataFrame, captions: str | None,
-                    text_spec: str) -> tuple[np.ndarray, np.ndarray]:
+                    text_spec: str, lazy: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Like `image_vectors`, for the embeddings of a caption source by ``text_spec`` (refused
     also when a caption was rewritten since it was embedded)."""
     from cdir.core.caption_store import CaptionStore, resolve_source
@@ -173,7 +175,7 @@ def caption_vectors(ws: Workspace, manifest: pd.DataFrame, captions: str | None,
     texts = CaptionStore(ws, key).aligned(manifest)
     _checked(store, text_spec, manifest["id"].astype(str).tolist(), caption_versions(texts),
              "caption embeddings", "caption(s)", rerun)
-    return store.load(manifest)
+    return store.rows(manifest) if lazy else store.load(manifest)
 
 
 def vectors_fingerprint(ws: Workspace, spec: str, ids: list[str]) -> tuple[str, str | None, dict]:
