@@ -1,10 +1,14 @@
 """`torchrun -m cdir embed` and `-m cdir caption`: the rows split over ranks (Gloo on CPU), each
 rank writing its own shards or parts into the one store; the same ids and vectors (captions) as
-one process, and a run continued with another world size neither repeats nor misses a row."""
+one process, and a run continued with another world size, also after a rank was killed,
+neither repeats nor misses a row."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -63,6 +67,60 @@ def test_a_run_continued_with_another_world_size(tmp_path):
     assert cdir("embed", "-w", ws, "--encoder", ENCODER, "--workers", "0") == 0  # one process:
     _, again, _, _ = _stored(ws)
     assert again == ids  # nothing left to do
+
+
+def _rank_pid(parent: int, rank: int, timeout: float = 60) -> int:
+    """The pid of the torchrun worker of ``rank`` among the children of ``parent``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                try:
+                    env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+                except OSError:  # gone already
+                    continue
+                if f"RANK={rank}".encode() in env:
+                    return int(child)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of rank {rank} under pid {parent}")
+
+
+def test_a_killed_rank_loses_only_its_shard_in_flight(tmp_path):
+    """SIGKILL one of two ranks mid-run: every shard in the store is whole (no duplicated
+    rows), and a run with three ranks embeds only what is missing, to the vectors of one
+    process."""
+    encoder = "ckpt:encoders/weights/emoji_adapted.pt"
+    flags = ["--encoder", encoder, "--workers", "0", "--batch-size", "4", "--shard-rows", "8",
+             "--no-progress"]
+    ws = emoji_workspace(tmp_path / "two", 150)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "cdir", "embed", "-w", str(ws), *flags]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        victim = _rank_pid(proc.pid, 1)
+        deadline = time.monotonic() + 120
+        while len(list(ws.glob("embeddings/*/shard_*.ids.json"))) < 4:  # both ranks under way
+            assert proc.poll() is None and time.monotonic() < deadline, "finished before the kill"
+            time.sleep(0.02)
+        os.kill(victim, signal.SIGKILL)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, out[-3000:]
+    _, ids, _, _ = _stored(ws)
+    total = len(pd.read_parquet(ws / "manifest.parquet"))
+    assert len(ids) == len(set(ids)) and 0 < len(ids) < total
+    again = _torchrun(3, "-w", ws, *flags)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"embedded {total - len(ids)} new, {len(ids)} already done" in again.stdout, \
+        again.stdout
+    _, ids, x, ok = _stored(ws)
+    assert len(ids) == len(set(ids)) == total and ok.all()
+    one = emoji_workspace(tmp_path / "one", 150)
+    assert cdir("embed", "-w", one, *flags) == 0
+    np.testing.assert_allclose(x, _stored(one)[2], atol=1e-5)
 
 
 def test_unreadable_images_of_every_rank_are_listed_once(tmp_path):
