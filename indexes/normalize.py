@@ -39,7 +39,7 @@ import numpy as np
 
 from cdir.core.errors import CdirError
 from cdir.core.io import atomic_path
-from cdir.core.store import row_positions
+from cdir.core.store import RowView
 
 STATE_FORMAT = 1
 DEFAULT_SHRINKAGE = "ledoit-wolf"
@@ -414,27 +414,17 @@ class DomainNormalizer:
         return cls.from_state(state)
 
 
-class NormalizedRows:
-    """Rows of a matrix or view, normalised by a fitted `DomainNormalizer` as they are read:
-    ``rows[a:b]`` and ``rows[positions]`` give float32 unit rows."""
+class NormalizedRows(RowView):
+    """Rows of a matrix or view, normalised by a fitted `DomainNormalizer` as they are read."""
 
     def __init__(self, norm: DomainNormalizer, x: np.ndarray, domains: np.ndarray):
         if domains.shape != (len(x),):
             raise CdirError(f"{len(x)} embeddings for {domains.size} domain names")
+        super().__init__(*x.shape)
         self.norm, self.x, self.domains = norm, x, domains
-        self.shape = tuple(x.shape)
-        self.ndim = 2
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
-        pos = row_positions(key, len(self))
+    def _read(self, pos: np.ndarray) -> np.ndarray:
         return self.norm.transform(self.x[pos], self.domains[pos])
-
-    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 def fit_normalizer(x: np.ndarray, domains: Sequence[str] | np.ndarray,

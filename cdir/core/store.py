@@ -212,40 +212,48 @@ class EmbeddingStore:
         return out, valid
 
 
-def row_positions(key: slice | np.ndarray | list[int], n: int) -> np.ndarray:
-    """The row positions a slice, a list of positions or a boolean mask of ``n`` rows selects."""
-    pos = np.arange(n)[key] if isinstance(key, slice) else np.asarray(key)
-    if pos.dtype == bool:
-        pos = pos.nonzero()[0]
-    if pos.ndim != 1:
-        raise TypeError("rows are chosen by a slice, positions or a mask")
-    return pos
+class RowView:
+    """A read-only matrix whose rows are produced when read: ``view[a:b]``, ``view[positions]``
+    and ``view[mask]`` give float32 rows, ``np.asarray(view)`` all of them. Subclasses say how
+    to read chosen positions (`_read`)."""
 
-
-class StoredRows:
-    """Chosen rows of an embedding store as a read-only matrix that is never whole in memory:
-    ``view[a:b]``, ``view[positions]`` and ``view[mask]`` read just those rows from the
-    memory-mapped shards (an index of a gallery larger than memory is built from it chunk by
-    chunk); ``np.asarray(view)`` reads them all."""
-
-    def __init__(self, mmaps: list[np.ndarray], shard: np.ndarray, row: np.ndarray):
-        self._mmaps, self._shard, self._row = mmaps, shard, row
-        self.shape = (len(shard), mmaps[0].shape[1])
+    def __init__(self, n: int, dim: int):
+        self.shape = (n, dim)
         self.ndim = 2
         self.dtype = np.dtype(np.float32)
 
     def __len__(self) -> int:
         return self.shape[0]
 
+    def _read(self, pos: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
     def __getitem__(self, key: slice | np.ndarray | list[int]) -> np.ndarray:
-        pos = row_positions(key, len(self))
+        pos = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key)
+        if pos.dtype == bool:
+            pos = pos.nonzero()[0]
+        if pos.ndim != 1:
+            raise TypeError("rows are chosen by a slice, positions or a mask")
+        return self._read(pos)
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+class StoredRows(RowView):
+    """Chosen rows of an embedding store, read from its memory-mapped shards only when indexed:
+    never whole in memory (an index of a gallery larger than memory is built from it chunk by
+    chunk)."""
+
+    def __init__(self, mmaps: list[np.ndarray], shard: np.ndarray, row: np.ndarray):
+        super().__init__(len(shard), mmaps[0].shape[1])
+        self._mmaps, self._shard, self._row = mmaps, shard, row
+
+    def _read(self, pos: np.ndarray) -> np.ndarray:
         out = np.empty((len(pos), self.shape[1]), np.float32)
         shard, row = self._shard[pos], self._row[pos]
         for s in np.unique(shard):  # one gather per shard file
             sel = shard == s
             out[sel] = self._mmaps[s][row[sel]]
         return out
-
-    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype, copy=False)
