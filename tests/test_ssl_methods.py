@@ -588,24 +588,30 @@ def test_registry_defaults_and_errors() -> None:
         tiny("moco", temperature=0)
 
 
-def test_select_hard_is_the_exact_top_n_also_where_its_sample_misleads() -> None:
-    """The thresholded selection picks exactly the top-N set of every row: random rows, rows
-    with many ties, and a row whose sampled columns hold its largest values (too few of the
-    rest pass the threshold: that row falls back to a full top-k)."""
+def test_select_hard_is_the_exact_top_n_however_the_groups_fall() -> None:
+    """The grouped selection picks exactly the top-N set of every row: random rows, rows with
+    many ties, a row whose top entries crowd into a few column groups (many in one group, the
+    case a group's maximum alone would miss), a row with its top entries in the columns past
+    the last whole group, and widths the groups do not divide."""
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(6, 8192, generator=g)
-    x[1] = torch.randint(0, 50, (8192,), generator=g).float()  # ties
-    step = 8192 // (8 * 64)
-    x[2, ::step] += 10.0
-    x[3] = -x[3]
-    for n in (64, 100):
-        got = syn.select_hard(x, n).sort(1).values
-        want = torch.topk(x, n, dim=1).indices.sort(1).values
-        for r in (0, 2, 3, 4, 5):
-            assert torch.equal(got[r], want[r]), r
-        # with ties the set may differ among equal values; the values selected may not
-        vals = x[1, got[1]].sort().values
-        torch.testing.assert_close(vals, torch.topk(x[1], n).values.sort().values)
+    for width in (8192, 8197):
+        x = torch.rand(7, width, generator=g)
+        x[1] = torch.randint(0, 50, (width,), generator=g).float()  # ties
+        groups = width // 8
+        x[2, 5::groups] += 10.0  # all 8 members of group 5 on top ...
+        x[2, 6::groups] += 10.0  # ... and of group 6
+        x[3] = -x[3]
+        x[4, 8 * groups:] += 10.0  # the tail columns (none when 8 divides the width)
+        x[5, :64] += 10.0  # a block of neighbours: 64 groups, one member each
+        for n in (64, 100):
+            got = syn.select_hard(x, n).sort(1).values
+            want = torch.topk(x, n, dim=1).indices.sort(1).values
+            for r in (0, 2, 3, 4, 5, 6):
+                assert torch.equal(got[r], want[r]), (width, n, r)
+            # with ties the set may differ among equal values; the values selected may not
+            vals = x[1, got[1]].sort().values
+            torch.testing.assert_close(vals, torch.topk(x[1], n).values.sort().values)
     wide = torch.rand(3, 100, generator=g)  # hard set a large part of the row: plain top-k
     assert torch.equal(syn.select_hard(wide, 40).sort(1).values,
                        torch.topk(wide, 40, dim=1).indices.sort(1).values)
+    assert syn.select_hard(torch.rand(0, 100), 10).shape == (0, 10)
