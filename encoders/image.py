@@ -208,6 +208,43 @@ def eval_transform(size: int = 224, resize_ratio: float = 256 / 224,
     ])
 
 
+class BatchFinish:
+    """The float conversion and normalisation that end a torchvision transform (ToTensor, then
+    Normalize or nothing), on a whole uint8 batch (B, C, H, W) at once: the same float
+    operations element for element, so the same numbers as per image (picklable)."""
+
+    def __init__(self, mean: list[float] | None = None, std: list[float] | None = None):
+        self.mean, self.std = mean, std
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(torch.get_default_dtype()).div_(255)  # ToTensor
+        if self.mean is not None:  # Normalize
+            c = (-1, 1, 1)
+            x.sub_(torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(c))
+            x.div_(torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(c))
+        return x
+
+
+def split_transform(
+    transform: Callable[[Image.Image], torch.Tensor],
+) -> tuple[Callable[[Image.Image], torch.Tensor], BatchFinish | None]:
+    """(per image, per batch): a torchvision Compose that ends in ToTensor (and Normalize) is
+    cut before them. The per-image part then yields the uint8 tensor of the image (a quarter
+    of the bytes a loader process hands over) and `BatchFinish` does on the stacked batch what
+    ToTensor and Normalize did per image, as one vectorised operation. Any other transform runs
+    whole per image (no batch part)."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(transform, "transforms", None) or [])
+    norm = steps.pop() if steps and type(steps[-1]) is T.Normalize else None
+    if not steps or not isinstance(steps[-1], T.ToTensor) or (norm is not None and norm.inplace):
+        return transform, None
+    steps[-1] = T.PILToTensor()
+    finish = (BatchFinish() if norm is None else
+              BatchFinish([float(m) for m in norm.mean], [float(v) for v in norm.std]))
+    return T.Compose(steps), finish
+
+
 def _parse_query(spec: str, body: str, allowed: tuple[str, ...]) -> tuple[str, dict[str, str]]:
     if "?" not in body:
         return body, {}

@@ -117,6 +117,27 @@ def test_embed_pixels_gallery(gallery, tmp_path, capsys):
     assert stored_rows(ws, "pixels")[0] == ids
 
 
+def test_stored_rows_are_the_encoders_vectors_of_the_bytes_hashed(gallery, tiny_clip, tmp_path):
+    """What loader workers hand over (uint8 images, made float per batch) embeds as the
+    encoder's own transform does, and each row records the hash of the bytes it was made from."""
+    from cdir.core.images import load_image
+    from cdir.core.manifest import file_sha256, stamp_files
+    from cdir.stages.embed import embed_images
+    from encoders.image import load_image_encoder
+
+    ws = clone_workspace(gallery, tmp_path / "ws")
+    manifest = ws.manifest()
+    stamp_files(manifest)  # sizes and times, as `cdir data` records them
+    save_manifest(manifest, ws.manifest_path)
+    embed_images(ws, tiny_clip, batch_size=5, num_workers=2, progress=False)
+    ids, vecs = stored_rows(ws, tiny_clip)
+    paths = ws.manifest().set_index("id").loc[ids, "path"].tolist()
+    want = load_image_encoder(tiny_clip).encode_images([load_image(p) for p in paths])
+    np.testing.assert_allclose(vecs, want, atol=1e-6)
+    versions = EmbeddingStore(ws.embeddings_dir(tiny_clip)).versions()
+    assert [versions[i].split()[1] for i in ids] == [file_sha256(p) for p in paths]
+
+
 def test_resume_after_limit_matches_uninterrupted(gallery, tiny_clip, tmp_path):
     from cdir.stages.embed import embed_images
 

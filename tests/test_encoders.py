@@ -121,6 +121,29 @@ def test_tiny_clip_random_weights(tiny_clip_json, capfd):
     np.testing.assert_allclose(load_image_encoder(spec).encode_images(images), v, atol=1e-6)
 
 
+def test_split_transform_gives_the_same_tensors(tiny_clip_json):
+    """The embed stage's split (uint8 per image, float and normalised per batch) gives the very
+    tensors of the whole transform: open_clip's preprocess (RGB conversion, timm-style
+    MaybeToTensor) and the ckpt evaluation transform, on square and cropped images; what it
+    cannot split runs whole."""
+    from torchvision import transforms as T
+
+    from encoders.image import PixelsTransform, eval_transform, load_image_encoder, split_transform
+
+    images = [picture(0), picture(1, (40, 90)), picture(2, (300, 128))]
+    clip_preprocess = load_image_encoder(f"clip:{tiny_clip_json}/random").transform
+    for whole in (clip_preprocess, eval_transform(),
+                  eval_transform(37, 1.3, (.1, .2, .3), (.5, .6, .7)),
+                  T.Compose([T.Resize(20), T.CenterCrop(16), T.ToTensor()])):
+        per_image, finish = pickle.loads(pickle.dumps(split_transform(whole)))
+        assert finish is not None and per_image(images[0]).dtype == torch.uint8
+        want = torch.stack([whole(im) for im in images])
+        got = finish(torch.stack([per_image(im) for im in images]))
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    for whole in (PixelsTransform(), T.Compose([T.ToTensor(), T.Normalize([.5], [.5], True)])):
+        assert split_transform(whole) == (whole, None)
+
+
 def test_clip_local_checkpoint_path_with_slashes(tiny_clip_json, tmp_path):
     import open_clip
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -42,12 +43,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, data: bytes | None = None) -> Image.Image:
     """Open, fully decode and convert to RGB; raise BadImage with the reason on any failure,
-    including images over Pillow's decompression-bomb limit."""
+    including images over Pillow's decompression-bomb limit. ``data``: the file's bytes, already
+    read (``path`` then only names it)."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             limit = Image.MAX_IMAGE_PIXELS
             if limit and img.size[0] * img.size[1] > limit:
                 raise BadImage(f"{path}: too large ({img.size[0]}×{img.size[1]} pixels, over "
@@ -63,6 +65,18 @@ def load_image(path: str | Path) -> Image.Image:
         raise BadImage(f"{path}: not an image" + (" (empty file)" if size == 0 else "")) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImage(f"{path}: cannot decode ({e})") from None
+
+
+def load_image_hashed(path: str | Path) -> tuple[Image.Image, str]:
+    """`load_image` and the content hash (`file_sha256`'s) of the very bytes decoded: the file
+    is read once, and a vector or caption is never recorded with the hash of other bytes."""
+    from cdir.core.manifest import bytes_sha256
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return load_image(path), ""  # raises BadImage with the reason
+    return load_image(path, data), bytes_sha256(data)
 
 
 def failure_reason(path: str, e: BaseException) -> str:

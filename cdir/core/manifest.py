@@ -85,6 +85,11 @@ def file_sha256(path: str) -> str:
         return ""  # unreadable: the embed stage lists it
 
 
+def bytes_sha256(data: bytes) -> str:
+    """`file_sha256` of a file with these bytes."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
 def stamp_files(df: pd.DataFrame, previous: pd.DataFrame | None = None) -> int:
     """Record each image file's size and mtime in ``df`` (FILE_COLUMNS, in place) and carry over
     the content hash ``previous`` recorded for an unchanged file. A file whose size or mtime

@@ -38,16 +38,15 @@ def _examples(items: list[str]) -> str:
 
 def _load_batch(paths: list[str]) -> list[tuple[Any, str | None, str]]:
     """(image, None, content hash) or (None, reason, "") per path: a corrupt file is data, not an
-    exception. The hash (of the bytes read) is stored with the caption, so a later `cdir data`
+    exception. The hash (of the bytes decoded) is stored with the caption, so a later `cdir data`
     that finds the file merely touched keeps the caption."""
-    from cdir.core.images import failure_reason, load_image
-    from cdir.core.manifest import file_sha256
+    from cdir.core.images import failure_reason, load_image_hashed
 
     out: list[tuple[Any, str | None, str]] = []
     for p in paths:
         try:
-            digest = file_sha256(p)
-            out.append((load_image(p), None, digest))
+            img, digest = load_image_hashed(p)
+            out.append((img, None, digest))
         except Exception as e:  # noqa: BLE001 - a bad file must never stop the run
             out.append((None, failure_reason(p, e), ""))
     return out

@@ -26,7 +26,7 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,9 +37,9 @@ from torch.utils.data import DataLoader, Dataset
 from cdir.core.caption_store import CaptionStore, resolve_source
 from cdir.core.dist import all_gather_object, barrier, rank_world
 from cdir.core.errors import CdirError
-from cdir.core.images import failure_reason, failure_report, load_image
+from cdir.core.images import failure_reason, failure_report, load_image_hashed
 from cdir.core.lock import beside, exclusive
-from cdir.core.manifest import file_sha256, row_versions
+from cdir.core.manifest import row_versions
 from cdir.core.signals import graceful, loader_worker, shielded
 from cdir.core.store import EmbeddingStore
 from cdir.core.workspace import Workspace, caption_spec
@@ -53,8 +53,8 @@ if TYPE_CHECKING:
 
 class ImageRows(Dataset):
     """Item i -> (i, tensor, None, content hash) or (i, None, reason, ""): a bad file is data, not
-    an exception. The hash (of the bytes the worker read: cheap beside decoding) is recorded with
-    the vector, so a later `cdir data` that finds the file merely touched keeps the vector."""
+    an exception. The hash (of the bytes the worker decoded: cheap beside decoding) is recorded
+    with the vector, so a later `cdir data` that finds the file merely touched keeps the vector."""
 
     def __init__(self, paths: list[str], transform: Callable):
         self.paths = paths
@@ -66,8 +66,8 @@ class ImageRows(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, str]:
         path = self.paths[i]
         try:
-            digest = file_sha256(path)
-            return i, self.transform(load_image(path)), None, digest
+            img, digest = load_image_hashed(path)
+            return i, self.transform(img), None, digest
         except Exception as e:  # noqa: BLE001 - corrupt files must never stop the run
             return i, None, failure_reason(path, e), ""
 
@@ -119,7 +119,7 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
     """
     from tqdm.auto import tqdm
 
-    from encoders.image import load_image_encoder
+    from encoders.image import load_image_encoder, split_transform
 
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     if batch_size < 1 or shard_rows < 1:
@@ -140,13 +140,22 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
     old_failed = {r["id"]: r for r in store.failed()}
     workers = default_workers() if num_workers is None else max(0, int(num_workers))
 
-    def loader(rows: list[int]) -> DataLoader:
-        return DataLoader(
-            ImageRows([paths[j] for j in rows], enc.transform), batch_size=batch_size,
+    per_image, finish = split_transform(enc.transform)
+
+    def loader(rows: list[int]) -> Iterator[tuple]:
+        """Batches of (positions in ``rows``, their tensors or None, failures, content hashes):
+        the workers decode each image to its uint8 tensor, the batch is made float where the
+        model runs."""
+        batches = DataLoader(
+            ImageRows([paths[j] for j in rows], per_image), batch_size=batch_size,
             shuffle=False, num_workers=workers, collate_fn=collate_rows,
             pin_memory=enc.device.type == "cuda",
             prefetch_factor=4 if workers else None,
             worker_init_fn=loader_worker)  # a job-wide SIGTERM is the main process's
+        for idx, x, bad, hashes in batches:
+            if x is not None and finish is not None:
+                x = finish(x.to(enc.device, non_blocking=True))
+            yield idx, x, bad, hashes
 
     new_ids: list[str] = []
     new_vecs: list[np.ndarray] = []
@@ -274,7 +283,7 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
 
 
 def _domain_parts(enc: Any, store: EmbeddingStore, df: pd.DataFrame, done: set[str],
-                  limit: int | None, loader: Callable[[list[int]], DataLoader],
+                  limit: int | None, loader: Callable[[list[int]], Iterator[tuple]],
                   estimated: list[str], progress: bool
                   ) -> tuple[list[tuple[dict | None, str | None, list[int]]], int]:
     """``?bn=domain``: (per domain, its statistics, their tag and the rows to embed with them;
@@ -322,7 +331,7 @@ def _domain_parts(enc: Any, store: EmbeddingStore, df: pd.DataFrame, done: set[s
     return parts, already
 
 
-def _estimate(enc: Any, batches: DataLoader, n: int, desc: str, progress: bool) -> dict | None:
+def _estimate(enc: Any, batches: Iterator[tuple], n: int, desc: str, progress: bool) -> dict | None:
     """The encoder's BN statistics over the readable images of ``batches``; None when none is
     readable (unreadable ones are listed by the embedding pass that follows)."""
     from tqdm.auto import tqdm
