@@ -209,15 +209,16 @@ def eval_transform(size: int = 224, resize_ratio: float = 256 / 224,
 
 
 class BatchFinish:
-    """The float conversion and normalisation that end a torchvision transform (ToTensor, then
-    Normalize or nothing), on a whole uint8 batch (B, C, H, W) at once: the same float
+    """What ends a torchvision transform (ToTensor, then Normalize or nothing), on a whole batch
+    of (B, H, W, C) uint8 images at once: to channel order, float, normalised. The same float
     operations element for element, so the same numbers as per image (picklable)."""
 
     def __init__(self, mean: list[float] | None = None, std: list[float] | None = None):
         self.mean, self.std = mean, std
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(torch.get_default_dtype()).div_(255)  # ToTensor
+        x = batch.permute(0, 3, 1, 2).to(torch.get_default_dtype(),
+                                          memory_format=torch.contiguous_format).div_(255)
         if self.mean is not None:  # Normalize
             c = (-1, 1, 1)
             x.sub_(torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(c))
@@ -225,21 +226,45 @@ class BatchFinish:
         return x
 
 
+class _PilToHwc:
+    """An 8-bit PIL image as an (H, W, C) uint8 tensor: ToTensor without its per-image copy into
+    channel order and its float conversion (`BatchFinish` does both for the whole batch)."""
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        a = np.array(img)
+        if a.dtype != np.uint8:
+            raise CdirError(f"an 8-bit image was expected, got mode {img.mode}")
+        return torch.from_numpy(a[:, :, None] if a.ndim == 2 else a)
+
+
+class _CropIfNeeded:
+    """A torchvision CenterCrop that passes an image of the crop size through as it is (the
+    crop would copy it whole)."""
+
+    def __init__(self, crop: Any):
+        self.crop = crop
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        h, w = self.crop.size
+        return img if img.size == (w, h) else self.crop(img)
+
+
 def split_transform(
     transform: Callable[[Image.Image], torch.Tensor],
 ) -> tuple[Callable[[Image.Image], torch.Tensor], BatchFinish | None]:
     """(per image, per batch): a torchvision Compose that ends in ToTensor (and Normalize) is
-    cut before them. The per-image part then yields the uint8 tensor of the image (a quarter
-    of the bytes a loader process hands over) and `BatchFinish` does on the stacked batch what
-    ToTensor and Normalize did per image, as one vectorised operation. Any other transform runs
-    whole per image (no batch part)."""
+    cut before them. The per-image part then yields the image's (H, W, C) uint8 tensor (a
+    quarter of the bytes a loader process hands over) and `BatchFinish` does on the stacked
+    batch what ToTensor and Normalize did per image, as one vectorised operation. Any other
+    transform runs whole per image (no batch part)."""
     from torchvision import transforms as T
 
     steps = list(getattr(transform, "transforms", None) or [])
     norm = steps.pop() if steps and type(steps[-1]) is T.Normalize else None
     if not steps or not isinstance(steps[-1], T.ToTensor) or (norm is not None and norm.inplace):
         return transform, None
-    steps[-1] = T.PILToTensor()
+    steps[-1] = _PilToHwc()
+    steps = [_CropIfNeeded(t) if type(t) is T.CenterCrop else t for t in steps]
     finish = (BatchFinish() if norm is None else
               BatchFinish([float(m) for m in norm.mean], [float(v) for v in norm.std]))
     return T.Compose(steps), finish
