@@ -289,8 +289,11 @@ def _faiss():
     return faiss
 
 
-def _check_vectors(x: Any, what: str, dim: int | None = None) -> np.ndarray:
-    """float32 C-contiguous (n, d), finite, non-zero rows, re-normalised to unit length."""
+def _check_vectors(x: Any, what: str, dim: int | None = None,
+                   rows: int | np.ndarray = 0) -> np.ndarray:
+    """float32 C-contiguous (n, d), finite, non-zero rows, re-normalised to unit length.
+    ``rows``: where these rows are in the whole (the first one's position, or each one's), so a
+    bad row of a chunk or a sample is named by its own position."""
     try:
         x = np.asarray(x, dtype=np.float32)
     except (TypeError, ValueError) as e:
@@ -303,17 +306,21 @@ def _check_vectors(x: Any, what: str, dim: int | None = None) -> np.ndarray:
         raise CdirError(
             f"{what} have dimension {x.shape[1]} but the index holds {dim}-d vectors: "
             "were they made with the same encoder?")
+    def first(mask: np.ndarray) -> int:
+        i = int(np.flatnonzero(mask)[0])
+        return int(rows[i]) if isinstance(rows, np.ndarray) else rows + i
+
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         raise CdirError(
-            f"{what} contain NaN or inf in {int(bad.sum())} row(s) (first: row "
-            f"{int(np.flatnonzero(bad)[0])}): re-embed them")
+            f"{what} contain NaN or inf in {int(bad.sum())} row(s) (first: row {first(bad)}): "
+            "re-embed them")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     zero = norms[:, 0] == 0
     if zero.any():
         raise CdirError(
-            f"{what} contain {int(zero.sum())} all-zero row(s) (first: row "
-            f"{int(np.flatnonzero(zero)[0])}), which have no direction to compare: re-embed them")
+            f"{what} contain {int(zero.sum())} all-zero row(s) (first: row {first(zero)}), "
+            "which have no direction to compare: re-embed them")
     # re-normalise defensively: cosine = inner product only on unit vectors
     return np.ascontiguousarray(x / norms, dtype=np.float32)
 
@@ -350,12 +357,13 @@ def _versions() -> dict[str, str]:
 # -------------------------------------------------------------------------------------------------
 # building FAISS indexes
 # -------------------------------------------------------------------------------------------------
-def _train_sample(x: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """A deterministic subsample (sorted rows, fixed seed) so a rebuild gives the same index."""
+def _train_sample(x: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic subsample (sorted rows, fixed seed) so a rebuild gives the same index,
+    and the positions of its rows."""
     if len(x) <= size:
-        return x
+        return x, np.arange(len(x))
     rows = np.sort(np.random.default_rng(seed).choice(len(x), size=size, replace=False))
-    return x[rows]
+    return x[rows], rows
 
 
 def _new_cpu_index(kind: str, x: np.ndarray, p: dict[str, Any], train_gpu: Any = None) -> Any:
@@ -386,9 +394,9 @@ def _new_cpu_index(kind: str, x: np.ndarray, p: dict[str, Any], train_gpu: Any =
     index.nprobe = p["nprobe"]
     if train_gpu is not None:
         index.clustering_index = train_gpu  # k-means assignment on the GPU; centroids stay CPU
-    sample = _train_sample(x, TRAIN_POINTS_PER_CENTROID * p["nlist"], p["seed"])
+    sample, rows = _train_sample(x, TRAIN_POINTS_PER_CENTROID * p["nlist"], p["seed"])
     if not isinstance(x, np.ndarray):  # a view: its rows are checked as they are read
-        sample = _check_vectors(sample, "vectors")
+        sample = _check_vectors(sample, "vectors", rows=rows)
     index.train(sample)
     if train_gpu is not None:
         index.clustering_index = None
@@ -529,7 +537,7 @@ def build_sharded(
             part = faiss.clone_index(trained)
             for c in range(a, b, ADD_CHUNK):  # a chunk of vectors in memory beside the lists
                 rows = x[c:min(c + ADD_CHUNK, b)]
-                part.add_with_ids(_check_vectors(rows, "vectors"),
+                part.add_with_ids(_check_vectors(rows, "vectors", rows=c),
                                   np.arange(c, c + len(rows), dtype=np.int64))
             names.append(os.path.join(tmp, f"shard_{s:04d}.faiss"))
             faiss.write_index(part, names[-1])

@@ -242,6 +242,34 @@ def test_sharded_build_reads_the_store_a_chunk_at_a_time(tmp_path, monkeypatch):
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
 
 
+@pytest.mark.parametrize("row", [1234, 2998])  # in the training sample; read only when added
+def test_a_bad_stored_row_is_named_by_its_gallery_position(tmp_path, monkeypatch, row):
+    """A shard file damaged on disk (a NaN row): the sharded build stops naming the row's
+    position in the gallery, not in the training sample or the chunk it was read with."""
+    import pandas as pd
+
+    import indexes.faiss_index as fi
+    from cdir.core.store import EmbeddingStore
+
+    x = _clustered(3_000, 16, 20)
+    ids = [f"i{k}" for k in range(len(x))]
+    store = EmbeddingStore(tmp_path / "store")
+    store.open("test", 16)
+    for a in range(0, len(x), 256):
+        store.append(ids[a:a + 256], x[a:a + 256])
+    shard = np.load(tmp_path / "store" / f"shard_{row // 256:05d}.npy", mmap_mode="r+")
+    shard[row % 256, 3] = np.nan
+    shard.flush()
+    del shard
+    view, _ = store.rows(pd.DataFrame({"id": ids}))
+    monkeypatch.setattr(fi, "ADD_CHUNK", 500)
+    sample = fi._train_sample(np.zeros((len(x), 1)), fi.TRAIN_POINTS_PER_CENTROID * 8,
+                              fi.default_params("ivf", len(x), 16, nlist=8)["seed"])[1]
+    assert (row in sample) == (row == 1234)
+    with pytest.raises(CdirError, match=f"NaN or inf in 1 row\\(s\\) \\(first: row {row}\\)"):
+        fi.build_sharded(view, ids, ["a"] * len(x), tmp_path / "idx", 3, kind="ivf", nlist=8)
+
+
 def test_cli_shards_with_normalize_equals_a_single_build(tmp_path, capsys):
     """--shards with --normalize: the statistics fitted per domain, rows normalised as they are
     read; exhaustive search gives the results of the same index built in memory."""
