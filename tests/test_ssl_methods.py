@@ -588,7 +588,8 @@ def test_registry_defaults_and_errors() -> None:
         tiny("moco", temperature=0)
 
 
-def test_select_hard_is_the_exact_top_n_however_the_groups_fall() -> None:
+@pytest.mark.parametrize("group", [4, 8])
+def test_select_hard_is_the_exact_top_n_however_the_groups_fall(group) -> None:
     """The grouped selection picks exactly the top-N set of every row: random rows, rows with
     many ties, a row whose top entries crowd into a few column groups (many in one group, the
     case a group's maximum alone would miss), a row with its top entries in the columns past
@@ -597,14 +598,14 @@ def test_select_hard_is_the_exact_top_n_however_the_groups_fall() -> None:
     for width in (8192, 8197):
         x = torch.rand(7, width, generator=g)
         x[1] = torch.randint(0, 50, (width,), generator=g).float()  # ties
-        groups = width // 8
-        x[2, 5::groups] += 10.0  # all 8 members of group 5 on top ...
+        groups = width // group
+        x[2, 5::groups] += 10.0  # every member of group 5 on top ...
         x[2, 6::groups] += 10.0  # ... and of group 6
         x[3] = -x[3]
-        x[4, 8 * groups:] += 10.0  # the tail columns (none when 8 divides the width)
+        x[4, group * groups:] += 10.0  # the tail columns (none when the group divides the width)
         x[5, :64] += 10.0  # a block of neighbours: 64 groups, one member each
         for n in (64, 100):
-            got = syn.select_hard(x, n).sort(1).values
+            got = syn.select_hard(x, n, group).sort(1).values
             want = torch.topk(x, n, dim=1).indices.sort(1).values
             for r in (0, 2, 3, 4, 5, 6):
                 assert torch.equal(got[r], want[r]), (width, n, r)
@@ -612,6 +613,6 @@ def test_select_hard_is_the_exact_top_n_however_the_groups_fall() -> None:
             vals = x[1, got[1]].sort().values
             torch.testing.assert_close(vals, torch.topk(x[1], n).values.sort().values)
     wide = torch.rand(3, 100, generator=g)  # hard set a large part of the row: plain top-k
-    assert torch.equal(syn.select_hard(wide, 40).sort(1).values,
+    assert torch.equal(syn.select_hard(wide, 40, group).sort(1).values,
                        torch.topk(wide, 40, dim=1).indices.sort(1).values)
-    assert syn.select_hard(torch.rand(0, 100), 10).shape == (0, 10)
+    assert syn.select_hard(torch.rand(0, 100), 10, group).shape == (0, 10)

@@ -257,7 +257,7 @@ def _top_indices(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select_hard(neg_logits: torch.Tensor, n_hard: int, group: int = 8) -> torch.Tensor:
+def select_hard(neg_logits: torch.Tensor, n_hard: int, group: int = 4) -> torch.Tensor:
     """Indices (B, n_hard) of each query's ``n_hard`` most similar queue entries (unsorted).
 
     Exact, and faster than one top-k over the whole queue when the hard set is a small part of
@@ -267,7 +267,7 @@ def select_hard(neg_logits: torch.Tensor, n_hard: int, group: int = 8) -> torch.
     maxima, each an entry of its own. So a top-N over the group maxima, then a top-N over the
     N x ``group`` entries of the chosen groups, is the top-N of the row.
     """
-    x = neg_logits.detach()
+    x = neg_logits.detach().contiguous()
     b, width = x.shape
     k = min(int(n_hard), width)
     g = width // group
