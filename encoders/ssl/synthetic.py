@@ -23,6 +23,7 @@ n + eta*sign(g)*p; in effect a copy of n), for anyone reproducing the Aug-Sep 20
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -369,7 +370,7 @@ def _row_products(
     out as in ``synthesize``. Gathered a block of queries at a time, so that no gathered block
     is larger than ``block_bytes`` (a large temporary costs its page faults on every step)."""
     c1, c2, c3, c4, c5, c6 = counts
-    at = torch.tensor([0, *counts, c3]).cumsum(0).tolist()  # where each section of rows starts
+    at = [0, *itertools.accumulate([*counts, c3])]  # where each section of rows starts
     need = torch.cat([rows[:, at[2]:at[3]], rows[:, at[6]:at[7]], rows[:, at[3]:at[4]],
                       rows[:, at[5]:at[6]]], dim=1)  # mixup's two sources, noise, adversarial
     b, m = need.shape
