@@ -78,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in med.items():
         print(f"| {k} | {v:.0f} |")
     ratio = med["pipeline"] / med["model only"]
-    print(f"\npipeline / model only: {ratio:.2f} (target >= 0.80)")
+    # each pipeline run against the model-only run right after it: both see the same machine
+    # state, so this is the steadier figure where the machine's speed drifts between runs
+    paired = statistics.median(p / m for p, m in zip(runs["pipeline"], runs["model only"],
+                                                     strict=True))
+    print(f"\npipeline / model only: {ratio:.2f} (target >= 0.80); median paired ratio "
+          f"{paired:.2f}")
     return 0 if ratio >= 0.8 else 1
 
 

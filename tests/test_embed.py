@@ -252,6 +252,26 @@ def test_workers_give_the_same_rows(gallery, tmp_path):
     np.testing.assert_array_equal(vecs_a, vecs_b)
 
 
+class _Niceness(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        return os.nice(0)
+
+
+def test_loader_workers_beside_a_cpu_model_run_at_the_lowest_priority():
+    """Workers that share the cores with a CPU model yield to its threads (nice 19); the main
+    process keeps its own priority."""
+    from cdir.stages.embed import cpu_loader_worker
+
+    before = os.nice(0)
+    loader = torch.utils.data.DataLoader(_Niceness(), batch_size=1, num_workers=1,
+                                         worker_init_fn=cpu_loader_worker)
+    assert [int(x) for x in loader] == [19, 19]
+    assert os.nice(0) == before
+
+
 def test_cli_embed(gallery, tmp_path, capsys):
     from cdir.cli import main
 
