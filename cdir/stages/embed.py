@@ -94,7 +94,8 @@ def cpu_loader_worker(worker_id: int) -> None:
     On 2 cores the bare loader-and-model loop reached 0.80 of the model-only images/s with it,
     0.77 without (bench/README.md)."""
     loader_worker(worker_id)
-    os.nice(19)
+    if hasattr(os, "nice"):  # not on Windows
+        os.nice(19)
 
 
 def _one_writer(output: Callable[..., str]) -> Callable[[Callable], Callable]:
