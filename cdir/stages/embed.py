@@ -161,7 +161,8 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
             ImageRows([paths[j] for j in rows], per_image), batch_size=batch_size,
             shuffle=False, num_workers=workers, collate_fn=collate_rows,
             pin_memory=enc.device.type == "cuda",
-            prefetch_factor=4 if workers else None,  # a job-wide SIGTERM is the main process's
+            prefetch_factor=4 if workers else None,
+            # a job-wide SIGTERM is the main process's; beside a CPU model they yield to it
             worker_init_fn=cpu_loader_worker if enc.device.type == "cpu" else loader_worker)
         for idx, x, bad, hashes in batches:
             if x is not None and finish is not None:
