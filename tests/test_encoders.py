@@ -130,7 +130,8 @@ def test_split_transform_gives_the_same_tensors(tiny_clip_json):
 
     from encoders.image import PixelsTransform, eval_transform, load_image_encoder, split_transform
 
-    images = [picture(0), picture(1, (40, 90)), picture(2, (300, 128))]
+    # cropped after the resize, or already the crop size (the crop passes it through)
+    images = [picture(0), picture(1, (40, 90)), picture(2, (300, 128)), picture(3, (96, 96))]
     clip_preprocess = load_image_encoder(f"clip:{tiny_clip_json}/random").transform
     for whole in (clip_preprocess, eval_transform(),
                   eval_transform(37, 1.3, (.1, .2, .3), (.5, .6, .7)),

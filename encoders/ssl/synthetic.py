@@ -369,7 +369,7 @@ def _row_products(
     n.e of the noise type (B, n4) and n.sign(q) of the adversarial type (B, n6), ``rows`` laid
     out as in ``synthesize``. Gathered a block of queries at a time, so that no gathered block
     is larger than ``block_bytes`` (a large temporary costs its page faults on every step)."""
-    c1, c2, c3, c4, c5, c6 = counts
+    c3, c4, c6 = counts[2], counts[3], counts[5]
     at = [0, *itertools.accumulate([*counts, c3])]  # where each section of rows starts
     need = torch.cat([rows[:, at[2]:at[3]], rows[:, at[6]:at[7]], rows[:, at[3]:at[4]],
                       rows[:, at[5]:at[6]]], dim=1)  # mixup's two sources, noise, adversarial
