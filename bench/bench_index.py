@@ -26,18 +26,20 @@ def clustered(n: int, dim: int, clusters: int, seed: int = 0, sigma: float = 0.3
 
 
 def main(argv: list[str] | None = None) -> None:
+    from indexes.kinds import KINDS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--kinds", nargs="+", default=["flat", "ivf", "ivfpq", "hnsw"])
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS))
     args = ap.parse_args(argv)
 
     import faiss
 
-    from indexes.faiss_index import build_index
+    from indexes.build import build_index
 
     faiss.omp_set_num_threads(args.threads)
     data = clustered(args.n + args.queries, args.dim, clusters=max(10, args.n // 500))

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     import faiss
 
     from indexes.auto import choose, describe, parse_memory, tune
-    from indexes.faiss_index import build_index
+    from indexes.build import build_index
 
     faiss.omp_set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -63,7 +63,7 @@ def child(mode: str, store_dir: str, out: str, nlist: int, shards: int, threads:
     import faiss
 
     from cdir.core.store import EmbeddingStore
-    from indexes.faiss_index import build_index, build_sharded
+    from indexes.build import build_index, build_sharded
 
     faiss.omp_set_num_threads(threads)
     store = EmbeddingStore(store_dir)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from cdir.core.store import EmbeddingStore
-    from indexes.faiss_index import load_index
+    from indexes.index import load_index
 
     with tempfile.TemporaryDirectory() as tmp:
         store = EmbeddingStore(Path(tmp) / "store")

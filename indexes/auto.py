@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cdir.core.errors import CdirError
+from indexes.kinds import KINDS
 
 if TYPE_CHECKING:
-    from indexes.faiss_index import CdirIndex
+    from indexes.index import CdirIndex
 
 FLAT_MAX_WORK = 2e7  # n * dim of an exact search of about a millisecond (2 CPU threads)
 HNSW_MAX_N = 2_000_000  # beyond this an HNSW graph takes long to build on a few cores
@@ -130,16 +131,13 @@ def tune(index: CdirIndex, x: np.ndarray, target: float = 0.95, k: int = 10,
     rows = np.sort(rng.choice(n, size=min(n_queries, n), replace=False))
     queries = np.ascontiguousarray(x[rows])
     record: dict[str, Any] = {"recall_target": target, "k": k, "queries": len(rows)}
-    if index.kind == "flat" or k < 1:
+    knob = KINDS[index.kind].knob  # None: exact, nothing to tune
+    if knob is None or k < 1:
         record.update(recall=1.0, ms_per_query=_ms_per_query(index, queries))
         index.meta.params["auto"] = record
         return record
     truth = _ground_truth(x, queries, rows, k)
-    if index.kind == "hnsw":
-        name, values = "ef_search", [16, 32, 64, 128, 256, 512, 1024, 2048]
-    else:
-        nlist = index.meta.params["nlist"]
-        name, values = "nprobe", sorted({min(nlist, 2**i) for i in range(0, 16)})
+    name, values = knob.name, knob.tries(index.meta.params)
     tried = []
     for v in values:
         r = _recall(index, queries, rows, truth, k, **{name: v})
@@ -157,10 +155,11 @@ def tune(index: CdirIndex, x: np.ndarray, target: float = 0.95, k: int = 10,
 
 def describe(choice: Choice, record: dict[str, Any]) -> str:
     """One line for the user: the family, why, the tuned parameter and what was measured."""
-    if choice.kind == "flat":
+    knob = KINDS[choice.kind].knob
+    if knob is None:
         return (f"auto: flat ({choice.reason}); exact, {record['ms_per_query']:.2f} ms a query "
                 f"(timed on {min(record['queries'], TIME_QUERIES)} queries)")
-    tuned = next((f"{p} {record[p]}" for p in ("nprobe", "ef_search") if p in record), "")
+    tuned = f"{knob.name} {record[knob.name]}" if knob.name in record else ""
     reached = ("" if record.get("reached", True)
                else f" (target {record['recall_target']} not reached)")
     return (f"auto: {choice.kind} ({choice.reason}); {tuned + ', ' if tuned else ''}"

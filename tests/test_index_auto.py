@@ -8,7 +8,8 @@ import pytest
 
 from cdir.core.errors import CdirError
 from indexes.auto import _ground_truth, choose, parse_memory, tune
-from indexes.faiss_index import build_index
+from indexes.build import build_index
+from indexes.kinds import TRAIN_POINTS_PER_CENTROID, default_params
 from tests.helpers.cli import cdir
 
 
@@ -95,7 +96,7 @@ def test_cli_auto_records_the_choice(tmp_path, capsys):
 def test_refine_reranks_pq_candidates_by_exact_scores(tmp_path):
     """IVF-PQ with refine keeps the exact vectors: recall@10 near 1 where the codes alone miss
     most of it; the domain filter still holds, and the index saves and loads as it was."""
-    from indexes.faiss_index import load_index
+    from indexes.index import load_index
 
     x = _clustered(6_000, 64, 80)
     ids = [str(i) for i in range(len(x))]
@@ -130,7 +131,8 @@ def test_sharded_build_merged_on_disk_equals_a_single_build(tmp_path, kind):
     moved folder (the lists are found beside the index) and keeps the domain filter."""
     import shutil
 
-    from indexes.faiss_index import build_sharded, load_index
+    from indexes.build import build_sharded
+    from indexes.index import load_index
 
     x = _clustered(4_000, 32, 40)
     ids = [f"i{k}" for k in range(len(x))]
@@ -218,7 +220,7 @@ def test_sharded_build_reads_the_store_a_chunk_at_a_time(tmp_path, monkeypatch):
     sample) at once, and searches like the same build from vectors in memory."""
     import pandas as pd
 
-    import indexes.faiss_index as fi
+    import indexes.build as fb
     from cdir.core.store import StoredRows
 
     x = _clustered(3_000, 32, 30)
@@ -230,10 +232,10 @@ def test_sharded_build_reads_the_store_a_chunk_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(StoredRows, "__getitem__",
                         lambda self, key: reads.append(len(out := real(self, key))) or out)
     monkeypatch.setattr(StoredRows, "__array__", None)  # reading it whole is refused
-    monkeypatch.setattr(fi, "ADD_CHUNK", 500)
-    from_view = fi.build_sharded(view, ids, doms, tmp_path / "v" / "idx", 3, kind="ivf", nlist=8)
-    from_ram = fi.build_sharded(x, ids, doms, tmp_path / "r" / "idx", 3, kind="ivf", nlist=8)
-    sample = fi.TRAIN_POINTS_PER_CENTROID * 8
+    monkeypatch.setattr(fb, "ADD_CHUNK", 500)
+    from_view = fb.build_sharded(view, ids, doms, tmp_path / "v" / "idx", 3, kind="ivf", nlist=8)
+    from_ram = fb.build_sharded(x, ids, doms, tmp_path / "r" / "idx", 3, kind="ivf", nlist=8)
+    sample = TRAIN_POINTS_PER_CENTROID * 8
     assert max(reads) <= max(500, sample) < len(x) and sum(reads) == len(x) + sample
     q = x[::53]
     a = from_view.search(q, k=10, nprobe=8)
@@ -248,7 +250,7 @@ def test_a_bad_stored_row_is_named_by_its_gallery_position(tmp_path, monkeypatch
     position in the gallery, not in the training sample or the chunk it was read with."""
     import pandas as pd
 
-    import indexes.faiss_index as fi
+    import indexes.build as fb
     from cdir.core.store import EmbeddingStore
 
     x = _clustered(3_000, 16, 20)
@@ -262,18 +264,18 @@ def test_a_bad_stored_row_is_named_by_its_gallery_position(tmp_path, monkeypatch
     shard.flush()
     del shard
     view, _ = store.rows(pd.DataFrame({"id": ids}))
-    monkeypatch.setattr(fi, "ADD_CHUNK", 500)
-    sample = fi._train_sample(np.zeros((len(x), 1)), fi.TRAIN_POINTS_PER_CENTROID * 8,
-                              fi.default_params("ivf", len(x), 16, nlist=8)["seed"])[1]
+    monkeypatch.setattr(fb, "ADD_CHUNK", 500)
+    sample = fb._train_sample(np.zeros((len(x), 1)), TRAIN_POINTS_PER_CENTROID * 8,
+                              default_params("ivf", len(x), 16, nlist=8)["seed"])[1]
     assert (row in sample) == (row == 1234)
     with pytest.raises(CdirError, match=f"NaN or inf in 1 row\\(s\\) \\(first: row {row}\\)"):
-        fi.build_sharded(view, ids, ["a"] * len(x), tmp_path / "idx", 3, kind="ivf", nlist=8)
+        fb.build_sharded(view, ids, ["a"] * len(x), tmp_path / "idx", 3, kind="ivf", nlist=8)
 
 
 def test_cli_shards_with_normalize_equals_a_single_build(tmp_path, capsys):
     """--shards with --normalize: the statistics fitted per domain, rows normalised as they are
     read; exhaustive search gives the results of the same index built in memory."""
-    from indexes.faiss_index import load_index
+    from indexes.index import load_index
 
     ws = tmp_path / "ws"
     assert cdir("data", "emoji", "-w", ws, "--limit", "80") == 0

@@ -1,4 +1,5 @@
-"""indexes/faiss_index.py on real FAISS (CPU): exactness, recall, filters, persistence, refusals."""
+"""The indexes package (kinds, build, meta, index) on real FAISS (CPU): exactness, recall,
+filters, persistence, refusals."""
 
 from __future__ import annotations
 
@@ -10,16 +11,12 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from cdir.core.errors import CdirError  # noqa: E402
-from indexes import faiss_index as fi  # noqa: E402
-from indexes.faiss_index import (  # noqa: E402
-    KINDS,
-    build_index,
-    choose_device,
-    default_params,
-    index_files,
-    load_index,
-    read_meta,
-)
+from indexes import index as fi  # noqa: E402
+from indexes import meta as fm  # noqa: E402
+from indexes.build import build_index  # noqa: E402
+from indexes.index import load_index  # noqa: E402
+from indexes.kinds import KINDS, choose_device, default_params  # noqa: E402
+from indexes.meta import index_files, read_meta  # noqa: E402
 
 DOMAINS = ("clipart", "photo", "sketch")
 
@@ -130,8 +127,9 @@ def test_domain_filter_approximate_kinds_fill_k_from_a_small_domain(kind):
     params = {"ivf": {"nprobe": 1}, "ivfpq": {"nprobe": 1}, "hnsw": {"ef_search": 10}}[kind]
     index = build_index(x, ids, doms, kind, **params)
     sel = index._selection("rare")
+    (reach,) = params.values()
     one_pass = index._cpu.search(x[:20], 20, params=index._params(
-        1, 10, faiss.IDSelectorBitmap(len(sel[1]), faiss.swig_ptr(sel[1]))))[1]
+        reach, faiss.IDSelectorBitmap(len(sel[1]), faiss.swig_ptr(sel[1]))))[1]
     assert ((one_pass >= 0).sum(axis=1) < 20).any()  # a single FAISS pass would come up short
     res = index.search(x[:20], 20, domain="rare")
     assert (res.positions >= 0).all()
@@ -166,7 +164,7 @@ def test_oversampling_path_without_selectors_matches_selector_search():
 
     def fallback(rows):
         calls.append(rows)
-        return index._search_cpu(q[rows], 10, 10, sel, None, None)
+        return index._search_cpu(q[rows], 10, 10, sel, None)
 
     s, p = fi._oversample_search(index._cpu, q, 10, 10, sel[0], None, fallback)
     np.testing.assert_array_equal(p, want.positions)
@@ -336,7 +334,7 @@ def test_interrupted_save_leaves_the_previous_index_intact(tmp_path, monkeypatch
     def crash(*a, **k):
         raise OSError("disk full")
 
-    for target, name in ((fi, "_write_faiss"), (pq, "write_table"), (fi, "sha256_file")):
+    for target, name in ((fi, "_write_faiss"), (pq, "write_table"), (fm, "sha256_file")):
         with monkeypatch.context() as m:  # fail at each stage of the write
             m.setattr(target, name, crash)
             with pytest.raises(OSError, match="disk full"):

@@ -35,7 +35,7 @@ DISPATCH = {
     "cdir/galleries/__init__.py": "KINDS",
     "cdir/stages/modes.py": "MODES",
     "encoders/ssl/registry.py": "_REGISTRY",
-    "indexes/faiss_index.py": "KIND_PARAMS",
+    "indexes/kinds.py": "KINDS",
     "indexes/normalize.py": "NORMALIZERS",
     "eval/rerank.py": "RERANKERS",
 }

@@ -15,7 +15,7 @@ import torch
 from cdir.core.images import load_image
 from cdir.core.store import EmbeddingStore
 from cdir.core.workspace import Workspace
-from indexes.faiss_index import index_files, normalizer_file, read_meta
+from indexes.meta import index_files, normalizer_file, read_meta
 from indexes.normalize import DomainNormalizer, csls_scores, csls_terms
 from tests.helpers.cli import cdir, emoji_workspace
 from tests.helpers.trees import write_shape_tree

@@ -9,7 +9,7 @@ from cdir.commands.common import add_workspace, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from indexes.faiss_index import KINDS
+    from indexes.kinds import KINDS
     from indexes.normalize import NORMALIZERS
 
     p = sub.add_parser("index", help="build or inspect FAISS indexes over embeddings",
@@ -28,9 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--captions", help="index caption embeddings of this caption source instead")
     b.add_argument("--text-encoder", help="text encoder of the caption embeddings")
     b.add_argument("--type", choices=(*KINDS, "auto"), default="flat",
-                   help="flat: exact; ivf / ivfpq: inverted lists (faster, approximate, "
-                        "ivfpq compressed); hnsw: graph; auto: chosen from the vector count, "
-                        "dimension and --memory, its nprobe / efSearch tuned to --recall")
+                   help="; ".join(f"{k}: {v.help}" for k, v in KINDS.items())
+                   + "; auto: chosen from the vector count, dimension and --memory, its nprobe "
+                     "/ efSearch tuned to --recall")
     b.add_argument("--memory", default=None,
                    help="--type auto: memory budget of the index, e.g. 4GB (default: none)")
     b.add_argument("--recall", type=float, default=0.95,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from cdir.core.store import StoredRows
-    from indexes.faiss_index import CdirIndex
+    from indexes.index import CdirIndex
 
 
 def index_vectors(ws: Workspace, manifest: pd.DataFrame, encoder: str | None = None,
@@ -146,7 +146,7 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     such an index is refit and rebuilt, never extended, when the gallery grows. ``shards``
     (ivf, ivfpq): built shard by shard from vectors read off the store a chunk at a time (never
     all in memory; with ``normalize``, one domain at a time while its statistics are fitted),
-    merged into inverted lists on disk (`indexes.faiss_index.build_sharded`), rebuilt rather
+    merged into inverted lists on disk (`indexes.build.build_sharded`), rebuilt rather
     than extended. ``kind="auto"``
     chooses the family from the vector count, dimension and ``memory`` (e.g. "4GB") and tunes
     its nprobe / efSearch to reach ``recall``@10 against exact search (`indexes.auto`); the
@@ -158,15 +158,10 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
 
     from cdir.core.manifest import fingerprint
     from cdir.stages.modes import gallery_normalizer
-    from indexes.faiss_index import (
-        KIND_PARAMS,
-        index_files,
-        load_index,
-        load_normalizer,
-        read_meta,
-        small_data_note,
-    )
-    from indexes.faiss_index import build_index as new_index
+    from indexes.build import build_index as new_index
+    from indexes.index import load_index
+    from indexes.kinds import KINDS, small_data_note
+    from indexes.meta import index_files, load_normalizer, read_meta
     from indexes.normalize import NORMALIZERS
 
     for flag, value in (("--nlist", nlist), ("--m", m)):
@@ -196,13 +191,13 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     path = ws.index_path(name)
     ids = manifest["id"].to_numpy()[ok].tolist()
     domains = manifest["domain"].astype(str).to_numpy()[ok].tolist()
-    accepts = KIND_PARAMS.get(kind, ())  # an unknown kind is refused by new_index below
+    accepts = KINDS[kind].params if kind in KINDS else ()  # new_index refuses an unknown kind
     m_name = next((p for p in ("pq_m", "hnsw_m") if p in accepts), None)
     if m and not m_name:
         raise CdirError("--m applies to --type ivfpq (sub-quantizers) or hnsw (graph degree)")
     if nlist and "nlist" not in accepts:
         raise CdirError("--nlist applies to --type ivf or ivfpq")
-    if refine and kind != "ivfpq":
+    if refine and "refine" not in accepts:
         raise CdirError("--refine applies to --type ivfpq (its codes are what gets re-ranked)")
     params = {k: v for k, v in (("nlist", nlist), (m_name, m), ("refine", refine)) if v}
     if choice is not None:
@@ -273,7 +268,7 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     if norm is not None:
         vecs = norm.transform_rows(vecs, domains) if sharded else norm.transform(vecs, domains)
     if sharded:
-        from indexes.faiss_index import build_sharded
+        from indexes.build import build_sharded
 
         index = build_sharded(vecs, ids, domains, path, shards, kind=kind, encoder_spec=spec,
                               manifest_fingerprint=fp, **params)
@@ -336,7 +331,8 @@ def open_index(ws: Workspace, name: str | None = None, encoder: str | None = Non
     """The workspace index to search: by name, by encoder, or the only one there is. Refused when
     the gallery changed since it was built."""
     from cdir.core.manifest import fingerprint
-    from indexes.faiss_index import load_index, load_normalizer
+    from indexes.index import load_index
+    from indexes.meta import load_normalizer
 
     rows = list_indexes(ws.root)
     if name:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 def _check_encoder(ws: Workspace, index: str, encoder: str) -> None:
     """``--encoder`` beside ``--index`` must name that index's encoder (its text encoder for a
     caption index), not be silently ignored."""
-    from indexes.faiss_index import index_files, read_meta
+    from indexes.meta import index_files, read_meta
 
     path = ws.index_path(index)
     if not index_files(path).meta.exists():
