@@ -27,7 +27,7 @@ from cdir.core.io import atomic_write, sha256_file
 from cdir.core.workspace import Workspace, split_caption_spec
 from cdir.stages.index import list_indexes
 from cdir.stages.modes import MODES
-from cdir.stages.search import Searcher
+from cdir.stages.search import Hit, Searcher
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,18 +74,6 @@ class _Work:
 
 
 @dataclass
-class Hit:
-    rank: int
-    score: float
-    id: str
-    path: str
-    thumb: str
-    domain: str
-    name: str
-    caption: str | None = None
-
-
-@dataclass
 class Answer:
     hits: list[Hit] = field(default_factory=list)
     message: str = ""  # what the page shows above the results (an error, or what was done)
@@ -124,8 +112,8 @@ class DemoBackend:
         m = self.ws.manifest()
         self.domains = sorted(m["domain"].astype(str).unique())
         self.rows = m.set_index("id", drop=False)
-        # id -> (path, domain, readable name): a dict, as a pandas lookup per hit is slow
-        self._row = {i: (str(p), str(d), readable_name(str(c))) for i, p, d, c in zip(
+        # id -> (path, domain, class name): a dict, as a pandas lookup per hit is slow
+        self._row = {i: (str(p), str(d), str(c)) for i, p, d, c in zip(
             m["id"], m["path"], m["domain"], m["class_name"], strict=True)}
         self._by_path = {os.path.realpath(p): i for p, i in zip(m["path"], m["id"], strict=True)}
         self._by_size: dict[int, list[str]] = {}  # file size -> ids, to recognise uploads
@@ -426,9 +414,10 @@ class DemoBackend:
         return [target]
 
     def _hit(self, rank: int, item: str, score: float, caption_source: str | None) -> Hit:
-        path, domain, name = self._row[item]
-        return Hit(rank, score, item, path, self.thumbnail(path), domain, name,
-                   self.captions(caption_source).get(item) if caption_source else None)
+        path, domain, class_name = self._row[item]
+        return Hit(rank, score, item, path, domain, class_name,
+                   caption=self.captions(caption_source).get(item) if caption_source else None,
+                   thumb=self.thumbnail(path))
 
     def captions(self, source: str) -> dict[str, str]:
         """id -> caption of a caption source, read once."""

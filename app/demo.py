@@ -25,6 +25,7 @@ from app.backend import (
     Answer,
     DemoBackend,
     Query,
+    readable_name,
 )
 
 TITLE = "cdir — cross-domain image search"
@@ -65,7 +66,9 @@ def _md(text: str) -> str:
 
 def render(answer: Answer) -> tuple[list[tuple[str, str]], str, str]:
     """(grid items, status line, result table) of an answer."""
-    grid = [(h.thumb, f"#{h.rank}  {h.score:.3f}  {h.domain}\n{h.name}") for h in answer.hits]
+    names = [readable_name(h.class_name) for h in answer.hits]
+    grid = [(h.thumb, f"#{h.rank}  {h.score:.3f}  {h.domain}\n{name}")
+            for h, name in zip(answer.hits, names, strict=True)]
     if answer.error:
         status = f"**Cannot search:** {_md(answer.message)}"
     else:
@@ -75,8 +78,8 @@ def render(answer: Answer) -> tuple[list[tuple[str, str]], str, str]:
     if answer.caption:
         status += f'\n\nquery caption: "{_md(answer.caption)}"'
     rows = ["| rank | score | domain | name | caption |", "|---:|---:|---|---|---|"]
-    rows += [f"| {h.rank} | {h.score:.3f} | {_md(h.domain)} | {_md(h.name)} | "
-             f"{_md(h.caption or '')} |" for h in answer.hits]
+    rows += [f"| {h.rank} | {h.score:.3f} | {_md(h.domain)} | {_md(name)} | "
+             f"{_md(h.caption or '')} |" for h, name in zip(answer.hits, names, strict=True)]
     return grid, status, "\n".join(rows) if answer.hits else ""
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -55,9 +54,9 @@ CRITERION = "select_mutual_nn_rate"
 
 
 def default_encoder() -> str:
-    path = ROOT / "encoders" / "weights" / "emoji_synco.pt"
-    rel = os.path.relpath(path)  # the spec names the embeddings folder: keep it short
-    return f"ckpt:{rel if not rel.startswith('..') else path}"
+    from encoders.weights import shipped
+
+    return f"ckpt:{shipped('emoji_synco.pt')}"
 
 
 def say(text: str) -> None:

@@ -62,14 +62,14 @@ def test_modes_examples_and_names(backend):
 
 
 def test_image_query_leaves_out_its_own_domain_and_itself(ws, backend, tmp_path):
-    from app.backend import ALL_DOMAINS, Query
+    from app.backend import ALL_DOMAINS, Query, readable_name
 
     path = _file(ws, "twemoji")
     a = backend.search(Query(path=path), "visual", _index(backend), None, k=5)
     assert not a.error and len(a.hits) == 5, a.message
     assert a.query_domain == "twemoji" and "the gallery item's" in a.message
     assert all(h.domain != "twemoji" for h in a.hits)
-    assert a.hits[0].score >= a.hits[-1].score and "·" not in a.hits[0].name
+    assert a.hits[0].score >= a.hits[-1].score and "·" not in readable_name(a.hits[0].class_name)
     # all domains: the query's own file is not its own first result at 1.000
     a = backend.search(Query(path=path), "visual", _index(backend), None, ALL_DOMAINS, k=5)
     item = backend.gallery_item(path)
@@ -116,12 +116,12 @@ def test_normalised_index_and_click_query(ws, backend):
 
 
 def test_text_queries(backend):
-    from app.backend import Query
+    from app.backend import Query, readable_name
 
     cap = _index(backend, caption=True)
     thing = backend.rows["class_name"].iloc[5].split("_", 1)[1].replace("_", " ")
     a = backend.search(Query(text=f"a picture of a {thing}"), "cm-text", None, cap, k=3)
-    assert [h.name.split(" ", 1)[1] for h in a.hits] == [thing] * 3, a.hits  # one per domain
+    assert [readable_name(h.class_name).split(" ", 1)[1] for h in a.hits] == [thing] * 3, a.hits
     assert sorted(h.domain for h in a.hits) == backend.domains
     assert not a.error and len(a.hits) == 3 and a.message.startswith("text cm-text")
     assert a.hits[0].caption and a.hits[0].caption.startswith("a picture of")
@@ -129,7 +129,7 @@ def test_text_queries(backend):
     b = backend.search(Query(text=name), "visual", _index(backend), None, k=3)
     assert not b.error and "cm-text" in b.message  # pixels have no text tower: the captions do
     assert {h.domain for h in b.hits} <= set(backend.domains)
-    assert name in b.hits[0].name
+    assert name in readable_name(b.hits[0].class_name)
     c = backend.search(Query(text=name), "fusion", None, None)
     assert c.error and "no image to fuse" in c.message
 

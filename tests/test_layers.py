@@ -12,6 +12,8 @@ R5  each list of names is written once: no two module-level tuple/list/set liter
     keyed alike (a second table over the same names is a mapping, not a second list); and the
     names the code dispatches on (gallery kinds, retrieval modes, SSL methods, index kinds) are
     the keys of one dict each, so that the list of names and the dispatch cannot drift apart.
+R6  app/ never imports cdir.commands or cdir.cli: the demo calls the stages, as the command line
+    does, never the command line itself.
 
 :func:`check_layers` returns the violations as lines; the second test proves that each rule fires
 on a small fake tree.
@@ -125,7 +127,7 @@ def _under(name: str, *prefixes: str) -> bool:
 
 
 def check_imports(mods: list[Module]) -> list[str]:
-    """Rules R1 to R4."""
+    """Rules R1 to R4 and R6."""
     out = []
     for mod in mods:
         for imp in imports(mod):
@@ -147,6 +149,8 @@ def check_imports(mods: list[Module]) -> list[str]:
                 out.append(f"R3 {where}: {'.'.join(mod.name.split('.')[:2])} imports {name}")
             if _under(mod.name, "encoders") and _under(name, "eval"):
                 out.append(f"R4 {where}: encoders imports {name}")
+            if _under(mod.name, "app") and _under(name, "cdir.commands", "cdir.cli"):
+                out.append(f"R6 {where}: app imports {name} (call the stage instead)")
     return out
 
 
@@ -211,7 +215,7 @@ def check_dispatch(root: Path, tables: dict[str, str] = DISPATCH) -> list[str]:
 
 
 def check_layers(root: Path | str) -> list[str]:
-    """Every violation of R1 to R5 in the packages under ``root``, one line each."""
+    """Every violation of R1 to R6 in the packages under ``root``, one line each."""
     mods, errors = load_modules(Path(root))
     return errors + check_imports(mods) + check_name_lists(mods) + check_dispatch(Path(root))
 
@@ -244,6 +248,7 @@ def test_each_rule_reports_its_violation(tmp_path: Path) -> None:
         "cdir/stages/fine.py": "from cdir.galleries import KINDS\n",
         "cdir/galleries/__init__.py": "KINDS = {'a': 1, 'b': 2, 'c': 3}\n",
         "cdir/galleries/prompts.py": "PROMPTS = {'a': 'x', 'b': 'y', 'c': 'z'}\n",  # dict vs dict
+        "app/fine.py": "from cdir.stages.embed import embed_images\nimport cdir.commandsx\n",
     }
     for rel, text in ok.items():
         _write(tmp_path, rel, text)
@@ -264,6 +269,8 @@ def test_each_rule_reports_its_violation(tmp_path: Path) -> None:
         "cdir/recipe/config.py": "ALL_MODES: tuple[str, ...] = ('cm-image', 'visual', 'cm-text')\n",
         "cdir/recipe/kinds.py": "DATASET_KINDS = ['a', 'b', 'c']\n",
         "cdir/core/broken.py": "def f(:\n",
+        "app/w.py": "def f():\n    from cdir.cli import build_parser\n",
+        "app/v.py": "from cdir.commands.embed import run\n",
     }
     for rel, text in bad.items():
         _write(tmp_path, rel, text)
@@ -279,6 +286,8 @@ def test_each_rule_reports_its_violation(tmp_path: Path) -> None:
         "R3 cdir/recipe/r.py:2: cdir.recipe imports cdir.commands.train.run",
         "R5 the names ['cm-image', 'cm-text', 'visual'] are listed 2 times",
         "R5 the names ['a', 'b', 'c'] are listed 3 times",
+        "R6 app/w.py:2: app imports cdir.cli.build_parser",
+        "R6 app/v.py:1: app imports cdir.commands.embed.run",
     ]
     for line in expected:
         assert any(f.startswith(line) for f in found), f"{line!r} not in:\n" + "\n".join(found)

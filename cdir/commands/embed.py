@@ -64,6 +64,7 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cdir.core.errors import CdirError
+    from encoders.weights import default_encoder
 
     if args.captions is not None or args.text_encoder:
         if not args.text_encoder:
@@ -78,23 +79,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.encoder:
         raise CdirError(f"give the image encoder: --encoder SPEC, e.g. --encoder "
-                        f"'ckpt:{_default_encoder()}?grid=4&layers=3,4' (offline, trained on "
+                        f"'{default_encoder()}' (offline, trained on "
                         "the emoji gallery) or "
                         "--encoder pixels; clip:ViT-B-32/openai needs its weights in the Hugging "
                         "Face cache (see `cdir embed --help`)")
     return _run_images(args)
-
-
-def _default_encoder() -> str:
-    """The shipped offline encoder's file, relative to the current folder when it is below it."""
-    import os
-    from pathlib import Path
-
-    import encoders
-
-    path = Path(encoders.__file__).resolve().parent / "weights" / "emoji_adapted.pt"
-    rel = os.path.relpath(path)
-    return rel if not rel.startswith("..") else str(path)
 
 
 def _run_images(args: argparse.Namespace) -> int:

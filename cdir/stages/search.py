@@ -47,12 +47,17 @@ def _check_encoder(ws: Workspace, index: str, encoder: str) -> None:
 
 @dataclass
 class Hit:
+    """One search result: its rank (1 = best), cosine score and gallery row; what a caller shows
+    beside it (the demo: the caption the search used, a thumbnail) when it has it."""
+
     rank: int
     score: float
     id: str
     path: str
     domain: str
     class_name: str
+    caption: str | None = None
+    thumb: str | None = None
 
 
 class Searcher:
