@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_command, add_progress, add_workspace, positive_int
+from cdir.commands.common import (
+    add_command,
+    add_overrides,
+    add_progress,
+    add_resumable_run,
+    add_workspace,
+    positive_int,
+)
 from encoders.ssl.registry import ADAPT_METHODS
 
 EPILOG = """\
@@ -64,15 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "cycle_rate or hubness")
     p.add_argument("--no-monitor", action="store_true",
                    help="do not log label-based figures even when the gallery has labels")
-    p.add_argument("--resume", metavar="CKPT", help="checkpoint to resume from, or 'auto' "
-                   "for OUT/latest.pt when it exists")
-    p.add_argument("--force", action="store_true", help="start over in an output folder that "
-                   "holds a run (its files are moved into OUT/replaced-<time>/)")
-    p.add_argument("--stop-at", type=positive_int, metavar="EPOCH",
-                   help="stop after this many epochs in total (continue with --resume)")
+    add_resumable_run(p)
     add_progress(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set method.partner_p=0.9 (repeatable)")
+    add_overrides(p, "method.partner_p=0.9")
     p.set_defaults(func=run)
 
 

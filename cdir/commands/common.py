@@ -1,5 +1,6 @@
-"""Flag blocks shared by several commands: every command spells -w/--workspace, --device and
---no-progress the same way, through these helpers."""
+"""Flag blocks shared by several commands: every command spells -w/--workspace, --device,
+--no-progress, the flags of a resumable training run and --set the same way, through these
+helpers."""
 
 from __future__ import annotations
 
@@ -33,6 +34,27 @@ def add_progress(p: argparse.ArgumentParser) -> None:
     """--no-progress of the commands that draw progress bars; their summary line stays."""
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (the summary line is still printed)")
+
+
+def add_resumable_run(p: argparse.ArgumentParser) -> None:
+    """--resume, --force and --stop-at of the commands that train (train, train teacher, adapt,
+    distill): a run is interrupted and continued, or replaced, the same way in each."""
+    p.add_argument("--resume", metavar="CKPT", help="checkpoint to resume from, or 'auto' "
+                   "for OUT/latest.pt when it exists")
+    p.add_argument("--force", action="store_true", help="start over in an output folder that "
+                   "holds a run: its files are moved into OUT/replaced-<time>/ first (without "
+                   "--force or --resume such a folder is refused)")
+    p.add_argument("--stop-at", type=positive_int, metavar="EPOCH",
+                   help="stop after this many epochs in total (continue with --resume auto); "
+                        "for jobs with a time limit")
+
+
+def add_overrides(p: argparse.ArgumentParser, example: str = "optim.lr=0.06") -> None:
+    """--set KEY=VALUE (repeatable) of the commands that read a YAML recipe; ``example``: an
+    override worth showing for this command."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a recipe value, e.g. --set {example} (repeatable; values "
+                        "are YAML)")
 
 
 def positive_int(text: str) -> int:

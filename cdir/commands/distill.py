@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_command, add_progress, add_workspace, positive_int
+from cdir.commands.common import (
+    add_command,
+    add_overrides,
+    add_progress,
+    add_resumable_run,
+    add_workspace,
+    positive_int,
+)
 from encoders.distill.losses import LOSSES
 
 EPILOG = """\
@@ -71,15 +78,9 @@ def add_labelled_flags(p: argparse.ArgumentParser) -> None:
     seed.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                       help="one run per seed into OUT/seed_<s>/; prints mean +- std of last "
                       "and best")
-    p.add_argument("--resume", metavar="CKPT", help="checkpoint to resume from, or 'auto' "
-                   "for OUT/latest.pt when it exists")
-    p.add_argument("--force", action="store_true", help="start over in an output folder that "
-                   "holds a run (its files are moved into OUT/replaced-<time>/)")
-    p.add_argument("--stop-at", type=positive_int, metavar="EPOCH",
-                   help="stop after this many epochs in total (continue with --resume)")
+    add_resumable_run(p)
     add_progress(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set method.queue_size=4096 (repeatable)")
+    add_overrides(p, "method.queue_size=4096")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

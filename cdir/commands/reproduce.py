@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_command, add_device, add_progress, add_workspace
+from cdir.commands.common import (
+    add_command,
+    add_device,
+    add_overrides,
+    add_progress,
+    add_workspace,
+)
 
 EPILOG = """\
 stages (each skipped when its output is complete; re-run to continue an interrupted run):
@@ -46,8 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                   "else cuda when available)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and the preflight only; run nothing")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value (repeatable; values are YAML)")
+    add_overrides(p, "device=cpu")
     add_progress(p)
     p.set_defaults(func=run)
 

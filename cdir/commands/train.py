@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_progress
+from cdir.commands.common import add_overrides, add_progress, add_resumable_run
 from encoders.ssl.registry import METHODS
 
 
@@ -36,23 +36,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         m.add_argument("--data", help="training images: a folder (searched recursively) or a "
                        "manifest .parquet/.csv with a path column")
         m.add_argument("--out", help="output folder (default runs/<method>-<recipe>)")
-        m.add_argument("--resume", metavar="CKPT", help="checkpoint to resume from, or 'auto' "
-                       "for OUT/latest.pt when it exists")
-        m.add_argument("--force", action="store_true", help="start over in an output folder "
-                       "that holds a run: its files are moved into OUT/replaced-<time>/ first "
-                       "(without --force or --resume such a folder is refused)")
+        add_resumable_run(m)
         m.add_argument("--epochs", type=int, help="total epochs (sets optim.epochs)")
         m.add_argument("--batch-size", type=int, help="global batch size (sets optim.batch_size)")
         m.add_argument("--workers", type=int, help="data loader workers per process")
         m.add_argument("--seed", type=int, help="random seed (sets train.seed)")
         m.add_argument("--monitor", help="labelled folder for kNN / P@1 monitoring "
                        "(sets monitor.path)")
-        m.add_argument("--stop-at", type=int, metavar="EPOCH", help="stop after this many "
-                       "epochs in total (resume later with --resume); for jobs with a time limit")
         add_progress(m)
-        m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override any recipe value, e.g. --set optim.lr=0.06 "
-                       "--set method.queue_size=4096 (repeatable; values are YAML)")
+        add_overrides(m, "optim.lr=0.06")
         m.set_defaults(func=run)
 
     t = actions.add_parser(
