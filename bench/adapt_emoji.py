@@ -45,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from cdir.commands.common import add_overrides  # noqa: E402
 from cdir.core.errors import CdirError  # noqa: E402
 from cdir.core.workspace import Workspace  # noqa: E402
 
@@ -202,8 +203,7 @@ def main() -> int:
                     help="adaptation seeds (none: skip the seeds table)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="train.max_steps_per_epoch")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="passed to cdir adapt (repeatable)")
+    add_overrides(ap, "method.partner_p=0.9")  # passed to cdir adapt
     ap.add_argument("--features", default="grid=4&layers=3,4",
                     help="encoder options of every evaluation (ckpt:PATH?FEATURES; '' for none)")
     ap.add_argument("--lodo", action="store_true", help="also leave each domain out")
