@@ -114,3 +114,19 @@ def test_only_the_kinds_module_tests_a_kind_name() -> None:
     # and the check fires
     fake = "if index.kind == 'hnsw':\n    pass\nok = kind in ('ivf', 'ivfpq')\n"
     assert _kind_name_tests(ast.parse(fake)) == [1, 3]
+
+
+def test_gpu_handling_of_each_kind_without_a_gpu(caplog: pytest.LogCaptureFixture) -> None:
+    """What runs on a GPU, checked where there is none: the GPU copy of an IVF index is searched
+    with at most FAISS's GPU k-limit lists; a copy that cannot be made leaves the index on CPU."""
+    from indexes.kinds import GPU_MAX_K, choose_device, to_gpu
+
+    for name, kind in KINDS.items():
+        device, _ = choose_device(name, None, num_gpus=1, gpu_build=True)
+        assert device == ("gpu" if kind.gpu else "cpu")
+        if kind.knob is not None and kind.knob.gpu_search_params is not None:
+            assert kind.knob.gpu_search_params(5 * GPU_MAX_K).nprobe == GPU_MAX_K
+            assert kind.knob.search_params(5 * GPU_MAX_K).nprobe == 5 * GPU_MAX_K
+    if not hasattr(faiss, "StandardGpuResources"):  # the CPU build: the copy fails, with a note
+        assert to_gpu(faiss.IndexFlatIP(4), "flat index") is None
+        assert "could not move the flat index to GPU 0" in caplog.text
