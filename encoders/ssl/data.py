@@ -4,9 +4,10 @@
   folder (recursive) or listed in a manifest file; each item is ``(views, index, ok)``. A corrupt
   image is replaced by the next readable one and flagged ``ok=False`` so that the trainer can list
   it; a run never dies on one bad file.
-- :class:`LabelledImages` and :func:`labelled_set`: a labelled folder (``root/<class>/<img>`` or
+- :func:`labelled_set`: a labelled folder (``root/<class>/<img>`` or
   ``root/<domain>/<class>/<img>``, e.g. the emoji gallery) or a manifest (``path``, ``label`` and
-  optional ``domain`` columns) for kNN, linear probe and the training monitor.
+  optional ``domain`` columns) for kNN, linear probe and the training monitor, read through
+  ``cdir.core.images.ImageList``.
 - :class:`SeededSampler`: a shuffling sampler whose order is a pure function of (seed, epoch), so a
   resumed run sees the same data order as an uninterrupted one. Under DDP the trainer uses
   ``DistributedSampler`` with the same seed, which has the same property.
@@ -18,7 +19,6 @@ Images are decoded by ``cdir.core.images.load_image`` and gallery manifests read
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from cdir.core.errors import CdirError
-from cdir.core.images import IMAGE_EXTENSIONS, BadImage, load_image
+from cdir.core.images import DECODE_ERRORS, IMAGE_EXTENSIONS, load_image
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -37,10 +37,6 @@ MANIFEST_SUFFIXES = {".parquet", ".csv"}
 
 # How many following images to try when one is unreadable before giving up on the batch.
 _MAX_SUBSTITUTES = 32
-
-
-def _is_bad_image(exc: BaseException) -> bool:
-    return isinstance(exc, (BadImage, OSError, ValueError))
 
 
 def read_manifest(path: Path) -> pd.DataFrame:
@@ -103,9 +99,7 @@ class UnlabelledImages(Dataset):
             path = self.paths[(index + step) % n]
             try:
                 img = load_image(path)
-            except Exception as e:  # noqa: BLE001 - any decode failure means "skip this file"
-                if not _is_bad_image(e):
-                    raise
+            except DECODE_ERRORS:  # skip this file
                 continue
             return self.transform(img), index, step == 0
         raise CdirError(
@@ -178,30 +172,6 @@ def labelled_set(source: str | os.PathLike | LabelledSet) -> LabelledSet:
     class_names = sorted(set(classes))
     index = {c: i for i, c in enumerate(class_names)}
     return LabelledSet(paths, [index[c] for c in classes], class_names, domains)
-
-
-class LabelledImages(Dataset):
-    """Items ``(tensor, label, ok)``; an unreadable image yields a zero tensor and ``ok=False``
-    (evaluation drops those rows rather than silently substituting another image)."""
-
-    def __init__(self, data: LabelledSet, transform: Callable, size: int) -> None:
-        self.data = data
-        self.transform = transform
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
-        label = self.data.labels[index]
-        try:
-            img = load_image(self.data.paths[index])
-        except Exception as e:  # noqa: BLE001
-            if not _is_bad_image(e):
-                raise
-            print(f"skipping unreadable image: {e}", file=sys.stderr)
-            return torch.zeros(3, self.size, self.size), label, False
-        return self.transform(img), label, True
 
 
 class SeededSampler(Sampler[int]):
