@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from cdir.core.errors import CdirError, first_line
 from cdir.core.images import DECODE_ERRORS, ImageList, load_image
+from cdir.core.tree import list_images
 
 Stats = tuple[float, float, float]
 
@@ -483,8 +484,6 @@ def _read_tinyimagenet(folder: Path) -> LabelledData:
     """Train from ``train/<wnid>/images``, test from ``val`` (the official test split has no
     labels). Classes are the wnids, byte-sorted (ImageFolder's order, which CRD's transfer code
     used), so labels do not depend on the order of wnids.txt."""
-    from encoders.ssl.data import list_images
-
     wnids = sorted({w.strip() for w in (folder / "wnids.txt").read_text().splitlines()
                     if w.strip()})
     index = {w: i for i, w in enumerate(wnids)}
@@ -533,8 +532,6 @@ def load_tinyimagenet(root: str | os.PathLike = "data", download: bool = False) 
 def _read_folder(folder: Path) -> LabelledData:
     """``folder/train/<class>/...`` and ``folder/test/<class>/...`` (``val`` when there is no
     ``test``); class names byte-sorted from train, ImageNet statistics."""
-    from encoders.ssl.data import list_images
-
     layout = f"expected {folder}/train/<class>/<image> and {folder}/test/<class>/<image> (or val)"
     train_dir = folder / "train"
     test_dir = next((folder / s for s in ("test", "val") if (folder / s).is_dir()), None)

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from cdir.core import tree
 from cdir.core.errors import CdirError
-from cdir.core.images import DECODE_ERRORS, IMAGE_EXTENSIONS, load_image
+from cdir.core.images import DECODE_ERRORS, load_image
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,22 +64,14 @@ def read_manifest(path: Path) -> pd.DataFrame:
 
 
 def list_images(root: str | os.PathLike) -> list[str]:
-    """All image files under ``root`` (recursive, sorted, hidden entries skipped), or the ``path``
-    column of a manifest file (.parquet/.csv)."""
+    """All image files under ``root`` (`cdir.core.tree.list_images`), or the ``path`` column of
+    a manifest file (.parquet/.csv)."""
     root = Path(root)
     if root.is_file() and root.suffix.lower() in MANIFEST_SUFFIXES:
         return list(read_manifest(root)["path"])
     if not root.is_dir():
         raise CdirError(f"no image folder at {root}: pass --data DIR (a folder of images)")
-    out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                out.append(os.path.join(dirpath, name))
-    if not out:
-        raise CdirError(f"no images found under {root} (looked for {sorted(IMAGE_EXTENSIONS)})")
-    return out
+    return tree.list_images(root)
 
 
 class UnlabelledImages(Dataset):
