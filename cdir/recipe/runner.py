@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -223,6 +224,8 @@ class Runner:
             max_new_tokens=c.max_new_tokens, min_new_tokens=c.min_new_tokens,
             num_beams=c.num_beams, device=self.device, dtype=c.dtype,
             trust_remote_code=c.trust_remote_code, progress=self.progress)
+        if self.progress:
+            _say(summary)
         gc.collect()  # the captioner is the largest model: release it before the rest
         torch.cuda.empty_cache()  # a no-op without CUDA
         return "ran", f"{summary['new']} new captions at {summary['images_per_s']} images/s"
@@ -237,6 +240,7 @@ class Runner:
             return "skipped", f"already done: {len(captioned)} caption embeddings"
         summary = embed_captions(self.ws, key, st.spec, batch_size=self.r.batch.text,
                                  device=self.device, progress=self.progress)
+        print(summary["line"])  # also without progress: the log shows it
         return "ran", f"{summary['embedded']} new"
 
     def _embed_images(self, st: Stage) -> tuple[str, str]:
@@ -250,6 +254,8 @@ class Runner:
         summary = embed_images(self.ws, st.spec, batch_size=self.r.batch.image,
                                num_workers=self.r.batch.workers, device=self.device,
                                progress=self.progress)
+        if self.progress:
+            _say(summary)
         return "ran", f"{summary['new']} new at {summary['images_per_s']} images/s"
 
     def _eval(self, st: Stage) -> tuple[str, str]:
@@ -296,6 +302,13 @@ class Runner:
         k0 = self.ks[0]
         mean = rows[-1].get(f"P@{k0}", float("nan"))
         return "ran", f"mean P@{k0} {mean:.2f}; {out / 'results.md'}"
+
+
+def _say(summary: dict) -> None:
+    """What a stage's run has to say, as its command says it."""
+    for m in summary["messages"]:
+        print(m, file=sys.stderr)
+    print(summary["line"])
 
 
 def _under(path: str, root: str | None) -> bool:
