@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise CdirError("--name goes with --from-file, --source with --export")
 
     from cdir.core.dist import torchrun_group
+    from cdir.core.rows import print_summary
     from cdir.stages.caption import DEFAULT_CAPTIONER, caption_workspace
 
     with torchrun_group(args.device) as d:  # torchrun: the rows are split over ranks
@@ -112,9 +113,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress and (d is None or d.main))
     if d is not None and not d.main:
         return 0  # torchrun: rank 0 reports the whole run
-    for m in summary["messages"]:
-        print(m, file=sys.stderr)
-    print(summary["line"])
+    print_summary(summary)
     return 0
 
 

@@ -99,9 +99,8 @@ def _default_encoder() -> str:
 
 
 def _run_images(args: argparse.Namespace) -> int:
-    import sys
-
     from cdir.core.dist import torchrun_group
+    from cdir.core.rows import print_summary
     from cdir.core.workspace import Workspace
     from cdir.stages.embed import embed_images
 
@@ -112,7 +111,5 @@ def _run_images(args: argparse.Namespace) -> int:
             shard_rows=args.shard_rows, limit=args.limit,
             progress=not args.no_progress and (d is None or d.main))
     if d is None or d.main:  # torchrun: rank 0 reports the whole run
-        for m in summary["messages"]:
-            print(m, file=sys.stderr)
-        print(summary["line"])
+        print_summary(summary)
     return 0

@@ -10,7 +10,7 @@ killed run loses at most the batch in flight and the next run does exactly the r
   the ranks' tallies under torchrun; :meth:`RowJob.summary` gives the fields every stage's
   summary has.
 - :func:`prefetched`: a batch's inputs loaded in a thread while the caller works on the previous
-  batch.
+  batch; :func:`print_summary`: what the callers of a stage print of its summary.
 
 Which store holds the rows and the ledger, and when the ledger is written, is the stage's: in one
 process it writes the ledger as it goes; under torchrun rank 0 writes the gathered one at the end.
@@ -148,6 +148,14 @@ class RowJob:
                 "remaining": len(self.ids) - already - new - failed,
                 "seconds": round(self.seconds, 3), "images_per_s": round(rate, 2),
                 "failures": sorted(self.failures.values(), key=lambda r: r["id"])}
+
+
+def print_summary(summary: dict) -> None:
+    """Say what a row job did, as its command does: the ``messages`` on stderr (skipped images,
+    ...), the ``line`` on stdout. Stages return their summary; their callers print it."""
+    for m in summary["messages"]:
+        print(m, file=sys.stderr)
+    print(summary["line"])
 
 
 def prefetched(batches: Sequence[T], load: Callable[[T], R]) -> Iterator[tuple[T, R]]:

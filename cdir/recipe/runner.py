@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from cdir.core.device import resolve_device
 from cdir.core.errors import CdirError
 from cdir.core.io import read_json, write_json
 from cdir.core.manifest import fingerprint
+from cdir.core.rows import print_summary
 from cdir.core.store import EmbeddingStore
 from cdir.core.workspace import Workspace, caption_spec
 from cdir.recipe.config import Recipe
@@ -225,7 +225,7 @@ class Runner:
             num_beams=c.num_beams, device=self.device, dtype=c.dtype,
             trust_remote_code=c.trust_remote_code, progress=self.progress)
         if self.progress:
-            _say(summary)
+            print_summary(summary)
         gc.collect()  # the captioner is the largest model: release it before the rest
         torch.cuda.empty_cache()  # a no-op without CUDA
         return "ran", f"{summary['new']} new captions at {summary['images_per_s']} images/s"
@@ -255,7 +255,7 @@ class Runner:
                                num_workers=self.r.batch.workers, device=self.device,
                                progress=self.progress)
         if self.progress:
-            _say(summary)
+            print_summary(summary)
         return "ran", f"{summary['new']} new at {summary['images_per_s']} images/s"
 
     def _eval(self, st: Stage) -> tuple[str, str]:
@@ -302,13 +302,6 @@ class Runner:
         k0 = self.ks[0]
         mean = rows[-1].get(f"P@{k0}", float("nan"))
         return "ran", f"mean P@{k0} {mean:.2f}; {out / 'results.md'}"
-
-
-def _say(summary: dict) -> None:
-    """What a stage's run has to say, as its command says it."""
-    for m in summary["messages"]:
-        print(m, file=sys.stderr)
-    print(summary["line"])
 
 
 def _under(path: str, root: str | None) -> bool:

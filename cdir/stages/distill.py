@@ -212,13 +212,16 @@ def teacher_rows(ws: Any, teacher: str, normalize: str, progress: bool = True
 
     import numpy as np
 
+    from cdir.core.rows import print_summary
     from cdir.core.store import EmbeddingStore
     from cdir.stages.embed import embed_images
 
     if normalize not in TEACHER_NORMALIZE:
         raise CdirError(f"teacher normalisation must be one of {', '.join(TEACHER_NORMALIZE)}, "
                         f"got {normalize!r}")
-    embed_images(ws, teacher, progress=progress)
+    embedded = embed_images(ws, teacher, progress=progress)
+    if progress:  # a step of the run's progress, as the training's own log lines are
+        print_summary(embedded)
     df = ws.manifest()
     store = EmbeddingStore(ws.embeddings_dir(teacher))
     x, valid = store.load(df)

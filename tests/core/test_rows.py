@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cdir.core.rows import RowJob, plan, prefetched
+from cdir.core.rows import RowJob, plan, prefetched, print_summary
 
 IDS = [f"r{i}" for i in range(10)]
 PATHS = [f"/data/{i}.png" for i in IDS]
@@ -164,3 +164,11 @@ def test_closing_prefetched_waits_for_the_load_in_flight() -> None:
         for _ in loads:
             raise KeyError("the caller stops on the first batch")
     assert finished == [1, 2]  # the second load ran to its end, the third never started
+
+
+def test_print_summary_puts_messages_on_stderr_and_the_line_on_stdout(capsys) -> None:
+    print_summary({"messages": ["2 image(s) could not be read", "1 caption(s) came out empty"],
+                   "line": "captioned 3 new"})
+    out, err = capsys.readouterr()
+    assert out == "captioned 3 new\n"
+    assert err == "2 image(s) could not be read\n1 caption(s) came out empty\n"
