@@ -5,7 +5,7 @@ close to everything (a hub) no longer wins every query.
 cosine of query x to its k nearest items of the *gallery domain* and r_S(y) that of gallery item
 y to its k nearest images of the *query domain* (all of them, whatever queries are asked: a
 ``query_mask`` restricts the queries, not the neighbourhoods). The r-terms are computed blockwise
-by `indexes.normalize.neighbourhood_mean` once per (query domain, gallery rows) and cached, so the
+by `cdir.core.knn.neighbourhood_mean` once per (query domain, gallery rows) and cached, so the
 protocol's pair loop pays for them once per directed pair. No labels are used.
 
 numpy and torch are imported inside the functions: the command line reads `RERANKERS` while it

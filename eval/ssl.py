@@ -36,7 +36,8 @@ from torch import nn
 
 from cdir.core.device import resolve_device
 from cdir.core.errors import CdirError
-from encoders.ssl.data import LabelledImages, LabelledSet, labelled_set
+from cdir.core.images import ImageList
+from encoders.ssl.data import LabelledSet, labelled_set
 
 if TYPE_CHECKING:
     from encoders.ssl.config import MonitorConfig
@@ -80,7 +81,7 @@ def extract_features(
     dev = resolve_device(device)
     transform, size = _eval_transform(preprocess or {})
     loader = torch.utils.data.DataLoader(
-        LabelledImages(data, transform, size),
+        ImageList(data.paths, transform, (3, size, size), labels=data.labels, say=True),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -28,7 +28,7 @@ Reported: ``last``, top-1 after the final epoch (the result), and ``best`` / ``b
 highest top-1 over the evaluated epochs. ``best`` is selected **on the test set**, as the
 reference does, so it is optimistic: it is reported beside ``last``, never instead of it.
 
-Datasets yield ``(image, label, ok)`` triples (``encoders.ssl.data.LabelledImages``'s shape);
+Datasets yield ``(image, label, ok)`` triples (``cdir.core.images.ImageList``'s);
 rows with ``ok`` False (unreadable images) are dropped and counted in ``skipped``.
 """
 

@@ -39,15 +39,19 @@ import numpy as np
 
 from cdir.core.errors import CdirError
 from cdir.core.io import atomic_path
+from cdir.core.knn import (
+    DEFAULT_BLOCK,
+    DEFAULT_MEMORY_MB,
+    as_matrix,
+    neighbourhood_mean,
+    similarity_blocks,
+)
 from cdir.core.store import RowView
 
 STATE_FORMAT = 1
 DEFAULT_SHRINKAGE = "ledoit-wolf"
 DEFAULT_MIN_SHRINKAGE = 0.01
 DEFAULT_MIN_COUNT = 10
-DEFAULT_BLOCK = 4096
-# Working memory of one block of similarities (float32 cells) in the r-term helpers.
-DEFAULT_MEMORY_MB = 256
 # Eigenvalues below this fraction of the largest count as zero (singular covariance, a = 0).
 _RANK_TOL = 1e-6
 
@@ -71,15 +75,6 @@ NORMALIZERS: dict[str, Method] = {
 
 def _l2(z: np.ndarray) -> np.ndarray:
     return z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-
-
-def _as_matrix(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise CdirError(f"{what} must be a 2-d array (rows x dim), got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise CdirError(f"{what} hold non-finite values")
-    return x
 
 
 def _moments(x: np.ndarray, block: int, second: bool = True
@@ -205,7 +200,7 @@ class DomainNormalizer:
         ``domains`` [N]. O(N D^2) time, O(D^2) extra memory per domain. ``x`` may be a view
         read on demand (`cdir.core.store.StoredRows`): only one domain's rows are then in memory
         at a time."""
-        x = _as_matrix(x) if isinstance(x, np.ndarray) or not hasattr(x, "shape") else x
+        x = as_matrix(x) if isinstance(x, np.ndarray) or not hasattr(x, "shape") else x
         dom = np.asarray(domains).astype(str)
         if dom.shape != (len(x),):
             raise CdirError(f"{len(x)} embeddings for {dom.size} domain names")
@@ -222,7 +217,7 @@ class DomainNormalizer:
         self.pooled = np.zeros(k, bool)
         self.matrices = np.zeros((k, d, d) if spec.whiten else (k, 0, 0), np.float32)
         for i, name in enumerate(names):
-            rows = _as_matrix(x[dom == name])
+            rows = as_matrix(x[dom == name])
             self.counts[i] = len(rows)
             mean, cov, fourth = _moments(rows, self.block, spec.whiten)
             self.centroids[i] = mean
@@ -273,7 +268,7 @@ class DomainNormalizer:
         """Normalise rows ``x`` [N, D] whose domains ``domains`` [N] are in the fitted gallery;
         float32, L2-normalised rows."""
         self._require()
-        x = _as_matrix(x)
+        x = as_matrix(x)
         self._check_dim(x)
         codes = self._codes(domains, len(x))
         out = np.empty_like(x)
@@ -291,7 +286,7 @@ class DomainNormalizer:
     def infer_domain(self, x: np.ndarray) -> np.ndarray:
         """The fitted domain whose centroid is nearest (cosine) to each row of ``x`` [N, D]."""
         self._require()
-        x = _as_matrix(x)
+        x = as_matrix(x)
         self._check_dim(x)
         sims = _l2(x) @ _l2(self.centroids).T
         return np.asarray(self.domains)[sims.argmax(1)]
@@ -303,7 +298,7 @@ class DomainNormalizer:
         used): a name for a 1-d query, an array of names for a 2-d one."""
         self._require()
         single = np.ndim(x) == 1
-        q = _as_matrix(np.atleast_2d(x), "query embeddings")
+        q = as_matrix(np.atleast_2d(x), "query embeddings")
         if domain is None:
             used = self.infer_domain(q)
         elif isinstance(domain, str):
@@ -436,28 +431,6 @@ def fit_normalizer(x: np.ndarray, domains: Sequence[str] | np.ndarray,
 # -- hubness correction --------------------------------------------------------------------------
 
 
-def _block_rows(block: int, n_cols: int, memory_mb: float) -> int:
-    return max(1, min(block, int(memory_mb * 2**20 // (4 * max(n_cols, 1)))))
-
-
-def neighbourhood_mean(a: np.ndarray, b: np.ndarray, k: int = 10, block: int = DEFAULT_BLOCK,
-                       memory_mb: float = DEFAULT_MEMORY_MB) -> np.ndarray:
-    """r(x) for each row x of ``a``: the mean cosine to its ``k`` nearest rows of ``b`` (both
-    L2-normalised). Rows of ``a`` are taken ``block`` at a time (fewer when a block of
-    similarities would exceed ``memory_mb``); k is capped at len(b)."""
-    a, b = _as_matrix(a), _as_matrix(b)
-    if len(b) == 0:
-        raise CdirError("neighbourhood_mean needs a non-empty second collection")
-    k = max(1, min(int(k), len(b)))
-    out = np.empty(len(a), np.float32)
-    step = _block_rows(block, len(b), memory_mb)
-    for s in range(0, len(a), step):
-        sims = a[s:s + step] @ b.T
-        top = np.partition(sims, len(b) - k, axis=1)[:, len(b) - k:]
-        out[s:s + step] = top.mean(1, dtype=np.float64)
-    return out
-
-
 def csls_terms(a: np.ndarray, b: np.ndarray, k: int = 10, block: int = DEFAULT_BLOCK
                ) -> tuple[np.ndarray, np.ndarray]:
     """(r_a, r_b) for queries ``a`` against gallery ``b``: r_a over b's items, r_b over a's."""
@@ -476,13 +449,12 @@ def inverted_softmax_log_norm(g: np.ndarray, bank: np.ndarray, beta: float = 30.
                               memory_mb: float = DEFAULT_MEMORY_MB) -> np.ndarray:
     """log sum_{x in bank} exp(beta cos(x, y)) for each gallery row y of ``g``: the per-item
     normaliser of the inverted softmax, with ``bank`` the query domain's indexed images."""
-    g, bank = _as_matrix(g), _as_matrix(bank)
+    g, bank = as_matrix(g), as_matrix(bank)
     out = np.empty(len(g), np.float64)
-    step = _block_rows(block, len(bank), memory_mb)
-    for s in range(0, len(g), step):
-        z = beta * (g[s:s + step] @ bank.T).astype(np.float64)
+    for rows, sims in similarity_blocks(g, bank, block, memory_mb):
+        z = beta * sims.astype(np.float64)
         top = z.max(1)
-        out[s:s + step] = top + np.log(np.exp(z - top[:, None]).sum(1))
+        out[rows] = top + np.log(np.exp(z - top[:, None]).sum(1))
     return out
 
 

@@ -228,6 +228,7 @@ def test_empty_captions_are_stored_and_counted(tmp_path: Path, captioner) -> Non
     s = caption_workspace(ws, batch_size=4, captioner=Wrapped(captioner, empty_every=2),
                           progress=False)
     assert s["new"] == 12 and s["empty"] == 6 and "6 empty" in s["line"]
+    assert s["messages"] == ["6 caption(s) came out empty (stored as empty strings)"]
     rows = CaptionStore(ws, captioner.key).read()
     assert (rows["caption"] == "").sum() == 6
     assert list_sources(ws)[0]["empty"] == 6

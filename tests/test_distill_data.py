@@ -20,7 +20,6 @@ from encoders.distill.data import (
     CIFAR100_STATS,
     DATASETS,
     DIGITS_TRAIN_PER_CLASS,
-    EvalImages,
     LabelledData,
     Source,
     TrainImages,
@@ -202,7 +201,7 @@ def test_folder_dataset_and_corrupt_files(tmp_path: Path) -> None:
     assert d.train.images is None and len(d.train) == 5 and len(d.test) == 5
     assert d.mean == (0.485, 0.456, 0.406)
 
-    evaluate = EvalImages(d.test, eval_transform(d.mean, d.std))
+    evaluate = d.test.labelled_images(eval_transform(d.mean, d.std))
     results = [evaluate[i] for i in range(len(evaluate))]
     bad = [i for i, (_, _, ok) in enumerate(results) if not ok]
     assert [d.test.paths[i] for i in bad] == [str(root / "test" / "a" / "2.png")]
@@ -305,7 +304,7 @@ def test_source_in_memory_and_subset() -> None:
     np.testing.assert_array_equal(part.images, images[[3, 1]])
     views, index, ok = TrainImages(s, train_transform((0.5,) * 3, (0.5,) * 3))[2]
     assert ok and index == 2 and views[0].shape == (3, 32, 32)
-    x, label, ok = EvalImages(s, eval_transform((0.5,) * 3, (0.5,) * 3))[0]
+    x, label, ok = s.labelled_images(eval_transform((0.5,) * 3, (0.5,) * 3))[0]
     assert ok and label == 1 and x.shape == (3, 32, 32)
     with pytest.raises(CdirError, match="exactly one"):
         Source(np.zeros(1), ["x"], images=images[:1], paths=["a.png"])

@@ -102,8 +102,10 @@ def test_embed_pixels_gallery(gallery, tmp_path, capsys):
     s = embed_images(ws, "pixels", batch_size=8, num_workers=0, shard_rows=16, progress=True)
     out = capsys.readouterr()
     assert s["new"] == 36 and s["already_done"] == 0 and s["failed"] == 0 and s["dim"] == 1024
-    assert "embedded 36 new, 0 already done, 0 failed" in out.out and "images/s" in out.out
-    assert "img/s" in out.err  # the tqdm bar
+    # the stage says nothing but its bar: the command prints the summary
+    assert out.out == "" and "img/s" in out.err  # the tqdm bar
+    assert "embedded 36 new, 0 already done, 0 failed" in s["line"] and "images/s" in s["line"]
+    assert s["messages"] == []
     ids, vectors = stored_rows(ws, "pixels")
     manifest = ws.manifest()
     assert ids == manifest["id"].tolist()  # manifest order
@@ -223,7 +225,10 @@ def test_corrupt_files_are_skipped_and_listed(gallery, tmp_path, capsys):
     assert "not an image" in reasons["bad/text.jpg"]
     assert "truncated" in reasons["bad/truncated.jpg"]
     assert "too large" in reasons["bad/bomb.png"]
-    assert "4 image(s) could not be read" in out.err and "bad/bomb.png" in out.err
+    assert "could not be read" not in out.err  # the command prints the messages
+    report, = s["messages"]
+    assert "4 image(s) could not be read" in report and "bad/bomb.png" in report
+    assert str(ws.embeddings_dir("pixels") / "failed.json") in report
     store = EmbeddingStore(ws.embeddings_dir("pixels"))
     assert {r["id"] for r in store.failed()} == set(reasons)
     assert all(r["path"].startswith(str(bad)) for r in store.failed())
@@ -281,6 +286,9 @@ def test_cli_embed(gallery, tmp_path, capsys):
     assert "embedded 5 new, 0 already done, 0 failed, 31 left" in capsys.readouterr().out
     assert main(args + ["--encoder", "pixels"]) == 0
     assert "embedded 31 new, 5 already done" in capsys.readouterr().out
+    # with the bar too, the command (not the stage) says it, once
+    assert main(["embed", "-w", str(ws.root), "--workers", "0", "--encoder", "pixels"]) == 0
+    assert capsys.readouterr().out.count("embedded 0 new, 36 already done") == 1
 
     assert main(args + ["--encoder", "nope:x"]) == 2
     err = capsys.readouterr().err

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cdir.core.errors import CdirError
+from cdir.core.knn import nearest
 from encoders.adapt.mining import (
     MATCHERS,
     Pairs,
@@ -18,7 +19,6 @@ from encoders.adapt.mining import (
     mine,
     mining_stats,
     mutual_nn,
-    nearest,
     nn_map,
     pair_precision,
     pairs_to_map,

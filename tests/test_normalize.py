@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cdir.core.errors import CdirError
+from cdir.core.knn import neighbourhood_mean
 from indexes.normalize import (
     NORMALIZERS,
     DomainNormalizer,
@@ -15,7 +16,6 @@ from indexes.normalize import (
     inverted_softmax_log_norm,
     inverted_softmax_scores,
     ledoit_wolf_shrinkage,
-    neighbourhood_mean,
 )
 from tests.helpers.vectors import l2
 

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise CdirError("--name goes with --from-file, --source with --export")
 
     from cdir.core.dist import torchrun_group
-    from cdir.core.images import failure_report
+    from cdir.core.rows import print_summary
     from cdir.stages.caption import DEFAULT_CAPTIONER, caption_workspace
 
     with torchrun_group(args.device) as d:  # torchrun: the rows are split over ranks
@@ -112,14 +112,8 @@ def run(args: argparse.Namespace) -> int:
             trust_remote_code=args.trust_remote_code, limit=args.limit,
             progress=not args.no_progress and (d is None or d.main))
     if d is not None and not d.main:
-        return 0
-    if args.no_progress:  # caption_workspace printed nothing: still say what was written
-        if summary["failures"]:
-            where = summary["path"].rsplit(".", 1)[0] + ".json"
-            print(failure_report(summary["failures"], where), file=sys.stderr)
-        if summary["empty"]:
-            print(f"{summary['empty']} caption(s) came out empty", file=sys.stderr)
-        print(summary["line"])
+        return 0  # torchrun: rank 0 reports the whole run
+    print_summary(summary)
     return 0
 
 

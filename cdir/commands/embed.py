@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
             raise CdirError("give either --encoder (images) or --captions/--text-encoder")
         from cdir.stages.embed import embed_captions
 
-        embed_captions(args.workspace, args.captions or None, args.text_encoder,
-                       device=args.device, progress=not args.no_progress)
+        summary = embed_captions(args.workspace, args.captions or None, args.text_encoder,
+                                 device=args.device, progress=not args.no_progress)
+        print(summary["line"])  # also without progress
         return 0
     if not args.encoder:
         raise CdirError(f"give the image encoder: --encoder SPEC, e.g. --encoder "
@@ -87,10 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_images(args: argparse.Namespace) -> int:
-    import sys
-
     from cdir.core.dist import torchrun_group
-    from cdir.core.images import failure_report
+    from cdir.core.rows import print_summary
     from cdir.core.workspace import Workspace
     from cdir.stages.embed import embed_images
 
@@ -100,9 +99,6 @@ def _run_images(args: argparse.Namespace) -> int:
             num_workers=args.workers, device=str(d.device) if d else args.device,
             shard_rows=args.shard_rows, limit=args.limit,
             progress=not args.no_progress and (d is None or d.main))
-    if args.no_progress and (d is None or d.main):  # nothing printed yet: say what was written
-        if summary["failures"]:
-            print(failure_report(summary["failures"], f"{summary['dir']}/failed.json"),
-                  file=sys.stderr)
-        print(summary["line"])
+    if d is None or d.main:  # torchrun: rank 0 reports the whole run
+        print_summary(summary)
     return 0

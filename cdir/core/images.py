@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import sys
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageFile
 
@@ -21,6 +24,11 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 class BadImage(CdirError):
     """An image that cannot be decoded; the run skips it and lists it."""
+
+
+# What reading an image for a model raises when the file is bad: load_image's BadImage, or
+# OSError / ValueError from a transform of what it decoded. Datasets catch these and nothing else.
+DECODE_ERRORS: tuple[type[Exception], ...] = (BadImage, OSError, ValueError)
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -94,3 +102,35 @@ def failure_report(records: list[dict], where: str | Path, show: int = 5) -> str
     if len(records) > show:
         lines.append(f"  ... and {len(records) - show} more")
     return "\n".join(lines)
+
+
+class ImageList:
+    """A map-style dataset of images with a readable flag: item i is ``(transform(image i),
+    label i, True)``, or ``(zeros of shape blank, label i, False)`` when image i cannot be read
+    (`DECODE_ERRORS`), so one bad file never stops a run and the caller drops or lists the rows
+    flagged rather than use a blank image as if it were one.
+
+    ``images[i]`` is what ``read`` opens (default: a file path for `load_image`); ``labels[i]``
+    an int (default: i itself, the row); ``say``: print each unreadable image to stderr."""
+
+    def __init__(self, images: Sequence[Any], transform: Callable[[Image.Image], Any],
+                 blank: tuple[int, ...], labels: Sequence[int] | None = None,
+                 read: Callable[[Any], Image.Image] = load_image, say: bool = False) -> None:
+        if labels is not None and len(labels) != len(images):
+            raise CdirError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+        self.transform, self.blank, self.read, self.say = transform, tuple(blank), read, say
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, bool]:
+        label = i if self.labels is None else int(self.labels[i])
+        try:
+            return self.transform(self.read(self.images[i])), label, True
+        except DECODE_ERRORS as e:
+            if self.say:
+                print(f"skipping unreadable image: {e}", file=sys.stderr)
+            import torch
+
+            return torch.zeros(self.blank), label, False

@@ -1,5 +1,5 @@
-"""What every gallery loader shares: named class subsets, fast folder walking and the rules for
-turning rows into a manifest (see :mod:`cdir.core.manifest`).
+"""What every gallery loader shares: named class subsets, scanning domain folders (read by
+`cdir.core.tree`) and the rules for turning rows into a manifest (see :mod:`cdir.core.manifest`).
 
 The loaders (``folder``, ``officehome``, ``domainnet``, ``table``; dispatched by
 :data:`cdir.galleries.KINDS`) follow these rules:
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from cdir.core.errors import CdirError
 from cdir.core.images import IMAGE_EXTENSIONS
+from cdir.core.tree import is_image_name, listdir, scan_labelled
 from cdir.galleries import DataWarning
 
 if TYPE_CHECKING:
@@ -123,54 +124,9 @@ def _read_class_file(path: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Walking folders fast: os.scandir only (no stat per file, no image decoding)
+# Scanning domain folders (`cdir.core.tree` reads the folders)
 
-_JUNK_DIRS = {"__MACOSX"}
 SPLIT_DIRS = ("train", "test", "val", "validation")
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name in _JUNK_DIRS
-
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _utf8(name: str) -> bool:
-    if name.isascii():
-        return True
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:  # undecodable bytes in the name (surrogate escapes)
-        return False
-
-
-def listdir(path: str, bad: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """(sub-folder names, file names) of ``path``, hidden ones left out, both sorted. Names that
-    are not valid UTF-8 cannot be stored in the manifest: they are left out and, if ``bad`` is
-    given, appended to it."""
-    dirs, files = [], []
-    try:
-        with os.scandir(path) as it:
-            for e in it:
-                if _hidden(e.name):
-                    continue
-                if not _utf8(e.name):
-                    if bad is not None:
-                        bad.append(os.path.join(path, e.name).encode("utf-8", "surrogateescape")
-                                   .decode("utf-8", "replace"))
-                    continue
-                try:
-                    (dirs if e.is_dir() else files).append(e.name)
-                except OSError:  # a broken symlink or a vanished entry
-                    continue
-    except PermissionError:
-        raise CdirError(f"cannot read folder {path}: permission denied") from None
-    dirs.sort()
-    files.sort()
-    return dirs, files
 
 
 class Progress:
@@ -192,30 +148,10 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.bad:
-            warnings.warn(f"{len(self.bad)} file or folder name(s) are not valid UTF-8 and were "
-                          f"left out (rename them), e.g. {self.bad[0]}", DataWarning, stacklevel=3)
-
-
-def _images_under(abs_dir: str, rel_dir: str, bar: Progress) -> list[str]:
-    """Relative (POSIX) paths of the image files under ``abs_dir``, recursively (each real
-    folder once, so symlink loops end)."""
-    out: list[str] = []
-    stack = [(abs_dir, rel_dir)]
-    visited: set[tuple[int, int]] = set()
-    while stack:
-        a, r = stack.pop()
-        try:
-            st = os.stat(a)
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) in visited:
-            continue
-        visited.add((st.st_dev, st.st_ino))
-        dirs, files = listdir(a, bar.bad)
-        out.extend(f"{r}/{f}" for f in files if is_image_name(f))
-        stack.extend((os.path.join(a, d), f"{r}/{d}") for d in reversed(dirs))
-    return out
+        bad = list(dict.fromkeys(self.bad))  # a folder listed twice reports its names once
+        if bad:
+            warnings.warn(f"{len(bad)} file or folder name(s) are not valid UTF-8 and were "
+                          f"left out (rename them), e.g. {bad[0]}", DataWarning, stacklevel=3)
 
 
 @dataclass
@@ -226,35 +162,25 @@ class DomainScan:
 
 
 def scan_domain(root: str, rel: str, domain: str, keep: set[str] | None,
-                 bar: Progress) -> DomainScan:
+                bar: Progress) -> DomainScan:
     """Rows for ``root/rel/<class>/...`` or, with a split level,
     ``root/rel/<split>/<class>/...``."""
-    abs_dom = os.path.join(root, rel)
-    dirs, files = listdir(abs_dom, bar.bad)
-    loose = sum(map(is_image_name, files))
+    dirs, files = listdir(os.path.join(root, rel), bar.bad)
     levels: list[tuple[str, str]]  # (relative folder holding class folders, split)
     if dirs and all(d.lower() in SPLIT_DIRS for d in dirs):
         levels = [(f"{rel}/{d}", d.lower()) for d in dirs]
+        loose = sum(map(is_image_name, files))  # beside the split folders
     else:
         levels = [(rel, "all")]
-    rows: list[dict] = []
-    seen: set[str] = set()
+        loose = 0  # the scan of the domain folder itself counts them
+    scan = DomainScan([], set(), loose)
     for lrel, split in levels:
-        if split != "all":
-            cdirs, cfiles = listdir(os.path.join(root, lrel), bar.bad)
-            loose += sum(map(is_image_name, cfiles))
-        else:
-            cdirs = dirs
-        for cls in cdirs:
-            seen.add(cls)
-            if keep is not None and cls not in keep:
-                continue
-            crel = f"{lrel}/{cls}"
-            found = _images_under(os.path.join(root, crel), crel, bar)
-            rows.extend({"id": r, "path": os.path.join(root, r), "domain": domain,
-                         "class_name": cls, "split": split} for r in found)
-            bar.update(len(found))
-    return DomainScan(rows, seen, loose)
+        found = scan_labelled(os.path.join(root, lrel), keep, lrel, bar.bad, bar.update)
+        scan.rows.extend({"id": r, "path": os.path.join(root, r), "domain": domain,
+                          "class_name": cls, "split": split} for r, cls in found.rows)
+        scan.classes |= found.classes
+        scan.loose += len(found.loose)
+    return scan
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from cdir.core.errors import CdirError
+from cdir.core.tree import is_image_name, listdir
 from cdir.galleries import DataWarning, common
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ def domainnet_split_files(base: str) -> dict[str, dict[str, str]]:
         d = os.path.join(base, sub) if sub else base
         if not os.path.isdir(d):
             continue
-        for f in common.listdir(d)[1]:
+        for f in listdir(d)[1]:
             stem, ext = os.path.splitext(f)
             if ext.lower() != ".txt" or "_" not in stem:
                 continue
@@ -40,7 +41,7 @@ def domainnet_split_files(base: str) -> dict[str, dict[str, str]]:
 
 
 def _domainnet_dirs(path: str) -> list[str]:
-    dirs = set(common.listdir(path)[0])
+    dirs = set(listdir(path)[0])
     return [d for d in DOMAINNET_DOMAINS if d in dirs]
 
 
@@ -50,11 +51,11 @@ def find_domainnet_root(root: str | os.PathLike) -> str:
     root = common.existing_dir(root)
     if _domainnet_dirs(root) or domainnet_split_files(root):
         return root
-    subs = [os.path.join(root, d) for d in common.listdir(root)[0]]
+    subs = [os.path.join(root, d) for d in listdir(root)[0]]
     hits = [s for s in subs if _domainnet_dirs(s) or domainnet_split_files(s)]
     if len(hits) == 1:
         return hits[0]
-    dirs = common.listdir(root)[0]
+    dirs = listdir(root)[0]
     seen = f"; it has {', '.join(dirs[:8])}{' ...' if len(dirs) > 8 else ''}" if dirs else ""
     raise CdirError(f"no DomainNet domain folders ({', '.join(DOMAINNET_DOMAINS)}) or "
                     f"<domain>_train.txt/<domain>_test.txt files in {root}{seen}")
@@ -175,7 +176,7 @@ def _domainnet_listed(base: str, domain: str, files: dict[str, str | None],
     # Where the listed relative paths start: the split file's folder, the dataset root, or a
     # sub-folder of it (e.g. DomainNet/images/<domain>, as ProtoOT lays it out).
     cands = [os.path.dirname(f) for f in files.values() if f is not None] + [base]
-    cands += [os.path.join(base, d) for d in common.listdir(base)[0] if d not in DOMAINNET_DOMAINS]
+    cands += [os.path.join(base, d) for d in listdir(base)[0] if d not in DOMAINNET_DOMAINS]
     img_base = next((c for c in cands if os.path.isdir(os.path.join(c, domain))), None)
     if img_base is None:
         raise CdirError(f"the split files list {domain} images but there is no {domain}/ folder "
@@ -191,7 +192,7 @@ def _domainnet_listed(base: str, domain: str, files: dict[str, str | None],
         if keep is not None and cls not in keep:
             continue
         if folder not in on_disk:
-            on_disk[folder] = set(common.listdir(os.path.join(img_base, folder))[1]) \
+            on_disk[folder] = set(listdir(os.path.join(img_base, folder))[1]) \
                 if os.path.isdir(os.path.join(img_base, folder)) else set()
         if name not in on_disk[folder]:
             gone.append(rel)
@@ -204,13 +205,13 @@ def _domainnet_listed(base: str, domain: str, files: dict[str, str | None],
     bar.update(len(rows))
     loose: list[str] = []
     # with a split file absent its images are unlisted by construction (and warned about already)
-    classes = common.listdir(os.path.join(img_base, domain))[0] if len(all_files) == 2 else []
+    classes = listdir(os.path.join(img_base, domain))[0] if len(all_files) == 2 else []
     for cls in classes:
         if (keep is not None and cls not in keep) or (domain, cls) in _KNOWN_GAPS:
             continue  # a known gap is reported by warn_coverage already
         folder = f"{domain}/{cls}"
         if folder not in on_disk:
-            on_disk[folder] = set(common.listdir(os.path.join(img_base, folder))[1])
+            on_disk[folder] = set(listdir(os.path.join(img_base, folder))[1])
         loose.extend(f"{folder}/{n}" for n in sorted(on_disk[folder])
-                     if common.is_image_name(n) and f"{folder}/{n}" not in named)
+                     if is_image_name(n) and f"{folder}/{n}" not in named)
     return rows, gone, loose

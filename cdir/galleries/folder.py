@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from cdir.core.errors import CdirError
+from cdir.core.tree import is_image_name, listdir
 from cdir.galleries import common
 
 if TYPE_CHECKING:
@@ -25,9 +26,9 @@ def load_folder(root: str | os.PathLike, domains: Iterable[str] | str | None = N
     root = common.existing_dir(root)
     split = common.check_split(split)
     keep = common.resolve_classes(classes)
-    dom_dirs, files = common.listdir(root)
+    dom_dirs, files = listdir(root)
     if not dom_dirs:
-        n = sum(map(common.is_image_name, files))
+        n = sum(map(is_image_name, files))
         extra = f"; it holds {n} image(s) directly" if n else ""
         raise CdirError(f"no domain folders in {root}: expected {root}/<domain>/<class>/<image>"
                         f"{extra}")

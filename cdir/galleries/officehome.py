@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from cdir.core.errors import CdirError
+from cdir.core.tree import listdir
 from cdir.galleries import DataWarning, common
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ _OH_ALIASES = {**_OH_FOLDERS, "ar": "Art", "cl": "Clipart", "pr": "Product", "rw
 
 def officehome_dirs(path: str) -> dict[str, str]:
     """canonical domain -> folder name, for the Office-Home domain folders directly in ``path``."""
-    dirs, _ = common.listdir(path)
+    dirs, _ = listdir(path)
     found: dict[str, str] = {}
     for d in dirs:
         canon = _OH_FOLDERS.get(common.norm(d))
@@ -61,14 +62,14 @@ def find_officehome_root(root: str | os.PathLike) -> str:
     top = os.path.join(root, OFFICEHOME_ARCHIVE_DIR)
     if os.path.isdir(top) and officehome_dirs(top):
         return top
-    subs = [os.path.join(root, d) for d in common.listdir(root)[0]]
+    subs = [os.path.join(root, d) for d in listdir(root)[0]]
     hits = [s for s in subs if officehome_dirs(s)]
     if len(hits) == 1:
         return hits[0]
     if len(hits) > 1:
         raise CdirError(f"several Office-Home copies below {root}: "
                         f"{', '.join(os.path.basename(h) for h in hits)}; pass one of them")
-    dirs = common.listdir(root)[0]
+    dirs = listdir(root)[0]
     seen = f"; it has {', '.join(dirs[:8])}{' ...' if len(dirs) > 8 else ''}" if dirs else ""
     raise CdirError(f"no Office-Home domain folders (Art, Clipart, Product, Real World) in {root}"
                     f"{seen}")
@@ -90,7 +91,7 @@ def load_officehome(root: str | os.PathLike, domains: Iterable[str] | str | None
     folders = officehome_dirs(base)
     available = [d for d in OFFICEHOME_DOMAINS if d in folders]
     chosen = common.pick_domains(available, domains, base, _officehome_aliases(folders))
-    others = [d for d in common.listdir(base)[0] if _OH_FOLDERS.get(common.norm(d)) is None]
+    others = [d for d in listdir(base)[0] if _OH_FOLDERS.get(common.norm(d)) is None]
     if others:
         warnings.warn(f"ignored folder(s) in {base} that are not Office-Home domains: "
                       f"{', '.join(others[:5])}", DataWarning, stacklevel=2)

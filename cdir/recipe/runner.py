@@ -28,6 +28,7 @@ from cdir.core.device import resolve_device
 from cdir.core.errors import CdirError
 from cdir.core.io import read_json, write_json
 from cdir.core.manifest import fingerprint
+from cdir.core.rows import print_summary
 from cdir.core.store import EmbeddingStore
 from cdir.core.workspace import Workspace, caption_spec
 from cdir.recipe.config import Recipe
@@ -223,6 +224,8 @@ class Runner:
             max_new_tokens=c.max_new_tokens, min_new_tokens=c.min_new_tokens,
             num_beams=c.num_beams, device=self.device, dtype=c.dtype,
             trust_remote_code=c.trust_remote_code, progress=self.progress)
+        if self.progress:
+            print_summary(summary)
         gc.collect()  # the captioner is the largest model: release it before the rest
         torch.cuda.empty_cache()  # a no-op without CUDA
         return "ran", f"{summary['new']} new captions at {summary['images_per_s']} images/s"
@@ -237,6 +240,7 @@ class Runner:
             return "skipped", f"already done: {len(captioned)} caption embeddings"
         summary = embed_captions(self.ws, key, st.spec, batch_size=self.r.batch.text,
                                  device=self.device, progress=self.progress)
+        print(summary["line"])  # also without progress: the log shows it
         return "ran", f"{summary['embedded']} new"
 
     def _embed_images(self, st: Stage) -> tuple[str, str]:
@@ -250,6 +254,8 @@ class Runner:
         summary = embed_images(self.ws, st.spec, batch_size=self.r.batch.image,
                                num_workers=self.r.batch.workers, device=self.device,
                                progress=self.progress)
+        if self.progress:
+            print_summary(summary)
         return "ran", f"{summary['new']} new at {summary['images_per_s']} images/s"
 
     def _eval(self, st: Stage) -> tuple[str, str]:

@@ -7,18 +7,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdir.core.caption_store import COLUMNS, CaptionStore, resolve_source
-from cdir.core.dist import all_gather_object, barrier, rank_world
+from cdir.core.dist import barrier, rank_world
 from cdir.core.errors import CdirError, first_line
 from cdir.core.io import atomic_path
+from cdir.core.rows import RowJob, plan, prefetched
 from cdir.core.signals import graceful
+from cdir.core.store import same_version
 from cdir.core.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -68,182 +69,154 @@ def caption_workspace(
     finishes. On out-of-memory the batch is halved (for the rest of the run) and retried.
     Unreadable images are skipped and listed; empty captions are stored and counted. ``captioner``
     reuses a loaded Captioner (then ``spec`` and the generation arguments are not used);
-    ``limit`` captions at most that many of the missing images. Returns a summary dict whose
-    ``line`` says what was written (printed when ``progress``).
+    ``limit`` captions at most that many of the missing images; ``progress`` shows a bar.
+    Returns a summary dict: ``messages`` (for stderr) and ``line`` say what was written.
     """
-    from tqdm.auto import tqdm
-
     from cdir.core.manifest import row_versions
-    from cdir.core.store import same_version
-    from encoders.captioners import BatchHalver, resolve_captioner
+    from encoders.captioners import resolve_captioner
 
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     if batch_size < 1:
         raise CdirError(f"batch size must be >= 1, not {batch_size}")
     df = ws.manifest()
-    if captioner is not None:
-        resolved = None
-        key, model, family = captioner.key, captioner.spec, captioner.family
-        params = dict(captioner.params)
-    else:
-        resolved = resolve_captioner(spec, prompt=prompt, max_new_tokens=max_new_tokens,
-                                     min_new_tokens=min_new_tokens, num_beams=num_beams,
-                                     trust_remote_code=trust_remote_code)
-        key, model, family, params = resolved.key, resolved.spec, resolved.family, \
-            dict(resolved.params)
+    resolved = None if captioner is not None else resolve_captioner(
+        spec, prompt=prompt, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+        num_beams=num_beams, trust_remote_code=trust_remote_code)
+    source = captioner if captioner is not None else resolved
+    key, model, family, params = source.key, source.spec, source.family, dict(source.params)
     store = CaptionStore(ws, key)
     ids = df["id"].astype(str).tolist()
-    paths = df["path"].astype(str).tolist()
-    versions = row_versions(df)
-    version_of = dict(zip(ids, versions, strict=True))
+    version_of = dict(zip(ids, row_versions(df), strict=True))
+    rank, world = rank_world()
+    with store.lock():
+        if rank == 0:
+            _open_source(store, model, family, params, version_of)
+        barrier()  # torchrun: the other ranks read the store once rank 0 has folded it
+        have = store.versions()
+        changed = {i for i in ids if i in have and not same_version(have[i], version_of[i])}
+        todo = plan(ids, set(have) - changed, limit, rank, world)  # changed: captioned again
+        earlier = store.meta().get("failed", [])  # earlier failures are retried
+        barrier()  # every rank has read the store before any of them writes to it
+        job = RowJob(ids, df["path"].astype(str).tolist(), earlier,
+                     counts=("new", "empty", "changed"))
+        run = _Captioning(job, store, captioner, resolved, device, dtype, batch_size, model,
+                          params, version_of, changed)
+        batches = [todo.rows[i: i + batch_size] for i in range(0, len(todo.rows), batch_size)]
+        # the next batch's files decode while the model works on this one
+        loads = prefetched([[job.paths[j] for j in rows] for rows in batches], _load_batch)
+        try:
+            with job.progress(len(todo.rows), f"caption {model}", progress, callback), \
+                    closing(loads):
+                for rows, (_, images) in zip(batches, loads, strict=True):
+                    run.batch(rows, images)
+        finally:
+            if world == 1:  # under torchrun rank 0 writes every rank's at the end
+                if job.ledger_changed():
+                    store.write_meta(failed=job.ledger())
+                _fold(store)
+        job.gather()
+        if world > 1:
+            if rank == 0:
+                _fold(store, failed=job.ledger())
+            barrier()
 
-    def stored_version(id_: str, digest: str) -> str | None:
+    summary = {"key": key, "model": model, "family": family, "params": params,
+               "path": str(store.path), "device": job.device, **job.summary(todo.already),
+               "changed": job.counts["changed"], "empty": job.counts["empty"],
+               "batch_size": run.halver.batch_size if run.halver else batch_size}
+    summary["messages"] = _messages(summary, store.meta_path)
+    summary["line"] = _summary_line(summary)
+    return summary
+
+
+def _open_source(store: CaptionStore, model: str, family: str, params: dict,
+                 version_of: dict[str, str | None]) -> None:
+    """Create the caption source of a model, or check that it is one; fold in what a killed run
+    left. Captions stored before images were versioned count as current and get the present
+    versions, so a later change is noticed."""
+    meta = store.meta()
+    if not meta:
+        store.write_meta(kind="model", model=model, family=family, prompt=params.get("prompt"),
+                         params=params, count=0, empty=0, failed=[])
+    elif meta.get("kind") != "model":
+        raise CdirError(f"caption source {store.key!r} holds imported captions, not a model's")
+    store.compact(adopt=version_of)
+
+
+def _fold(store: CaptionStore, **meta: Any) -> None:
+    """Fold the run's parts into the source and count its captions (and the empty ones)."""
+    rows = store.compact()
+    n_empty = int((rows["caption"].astype(str).str.strip() == "").sum())
+    store.write_meta(count=len(rows), empty=n_empty, **meta)
+
+
+@dataclass
+class _Captioning:
+    """One run's captioner and where its captions go. The model is loaded on the first readable
+    batch: a re-run that only retries unreadable files never loads it."""
+
+    job: RowJob
+    store: CaptionStore
+    captioner: Any  # a loaded Captioner, or None until a batch needs it
+    resolved: Any  # what loads it
+    device: str | None
+    dtype: str | None
+    batch_size: int
+    model: str
+    params: dict
+    version_of: dict[str, str | None]
+    changed: set[str]
+    halver: Any = None  # encoders.captioners.BatchHalver, made with the model
+
+    def batch(self, rows: list[int], loaded: list[tuple[Any, str | None, str]]) -> None:
+        """Caption and store one batch (rows and their `_load_batch` results)."""
+        job, ids = self.job, self.job.ids
+        good = [(j, img, h) for j, (img, _, h) in zip(rows, loaded, strict=True) if img is not None]
+        failed = [(j, reason) for j, (_, reason, _) in zip(rows, loaded, strict=True)
+                  if reason is not None]
+        for j, reason in failed:
+            job.fail(j, reason)
+        if good:
+            texts = self._halver().run(self.captioner.caption, [img for _, img, _ in good])
+            good_ids = [ids[j] for j, _, _ in good]
+            self.store.append(good_ids, texts, self.model, self.params.get("prompt"), self.params,
+                              [self._version(ids[j], h) for j, _, h in good])
+            job.finish(good_ids)
+            job.counts["new"] += len(good)
+            job.counts["changed"] += len(self.changed.intersection(good_ids))
+            job.counts["empty"] += sum(1 for t in texts if not t.strip())
+        if failed and job.world == 1:
+            self.store.write_meta(failed=job.ledger())
+        job.advance(len(rows), empty=job.counts["empty"])
+
+    def _halver(self) -> Any:
+        from encoders.captioners import BatchHalver
+
+        if self.captioner is None:
+            self.captioner = self.resolved.load(self.device, self.dtype)
+        if self.halver is None:
+            self.job.device = str(getattr(self.captioner, "device", "-"))
+            self.halver = BatchHalver(self.batch_size, where=f" on {self.job.device}",
+                                      on_shrink=lambda bs: self.job.note(
+                                          f"out of memory: batch size halved to {bs}"))
+        return self.halver
+
+    def _version(self, id_: str, digest: str) -> str | None:
         """The manifest's size/mtime fact for the row, and the hash of the bytes captioned."""
-        version = version_of[id_]
+        version = self.version_of[id_]
         if version is None:  # a manifest without file facts: nothing to record
             return None
         return " ".join(filter(None, (version.split()[0], digest)))
 
-    rank, world = rank_world()
-    with store.lock():
-        if rank == 0:
-            meta = store.meta()
-            if not meta:
-                store.write_meta(kind="model", model=model, family=family,
-                                 prompt=params.get("prompt"), params=params, count=0,
-                                 empty=0, failed=[])
-            elif meta.get("kind") != "model":
-                raise CdirError(f"caption source {key!r} holds imported captions, not a "
-                                "model's")
-            # fold in what a killed run left; captions stored before images were versioned
-            # count as current and get the present versions, so a later change is noticed
-            store.compact(adopt=version_of)
-        barrier()  # torchrun: the other ranks read the store once rank 0 has folded it
-        meta = store.meta()
-        have = store.versions()
-        changed = {i for i in ids if i in have and not same_version(have[i], version_of[i])}
-        done = set(have) - changed  # changed images are captioned again
-        old_failed = {r["id"]: r for r in meta.get("failed", [])}
-        todo = [j for j, i in enumerate(ids) if i not in done]  # earlier failures are retried
-        already = len(ids) - len(todo)
-        if limit is not None:
-            todo = todo[:max(0, int(limit))]
-        todo = todo[rank::world]  # torchrun: every world-th row is this rank's
-        barrier()  # every rank has read the store before any of them writes to it
 
-        failures: dict[str, dict] = {}
-        captioned: set[str] = set()
-        state = {"new": 0, "empty": 0, "rows": 0, "shrinks": 0, "changed": 0}
-        device_name = "-"
-        halver: BatchHalver | None = None
-        t0 = time.perf_counter()
-        bar = tqdm(total=len(todo), unit="img", desc=f"caption {model}", disable=not progress,
-                   dynamic_ncols=True, file=sys.stderr)
+def _messages(s: dict, ledger: Path) -> list[str]:
+    """What a run has to say besides its line: the images skipped, the empty captions."""
+    from cdir.core.images import failure_report
 
-        def save_failed() -> None:
-            if world > 1:
-                return  # rank 0 writes every rank's at the end
-            merged = {k: r for k, r in old_failed.items() if k not in captioned}
-            merged.update(failures)
-            store.write_meta(failed=sorted(merged.values(), key=lambda r: r["id"]))
-
-        try:
-            if todo:
-                cap = captioner
-
-                def shrunk(bs: int) -> None:
-                    state["shrinks"] += 1
-                    bar.write(f"out of memory: batch size halved to {bs}", file=sys.stderr)
-
-                batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
-                with ThreadPoolExecutor(max_workers=1) as pool:
-                    # decode the next batch's files while the model works on this one
-                    pending = pool.submit(_load_batch, [paths[j] for j in batches[0]])
-                    for b, rows in enumerate(batches):
-                        loaded = pending.result()
-                        if b + 1 < len(batches):
-                            pending = pool.submit(_load_batch,
-                                                  [paths[j] for j in batches[b + 1]])
-                        good = [(j, img, h) for j, (img, _, h) in zip(rows, loaded, strict=True)
-                                if img is not None]
-                        for j, (_, reason, _) in zip(rows, loaded, strict=True):
-                            if reason is not None:
-                                failures[ids[j]] = {"id": ids[j], "path": paths[j],
-                                                    "reason": reason}
-                        if good:
-                            if cap is None:
-                                # loaded on the first readable batch: a re-run that only retries
-                                # unreadable files never loads the model
-                                cap = resolved.load(device, dtype)
-                            if halver is None:
-                                device_name = str(getattr(cap, "device", "-"))
-                                halver = BatchHalver(batch_size, on_shrink=shrunk,
-                                                     where=f" on {device_name}")
-                            texts = halver.run(cap.caption, [img for _, img, _ in good])
-                            good_ids = [ids[j] for j, _, _ in good]
-                            store.append(good_ids, texts, model, params.get("prompt"), params,
-                                         [stored_version(ids[j], h) for j, _, h in good])
-                            captioned.update(good_ids)
-                            state["new"] += len(good)
-                            state["changed"] += len(changed.intersection(good_ids))
-                            state["empty"] += sum(1 for t in texts if not t.strip())
-                        if any(reason is not None for _, reason, _ in loaded):
-                            save_failed()
-                        state["rows"] += len(rows)
-                        bar.update(len(rows))
-                        if failures or state["empty"]:
-                            bar.set_postfix(failed=len(failures), empty=state["empty"],
-                                            refresh=False)
-                        if callback is not None:
-                            callback(state["rows"], len(todo))
-        finally:
-            bar.close()
-            if failures or captioned & old_failed.keys():
-                save_failed()
-            if world == 1:
-                rows = store.compact()
-                n_empty = int((rows["caption"].astype(str).str.strip() == "").sum())
-                store.write_meta(count=len(rows), empty=n_empty)
-        seconds = time.perf_counter() - t0
-        if world > 1:  # the ranks' shares, summed; rank 0 folds the parts and the failures
-            shares = all_gather_object((dict(state), failures, captioned, seconds, device_name))
-            for k in state:
-                state[k] = sum(x[0][k] for x in shares)
-            failures = {k: v for x in shares for k, v in x[1].items()}
-            captioned = set().union(*(x[2] for x in shares))
-            seconds = max(x[3] for x in shares)
-            device_name = ",".join(sorted({x[4] for x in shares}))
-            if rank == 0:
-                merged = {k: r for k, r in old_failed.items() if k not in captioned}
-                merged.update(failures)
-                rows = store.compact()
-                n_empty = int((rows["caption"].astype(str).str.strip() == "").sum())
-                store.write_meta(count=len(rows), empty=n_empty,
-                                 failed=sorted(merged.values(), key=lambda r: r["id"]))
-            barrier()
-
-    rate = state["new"] / seconds if seconds > 0 and state["new"] else 0.0
-    summary = {
-        "key": key, "model": model, "family": family, "params": params,
-        "path": str(store.path), "device": device_name, "total": len(ids), "new": state["new"],
-        "changed": state["changed"], "already_done": already, "failed": len(failures),
-        "empty": state["empty"],
-        "remaining": len(ids) - already - state["new"] - len(failures),
-        "batch_size": halver.batch_size if halver else batch_size,
-        "seconds": round(seconds, 3), "images_per_s": round(rate, 2),
-        "failures": sorted(failures.values(), key=lambda r: r["id"]),
-    }
-    summary["line"] = _summary_line(summary)
-    if progress:
-        if failures:
-            from cdir.core.images import failure_report
-
-            print(failure_report(summary["failures"], store.meta_path), file=sys.stderr)
-        if state["empty"]:
-            print(f"{state['empty']} caption(s) came out empty (stored as empty strings)",
-                  file=sys.stderr)
-        print(summary["line"])
-    return summary
+    out = [failure_report(s["failures"], ledger)] if s["failures"] else []
+    if s["empty"]:
+        out.append(f"{s['empty']} caption(s) came out empty (stored as empty strings)")
+    return out
 
 
 def _summary_line(s: dict) -> str:

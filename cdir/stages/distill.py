@@ -212,13 +212,16 @@ def teacher_rows(ws: Any, teacher: str, normalize: str, progress: bool = True
 
     import numpy as np
 
+    from cdir.core.rows import print_summary
     from cdir.core.store import EmbeddingStore
     from cdir.stages.embed import embed_images
 
     if normalize not in TEACHER_NORMALIZE:
         raise CdirError(f"teacher normalisation must be one of {', '.join(TEACHER_NORMALIZE)}, "
                         f"got {normalize!r}")
-    embed_images(ws, teacher, progress=progress)
+    embedded = embed_images(ws, teacher, progress=progress)
+    if progress:  # a step of the run's progress, as the training's own log lines are
+        print_summary(embedded)
     df = ws.manifest()
     store = EmbeddingStore(ws.embeddings_dir(teacher))
     x, valid = store.load(df)
@@ -307,7 +310,7 @@ def transfer_eval(encoder: str | None, data: str | None, *, root: str | os.PathL
     (stl10, tinyimagenet or a folder with train/ and test/) at 32 px with the target's
     normalisation; top-1 on its test split, last and best (best chosen on test: beside last)."""
     from cdir.core.device import resolve_device
-    from encoders.distill.data import EvalImages, open_labelled, transforms_for
+    from encoders.distill.data import open_labelled, transforms_for
     from encoders.ssl.checkpoint import load_encoder
     from eval.transfer import ProbeConfig, transfer_probe
 
@@ -322,8 +325,8 @@ def transfer_eval(encoder: str | None, data: str | None, *, root: str | os.PathL
     target = open_labelled(data, root, download)
     size = 32  # the testbed resizes every target to the CIFAR input size
     train_tf, test_tf = transforms_for(target, size)
-    train = EvalImages(target.train, test_tf if cache_features else train_tf, size)
-    test = EvalImages(target.test, test_tf, size)
+    train = target.train.labelled_images(test_tf if cache_features else train_tf, size)
+    test = target.test.labelled_images(test_tf, size)
     cfg = ProbeConfig(epochs=int(epochs), workers=int(workers), seed=int(seed),
                       cache_features=bool(cache_features))
     res = transfer_probe(model, dim, train, test, target.num_classes, cfg, dev, progress)

@@ -35,11 +35,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cdir.core.caption_store import CaptionStore, resolve_source
-from cdir.core.dist import all_gather_object, barrier, rank_world
+from cdir.core.dist import barrier
 from cdir.core.errors import CdirError
 from cdir.core.images import failure_reason, failure_report, load_image_hashed
 from cdir.core.lock import beside, exclusive
 from cdir.core.manifest import row_versions
+from cdir.core.rows import RowJob, plan
 from cdir.core.signals import graceful, loader_worker, shielded
 from cdir.core.store import EmbeddingStore
 from cdir.core.workspace import Workspace, caption_spec
@@ -126,11 +127,10 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
 
     Only rows whose id is not yet stored are embedded (at most ``limit`` of them), in manifest
     order. ``encoder`` reuses an already loaded ImageEncoder of the same spec; ``callback(done,
-    total)`` runs after every batch. Returns a summary dict (and prints its line when ``progress``).
+    total)`` runs after every batch; ``progress`` shows a bar. Returns a summary dict:
+    ``messages`` (for stderr) and ``line`` say what was written.
     """
-    from tqdm.auto import tqdm
-
-    from encoders.image import load_image_encoder, split_transform
+    from encoders.image import load_image_encoder
 
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     if batch_size < 1 or shard_rows < 1:
@@ -146,17 +146,59 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
     ids = df["id"].astype(str).tolist()
     paths = df["path"].astype(str).tolist()
     versions = row_versions(df)
-    version_of = dict(zip(ids, versions, strict=True))
     done, changed = current_rows(store, ids, versions)  # changed images are embedded again
-    old_failed = {r["id"]: r for r in store.failed()}
     workers = default_workers() if num_workers is None else max(0, int(num_workers))
+    loader = _image_batches(enc, paths, batch_size, workers)
+    earlier = store.failed()  # earlier failures are retried
+    job = RowJob(ids, paths, earlier, counts=("new",))
+    estimated: list[str] = []
+    # parts of the run: (BN statistics to embed with, or None: the model's own; their tag; rows)
+    parts: list[tuple[dict | None, str | None, list[int]]]
+    if enc.domain_bn:
+        if job.world > 1:
+            raise CdirError(f"{spec} estimates per-domain BatchNorm statistics: embed it in one "
+                            "process, not under torchrun")
+        parts, already = _domain_parts(enc, store, df, done, limit, loader, estimated, progress)
+    else:
+        todo = plan(ids, done, limit, job.rank, job.world)
+        parts, already = [(None, None, todo.rows)], todo.already
+    barrier()  # every rank has read the store before any of them writes to it
+    out = _Shards(job, store, shard_rows, dict(zip(ids, versions, strict=True)))
+    try:
+        with job.progress(sum(len(rows) for _, _, rows in parts), f"embed {spec}", progress,
+                          callback):
+            for stats, tag, rows in parts:
+                if rows:
+                    _embed_part(enc, job, out, loader(rows), stats, tag, rows)
+    finally:
+        out.flush(final=True)  # also on Ctrl-C / errors: finished vectors are complete, keep them
+    job.gather()
+    if job.world > 1:  # rank 0 writes every rank's failures
+        if job.rank == 0:
+            store.set_failed(job.ledger())
+        barrier()
+
+    summary = {"spec": spec, "dim": enc.dim, "dir": str(store.dir), "device": str(enc.device),
+               **job.summary(already, rate_of="rows"), "changed": len(changed),
+               "failed_total": len(store.failed())}
+    if enc.domain_bn:
+        summary["bn_estimated"] = estimated
+    summary["messages"] = [failure_report(summary["failures"], store.dir / "failed.json")] \
+        if summary["failures"] else []
+    summary["line"] = summary_line(summary)
+    return summary
+
+
+def _image_batches(enc: Any, paths: list[str], batch_size: int, workers: int
+                   ) -> Callable[[list[int]], Iterator[tuple]]:
+    """rows -> their batches of (positions in ``rows``, their tensors or None, failures, content
+    hashes): the workers decode each image to its uint8 tensor, the batch is made float where
+    the model runs."""
+    from encoders.image import split_transform
 
     per_image, finish = split_transform(enc.transform)
 
     def loader(rows: list[int]) -> Iterator[tuple]:
-        """Batches of (positions in ``rows``, their tensors or None, failures, content hashes):
-        the workers decode each image to its uint8 tensor, the batch is made float where the
-        model runs."""
         batches = DataLoader(
             ImageRows([paths[j] for j in rows], per_image), batch_size=batch_size,
             shuffle=False, num_workers=workers, collate_fn=collate_rows,
@@ -169,129 +211,80 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
                 x = finish(x.to(enc.device, non_blocking=True))
             yield idx, x, bad, hashes
 
-    new_ids: list[str] = []
-    new_vecs: list[np.ndarray] = []
-    failures: dict[str, dict] = {}
-    embedded: set[str] = set()  # ids embedded in this run (they leave failed.json)
-    content: dict[str, str] = {}  # id -> hash of the bytes embedded
-    bn_tags: dict[str, str] = {}  # id -> the `bn:KEY` of the statistics it is embedded with
+    return loader
 
-    def stored_version(id_: str) -> str | None:
+
+def _embed_part(enc: Any, job: RowJob, out: _Shards, batches: Iterator[tuple],
+                stats: dict | None, tag: str | None, rows: list[int]) -> None:
+    """Embed ``rows`` (their ``batches``), with the BatchNorm statistics ``stats`` (tagged
+    ``tag``) when given; each batch's vectors go to ``out``, its failures to ``job``."""
+    if stats is not None:
+        enc.use_bn_stats(stats)
+        out.bn_tags.update((job.ids[j], tag) for j in rows)
+    for idx, x, bad, hashes in batches:
+        hash_at = dict(zip(idx.tolist(), hashes, strict=True))
+        if x is not None and enc.domain_bn and stats is None:
+            # its domain had no readable image when the statistics were estimated
+            bad = bad + [(i, "no BatchNorm statistics for its domain (re-run to "
+                             "estimate them)") for i in idx.tolist()]
+            idx, x = idx[:0], None
+        if x is not None:
+            vecs = enc.encode(x).numpy().astype(np.float32, copy=False)
+            finite = np.isfinite(vecs).all(axis=1)
+            if not finite.all():  # e.g. an fp16 overflow: that row, not the run
+                bad = bad + [(i, "non-finite embedding")
+                             for i, ok in zip(idx.tolist(), finite, strict=True) if not ok]
+                idx, vecs = idx[torch.from_numpy(finite)], vecs[finite]
+            out.add([job.ids[rows[i]] for i in idx.tolist()], vecs,
+                    [hash_at[i] for i in idx.tolist()])
+        for i, reason in bad:
+            job.fail(rows[i], reason)
+        out.flush(final=False)
+        job.advance(len(idx) + len(bad))
+
+
+class _Shards:
+    """The vectors embedded and not yet stored, written ``shard_rows`` at a time (each shard lands
+    atomically with its ids: a kill loses at most the shard in flight), the failure ledger with
+    them (under torchrun rank 0 writes it at the end)."""
+
+    def __init__(self, job: RowJob, store: EmbeddingStore, shard_rows: int,
+                 version_of: dict[str, str | None]) -> None:
+        self.job, self.store, self.shard_rows, self.version_of = job, store, shard_rows, version_of
+        self.ids: list[str] = []
+        self.vecs: list[np.ndarray] = []
+        self.content: dict[str, str] = {}  # id -> hash of the bytes embedded
+        self.bn_tags: dict[str, str] = {}  # id -> the `bn:KEY` of its BatchNorm statistics
+
+    def add(self, ids: list[str], vecs: np.ndarray, hashes: list[str]) -> None:
+        self.content.update(zip(ids, hashes, strict=True))
+        self.vecs.append(vecs)
+        self.ids.extend(ids)
+        self.job.finish(ids)  # they leave failed.json
+
+    def stored_version(self, id_: str) -> str | None:
         """The manifest's size/mtime fact for the row, the hash of the bytes embedded and, with
         per-domain statistics, their tag."""
-        version = version_of[id_]
-        facts = [] if version is None else [version.split()[0], content.get(id_)]
-        return " ".join(filter(None, [*facts, bn_tags.get(id_)])) or None
+        version = self.version_of[id_]
+        facts = [] if version is None else [version.split()[0], self.content.get(id_)]
+        return " ".join(filter(None, [*facts, self.bn_tags.get(id_)])) or None
 
-    def fail(row: int, reason: str) -> None:
-        failures[ids[row]] = {"id": ids[row], "path": paths[row], "reason": reason}
-
-    state = {"written": 0, "rows": 0}
-
-    def flush(final: bool) -> None:
-        """Write full shards (all pending rows when final) and the failure list."""
+    def flush(self, final: bool) -> None:
+        """Write full shards (all pending rows when final) and the failure ledger."""
         wrote = False
-        while new_ids and (final or len(new_ids) >= shard_rows):
-            vecs = np.concatenate(new_vecs) if len(new_vecs) > 1 else new_vecs[0]
-            n = min(shard_rows, len(new_ids))
+        while self.ids and (final or len(self.ids) >= self.shard_rows):
+            vecs = np.concatenate(self.vecs) if len(self.vecs) > 1 else self.vecs[0]
+            n = min(self.shard_rows, len(self.ids))
             with shielded():  # a shard and its removal from the pending rows: both or none
-                store.append(new_ids[:n], vecs[:n], [stored_version(i) for i in new_ids[:n]])
-                del new_ids[:n]
-                new_vecs[:] = [vecs[n:]] if len(vecs) > n else []
-                state["written"] += n
+                self.store.append(self.ids[:n], vecs[:n],
+                                  [self.stored_version(i) for i in self.ids[:n]])
+                del self.ids[:n]
+                self.vecs[:] = [vecs[n:]] if len(vecs) > n else []
+                self.job.counts["new"] += n
             wrote = True
-        # failures go out with the shards (unwritten ones are simply retried after a kill);
-        # under torchrun rank 0 writes them all at the end
-        if (wrote or final) and world == 1:
-            _write_failed(store, old_failed, failures, embedded)
-
-    t0 = time.perf_counter()
-    estimated: list[str] = []
-    # parts of the run: (BN statistics to embed with, or None: the model's own; their tag; rows)
-    parts: list[tuple[dict | None, str | None, list[int]]]
-    rank, world = rank_world()
-    if enc.domain_bn:
-        if world > 1:
-            raise CdirError(f"{spec} estimates per-domain BatchNorm statistics: embed it in one "
-                            "process, not under torchrun")
-        parts, already = _domain_parts(enc, store, df, done, limit, loader, estimated, progress)
-    else:
-        todo = [j for j, i in enumerate(ids) if i not in done]  # earlier failures are retried
-        already = len(ids) - len(todo)
-        todo = todo[:max(0, int(limit))] if limit is not None else todo
-        parts = [(None, None, todo[rank::world])]  # torchrun: every world-th row is this rank's
-    barrier()  # every rank has read the store before any of them writes to it
-    total = sum(len(rows) for _, _, rows in parts)
-    bar = tqdm(total=total, unit="img", desc=f"embed {spec}", disable=not progress,
-               dynamic_ncols=True, file=sys.stderr)
-    try:
-        for stats, tag, todo in parts:
-            if not todo:
-                continue
-            if stats is not None:
-                enc.use_bn_stats(stats)
-                bn_tags.update((ids[j], tag) for j in todo)
-            for idx, x, bad, hashes in loader(todo):
-                hash_at = dict(zip(idx.tolist(), hashes, strict=True))
-                if x is not None and enc.domain_bn and stats is None:
-                    # its domain had no readable image when the statistics were estimated
-                    bad = bad + [(i, "no BatchNorm statistics for its domain (re-run to "
-                                     "estimate them)") for i in idx.tolist()]
-                    idx, x = idx[:0], None
-                if x is not None:
-                    vecs = enc.encode(x).numpy().astype(np.float32, copy=False)
-                    finite = np.isfinite(vecs).all(axis=1)
-                    if not finite.all():  # e.g. an fp16 overflow: that row, not the run
-                        bad = bad + [(i, "non-finite embedding")
-                                     for i, ok in zip(idx.tolist(), finite, strict=True) if not ok]
-                        idx, vecs = idx[torch.from_numpy(finite)], vecs[finite]
-                    batch_ids = [ids[todo[i]] for i in idx.tolist()]
-                    content.update((ids[todo[i]], hash_at[i]) for i in idx.tolist())
-                    new_vecs.append(vecs)
-                    new_ids.extend(batch_ids)
-                    embedded.update(batch_ids)
-                for i, reason in bad:
-                    fail(todo[i], reason)
-                n = len(idx) + len(bad)
-                state["rows"] += n
-                bar.update(n)
-                if failures:
-                    bar.set_postfix(failed=len(failures), refresh=False)
-                flush(final=False)
-                if callback is not None:
-                    callback(state["rows"], total)
-    finally:
-        bar.close()
-        flush(final=True)  # also on Ctrl-C / errors: finished vectors are complete, keep them
-    seconds = time.perf_counter() - t0
-    if world > 1:  # the ranks' shares, summed; rank 0 writes every rank's failures
-        shares = all_gather_object((state["written"], state["rows"], failures, embedded, seconds))
-        state["written"], state["rows"] = (sum(x[0] for x in shares), sum(x[1] for x in shares))
-        failures = {k: v for x in shares for k, v in x[2].items()}
-        embedded = set().union(*(x[3] for x in shares))
-        seconds = max(x[4] for x in shares)
-        if rank == 0:
-            _write_failed(store, old_failed, failures, embedded)
-        barrier()
-
-    failed_total = len(store.failed())
-    rate = state["rows"] / seconds if seconds > 0 and state["rows"] else 0.0
-    summary = {
-        "spec": spec, "dim": enc.dim, "dir": str(store.dir), "device": str(enc.device),
-        "total": len(ids), "new": state["written"], "already_done": already,
-        "changed": len(changed), "failed": len(failures), "failed_total": failed_total,
-        "remaining": len(ids) - already - state["written"] - len(failures),
-        "seconds": round(seconds, 3), "images_per_s": round(rate, 2),
-        "failures": sorted(failures.values(), key=lambda r: r["id"]),
-    }
-    if enc.domain_bn:
-        summary["bn_estimated"] = estimated
-    summary["line"] = summary_line(summary)
-    if progress:
-        if failures:
-            print(failure_report(summary["failures"], store.dir / "failed.json"), file=sys.stderr)
-        print(summary["line"])
-    return summary
+        # failures go out with the shards (unwritten ones are simply retried after a kill)
+        if (wrote or final) and self.job.world == 1:
+            self.store.set_failed(self.job.ledger())
 
 
 def _domain_parts(enc: Any, store: EmbeddingStore, df: pd.DataFrame, done: set[str],
@@ -398,14 +391,6 @@ def caption_versions(texts: pd.Series) -> list[str | None]:
             for t in texts.tolist()]
 
 
-def _write_failed(store: EmbeddingStore, old: dict[str, dict], new: dict[str, dict],
-                  embedded: set[str]) -> None:
-    """failed.json = earlier failures not fixed in this run + this run's failures."""
-    merged = {k: r for k, r in old.items() if k not in embedded}
-    merged.update(new)
-    store.set_failed(list(merged.values()))
-
-
 def summary_line(s: dict) -> str:
     left = f", {s['remaining']} left" if s["remaining"] > 0 else ""
     if s.get("changed"):
@@ -431,8 +416,8 @@ def embed_captions(ws: Workspace | str | os.PathLike, captions: str | None, text
                    batch_size: int = 256, device: str | None = None, chunk_rows: int = 4096,
                    progress: bool = True) -> dict:
     """Embed the captions of one source (``captions``: any reference `resolve_source` accepts;
-    None: the only source) that are not embedded yet. Prints and returns a summary whose ``line``
-    says what was written."""
+    None: the only source) that are not embedded yet. Returns a summary whose ``line`` says what
+    was written."""
     from tqdm.auto import tqdm
 
     from encoders.text import load_text_encoder
@@ -480,5 +465,4 @@ def embed_captions(ws: Workspace | str | os.PathLike, captions: str | None, text
     summary["line"] = (f"embedded {len(todo)} captions of {key} with {text_spec} ({len(done)} "
                        f"already done, dim {dim}) in {summary['seconds']:.1f}s → {out}"
                        + ("; " + "; ".join(notes) if notes else ""))
-    print(summary["line"])  # also without progress: the recipe's log shows it
     return summary

@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
 from cdir.core.errors import CdirError
-from cdir.core.images import BadImage, load_image
+from cdir.core.images import ImageList
 from encoders.adapt.groups import Partners
 
 STAGES = ("layer1", "layer2", "layer3")
@@ -44,19 +45,15 @@ def split_backbone(backbone: nn.Module, freeze: str) -> tuple[nn.Module, nn.Modu
     return bottom, top
 
 
-class _Augmented(Dataset):
-    def __init__(self, paths: Sequence[str], transforms: list[Callable], size: int) -> None:
-        self.paths, self.transforms, self.size = list(paths), transforms, size
+class _Views:
+    """The views of one image, stacked (a class, not a closure: it pickles into loader
+    workers)."""
 
-    def __len__(self) -> int:
-        return len(self.paths)
+    def __init__(self, transforms: list[Callable]) -> None:
+        self.transforms = transforms
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
-        try:
-            img = load_image(self.paths[i])
-        except (BadImage, OSError, ValueError):
-            return torch.zeros(len(self.transforms), 3, self.size, self.size), i, False
-        return torch.stack([t(img) for t in self.transforms]), i, True
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return torch.stack([t(img) for t in self.transforms])
 
 
 def build_cache(bottom: nn.Module, paths: Sequence[str], view: Callable, clean: Callable,
@@ -65,7 +62,7 @@ def build_cache(bottom: nn.Module, paths: Sequence[str], view: Callable, clean: 
                                                                        np.ndarray]:
     """Feature maps of the frozen ``bottom``: (maps of ``views`` augmented views (N, V, C, H, W),
     maps of the eval view (N, C, H, W), readable mask (N,)); float16 on the CPU."""
-    data = _Augmented(paths, [clean] + [view] * views, size)
+    data = ImageList(list(paths), _Views([clean] + [view] * views), (1 + views, 3, size, size))
     gen = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
                                          generator=gen, shuffle=False)

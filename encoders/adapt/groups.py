@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cdir.core.errors import CdirError
-from cdir.core.images import BadImage, load_image
+from cdir.core.images import DECODE_ERRORS, load_image
 
 # How many following images to try when one is unreadable.
 _MAX_SUBSTITUTES = 32
@@ -99,7 +99,7 @@ class PairedImages(Dataset):
     def _load(self, i: int) -> object | None:
         try:
             return load_image(self.paths[i])
-        except (BadImage, OSError, ValueError):
+        except DECODE_ERRORS:
             return None
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], torch.Tensor, bool]:

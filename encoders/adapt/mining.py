@@ -43,9 +43,8 @@ from itertools import combinations, permutations
 import numpy as np
 
 from cdir.core.errors import CdirError
+from cdir.core.knn import DEFAULT_BLOCK, as_matrix, nearest
 
-DEFAULT_BLOCK = 4096
-DEFAULT_MEMORY_MB = 256
 # Largest side of a dense assignment (Sinkhorn plan, Hungarian cost matrix) before the fallback.
 DEFAULT_MAX_SIZE = 4096
 DEFAULT_EPS = 0.05  # entropic regularisation of Sinkhorn, on cosine similarities
@@ -107,57 +106,6 @@ class Pairs:
 
 def _empty(method: str, info: dict | None = None) -> Pairs:
     return Pairs(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), method, info or {})
-
-
-def _matrix(x: np.ndarray, what: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2 or not np.isfinite(x).all():
-        raise CdirError(f"{what} must be a finite 2-d array (rows x dim), got shape {x.shape}")
-    return x
-
-
-def _block_rows(block: int, n_cols: int, memory_mb: float) -> int:
-    return max(1, min(block, int(memory_mb * 2**20 // (4 * max(n_cols, 1)))))
-
-
-def _top_k(sims: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of the k largest entries of each row, best first, ties to the lower
-    column (also at the k-th place, where argpartition alone picks arbitrarily)."""
-    n = sims.shape[1]
-    kth = np.partition(sims, n - k, axis=1)[:, n - k][:, None]
-    chosen = sims > kth
-    need = k - chosen.sum(1)  # places left for entries equal to the k-th value
-    equal = sims == kth
-    tied = np.flatnonzero(equal.sum(1) > need)  # rows where not every equal entry fits
-    chosen |= equal
-    if len(tied):
-        extra = np.cumsum(equal[tied], axis=1) > need[tied][:, None]
-        chosen[tied] &= ~(equal[tied] & extra)
-    top = np.nonzero(chosen)[1].reshape(len(sims), k)  # ascending columns per row
-    order = np.argsort(-np.take_along_axis(sims, top, 1), axis=1, kind="stable")
-    return np.take_along_axis(top, order, axis=1)
-
-
-def nearest(a: np.ndarray, b: np.ndarray, k: int = 1, block: int = DEFAULT_BLOCK,
-            memory_mb: float = DEFAULT_MEMORY_MB) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest rows of ``b`` to each row of ``a`` (cosine of L2-normalised rows),
-    blockwise: (indices [n_a, k] int64, similarities [n_a, k] float32), best first, ties to the
-    lower index. Columns beyond len(b) hold index -1 and similarity -inf."""
-    a, b = _matrix(a, "a"), _matrix(b, "b")
-    k = max(1, int(k))
-    kk = min(k, len(b))
-    idx = np.full((len(a), k), -1, np.int64)
-    sim = np.full((len(a), k), -np.inf, np.float32)
-    if kk == 0:
-        return idx, sim
-    step = _block_rows(block, 2 * len(b), memory_mb)  # similarities plus the selection masks
-    for s in range(0, len(a), step):
-        sims = a[s:s + step] @ b.T
-        rows = np.arange(len(sims))[:, None]
-        top = sims.argmax(1)[:, None] if kk == 1 else _top_k(sims, kk)
-        idx[s:s + step, :kk] = top
-        sim[s:s + step, :kk] = sims[rows, top]
-    return idx, sim
 
 
 def nn_map(a: np.ndarray, b: np.ndarray, block: int = DEFAULT_BLOCK) -> np.ndarray:
@@ -244,7 +192,7 @@ def sinkhorn_match(a: np.ndarray, b: np.ndarray, eps: float = DEFAULT_EPS,
                    iters: int = DEFAULT_SINKHORN_ITERS, max_size: int = DEFAULT_MAX_SIZE,
                    block: int = DEFAULT_BLOCK) -> Pairs:
     """One-to-one pairs: mutual argmaxes of the Sinkhorn plan between ``a`` and ``b``."""
-    a, b = _matrix(a, "a"), _matrix(b, "b")
+    a, b = as_matrix(a, "a"), as_matrix(b, "b")
     if _too_big(a, b, max_size):
         return _fallback(a, b, block, "sinkhorn", max_size)
     sim = a @ b.T
@@ -268,7 +216,7 @@ def hungarian_match(a: np.ndarray, b: np.ndarray, max_size: int = DEFAULT_MAX_SI
     except ImportError:
         raise CdirError("the hungarian matcher needs scipy, which is not installed: "
                         "use sinkhorn") from None
-    a, b = _matrix(a, "a"), _matrix(b, "b")
+    a, b = as_matrix(a, "a"), as_matrix(b, "b")
     if _too_big(a, b, max_size):
         return _fallback(a, b, block, "hungarian", max_size)
     if len(a) == 0 or len(b) == 0:
@@ -355,7 +303,7 @@ def k_occurrence_skew(a: np.ndarray, b: np.ndarray, k: int = DEFAULT_K,
 
 def _split(x: np.ndarray, domains: Sequence[str] | np.ndarray
            ) -> tuple[list[str], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    x = _matrix(x, "embeddings")
+    x = as_matrix(x, "embeddings")
     dom = np.asarray(domains).astype(str)
     if dom.shape != (len(x),):
         raise CdirError(f"{len(x)} embeddings for {dom.size} domain names")

@@ -33,7 +33,7 @@ from torch import nn
 
 from cdir.core.dist import all_gather_object
 from cdir.core.errors import CdirError
-from cdir.core.images import BadImage, load_image
+from cdir.core.images import ImageList
 from encoders.adapt.groups import PairedImages, components, group_stats
 from encoders.adapt.mining import MATCHERS, Pairs, mine
 from encoders.ssl.config import Config
@@ -96,25 +96,6 @@ def read_domains(path: str | os.PathLike) -> tuple[list[str], np.ndarray, list[s
         raise CdirError(f"{p}: domain(s) with fewer than {MIN_DOMAIN_IMAGES} images: "
                         f"{', '.join(small)}; drop them or add images")
     return list(df["path"]), codes.astype(np.int64), names
-
-
-class _EvalImages(torch.utils.data.Dataset):
-    """Rows ``rows`` of ``paths`` at the eval transform; an unreadable image is a zero tensor
-    with ok False."""
-
-    def __init__(self, paths: list[str], rows: np.ndarray, transform: Callable, size: int
-                 ) -> None:
-        self.paths, self.rows, self.transform, self.size = paths, rows, transform, size
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, int, bool]:
-        row = int(self.rows[k])
-        try:
-            return self.transform(load_image(self.paths[row])), row, True
-        except (BadImage, OSError, ValueError):
-            return torch.zeros(3, self.size, self.size), row, False
 
 
 class _AdaptRun(_Run):
@@ -251,8 +232,10 @@ class _AdaptRun(_Run):
         d = self.d
         transform = build_eval_transform(self.cfg.aug)
         rows = np.arange(d.rank, len(self.paths), d.world)
+        size = self.cfg.aug.size
         loader = torch.utils.data.DataLoader(
-            _EvalImages(self.paths, rows, transform, self.cfg.aug.size), batch_size=256,
+            ImageList([self.paths[r] for r in rows], transform, (3, size, size), labels=rows),
+            batch_size=256,
             num_workers=self.cfg.data.workers, generator=torch.Generator().manual_seed(0))
         was = module.training
         module.eval()

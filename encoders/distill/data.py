@@ -12,9 +12,9 @@
 
 Every split is a :class:`Source`: labels plus either in-memory uint8 HWC images (CIFAR, digits,
 STL-10) or file paths (Tiny-ImageNet, folders), read with ``cdir.core.images.load_image``. The
-datasets the training loop consumes, :class:`TrainImages` and :class:`EvalImages`, flag an
-unreadable file with ``ok=False`` and a zero tensor instead of failing the run, as the SSL
-trainer's datasets do (``encoders.ssl.data``).
+datasets the training loop consumes, :class:`TrainImages` and :meth:`Source.labelled_images`, flag
+an unreadable file with ``ok=False`` (and another image of its class, or a zero tensor) instead of
+failing the run, as the SSL trainer's datasets do (``encoders.ssl.data``).
 
 Nothing is cached besides what the official archives unpack to.
 """
@@ -35,7 +35,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from cdir.core.errors import CdirError, first_line
-from cdir.core.images import BadImage, load_image
+from cdir.core.images import DECODE_ERRORS, ImageList, load_image
+from cdir.core.tree import list_images
 
 Stats = tuple[float, float, float]
 
@@ -58,10 +59,6 @@ DIGITS_SPLIT_SEED = 0
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 STL10_URL = "https://cs.stanford.edu/~acoates/stl10/"
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-
-# What a failed decode raises: load_image's BadImage, or OSError/ValueError from a transform.
-_BAD_IMAGE = (BadImage, OSError, ValueError)
-
 
 @dataclass
 class Source:
@@ -100,6 +97,12 @@ class Source:
         if self.images is not None:
             return Image.fromarray(self.images[i])
         return load_image(self.paths[i])
+
+    def labelled_images(self, transform: Callable, size: int = 32) -> ImageList:
+        """Items ``(tensor, label, ok)`` for evaluation; an unreadable file yields zeros and
+        ``ok=False`` so that evaluation drops that row rather than score a blank image."""
+        return ImageList(range(len(self)), transform, (3, size, size), labels=self.labels,
+                         read=self.image)
 
     def subset(self, rows: Sequence[int] | np.ndarray) -> Source:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -239,31 +242,10 @@ class TrainImages(Dataset):
         for step, j in enumerate(np.roll(same, -start)):
             try:
                 return [self.transform(self.source.image(int(j)))], i, step == 0
-            except _BAD_IMAGE:
+            except DECODE_ERRORS:
                 continue
         raise CdirError(f"no readable training image of class "
                         f"{self.source.classes[labels[i]]!r}; check the data folder")
-
-
-class EvalImages(Dataset):
-    """Items ``(tensor, label, ok)``; an unreadable file yields zeros and ``ok=False`` so that
-    evaluation drops that row rather than scoring a blank image."""
-
-    def __init__(self, source: Source, transform: Callable, size: int = 32) -> None:
-        self.source = source
-        self.transform = transform
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
-        label = int(self.source.labels[i])
-        try:
-            x = self.transform(self.source.image(i))
-        except _BAD_IMAGE:
-            return torch.zeros(3, self.size, self.size), label, False
-        return x, label, True
 
 
 # --------------------------------------------------------------------------- archives
@@ -502,8 +484,6 @@ def _read_tinyimagenet(folder: Path) -> LabelledData:
     """Train from ``train/<wnid>/images``, test from ``val`` (the official test split has no
     labels). Classes are the wnids, byte-sorted (ImageFolder's order, which CRD's transfer code
     used), so labels do not depend on the order of wnids.txt."""
-    from encoders.ssl.data import list_images
-
     wnids = sorted({w.strip() for w in (folder / "wnids.txt").read_text().splitlines()
                     if w.strip()})
     index = {w: i for i, w in enumerate(wnids)}
@@ -552,8 +532,6 @@ def load_tinyimagenet(root: str | os.PathLike = "data", download: bool = False) 
 def _read_folder(folder: Path) -> LabelledData:
     """``folder/train/<class>/...`` and ``folder/test/<class>/...`` (``val`` when there is no
     ``test``); class names byte-sorted from train, ImageNet statistics."""
-    from encoders.ssl.data import list_images
-
     layout = f"expected {folder}/train/<class>/<image> and {folder}/test/<class>/<image> (or val)"
     train_dir = folder / "train"
     test_dir = next((folder / s for s in ("test", "val") if (folder / s).is_dir()), None)

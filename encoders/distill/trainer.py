@@ -223,9 +223,7 @@ class _DistillRun(_StudentRun):
     @torch.no_grad()
     def evaluate(self, source: Any) -> float:
         """Top-1 (%) of the student on a labelled source (unreadable images left out)."""
-        from encoders.distill.data import EvalImages
-
-        ds = EvalImages(source, self.test_tf, self.size)
+        ds = source.labelled_images(self.test_tf, self.size)
         loader = torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False,
                                              num_workers=self.cfg.data.workers,
                                              generator=torch.Generator().manual_seed(0))

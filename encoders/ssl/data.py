@@ -4,9 +4,10 @@
   folder (recursive) or listed in a manifest file; each item is ``(views, index, ok)``. A corrupt
   image is replaced by the next readable one and flagged ``ok=False`` so that the trainer can list
   it; a run never dies on one bad file.
-- :class:`LabelledImages` and :func:`labelled_set`: a labelled folder (``root/<class>/<img>`` or
+- :func:`labelled_set`: a labelled folder (``root/<class>/<img>`` or
   ``root/<domain>/<class>/<img>``, e.g. the emoji gallery) or a manifest (``path``, ``label`` and
-  optional ``domain`` columns) for kNN, linear probe and the training monitor.
+  optional ``domain`` columns) for kNN, linear probe and the training monitor, read through
+  ``cdir.core.images.ImageList``.
 - :class:`SeededSampler`: a shuffling sampler whose order is a pure function of (seed, epoch), so a
   resumed run sees the same data order as an uninterrupted one. Under DDP the trainer uses
   ``DistributedSampler`` with the same seed, which has the same property.
@@ -18,7 +19,6 @@ Images are decoded by ``cdir.core.images.load_image`` and gallery manifests read
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from cdir.core import tree
 from cdir.core.errors import CdirError
-from cdir.core.images import IMAGE_EXTENSIONS, BadImage, load_image
+from cdir.core.images import DECODE_ERRORS, load_image
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -37,10 +38,6 @@ MANIFEST_SUFFIXES = {".parquet", ".csv"}
 
 # How many following images to try when one is unreadable before giving up on the batch.
 _MAX_SUBSTITUTES = 32
-
-
-def _is_bad_image(exc: BaseException) -> bool:
-    return isinstance(exc, (BadImage, OSError, ValueError))
 
 
 def read_manifest(path: Path) -> pd.DataFrame:
@@ -67,22 +64,14 @@ def read_manifest(path: Path) -> pd.DataFrame:
 
 
 def list_images(root: str | os.PathLike) -> list[str]:
-    """All image files under ``root`` (recursive, sorted, hidden entries skipped), or the ``path``
-    column of a manifest file (.parquet/.csv)."""
+    """All image files under ``root`` (`cdir.core.tree.list_images`), or the ``path`` column of
+    a manifest file (.parquet/.csv)."""
     root = Path(root)
     if root.is_file() and root.suffix.lower() in MANIFEST_SUFFIXES:
         return list(read_manifest(root)["path"])
     if not root.is_dir():
         raise CdirError(f"no image folder at {root}: pass --data DIR (a folder of images)")
-    out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                out.append(os.path.join(dirpath, name))
-    if not out:
-        raise CdirError(f"no images found under {root} (looked for {sorted(IMAGE_EXTENSIONS)})")
-    return out
+    return tree.list_images(root)
 
 
 class UnlabelledImages(Dataset):
@@ -103,9 +92,7 @@ class UnlabelledImages(Dataset):
             path = self.paths[(index + step) % n]
             try:
                 img = load_image(path)
-            except Exception as e:  # noqa: BLE001 - any decode failure means "skip this file"
-                if not _is_bad_image(e):
-                    raise
+            except DECODE_ERRORS:  # skip this file
                 continue
             return self.transform(img), index, step == 0
         raise CdirError(
@@ -178,30 +165,6 @@ def labelled_set(source: str | os.PathLike | LabelledSet) -> LabelledSet:
     class_names = sorted(set(classes))
     index = {c: i for i, c in enumerate(class_names)}
     return LabelledSet(paths, [index[c] for c in classes], class_names, domains)
-
-
-class LabelledImages(Dataset):
-    """Items ``(tensor, label, ok)``; an unreadable image yields a zero tensor and ``ok=False``
-    (evaluation drops those rows rather than silently substituting another image)."""
-
-    def __init__(self, data: LabelledSet, transform: Callable, size: int) -> None:
-        self.data = data
-        self.transform = transform
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
-        label = self.data.labels[index]
-        try:
-            img = load_image(self.data.paths[index])
-        except Exception as e:  # noqa: BLE001
-            if not _is_bad_image(e):
-                raise
-            print(f"skipping unreadable image: {e}", file=sys.stderr)
-            return torch.zeros(3, self.size, self.size), label, False
-        return self.transform(img), label, True
 
 
 class SeededSampler(Sampler[int]):
