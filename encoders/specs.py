@@ -264,3 +264,16 @@ def _check_options(spec: Spec) -> None:
 def usage(role: str | None = None) -> str:
     """The usage lines of every scheme (of ``role``, a key of `ROLES`): what a spec can be."""
     return "; ".join(s.help for s in SCHEMES.values() if role is None or getattr(s, role))
+
+
+def plain_checkpoint(text: str, refusal: str) -> Path:
+    """The file of a checkpoint given as ``ckpt:PATH`` or a bare ``PATH``, without options (the
+    trainers and probes that read a checkpoint of this project); CdirError(``refusal``) for
+    any other spec."""
+    try:
+        spec = parse_spec(text, default="ckpt")
+    except CdirError:
+        raise CdirError(refusal) from None
+    if spec.checkpoint is None or spec.options:
+        raise CdirError(refusal)
+    return spec.checkpoint

@@ -38,6 +38,7 @@ DISPATCH = {
     "indexes/faiss_index.py": "KIND_PARAMS",
     "indexes/normalize.py": "NORMALIZERS",
     "eval/rerank.py": "RERANKERS",
+    "encoders/specs.py": "SCHEMES",
 }
 
 
