@@ -128,7 +128,7 @@ SCHEMES = {
         identity=_lazy("encoders.clip:clip_identity"),
         preflight=_lazy("encoders.clip:clip_ready")),
     "ckpt:timm": Scheme(
-        help="ckpt:timm:NAME?file=PATH (timm; default: its weights in the Hugging Face cache)",
+        help="ckpt:timm:NAME[?file=PATH] (timm, by default its weights in the Hugging Face cache)",
         options=("file",),
         misplaced={"bn": f"bn=domain {_NOT_TIMM}", "grid": f"grid=N {_NOT_TIMM}",
                    "layers": f"layers=3,4 {_NOT_TIMM}"},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cdir.core.errors import CdirError
 from cdir.core.workspace import spec_key
 
 # -- identity: the cache key of existing workspaces ------------------------------------------------
@@ -120,3 +121,187 @@ def test_a_loaded_encoder_reports_its_identity(tmp_path: Path,
         assert enc.spec == spec
         assert enc.params["weights"] == model_identity(spec).id
         assert enc.params["weights"].startswith("sha256:")
+
+
+# -- the grammar -----------------------------------------------------------------------------------
+
+CANONICAL = [
+    ("pixels", "pixels", "", ()),
+    ("clip:ViT-B-32/openai", "clip", "ViT-B-32/openai", ()),
+    ("clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "clip",
+     "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", ()),
+    ("clip:cfg/tiny.json//data/tiny.pt", "clip", "cfg/tiny.json//data/tiny.pt", ()),
+    ("ckpt:runs/a b/encoder.pt", "ckpt", "runs/a b/encoder.pt", ()),
+    ("ckpt:enc.pt?arch=convnext_tiny&size=96", "ckpt", "enc.pt",
+     (("arch", "convnext_tiny"), ("size", "96"))),
+    ("ckpt:enc.pt?features=head&size=64", "ckpt", "enc.pt", (("features", "head"), ("size", "64"))),
+    ("ckpt:enc.pt?grid=4&layers=3,4&bn=domain", "ckpt", "enc.pt",
+     (("grid", "4"), ("layers", "3,4"), ("bn", "domain"))),
+    ("ckpt:enc.pt?layers=1,2&grid=1&features=backbone", "ckpt", "enc.pt",
+     (("layers", "1,2"), ("grid", "1"), ("features", "backbone"))),
+    ("ckpt:timm:resnet18", "ckpt:timm", "resnet18", ()),
+    ("ckpt:timm:convnext_tiny?file=/w/convnext.safetensors", "ckpt:timm", "convnext_tiny",
+     (("file", "/w/convnext.safetensors"),)),
+    ("st:all-MiniLM-L6-v2", "st", "all-MiniLM-L6-v2", ()),
+    ("st:/models/minilm", "st", "/models/minilm", ()),
+    ("hf:Salesforce/blip-image-captioning-base", "hf", "Salesforce/blip-image-captioning-base",
+     ()),
+]
+
+
+@pytest.mark.parametrize("text, scheme, body, options", CANONICAL)
+def test_every_scheme_and_option_parses_and_round_trips(text: str, scheme: str, body: str,
+                                                        options: tuple) -> None:
+    from encoders.specs import SCHEMES, Spec, parse_spec
+
+    spec = parse_spec(f"  {text} ")
+    assert (spec.scheme, spec.body, spec.options, spec.text) == (scheme, body, options, text)
+    assert str(spec) == text and spec == parse_spec(str(spec))
+    assert Spec(scheme, body, options) == spec and Spec(scheme, body, options).text == text
+    assert spec.info is SCHEMES[scheme]
+    for name, value in options:
+        assert spec.has(name) and spec.option(name) == value
+    assert not spec.has("nope") and spec.option("nope", "x") == "x"
+
+
+def test_conveniences() -> None:
+    from encoders.specs import parse_spec
+
+    ckpt = parse_spec("ckpt:~/enc.pt?grid=2")
+    assert ckpt.checkpoint == ckpt.file == Path("~/enc.pt").expanduser()
+    timm = parse_spec("ckpt:timm:resnet18?file=~/w.bin")
+    assert timm.checkpoint is None and timm.file == Path("~/w.bin").expanduser()
+    assert parse_spec("ckpt:timm:resnet18").file is None
+    assert [parse_spec(s).cross_modal for s in ("clip:ViT-B-32/openai", "ckpt:a.pt", "st:x",
+                                                "pixels")] == [True, False, False, False]
+    # the last of an option given twice wins, as a query string reads
+    assert parse_spec("ckpt:a.pt?size=32&size=64").option("size") == "64"
+    # a value that a query string would alter is quoted back
+    odd = parse_spec("ckpt:timm:resnet18?file=a%26b+c.bin")
+    assert odd.option("file") == "a&b c.bin" and parse_spec(str(odd)) == odd
+
+
+def test_default_scheme_for_bare_names() -> None:
+    from encoders.specs import parse_spec
+
+    assert parse_spec("Salesforce/blip", default="hf") == parse_spec("hf:Salesforce/blip")
+    assert parse_spec("runs/t/best.pt", default="ckpt").checkpoint == Path("runs/t/best.pt")
+    assert parse_spec("C:/runs/best.pt", default="ckpt").body == "C:/runs/best.pt"  # a drive
+    with pytest.raises(CdirError, match="unknown model spec 'vgg:16'"):
+        parse_spec("vgg:16", default="hf")
+    with pytest.raises(CdirError, match="unknown model spec"):
+        parse_spec("runs/t/best.pt")
+
+
+@pytest.mark.parametrize("text, match, valid", [
+    ("ckpt:a.pt?depth=18", "unknown option(s) depth", "arch, size, features, grid, layers, bn"),
+    ("ckpt:a.pt?file=w.bin", "unknown option(s) file", "arch, size, features, grid, layers, bn"),
+    ("ckpt:timm:resnet18?bn=domain", "bn=domain needs a ResNet checkpoint of this project or "
+     "MoCo/SynCo, not a timm model", "file"),
+    ("ckpt:timm:resnet18?grid=4", "grid=N needs a ResNet checkpoint", "file"),
+    ("ckpt:timm:resnet18?arch=x", "unknown option(s) arch", "file"),
+    ("clip:ViT-B-32/openai?grid=4", "unknown option(s) grid", "none (clip: takes no ?options)"),
+    ("st:all-MiniLM-L6-v2?bn=domain", "unknown option(s) bn", "none (st: takes no ?options)"),
+    ("pixels?size=64", "unknown option(s) size", "none (pixels: takes no ?options)"),
+])
+def test_unknown_or_misplaced_options_are_one_line_naming_the_valid_ones(
+        text: str, match: str, valid: str) -> None:
+    from encoders.specs import parse_spec
+
+    with pytest.raises(CdirError) as e:
+        parse_spec(text)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{text}: ") and match in msg
+    assert msg.endswith(f"; allowed: {valid}")
+
+
+@pytest.mark.parametrize("query, match", [
+    ("bn=batch", "bn takes only the value domain"),
+    ("bn=", "bn takes only the value domain"),
+    ("bn=domain&arch=resnet18", "bn=domain needs the backbone"),
+    ("bn=domain&features=head", "bn=domain needs the backbone"),
+    ("features=proj", "features must be backbone or head"),
+    ("features=head&arch=resnet18", "features=head needs a checkpoint of `cdir train`"),
+    ("grid=2&features=head", "grid=N needs the backbone"),
+    ("grid=2&arch=resnet18", "grid=N needs the backbone"),
+    ("grid=0", "grid must be a positive integer"),
+    ("grid=two", "grid must be a positive integer"),
+    ("grid=2&layers=5", "layers must list ResNet layers 1-4"),
+    ("layers=3,4", "layers=3,4 goes with grid=N"),
+    ("size=0", "size must be a positive integer"),
+    ("size=big", "size must be a positive integer"),
+])
+def test_bad_ckpt_option_values_and_combinations(query: str, match: str) -> None:
+    from encoders.specs import parse_spec
+
+    with pytest.raises(CdirError, match=match) as e:
+        parse_spec(f"ckpt:a.pt?{query}")
+    assert "\n" not in str(e.value)
+
+
+def test_roles() -> None:
+    from encoders.specs import ROLES, SCHEMES, parse_spec, usage
+
+    assert parse_spec("clip:ViT-B-32/openai", role="text").scheme == "clip"
+    with pytest.raises(CdirError, match=r"'st:x' is not an image encoder spec \(st: names a "
+                                        r"text encoder\); known: pixels"):
+        parse_spec("st:x", role="image")
+    with pytest.raises(CdirError, match="not a captioner spec"):
+        parse_spec("clip:ViT-B-32/openai", role="captioner")
+    with pytest.raises(CdirError, match="unknown text encoder 'vgg:16'; known: clip:"):
+        parse_spec("vgg:16", role="text")
+    for role in ROLES:
+        helps = [s.help for s in SCHEMES.values() if getattr(s, role) is not None]
+        assert usage(role) == "; ".join(helps)
+    assert "ckpt:timm:NAME[?file=PATH]" in usage("image") and "st:" not in usage("image")
+
+
+def test_plain_checkpoint() -> None:
+    from encoders.specs import plain_checkpoint
+
+    assert plain_checkpoint("ckpt:runs/a.pt", "no") == Path("runs/a.pt")
+    assert plain_checkpoint("runs/a.pt", "no") == Path("runs/a.pt")
+    for bad in ("ckpt:a.pt?grid=2", "ckpt:timm:resnet18", "clip:ViT-B-32/openai", "vgg:16",
+                "ckpt:a.pt?nope=1"):
+        with pytest.raises(CdirError, match="^refused$"):
+            plain_checkpoint(bad, "refused")
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+def test_schemes_dispatch_every_role(spec_files: Path) -> None:
+    """Each scheme names its identity and preflight; the loaders of a scheme are the ones
+    load_image_encoder / load_text_encoder reach."""
+    from encoders.hub import ModelId, Ready
+    from encoders.image import PixelsEncoder, load_image_encoder
+    from encoders.specs import SCHEMES, parse_spec
+
+    assert set(SCHEMES) == {"pixels", "clip", "ckpt", "ckpt:timm", "st", "hf"}
+    for scheme in SCHEMES.values():
+        assert scheme.help and callable(scheme.identity) and callable(scheme.preflight)
+    assert isinstance(load_image_encoder("pixels"), PixelsEncoder)
+    ready = {s: parse_spec(s).info.preflight(parse_spec(s)) for s in (
+        "pixels", "ckpt:enc.pt?grid=2", "ckpt:missing.pt", "ckpt:timm:resnet18?file=timm.bin",
+        "clip:cfg.json/random", "st:st", "hf:nowhere/model")}
+    assert all(isinstance(r, Ready) for r in ready.values())
+    assert {s: r.status for s, r in ready.items()} == {
+        "pixels": "ok", "ckpt:enc.pt?grid=2": "ok", "ckpt:missing.pt": "missing",
+        "ckpt:timm:resnet18?file=timm.bin": "ok", "clip:cfg.json/random": "ok",
+        "st:st": "ok", "hf:nowhere/model": "missing"}
+    assert "hf download nowhere/model" in ready["hf:nowhere/model"].message
+    assert isinstance(SCHEMES["hf"].identity(parse_spec("hf:a/b")), ModelId)
+
+
+def test_importing_the_grammar_imports_no_torch() -> None:
+    """`cdir --help` stays fast: the table's loaders import their modules when called."""
+    import subprocess
+    import sys
+
+    code = ("import sys, encoders.specs as s; s.parse_spec('ckpt:a.pt?grid=2&layers=3,4'); "
+            "s.usage(); heavy = [m for m in ('torch', 'numpy', 'open_clip', 'timm', "
+            "'transformers', 'encoders.image', 'encoders.hub') if m in sys.modules]; "
+            "print(heavy); sys.exit(bool(heavy))")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                          text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stdout + done.stderr
