@@ -173,7 +173,7 @@ def resolve_captioner(spec: str, *, prompt: str | None = None,
                       num_beams: int = 1, trust_remote_code: bool = False) -> CaptionerSpec:
     """Read the config of ``spec`` (``hf:<hub id or folder>``; the ``hf:`` is optional), detect the
     family and fix the generation parameters (the family's default prompt when none is given)."""
-    target = parse_spec(spec, default="hf", role="captioner").body
+    target = parse_spec(spec, role="captioner").body
     if not target:
         raise CdirError("empty captioner spec: use hf:<hub id or folder>")
     if max_new_tokens < 1 or min_new_tokens < 0 or num_beams < 1 or min_new_tokens > max_new_tokens:

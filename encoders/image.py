@@ -1,4 +1,4 @@
-"""Image encoders, named by model spec strings:
+"""Image encoders, named by model spec strings (parsed and validated by `encoders.specs`):
 
     clip:ARCH/PRETRAINED     open_clip image tower (grammar in encoders/clip.py)
     ckpt:PATH[?arch=A&size=S&features=F&grid=N&layers=L]

@@ -209,8 +209,18 @@ class Spec:
         return self.info.cross_modal
 
 
-# what a model can be: the Scheme field holding its loader -> its name in messages
-ROLES = {"image": "image encoder", "text": "text encoder", "captioner": "captioner"}
+@dataclass(frozen=True)
+class Role:
+    """What a model can be. ``noun``: its name in messages; ``default``: the scheme of a spec
+    of this role written without one."""
+
+    noun: str
+    default: str | None = None
+
+
+# the Scheme field holding a role's loader -> the role (``hf:`` is optional for a captioner)
+ROLES = {"image": Role("image encoder"), "text": Role("text encoder"),
+         "captioner": Role("captioner", default="hf")}
 
 
 def _a(noun: str) -> str:
@@ -218,12 +228,13 @@ def _a(noun: str) -> str:
 
 
 def parse_spec(text: str, default: str | None = None, role: str | None = None) -> Spec:
-    """Split and validate a model spec. ``default``: the scheme of a spec written without one
-    (``hf`` for captioners, ``ckpt`` where a bare checkpoint path is accepted); ``role`` (a key
-    of `ROLES`): refuse a spec that names another kind of model. Raises CdirError (one line)
-    for an unknown scheme, a spec of another role, or an unknown, misplaced or bad option."""
+    """Split and validate a model spec. ``role`` (a key of `ROLES`): refuse a spec that names
+    another kind of model; ``default``: the scheme of a spec written without one (``ckpt``
+    where a bare checkpoint path is accepted; else the role's). Raises CdirError (one line) for
+    an unknown scheme, a spec of another role, or an unknown, misplaced or bad option."""
     text = text.strip()
-    noun = ROLES[role] if role else "model spec"
+    noun = ROLES[role].noun if role else "model spec"
+    default = default or (ROLES[role].default if role else None)
     scheme = next((k for prefix, k in _PREFIXES
                    if text.startswith(prefix) and (not SCHEMES[k].word or text == prefix
                                                    or text.startswith(prefix + "?"))), None)
@@ -234,7 +245,7 @@ def parse_spec(text: str, default: str | None = None, role: str | None = None) -
             raise CdirError(f"unknown {noun} {text!r}; known: {usage(role)}")
         scheme, rest = default, text
     if role and getattr(SCHEMES[scheme], role) is None:
-        served = " and ".join(_a(ROLES[r]) for r in ROLES if getattr(SCHEMES[scheme], r))
+        served = " and ".join(_a(ROLES[r].noun) for r in ROLES if getattr(SCHEMES[scheme], r))
         raise CdirError(f"{text!r} is not {_a(noun)} spec ({scheme}: names {served}); "
                         f"known: {usage(role)}")
     body, query = rest, ""

@@ -90,7 +90,7 @@ class CaptionerConfig(ModelEntry):
         if self.name:
             return self.name
         try:
-            target = parse_spec(self.spec, default="hf").body
+            target = parse_spec(self.spec, role="captioner").body
         except CdirError:  # named as written; the captioner stage says what is wrong
             target = self.spec
         return target.rstrip("/").rsplit("/", 1)[-1] or self.spec

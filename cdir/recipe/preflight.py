@@ -94,8 +94,8 @@ def skipped_specs(checks: list[Check]) -> set[str]:
 def check_model(spec: str, role: str) -> Check:
     """Is the model ``spec`` (a ``role`` of `encoders.specs.ROLES`) here? Its scheme's preflight:
     folder listings and the local Hugging Face cache only."""
-    try:  # hf: is optional for captioners
-        parsed = parse_spec(spec, default="hf" if role == "captioner" else None, role=role)
+    try:
+        parsed = parse_spec(spec, role=role)
     except CdirError as e:
         return Check(spec, "missing", str(e))
     ready = parsed.info.preflight(parsed)

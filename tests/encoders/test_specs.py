@@ -184,11 +184,11 @@ def test_conveniences() -> None:
 def test_default_scheme_for_bare_names() -> None:
     from encoders.specs import parse_spec
 
-    assert parse_spec("Salesforce/blip", default="hf") == parse_spec("hf:Salesforce/blip")
+    assert parse_spec("Salesforce/blip", role="captioner") == parse_spec("hf:Salesforce/blip")
     assert parse_spec("runs/t/best.pt", default="ckpt").checkpoint == Path("runs/t/best.pt")
     assert parse_spec("C:/runs/best.pt", default="ckpt").body == "C:/runs/best.pt"  # a drive
     with pytest.raises(CdirError, match="unknown model spec 'vgg:16'"):
-        parse_spec("vgg:16", default="hf")
+        parse_spec("vgg:16", default="ckpt")
     with pytest.raises(CdirError, match="unknown model spec"):
         parse_spec("runs/t/best.pt")
 
