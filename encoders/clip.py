@@ -79,7 +79,7 @@ def parse_clip_spec(spec: str | Spec) -> ClipSpec:
     docstring)."""
     from encoders.specs import parse_spec
 
-    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    parsed = parse_spec(spec)
     if not parsed.cross_modal:
         raise CdirError(f"{parsed.text} is not a clip: spec")
     full, body = parsed.text, parsed.body.strip()

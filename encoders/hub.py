@@ -1,5 +1,7 @@
 """Model files: fetching them from the Hugging Face cache without hanging when there is no
-network, and telling what a model spec IS (`model_identity`) without loading it.
+network, telling what a model spec IS (`model_identity`) and whether it is here (the `Ready`
+checks of the preflight) without loading it. `encoders.specs.SCHEMES` names, per scheme, the
+identity and preflight functions defined here.
 
 Every hub file is looked up in the local cache first. Only when it is missing do we go online, and
 only after a quick reachability check: huggingface_hub retries unreachable hosts for ~25 s per file,

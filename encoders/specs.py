@@ -227,12 +227,13 @@ def _a(noun: str) -> str:
     return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
-def parse_spec(text: str, default: str | None = None, role: str | None = None) -> Spec:
+def parse_spec(text: str | Spec, default: str | None = None, role: str | None = None) -> Spec:
     """Split and validate a model spec. ``role`` (a key of `ROLES`): refuse a spec that names
     another kind of model; ``default``: the scheme of a spec written without one (``ckpt``
     where a bare checkpoint path is accepted; else the role's). Raises CdirError (one line) for
-    an unknown scheme, a spec of another role, or an unknown, misplaced or bad option."""
-    text = text.strip()
+    an unknown scheme, a spec of another role, or an unknown, misplaced or bad option. A `Spec`
+    is taken as its text (its role checked)."""
+    text = (text.text if isinstance(text, Spec) else text).strip()
     noun = ROLES[role].noun if role else "model spec"
     default = default or (ROLES[role].default if role else None)
     scheme = next((k for prefix, k in _PREFIXES
