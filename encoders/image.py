@@ -175,11 +175,11 @@ class PixelsEncoder(ImageEncoder):
         return torch.nn.functional.normalize(batch.float().flatten(1), dim=1)
 
 
-# -- clip ------------------------------------------------------------------------------------------
-
 def pixels_encoder(spec: Spec, device: torch.device) -> ImageEncoder:
     return PixelsEncoder(spec.text)
 
+
+# -- clip ------------------------------------------------------------------------------------------
 
 def clip_encoder(spec: Spec, device: torch.device) -> ImageEncoder:
     from encoders.clip import load_open_clip_info

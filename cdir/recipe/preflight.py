@@ -54,8 +54,8 @@ def preflight(r: Recipe) -> list[Check]:
     checks = check_dataset(r.dataset)
     modes = used_modes(r)
     captions = any(MODES[m].captions for m in modes)
-    # (name, entries, role of encoders.specs.ROLES, used); a clip entry is checked a clip: spec
-    # by the recipe, and is an image encoder among others
+    # (name, entries, its role in encoders.specs.ROLES, used); the recipe has made sure a clip
+    # entry is a clip: spec, which is checked as the image encoder it also is
     roles = [("captioner", r.captioners, "captioner", captions),
              ("text encoder", r.text_encoders, "text", "cm-text" in modes),
              ("CLIP (cm-image)", r.clip, "image", "cm-image" in modes),
