@@ -28,6 +28,7 @@ from cdir.core.workspace import Workspace, split_caption_spec
 from cdir.stages.index import list_indexes
 from cdir.stages.modes import MODES
 from cdir.stages.search import Hit, Searcher
+from encoders.specs import parse_spec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -141,7 +142,7 @@ class DemoBackend:
     def modes(self) -> list[str]:
         """The modes this workspace's indexes allow."""
         img, cap = self.image_indexes(), self.caption_indexes()
-        clip_cap = any(split_caption_spec(i.spec)[0].startswith("clip:") for i in cap)
+        clip_cap = any(parse_spec(split_caption_spec(i.spec)[0]).cross_modal for i in cap)
         out = (["visual"] if img else []) + (["cm-text"] if cap else [])
         out += ["cm-image"] if clip_cap else []
         return out + (["fusion"] if img and cap else [])
@@ -315,18 +316,20 @@ class DemoBackend:
                 raise CdirError("a text query has no image to fuse: choose visual, cm-text or "
                                 "cm-image")
             info = img if mode == "visual" else cap
-            if not info.caption and not info.spec.startswith("clip:") and cap is not None:
+            towers = info.caption or parse_spec(info.spec).cross_modal
+            if not towers and cap is not None:
                 return [("cm-text", cap)]  # the image index has no text tower: the captions do
-            if not info.caption and not info.spec.startswith("clip:"):
+            if not towers:
                 raise CdirError(f"a text query needs a CLIP image index or a caption index; "
                                 f"{info.spec} has no text tower: choose a caption index")
             return [(mode, info)]
-        if mode == "cm-image" and not split_caption_spec(cap.spec)[0].startswith("clip:"):
+        clip = cap is not None and parse_spec(split_caption_spec(cap.spec)[0]).cross_modal
+        if mode == "cm-image" and not clip:
             raise CdirError(f"cm-image needs a caption index of CLIP text embeddings; "
                             f"{cap.spec} is not one: choose cm-text")
         if mode == "fusion":
-            clip = split_caption_spec(cap.spec)[0].startswith("clip:") and not self.captioner
-            return [("visual", img), ("cm-image" if clip else "cm-text", cap)]
+            return [("visual", img), ("cm-image" if clip and not self.captioner else "cm-text",
+                                      cap)]
         return [(mode, img if mode == "visual" else cap)]
 
     def _rank(self, key: tuple[str, str], works: list[_Work]

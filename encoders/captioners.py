@@ -35,6 +35,7 @@ import torch
 from cdir.core.device import resolve_device, resolve_dtype
 from cdir.core.errors import CdirError, ModelUnavailable, first_line
 from encoders.hub import download_blocked
+from encoders.specs import parse_spec
 
 # family -> (what it covers, example checkpoints); shown when a family is not supported
 FAMILIES: dict[str, str] = {
@@ -172,13 +173,7 @@ def resolve_captioner(spec: str, *, prompt: str | None = None,
                       num_beams: int = 1, trust_remote_code: bool = False) -> CaptionerSpec:
     """Read the config of ``spec`` (``hf:<hub id or folder>``; the ``hf:`` is optional), detect the
     family and fix the generation parameters (the family's default prompt when none is given)."""
-    if spec.startswith("hf:"):
-        target = spec[3:]
-    elif ":" in spec.split("/")[0] and not re.match(r"^[A-Za-z]:[\\/]", spec):
-        raise CdirError(f"{spec!r} is not a captioner spec: use hf:<hub id or folder>, e.g. "
-                        "hf:Salesforce/blip-image-captioning-base")
-    else:
-        target = spec
+    target = parse_spec(spec, role="captioner").body
     if not target:
         raise CdirError("empty captioner spec: use hf:<hub id or folder>")
     if max_new_tokens < 1 or min_new_tokens < 0 or num_beams < 1 or min_new_tokens > max_new_tokens:

@@ -1,7 +1,7 @@
 """open_clip models from `clip:` specs, shared by the image tower (`cdir embed`) and the text tower
 (captions). One process loads each spec once (`load_open_clip` caches it).
 
-Spec grammar: ``clip:ARCH/PRETRAINED`` (the ``clip:`` prefix is optional here).
+Spec grammar: ``clip:ARCH/PRETRAINED`` (the scheme: `encoders.specs`; its body here).
 
 ARCH is one of
   * an open_clip model name: ``ViT-B-32``, ``ViT-L-14``, ``RN50``, ... (``open_clip.list_models()``;
@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any
 from cdir.core.errors import CdirError, ModelUnavailable
 
 if TYPE_CHECKING:
-    from encoders.hub import ModelId
+    from encoders.hub import ModelId, Ready
+    from encoders.specs import Spec
 
 PREFIX = "clip:"
 RANDOM = "random"
@@ -73,10 +74,15 @@ def _known_models() -> list[str]:
     return open_clip.list_models()
 
 
-def parse_clip_spec(spec: str) -> ClipSpec:
-    """Split a ``clip:`` spec into architecture and weights (see the module docstring)."""
-    full = spec if spec.startswith(PREFIX) else PREFIX + spec
-    body = full[len(PREFIX):].strip()
+def parse_clip_spec(spec: str | Spec) -> ClipSpec:
+    """Split the body of a ``clip:`` spec into architecture and weights (see the module
+    docstring)."""
+    from encoders.specs import parse_spec
+
+    parsed = parse_spec(spec)
+    if not parsed.cross_modal:
+        raise CdirError(f"{parsed.text} is not a clip: spec")
+    full, body = parsed.text, parsed.body.strip()
     usage = ("use clip:ARCH/PRETRAINED, e.g. clip:ViT-B-32/openai, clip:hf-hub:ORG/NAME, "
              "clip:path/to/config.json/random or clip:ViT-B-32/path/to/weights.pt")
     if not body:
@@ -215,7 +221,7 @@ def _folder_weights(folder: str) -> list[Path]:
     return sorted(p for n in ("*.safetensors", "*.bin", "*.pth") for p in Path(folder).glob(n))
 
 
-def clip_identity(spec: str, hints: dict | None = None) -> ModelId:
+def clip_identity(spec: str | Spec, hints: dict | None = None) -> ModelId:
     """What the weights of a ``clip:`` spec are, without building the model (see
     `encoders.hub.model_identity`): ``tag:TAG@<hub blob>``, ``hf-hub:<snapshot revision>``, the
     content hash of a checkpoint file, ``random-seed0``; a model-config JSON adds
@@ -265,6 +271,44 @@ def clip_identity(spec: str, hints: dict | None = None) -> ModelId:
     return ModelId(f"{file_fingerprint(path, hints, seen)}{cfg}", seen, str(path))
 
 
+def clip_ready(spec: Spec) -> Ready:
+    """Preflight of a ``clip:`` spec: its weights in the local cache or a file (as
+    `load_open_clip` finds them); nothing is loaded."""
+    from encoders.hub import Ready, hub_ready
+
+    try:
+        cs = parse_clip_spec(spec)
+    except CdirError as e:
+        return Ready("missing", str(e))
+    if cs.kind == "folder":
+        if (Path(cs.arch) / "open_clip_config.json").is_file():
+            return Ready("ok", f"local folder {cs.arch}")
+        return Ready("missing", f"{cs.arch} has no open_clip_config.json")
+    if cs.kind == "hf-hub":
+        return hub_ready(cs.arch, [("open_clip_config.json",), WEIGHT_FILES])
+    tag = cs.pretrained
+    if tag is None:
+        return Ready("missing", f"{spec}: no weights given (clip:ARCH/TAG or clip:ARCH/PATH)")
+    if tag == RANDOM:
+        return Ready("ok", "random weights (tests and throughput only)")
+    import open_clip
+
+    pcfg = open_clip.get_pretrained_cfg(cs.arch, tag) if cs.kind == "name" else {}
+    if not pcfg:
+        p = Path(tag).expanduser()
+        if p.is_file():
+            return Ready("ok", f"checkpoint file {p}")
+        return Ready("missing", f"{tag!r} is neither an open_clip tag of {cs.arch} nor an "
+                     "existing checkpoint file")
+    if pcfg.get("file"):
+        return Ready("ok", f"file {pcfg['file']}")
+    if not pcfg.get("hf_hub"):
+        return Ready("missing", f"open_clip has no Hugging Face copy of {cs.arch}/{tag}; "
+                     "download its checkpoint and use clip:ARCH/PATH")
+    repo, filename, names = hub_weights(pcfg["hf_hub"])
+    return hub_ready(repo, [names], fetch=f"hf download {repo} {filename}".rstrip())
+
+
 def _load_uncached(cs: ClipSpec) -> tuple[Any, Any, Any, dict]:
     import open_clip
     import torch
@@ -307,7 +351,7 @@ def _load_uncached(cs: ClipSpec) -> tuple[Any, Any, Any, dict]:
     return model, preprocess, tokenizer, info
 
 
-def load_open_clip(spec: str) -> tuple[Any, Any, Any]:
+def load_open_clip(spec: str | Spec) -> tuple[Any, Any, Any]:
     """(model, preprocess, tokenizer) of a ``clip:`` spec; loaded once per process.
 
     ``model`` is an open_clip CLIP in eval mode on the CPU as loaded; the object is shared by every
@@ -318,7 +362,7 @@ def load_open_clip(spec: str) -> tuple[Any, Any, Any]:
     return model, preprocess, tokenizer
 
 
-def load_open_clip_info(spec: str) -> tuple[Any, Any, Any, dict]:
+def load_open_clip_info(spec: str | Spec) -> tuple[Any, Any, Any, dict]:
     """`load_open_clip` plus a dict describing the weights (``weights``: their `clip_identity`),
     used to tell embeddings of different weights apart."""
     cs = parse_clip_spec(spec)

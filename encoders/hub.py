@@ -1,5 +1,7 @@
 """Model files: fetching them from the Hugging Face cache without hanging when there is no
-network, and telling what a model spec IS (`model_identity`) without loading it.
+network, telling what a model spec IS (`model_identity`) and whether it is here (the `Ready`
+checks of the preflight) without loading it. `encoders.specs.SCHEMES` names, per scheme, the
+identity and preflight functions defined here.
 
 Every hub file is looked up in the local cache first. Only when it is missing do we go online, and
 only after a quick reachability check: huggingface_hub retries unreachable hosts for ~25 s per file,
@@ -22,10 +24,16 @@ import socket
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import parse_qsl, urlparse
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
-from cdir.core.errors import ModelUnavailable, first_line
-from cdir.core.io import sha256_file
+from cdir.core.errors import CdirError, ModelUnavailable, first_line
+from cdir.core.io import read_json, sha256_file
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from encoders.specs import Spec
 
 # huggingface_hub's own reading of its boolean variables, so that we agree with it on "offline"
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -193,39 +201,48 @@ def model_identity(spec: str, hints: dict | None = None) -> ModelId:
     """The identity of the weights a model spec names, without loading the model: the same
     value its encoder reports as ``params["weights"]``. ``hints``: `ModelId.files` recorded
     earlier (size + mtime match: no hashing)."""
-    spec = spec.strip()
-    if spec.startswith("clip:"):
-        from encoders.clip import clip_identity
+    from encoders.specs import parse_spec
 
-        return clip_identity(spec, hints)
+    try:
+        parsed = parse_spec(spec)
+    except CdirError:
+        return ModelId()  # a spec its loader will refuse
+    return parsed.info.identity(parsed, hints)
+
+
+def _file_identity(path: Path | None, hints: dict | None) -> ModelId:
+    if path is None or not path.is_file():
+        return ModelId()
     seen: dict[str, dict] = {}
-    if spec.startswith("ckpt:timm:"):
-        name, _, query = spec[len("ckpt:timm:"):].partition("?")
-        file = dict(parse_qsl(query)).get("file")
-        if file:
-            path = Path(file).expanduser()
-            if not path.is_file():
-                return ModelId()
-            return ModelId(file_fingerprint(path, hints, seen), seen, str(path))
-        from timm.models import get_pretrained_cfg
+    return ModelId(file_fingerprint(path, hints, seen), seen, str(path))
 
-        pcfg = get_pretrained_cfg(name)
-        if pcfg is None or not pcfg.hf_hub_id:
-            return ModelId()
-        names = ["model.safetensors", "pytorch_model.bin"]
-        if getattr(pcfg, "hf_hub_filename", None):
-            names.insert(0, pcfg.hf_hub_filename)
-        cached = cached_file(pcfg.hf_hub_id, names)
-        return ModelId(cached_blob_id(cached, hints, seen), seen, cached) if cached else ModelId()
-    if spec.startswith("ckpt:"):
-        body = spec[len("ckpt:"):]
-        path = Path(body.rpartition("?")[0] if "?" in body else body).expanduser()
-        if not path.is_file():
-            return ModelId()
-        return ModelId(file_fingerprint(path, hints, seen), seen, str(path))
-    if spec.startswith("st:"):
-        return st_identity(spec.split(":", 1)[1], hints)
-    return ModelId()  # pixels (no weights), or a spec its loader will refuse
+
+def ckpt_identity(spec: Spec, hints: dict | None = None) -> ModelId:
+    """A ``ckpt:`` checkpoint: the content hash of its file (whatever its options)."""
+    return _file_identity(spec.file, hints)
+
+
+def timm_weights(name: str) -> tuple[str, list[str]] | None:
+    """(hub repository, candidate file names) of timm's pretrained weights of ``name``."""
+    from timm.models import get_pretrained_cfg
+
+    pcfg = get_pretrained_cfg(name)
+    if pcfg is None or not pcfg.hf_hub_id:
+        return None
+    names = ["model.safetensors", "pytorch_model.bin"]
+    if getattr(pcfg, "hf_hub_filename", None):
+        names.insert(0, pcfg.hf_hub_filename)
+    return pcfg.hf_hub_id, names
+
+
+def timm_identity(spec: Spec, hints: dict | None = None) -> ModelId:
+    """A ``ckpt:timm:`` model: its ``?file=``, else timm's weights in the hub cache."""
+    if spec.file is not None:
+        return _file_identity(spec.file, hints)
+    weights = timm_weights(spec.body)
+    cached = cached_file(*weights) if weights else None
+    seen: dict[str, dict] = {}
+    return ModelId(cached_blob_id(cached, hints, seen), seen, cached) if cached else ModelId()
 
 
 def resolve_st_model(name: str) -> str:
@@ -242,11 +259,11 @@ def resolve_st_model(name: str) -> str:
     return name
 
 
-def st_identity(name: str, hints: dict | None = None) -> ModelId:
-    """The identity of a sentence-transformers model: its weights file in a local folder, else
-    its weights in the hub cache (None when neither is here)."""
+def st_identity(spec: Spec, hints: dict | None = None) -> ModelId:
+    """The identity of a sentence-transformers model (``st:``): its weights file in a local
+    folder, else its weights in the hub cache (None when neither is here)."""
     seen: dict[str, dict] = {}
-    source = resolve_st_model(name)
+    source = resolve_st_model(spec.body)
     if Path(source).is_dir():
         for file in ST_WEIGHT_FILES:
             path = Path(source) / file
@@ -262,3 +279,118 @@ def st_identity(name: str, hints: dict | None = None) -> ModelId:
         if cached:
             return ModelId(cached_blob_id(cached, hints, seen), seen, cached)
     return ModelId()
+
+
+# -- preflight: is a model here? (listings and the local cache only; nothing loaded or fetched) ---
+
+# weight files of transformers models (sentence-transformers, timm); captioners may be sharded
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_SHARDED_WEIGHTS = ("model.safetensors.index.json", "model.safetensors",
+                    "pytorch_model.bin.index.json", "pytorch_model.bin")
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+@dataclass
+class Ready:
+    """Whether a model is here. ``status``: ok | download (its stage fetches it) | missing;
+    ``fetch``: the command that fetches it on a machine with internet."""
+
+    status: str
+    message: str
+    fetch: str | None = None
+
+
+def _missing_files(repo: str, groups: Sequence[Sequence[str]]) -> list[str]:
+    """Which of ``groups`` (alternative file names) ``repo`` lacks in the local hub cache; a
+    sharded checkpoint's index counts only when all its shards are cached too."""
+    missing = []
+    for names in groups:
+        path = cached_file(repo, list(names))
+        if path is None:
+            missing.append(" or ".join(names))
+            continue
+        if path.endswith(".index.json"):
+            try:
+                shards = sorted(set(read_json(path).get("weight_map", {}).values()))
+            except (OSError, ValueError):
+                shards = []
+            lost = [s for s in shards if cached_file(repo, [s]) is None]
+            if lost:
+                missing.append(f"{len(lost)} of {len(shards)} weight shards (e.g. {lost[0]})")
+    return missing
+
+
+def hub_ready(repo: str, groups: Sequence[Sequence[str]], fetch: str | None = None,
+              hint: str = "") -> Ready:
+    """ok when ``repo`` is cached; download when it is not but the hub can be reached (its stage
+    fetches it); otherwise missing, with the command that fetches it elsewhere."""
+    lacking = _missing_files(repo, groups)
+    if not lacking:
+        return Ready("ok", f"{repo} in the local Hugging Face cache")
+    state = "not in" if len(lacking) == len(groups) else f"incomplete ({', '.join(lacking)}) in"
+    where = f"{repo} is {state} the local Hugging Face cache ({hub_cache_dir()})"
+    blocked = download_blocked()
+    if not blocked:
+        return Ready("download",
+                     f"{where}; it will be downloaded by its stage (the hub is reachable)")
+    fetch = fetch or f"hf download {repo}"
+    return Ready("missing", f"{where} and {blocked}: on a machine with internet run "
+                 f"`{fetch}`, then copy its models--{repo.replace('/', '--')} folder into this "
+                 f"machine's {hub_cache_dir()} (or point HF_HOME at a copy of the cache){hint}",
+                 fetch)
+
+
+def builtin_ready(spec: Spec) -> Ready:
+    return Ready("ok", "built in")
+
+
+def ckpt_ready(spec: Spec) -> Ready:
+    """``ckpt:PATH``: the file is here."""
+    path = spec.checkpoint or Path()
+    if path.is_file():
+        return Ready("ok", f"checkpoint {path}")
+    return Ready("missing", f"no checkpoint file at {path}: train one with `cdir train` "
+                 "or copy the file here")
+
+
+def timm_ready(spec: Spec) -> Ready:
+    """``ckpt:timm:NAME[?file=PATH]``: the file, else timm's weights in the cache."""
+    if spec.file is not None:
+        if spec.file.is_file():
+            return Ready("ok", f"weights file {spec.file}")
+        return Ready("missing", f"no such weights file {spec.file}")
+    try:
+        repo = (timm_weights(spec.body) or (None,))[0]
+    except Exception:  # noqa: BLE001 - unknown model name: say so below
+        repo = None
+    if not repo:
+        return Ready("missing", f"timm knows no downloadable weights for {spec.body}; pass "
+                     f"ckpt:timm:{spec.body}?file=PATH")
+    return hub_ready(repo, [_WEIGHTS])
+
+
+def st_ready(spec: Spec) -> Ready:
+    """``st:ID-OR-PATH``: a local copy, or the model in the cache."""
+    name = spec.body
+    source = resolve_st_model(name)
+    if Path(source).is_dir():
+        return Ready("ok", f"local copy {source}")
+    if name.startswith(_PATH_PREFIXES):
+        return Ready("missing", f"no such folder {name}")
+    repo = name if "/" in name else f"sentence-transformers/{name}"
+    return hub_ready(repo, [("modules.json", "config.json"), _WEIGHTS])
+
+
+def captioner_ready(spec: Spec) -> Ready:
+    """``hf:OWNER/NAME`` in the cache, or ``hf:FOLDER``."""
+    target = spec.body
+    path = Path(target).expanduser()
+    if target.startswith(_PATH_PREFIXES) or path.exists():
+        if (path / "config.json").is_file():
+            return Ready("ok", f"local folder {path}")
+        return Ready("missing", f"no model folder with config.json at {path}: save the "
+                     "model there with save_pretrained, or use a hub id")
+    if target.count("/") != 1:
+        return Ready("missing", f"{spec.text!r} is neither a hub id (owner/name) nor a folder")
+    return hub_ready(target, [("config.json",), _SHARDED_WEIGHTS],
+                     hint="; or save the model to a folder and use hf:/path/to/folder")

@@ -1,4 +1,4 @@
-"""Image encoders, named by model spec strings:
+"""Image encoders, named by model spec strings (parsed and validated by `encoders.specs`):
 
     clip:ARCH/PRETRAINED     open_clip image tower (grammar in encoders/clip.py)
     ckpt:PATH[?arch=A&size=S&features=F&grid=N&layers=L]
@@ -39,8 +39,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qsl
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,13 +47,11 @@ from PIL import Image
 
 from cdir.core.device import resolve_device, resolve_dtype
 from cdir.core.errors import CdirError, ModelUnavailable
+from encoders.specs import parse_spec
 
-SCHEMES = {
-    "clip:": "clip:ARCH/PRETRAINED (open_clip, e.g. clip:ViT-B-32/openai)",
-    "ckpt:": "ckpt:PATH (a checkpoint of `cdir train`, MoCo/SynCo or torchvision; "
-             "ckpt:timm:NAME?file=PATH for timm)",
-    "pixels": "pixels (raw-pixel baseline)",
-}
+if TYPE_CHECKING:
+    from encoders.specs import Spec
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PIXELS_SIZE = 32
@@ -178,9 +175,13 @@ class PixelsEncoder(ImageEncoder):
         return torch.nn.functional.normalize(batch.float().flatten(1), dim=1)
 
 
+def pixels_encoder(spec: Spec, device: torch.device) -> ImageEncoder:
+    return PixelsEncoder(spec.text)
+
+
 # -- clip ------------------------------------------------------------------------------------------
 
-def _clip_encoder(spec: str, device: torch.device) -> ImageEncoder:
+def clip_encoder(spec: Spec, device: torch.device) -> ImageEncoder:
     from encoders.clip import load_open_clip_info
 
     model, preprocess, _, info = load_open_clip_info(spec)
@@ -268,30 +269,6 @@ def split_transform(
     finish = (BatchFinish() if norm is None else
               BatchFinish([float(m) for m in norm.mean], [float(v) for v in norm.std]))
     return T.Compose(steps), finish
-
-
-def _parse_query(spec: str, body: str, allowed: tuple[str, ...]) -> tuple[str, dict[str, str]]:
-    if "?" not in body:
-        return body, {}
-    body, _, query = body.rpartition("?")
-    params = dict(parse_qsl(query, keep_blank_values=True))
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise CdirError(f"{spec}: unknown option(s) {', '.join(unknown)}; "
-                        f"allowed: {', '.join(allowed)}")
-    return body, params
-
-
-def _size_param(spec: str, params: dict) -> int | None:
-    if "size" not in params:
-        return None
-    try:
-        size = int(params["size"])
-    except ValueError:
-        size = 0
-    if size <= 0:
-        raise CdirError(f"{spec}: size must be a positive integer, got {params['size']!r}")
-    return size
 
 
 def _torch_load(path: Path, spec: str) -> Any:
@@ -392,81 +369,57 @@ def _torchvision_encoder(path: Path, arch: str, spec: str) -> tuple[torch.nn.Mod
     return model, dim
 
 
-def _timm_encoder(spec: str, body: str, device: torch.device) -> ImageEncoder:
+def timm_encoder(spec: Spec, device: torch.device) -> ImageEncoder:
     import timm
     from timm.data import create_transform, resolve_model_data_config
 
-    from encoders.hub import hub_file, model_identity
+    from encoders.hub import hub_file, model_identity, timm_weights
 
-    name, params = _parse_query(spec, body[len("timm:"):], ("file",))
+    name = spec.body
     if not name or not timm.is_model(name):
-        raise CdirError(f"{spec}: unknown timm model {name!r} (see timm.list_models())")
-    file = params.get("file")
-    if file:
-        path = Path(file).expanduser()
+        raise CdirError(f"{spec.text}: unknown timm model {name!r} (see timm.list_models())")
+    path = spec.file
+    if path is not None:
         if not path.is_file():
-            raise CdirError(f"{spec}: no such weights file {path}")
+            raise CdirError(f"{spec.text}: no such weights file {path}")
     else:
-        from timm.models import get_pretrained_cfg
-
-        pcfg = get_pretrained_cfg(name)
-        if pcfg is None or not pcfg.hf_hub_id:
-            raise ModelUnavailable(f"{spec}: timm knows no downloadable weights for {name}; "
-                                   f"pass a local file: ckpt:timm:{name}?file=PATH")
-        how = (f"provide it: download {pcfg.hf_hub_id} on a machine with internet "
+        weights = timm_weights(name)
+        if weights is None:
+            raise ModelUnavailable(f"{spec.text}: timm knows no downloadable weights for "
+                                   f"{name}; pass a local file: ckpt:timm:{name}?file=PATH")
+        how = (f"provide it: download {weights[0]} on a machine with internet "
                f"(`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`) and "
                "copy its ~/.cache/huggingface/hub folder here, or pass "
                f"ckpt:timm:{name}?file=PATH")
-        names = ["model.safetensors", "pytorch_model.bin"]
-        if getattr(pcfg, "hf_hub_filename", None):
-            names.insert(0, pcfg.hf_hub_filename)
-        path = Path(hub_file(pcfg.hf_hub_id, names, spec, how))
+        path = Path(hub_file(*weights, spec.text, how))
     try:
         model = timm.create_model(name, pretrained=True, num_classes=0,
                                   pretrained_cfg_overlay={"file": str(path)})
     except Exception as e:  # noqa: BLE001 - wrong file for the model
         lines = str(e).strip().splitlines()
-        raise CdirError(f"{spec}: cannot load {path} into timm {name}: "
+        raise CdirError(f"{spec.text}: cannot load {path} into timm {name}: "
                         f"{lines[0][:300] if lines else e.__class__.__name__}") from None
     transform = create_transform(**resolve_model_data_config(model), is_training=False)
-    return TorchImageEncoder(spec, model, int(model.num_features), transform, device,
-                             params={"weights": model_identity(spec).id}, channels_last=True)
+    return TorchImageEncoder(spec.text, model, int(model.num_features), transform, device,
+                             params={"weights": model_identity(spec.text).id},
+                             channels_last=True)
 
 
-def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
+def ckpt_encoder(spec: Spec, device: torch.device) -> ImageEncoder:
+    """``ckpt:PATH[?options]`` (the options and their combinations are checked by the
+    grammar, `encoders.specs`)."""
     from encoders.hub import model_identity
 
-    body = spec[len("ckpt:"):]
-    if body.startswith("timm:"):
-        if "bn" in dict(parse_qsl(body.partition("?")[2], keep_blank_values=True)):
-            raise CdirError(f"{spec}: bn=domain needs a ResNet checkpoint of this project or "
-                            "MoCo/SynCo, not a timm model")
-        return _timm_encoder(spec, body, device)
-    body, params = _parse_query(spec, body, ("arch", "size", "features", "grid", "layers",
-                                             "bn"))
-    features = params.get("features") or "backbone"
-    if "bn" in params and params["bn"] != "domain":
-        raise CdirError(f"{spec}: bn takes only the value domain (per-domain BatchNorm "
-                        f"statistics), got {params['bn']!r}")
-    if "bn" in params and (features == "head" or params.get("arch")):
-        raise CdirError(f"{spec}: bn=domain needs the backbone of a ResNet checkpoint of this "
-                        "project or MoCo/SynCo (not features=head or ?arch=)")
-    if features not in ("backbone", "head"):
-        raise CdirError(f"{spec}: features must be backbone or head, got {features!r}")
-    if features == "head" and params.get("arch"):
-        raise CdirError(f"{spec}: features=head needs a checkpoint of `cdir train` or MoCo, "
-                        "not a torchvision state dict (?arch=)")
-    if params.get("grid") and (features == "head" or params.get("arch")):
-        raise CdirError(f"{spec}: grid=N needs the backbone of a ResNet checkpoint of this "
-                        "project or MoCo/SynCo (not features=head or ?arch=)")
+    s, body = spec.text, spec.body
+    features = spec.option("features") or "backbone"
     if not body:
-        raise CdirError(f"{spec}: give a checkpoint path, e.g. ckpt:runs/synco/encoder.pt")
-    path = Path(body).expanduser()
+        raise CdirError(f"{s}: give a checkpoint path, e.g. ckpt:runs/synco/encoder.pt")
+    path = spec.checkpoint
     if not path.is_file():
-        raise CdirError(f"{spec}: no such checkpoint file {path}")
-    size = _size_param(spec, params)
-    if params.get("arch"):
-        model, dim = _torchvision_encoder(path, params["arch"], spec)
+        raise CdirError(f"{s}: no such checkpoint file {path}")
+    size = int(spec.option("size")) if spec.has("size") else None
+    if spec.option("arch"):
+        model, dim = _torchvision_encoder(path, spec.option("arch"), s)
         transform = eval_transform(size or 224)
     elif features == "head":
         from encoders.ssl.checkpoint import encoder_preprocess, load_momentum_head
@@ -474,7 +427,7 @@ def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
         try:
             model, dim = load_momentum_head(path)
         except CdirError as e:
-            raise CdirError(f"{spec}: {str(e).removeprefix(f'{path}: ')}") from None
+            raise CdirError(f"{s}: {str(e).removeprefix(f'{path}: ')}") from None
         pp = encoder_preprocess(path)
         transform = eval_transform(size or pp["size"], pp["eval_resize"], tuple(pp["mean"]),
                                    tuple(pp["std"]))
@@ -486,45 +439,38 @@ def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
             model, dim = load_encoder(path)
             pp = encoder_preprocess(path)
         except CdirError as e:
-            found = _describe_keys(_torch_load(path, spec))
+            found = _describe_keys(_torch_load(path, s))
             why = str(e).removeprefix(f"{path}: ")
-            raise CdirError(f"{spec}: {why}; found {found}. A torchvision model other than a "
+            raise CdirError(f"{s}: {why}; found {found}. A torchvision model other than a "
                             f"ResNet needs ckpt:{body}?arch=NAME; timm weights: "
                             f"ckpt:timm:NAME?file={body}") from None
         transform = eval_transform(size or pp["size"], pp["eval_resize"], tuple(pp["mean"]),
                                    tuple(pp["std"]))
         size = size or pp["size"]
-    if params.get("layers") and not params.get("grid"):
-        raise CdirError(f"{spec}: layers=3,4 goes with grid=N (grid=1: one vector per layer)")
-    if params.get("grid"):
-        model, dim = _grid_pooled(spec, model, params["grid"], params.get("layers") or "4")
-    enc = TorchImageEncoder(spec, model, dim, transform, device, channels_last=True,
-                            params={"weights": model_identity(spec).id, "size": size or 224})
-    if "bn" in params:
+    if spec.option("grid"):
+        model, dim = _grid_pooled(s, model, int(spec.option("grid")),
+                                  spec.option("layers") or "4")
+    enc = TorchImageEncoder(s, model, dim, transform, device, channels_last=True,
+                            params={"weights": model_identity(s).id, "size": size or 224})
+    if spec.has("bn"):
         from encoders.adabn import bn_layers
 
         if not bn_layers(model):
-            raise CdirError(f"{spec}: bn=domain needs a model with BatchNorm layers")
+            raise CdirError(f"{s}: bn=domain needs a model with BatchNorm layers")
         enc.domain_bn = True
     return enc
 
 
-def _grid_pooled(spec: str, model: torch.nn.Module, value: str, layers: str
+def _grid_pooled(spec: str, model: torch.nn.Module, cells: int, layers: str
                  ) -> tuple[torch.nn.Module, int]:
     """``?grid=N[&layers=3,4]``: the backbone's last map (or the maps of ``layers``) pooled to
     N x N cells instead of one vector."""
     from encoders.ssl.backbones import GridPooled, ResNetTrunk
 
-    if not value.isdigit() or int(value) < 1:
-        raise CdirError(f"{spec}: grid must be a positive integer (cells per side), got {value!r}")
     if not isinstance(model, ResNetTrunk):
         raise CdirError(f"{spec}: grid=N needs the backbone of a ResNet checkpoint of this "
                         "project or MoCo/SynCo (not features=head or ?arch=)")
-    picked = layers.split(",")
-    if not all(k.strip() in ("1", "2", "3", "4") for k in picked):
-        raise CdirError(f"{spec}: layers must list ResNet layers 1-4, e.g. layers=3,4; "
-                        f"got {layers!r}")
-    pooled = GridPooled(model, int(value), tuple(int(k) for k in picked))
+    pooled = GridPooled(model, cells, tuple(int(k) for k in layers.split(",")))
     return pooled.eval(), pooled.out_dim
 
 
@@ -535,16 +481,5 @@ def load_image_encoder(spec: str, device: str | torch.device | None = None) -> I
 
     Raises CdirError for an unknown scheme or a bad spec, ModelUnavailable for weights that are
     neither cached nor downloadable (naming the model and how to provide it)."""
-    spec = spec.strip()
-    dev = resolve_device(device)
-    if spec == "pixels":
-        return PixelsEncoder(spec)
-    if spec.startswith("clip:"):
-        return _clip_encoder(spec, dev)
-    if spec.startswith("ckpt:"):
-        return _ckpt_encoder(spec, dev)
-    hint = ""
-    if spec.startswith(("st:", "hf:")):
-        scheme = spec.split(":", 1)[0]
-        hint = f" ({scheme}: names a text encoder or captioner, not an image encoder)"
-    raise CdirError(f"unknown image encoder {spec!r}{hint}; known: " + "; ".join(SCHEMES.values()))
+    parsed = parse_spec(spec, role="image")
+    return parsed.info.image(parsed, resolve_device(device))

@@ -5,6 +5,7 @@ float32 vectors."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,6 +13,10 @@ import torch
 from cdir.core.device import resolve_device
 from cdir.core.errors import CdirError, ModelUnavailable
 from encoders.hub import model_identity, offline, resolve_st_model  # resolve_st_model: re-exported
+from encoders.specs import parse_spec
+
+if TYPE_CHECKING:
+    from encoders.specs import Spec
 
 
 class TextEncoder:
@@ -34,10 +39,10 @@ class ClipTextEncoder(TextEncoder):
     keep their first 76 tokens and the end-of-text token (open_clip's tokenizer does this); the
     number of truncated captions is counted in ``truncated`` so reports can say so."""
 
-    def __init__(self, spec: str, device: str | None = None):
+    def __init__(self, spec: Spec, device: str | None = None):
         from encoders.clip import load_open_clip
 
-        self.spec = spec
+        self.spec = spec.text
         self.device = resolve_device(device)
         model, _, self.tokenizer = load_open_clip(spec)
         self.model = model.to(self.device).eval()
@@ -47,7 +52,7 @@ class ClipTextEncoder(TextEncoder):
         self.truncated = 0
         # the weights, so captions embedded by a retrained CLIP are never mixed with the old ones
         self.params = {"truncation": f"first {self.context_length - 1} tokens + EOT",
-                       "weights": model_identity(spec).id}
+                       "weights": model_identity(self.spec).id}
 
     def _count_truncated(self, texts: list[str]) -> int:
         encode = getattr(self.tokenizer, "encode", None)
@@ -72,24 +77,23 @@ class ClipTextEncoder(TextEncoder):
 
 
 class SentenceTransformerEncoder(TextEncoder):
-    def __init__(self, spec: str, device: str | None = None):
+    def __init__(self, spec: Spec, device: str | None = None):
         from sentence_transformers import SentenceTransformer
 
-        self.spec = spec
-        name = spec.split(":", 1)[1]
+        self.spec, name = spec.text, spec.body
         if not name:
             raise CdirError("st: needs a model, e.g. st:sentence-transformers/all-MiniLM-L6-v2")
         self.device = resolve_device(device)
         source = resolve_st_model(name)
         local = Path(source).is_dir()
         if not local and ("/" in name and Path(name).is_absolute()):
-            raise CdirError(f"{spec}: no such folder")
+            raise CdirError(f"{self.spec}: no such folder")
         try:
             self.model = SentenceTransformer(source, device=str(self.device),
                                              local_files_only=local or offline())
         except OSError as e:
             raise ModelUnavailable(
-                f"{spec}: sentence-transformers model not found locally and the hub is not "
+                f"{self.spec}: sentence-transformers model not found locally and the hub is not "
                 "reachable; download it on a machine with internet (it is cached in "
                 "~/.cache/huggingface) or pass a local folder: st:/path/to/model "
                 f"({str(e).splitlines()[0][:120]})") from None
@@ -98,7 +102,7 @@ class SentenceTransformerEncoder(TextEncoder):
         self.dim = int(get_dim())
         self.max_seq_length = int(self.model.max_seq_length)
         self.params = {"truncation": f"first {self.max_seq_length} word pieces",
-                       "weights": model_identity(spec).id}
+                       "weights": model_identity(self.spec).id}
 
     def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
         vecs = self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
@@ -107,10 +111,7 @@ class SentenceTransformerEncoder(TextEncoder):
 
 
 def load_text_encoder(spec: str, device: str | None = None) -> TextEncoder:
-    scheme = spec.split(":", 1)[0] if ":" in spec else ""
-    if scheme == "clip":
-        return ClipTextEncoder(spec, device)
-    if scheme == "st":
-        return SentenceTransformerEncoder(spec, device)
-    raise CdirError(f"unknown text encoder {spec!r}: use clip:ARCH/PRETRAINED (the CLIP text "
-                    "tower) or st:ID-OR-PATH (sentence-transformers)")
+    """The text encoder named by ``spec``: the CLIP text tower (``clip:``) or
+    sentence-transformers (``st:``)."""
+    parsed = parse_spec(spec, role="text")
+    return parsed.info.text(parsed, device)

@@ -40,6 +40,7 @@ DISPATCH = {
     "indexes/kinds.py": "KINDS",
     "indexes/normalize.py": "NORMALIZERS",
     "eval/rerank.py": "RERANKERS",
+    "encoders/specs.py": "SCHEMES",
 }
 
 

@@ -131,9 +131,10 @@ def run_ssl_eval(args: argparse.Namespace) -> int:
 
     if not args.encoder or not args.data:
         raise CdirError(f"cdir eval {args.kind} needs --encoder ckpt:PATH and --data DIR")
-    encoder = args.encoder.removeprefix("ckpt:")
-    if ":" in encoder.split("?")[0] and not encoder.startswith("/"):
-        raise CdirError(f"cdir eval {args.kind} takes a checkpoint (ckpt:PATH), not {args.encoder}")
+    from encoders.specs import plain_checkpoint
+
+    encoder = str(plain_checkpoint(args.encoder, f"cdir eval {args.kind} takes a checkpoint "
+                                                 f"(ckpt:PATH), not {args.encoder}"))
     res: dict[str, object] = {"encoder": args.encoder, "data": args.data, "test": args.val_data}
     common = {"workers": args.workers, "device": args.device, "progress": not args.no_progress}
     if args.kind == "knn":

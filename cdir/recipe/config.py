@@ -40,6 +40,7 @@ from cdir.core.errors import CdirError
 from cdir.galleries import KINDS as DATASET_KINDS
 from cdir.galleries.common import CLASS_SUBSETS, ClassSubset
 from cdir.stages.modes import MODES, SINGLE_MODES
+from encoders.specs import parse_spec
 from eval.fusion import FUSION_METHODS
 from eval.metrics import normalize_ks
 
@@ -88,7 +89,10 @@ class CaptionerConfig(ModelEntry):
     def display(self) -> str:
         if self.name:
             return self.name
-        target = self.spec[3:] if self.spec.startswith("hf:") else self.spec
+        try:
+            target = parse_spec(self.spec, role="captioner").body
+        except CdirError:  # named as written; the captioner stage says what is wrong
+            target = self.spec
         return target.rstrip("/").rsplit("/", 1)[-1] or self.spec
 
 
@@ -263,7 +267,11 @@ def _check_roles(r: Recipe, where: str) -> None:
         if MODES[mode].captions and not r.captioners:
             raise CdirError(f"{where}: mode {mode} needs at least one captioner")
     for e in r.clip:
-        if not e.spec.startswith("clip:"):
+        try:
+            both = parse_spec(e.spec).cross_modal
+        except CdirError:
+            both = False
+        if not both:
             raise CdirError(f"{where}.clip: {e.spec!r} is not a clip: spec (cm-image needs both "
                             "CLIP towers)")
     if "fusion" in r.eval.modes and len(fusion_parts(r)) < 2:

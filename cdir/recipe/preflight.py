@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import parse_qsl
 
 from cdir import galleries as datasets
 from cdir.core.errors import CdirError
-from cdir.core.io import read_json
 from cdir.galleries.emoji import find_assets
 from cdir.recipe.config import DatasetConfig, Recipe, used_modes
 from cdir.recipe.methods import build_methods
 from cdir.stages.modes import MODES
-from encoders.clip import RANDOM, WEIGHT_FILES, hub_weights, parse_clip_spec
-from encoders.hub import cached_file, download_blocked, hub_cache_dir
+from encoders.specs import parse_spec
 
 DATASET_HOWTO = {
     "officehome": (
@@ -38,11 +33,6 @@ DATASET_HOWTO = {
     "csv": "give --root: a CSV/TSV/JSONL/Parquet table with path, domain and class columns",
 }
 _DOMAINNET_URL = "http://csr.bu.edu/ftp/visda/2019/multi-source/"
-# weight files of transformers models (sentence-transformers, timm); captioners may be sharded
-_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-_SHARDED_WEIGHTS = ("model.safetensors.index.json", "model.safetensors",
-                    "pytorch_model.bin.index.json", "pytorch_model.bin")
-_PATH_PREFIXES = ("/", "./", "../", "~")
 
 
 @dataclass
@@ -64,19 +54,21 @@ def preflight(r: Recipe) -> list[Check]:
     checks = check_dataset(r.dataset)
     modes = used_modes(r)
     captions = any(MODES[m].captions for m in modes)
-    roles = [("captioner", r.captioners, check_captioner, captions),
-             ("text encoder", r.text_encoders, check_text_encoder, "cm-text" in modes),
-             ("CLIP (cm-image)", r.clip, check_clip, "cm-image" in modes),
-             ("image encoder", r.image_encoders, check_image_encoder, "visual" in modes)]
+    # (name, entries, its role in encoders.specs.ROLES, used); the recipe has made sure a clip
+    # entry is a clip: spec, which is checked as the image encoder it also is
+    roles = [("captioner", r.captioners, "captioner", captions),
+             ("text encoder", r.text_encoders, "text", "cm-text" in modes),
+             ("CLIP (cm-image)", r.clip, "image", "cm-image" in modes),
+             ("image encoder", r.image_encoders, "image", "visual" in modes)]
     models: dict[str, Check] = {}  # a spec in several roles is checked once
     role_names: dict[str, list[str]] = {}
     required: set[str] = set()
-    for role, entries, check, used in roles:
+    for role, entries, kind, used in roles:
         if not used:
             continue
         for e in entries:
             if e.spec not in models:
-                models[e.spec], role_names[e.spec] = check(e.spec), []
+                models[e.spec], role_names[e.spec] = check_model(e.spec, kind), []
             if role not in role_names[e.spec]:
                 role_names[e.spec].append(role)
             if not e.optional:
@@ -99,149 +91,15 @@ def skipped_specs(checks: list[Check]) -> set[str]:
 
 # -- models ---------------------------------------------------------------------------------------
 
-def _missing_files(repo: str, groups: Sequence[Sequence[str]]) -> list[str]:
-    """Which of ``groups`` (alternative file names) ``repo`` lacks in the local hub cache; a
-    sharded checkpoint's index counts only when all its shards are cached too."""
-    missing = []
-    for names in groups:
-        path = cached_file(repo, list(names))
-        if path is None:
-            missing.append(" or ".join(names))
-            continue
-        if path.endswith(".index.json"):
-            try:
-                shards = sorted(set(read_json(path).get("weight_map", {}).values()))
-            except (OSError, ValueError):
-                shards = []
-            lost = [s for s in shards if cached_file(repo, [s]) is None]
-            if lost:
-                missing.append(f"{len(lost)} of {len(shards)} weight shards (e.g. {lost[0]})")
-    return missing
-
-
-def _hub_check(spec: str, repo: str, groups: Sequence[Sequence[str]], fetch: str | None = None,
-               hint: str = "") -> Check:
-    """ok when ``repo`` is cached; download when it is not but the hub can be reached (its stage
-    fetches it); otherwise missing, with the command that fetches it elsewhere."""
-    lacking = _missing_files(repo, groups)
-    if not lacking:
-        return Check(spec, "ok", f"{repo} in the local Hugging Face cache")
-    state = "not in" if len(lacking) == len(groups) else f"incomplete ({', '.join(lacking)}) in"
-    where = f"{repo} is {state} the local Hugging Face cache ({hub_cache_dir()})"
-    blocked = download_blocked()
-    if not blocked:
-        return Check(spec, "download",
-                     f"{where}; it will be downloaded by its stage (the hub is reachable)")
-    fetch = fetch or f"hf download {repo}"
-    return Check(spec, "missing", f"{where} and {blocked}: on a machine with internet run "
-                 f"`{fetch}`, then copy its models--{repo.replace('/', '--')} folder into this "
-                 f"machine's {hub_cache_dir()} (or point HF_HOME at a copy of the cache){hint}",
-                 fetch)
-
-
-def check_captioner(spec: str) -> Check:
-    """A transformers captioner: hf:OWNER/NAME in the cache, or hf:FOLDER."""
-    target = spec[3:] if spec.startswith("hf:") else spec
-    path = Path(target).expanduser()
-    if target.startswith(_PATH_PREFIXES) or path.exists():
-        if (path / "config.json").is_file():
-            return Check(spec, "ok", f"local folder {path}")
-        return Check(spec, "missing", f"no model folder with config.json at {path}: save the "
-                     "model there with save_pretrained, or use a hub id")
-    if target.count("/") != 1:
-        return Check(spec, "missing", f"{spec!r} is neither a hub id (owner/name) nor a folder")
-    return _hub_check(spec, target, [("config.json",), _SHARDED_WEIGHTS],
-                      hint="; or save the model to a folder and use hf:/path/to/folder")
-
-
-def check_clip(spec: str) -> Check:
-    """An open_clip spec: its weights in the local cache or a file (as encoders.clip finds them)."""
+def check_model(spec: str, role: str) -> Check:
+    """Is the model ``spec`` (a ``role`` of `encoders.specs.ROLES`) here? Its scheme's preflight:
+    folder listings and the local Hugging Face cache only."""
     try:
-        cs = parse_clip_spec(spec)
+        parsed = parse_spec(spec, role=role)
     except CdirError as e:
         return Check(spec, "missing", str(e))
-    if cs.kind == "folder":
-        if (Path(cs.arch) / "open_clip_config.json").is_file():
-            return Check(spec, "ok", f"local folder {cs.arch}")
-        return Check(spec, "missing", f"{cs.arch} has no open_clip_config.json")
-    if cs.kind == "hf-hub":
-        return _hub_check(spec, cs.arch, [("open_clip_config.json",), WEIGHT_FILES])
-    tag = cs.pretrained
-    if tag is None:
-        return Check(spec, "missing", f"{spec}: no weights given (clip:ARCH/TAG or "
-                     "clip:ARCH/PATH)")
-    if tag == RANDOM:
-        return Check(spec, "ok", "random weights (tests and throughput only)")
-    import open_clip
-
-    pcfg = open_clip.get_pretrained_cfg(cs.arch, tag) if cs.kind == "name" else {}
-    if not pcfg:
-        p = Path(tag).expanduser()
-        if p.is_file():
-            return Check(spec, "ok", f"checkpoint file {p}")
-        return Check(spec, "missing", f"{tag!r} is neither an open_clip tag of {cs.arch} nor an "
-                     "existing checkpoint file")
-    if pcfg.get("file"):
-        return Check(spec, "ok", f"file {pcfg['file']}")
-    if not pcfg.get("hf_hub"):
-        return Check(spec, "missing", f"open_clip has no Hugging Face copy of {cs.arch}/{tag}; "
-                     "download its checkpoint and use clip:ARCH/PATH")
-    repo, filename, names = hub_weights(pcfg["hf_hub"])
-    return _hub_check(spec, repo, [names], fetch=f"hf download {repo} {filename}".rstrip())
-
-
-def check_text_encoder(spec: str) -> Check:
-    """st:ID-OR-PATH (a local copy or the cache) or a clip: spec."""
-    if spec.startswith("clip:"):
-        return check_clip(spec)
-    if not spec.startswith("st:"):
-        return Check(spec, "missing", f"unknown text encoder {spec!r}: use st:ID-OR-PATH or "
-                     "clip:ARCH/PRETRAINED")
-    from encoders.text import resolve_st_model  # imports torch
-
-    name = spec[3:]
-    source = resolve_st_model(name)
-    if Path(source).is_dir():
-        return Check(spec, "ok", f"local copy {source}")
-    if name.startswith(_PATH_PREFIXES):
-        return Check(spec, "missing", f"no such folder {name}")
-    repo = name if "/" in name else f"sentence-transformers/{name}"
-    return _hub_check(spec, repo, [("modules.json", "config.json"), _WEIGHTS])
-
-
-def check_image_encoder(spec: str) -> Check:
-    """pixels, a clip: spec, ckpt:PATH or ckpt:timm:NAME[?file=PATH]."""
-    if spec == "pixels":
-        return Check(spec, "ok", "built in")
-    if spec.startswith("clip:"):
-        return check_clip(spec)
-    if not spec.startswith("ckpt:"):
-        return Check(spec, "missing", f"unknown image encoder {spec!r}: use clip:, ckpt: or "
-                     "pixels")
-    body, _, query = spec[len("ckpt:"):].partition("?")
-    if not body.startswith("timm:"):
-        p = Path(body).expanduser()
-        if p.is_file():
-            return Check(spec, "ok", f"checkpoint {p}")
-        return Check(spec, "missing", f"no checkpoint file at {p}: train one with `cdir train` "
-                     "or copy the file here")
-    name = body[len("timm:"):]
-    file = dict(parse_qsl(query)).get("file")
-    if file:
-        p = Path(file).expanduser()
-        if p.is_file():
-            return Check(spec, "ok", f"weights file {p}")
-        return Check(spec, "missing", f"no such weights file {p}")
-    try:
-        from timm.models import get_pretrained_cfg
-
-        repo = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
-    except Exception:  # noqa: BLE001 - unknown model name: say so below
-        repo = None
-    if not repo:
-        return Check(spec, "missing", f"timm knows no downloadable weights for {name}; pass "
-                     f"ckpt:timm:{name}?file=PATH")
-    return _hub_check(spec, repo, [_WEIGHTS])
+    ready = parsed.info.preflight(parsed)
+    return Check(spec, ready.status, ready.message, ready.fetch)
 
 
 # -- the dataset ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from cdir.core.errors import CdirError
 from cdir.core.signals import graceful
 from cdir.core.workspace import Workspace
 from cdir.stages.train import build_monitor, run_summary
+from encoders.specs import parse_spec
 
 # keyword argument -> the config key it sets
 DIRECT = {"out": "train.out", "epochs": "optim.epochs", "batch_size": "optim.batch_size",
@@ -32,10 +33,11 @@ DIRECT = {"out": "train.out", "epochs": "optim.epochs", "batch_size": "optim.bat
 
 def encoder_file(spec: str) -> Path:
     """The checkpoint of a trainable encoder spec (``ckpt:PATH``, no query options)."""
-    if not spec.startswith("ckpt:") or spec.startswith("ckpt:timm:") or "?" in spec:
+    parsed = parse_spec(spec)
+    path = parsed.checkpoint
+    if path is None or parsed.options:
         raise CdirError(f"{spec} cannot be adapted: cdir adapt trains ResNets of this project "
                         "or of MoCo/SynCo; pass --encoder ckpt:PATH (no ?options)")
-    path = Path(spec[len("ckpt:"):]).expanduser()
     if not path.is_file():
         raise CdirError(f"{spec}: no such checkpoint file {path}")
     return path

@@ -24,6 +24,7 @@ from typing import Any
 from cdir.core.errors import CdirError
 from cdir.core.signals import graceful
 from cdir.stages.train import run_summary
+from encoders.specs import parse_spec, plain_checkpoint
 
 # keyword argument -> the config key it sets
 DIRECT = {"data": "data.path", "out": "train.out", "epochs": "optim.epochs",
@@ -241,11 +242,11 @@ def teacher_rows(ws: Any, teacher: str, normalize: str, progress: bool = True
 def _teacher_input(teacher: str) -> dict[str, Any]:
     """The input settings (size, normalisation) of a ``ckpt:`` teacher, which the student
     inherits: the same images at the same size. Empty for other encoders (224 px ImageNet)."""
-    if not teacher.startswith("ckpt:") or teacher.startswith("ckpt:timm:"):
+    path = parse_spec(teacher).checkpoint
+    if path is None:
         return {}
     from encoders.ssl.checkpoint import encoder_preprocess
 
-    path = Path(teacher[len("ckpt:"):].partition("?")[0]).expanduser()
     if not path.is_file():
         raise CdirError(f"{teacher}: no such checkpoint file {path}")
     pp = encoder_preprocess(path)
@@ -317,9 +318,8 @@ def transfer_eval(encoder: str | None, data: str | None, *, root: str | os.PathL
     if not encoder or not data:
         raise CdirError("cdir eval transfer needs --encoder ckpt:PATH and --data "
                         "stl10|tinyimagenet|FOLDER")
-    path = encoder.removeprefix("ckpt:")
-    if "?" in path:
-        raise CdirError(f"cdir eval transfer takes a checkpoint file (ckpt:PATH), not {encoder}")
+    path = plain_checkpoint(encoder, f"cdir eval transfer takes a checkpoint file (ckpt:PATH), "
+                                     f"not {encoder}")
     dev = resolve_device(device)
     model, dim = load_encoder(path, dev)
     target = open_labelled(data, root, download)

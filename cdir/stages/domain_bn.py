@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl
 
 from cdir.core.errors import CdirError
 from cdir.core.io import atomic_path
+from encoders.specs import parse_spec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,9 +32,7 @@ TAG = "bn:"
 def wants_domain_bn(spec: str) -> bool:
     """Does the image encoder ``spec`` ask for per-domain statistics (``?bn=``)? (The encoder
     loader validates the value.)"""
-    if not spec.startswith("ckpt:") or "?" not in spec:
-        return False
-    return "bn" in dict(parse_qsl(spec.rpartition("?")[2], keep_blank_values=True))
+    return parse_spec(spec).has("bn")
 
 
 def domain_fingerprints(manifest: pd.DataFrame, weights: str | None) -> dict[str, str]:

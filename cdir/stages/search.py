@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from cdir.core.errors import CdirError
 from cdir.core.workspace import Workspace, split_caption_spec
 from cdir.stages.domain_bn import wants_domain_bn
+from encoders.specs import parse_spec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -81,7 +82,7 @@ class Searcher:
         if self.caption_source is None:
             self.mode = "visual"
         else:
-            default = ("cm-image" if self.text_spec.startswith("clip:") and not captioner
+            default = ("cm-image" if parse_spec(self.text_spec).cross_modal and not captioner
                        else "cm-text")
             self.mode = mode or default
         if mode and mode != self.mode and self.caption_source is None:
@@ -231,7 +232,7 @@ class Searcher:
         if self.mode == "visual":
             return self._encode_images(images, self.spec), None
         if self.mode == "cm-image":
-            if not self.text_spec.startswith("clip:"):
+            if not parse_spec(self.text_spec).cross_modal:
                 raise CdirError("cm-image needs an index of CLIP text embeddings of captions")
             return self._encode_images(images, self.text_spec), None
         from encoders.text import load_text_encoder
@@ -247,11 +248,11 @@ class Searcher:
         from encoders.text import load_text_encoder
 
         spec = self.text_spec or self.spec
-        if not spec.startswith("clip:") and self.caption_source is None:
+        if not parse_spec(spec).cross_modal and self.caption_source is None:
             raise CdirError(f"index {self.spec} holds image embeddings of an encoder without a "
                             "text tower: search text in a caption index or a CLIP index")
         if self._text_encoder is None:
-            self._text_encoder = load_text_encoder(spec.split("?", 1)[0], device=self.device)
+            self._text_encoder = load_text_encoder(spec, device=self.device)
         return self._text_encoder.encode(texts)
 
     # -- search ------------------------------------------------------------------------------------

@@ -89,8 +89,10 @@ def resolve_teacher(spec: str, arch: str | None) -> tuple[Path, str]:
     file of this project, else ``arch``, else the testbed's folder name (``<name>_vanilla``)."""
     from encoders.distill.export import ZOO_KEY
     from encoders.distill.zoo import canonical_name, teacher_name_from_path
+    from encoders.specs import plain_checkpoint
 
-    path = Path(spec[len("ckpt:"):] if spec.startswith("ckpt:") else spec).expanduser()
+    path = plain_checkpoint(spec, f"a teacher is a checkpoint file (ckpt:PATH or PATH), not "
+                                  f"{spec}")
     if not path.is_file():
         raise CdirError(f"no teacher checkpoint at {path}: train one with `cdir train teacher "
                         "--arch NAME --data DATA --out DIR` (then --teacher DIR/best.pt)")
