@@ -469,7 +469,7 @@ def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
         model, dim = _torchvision_encoder(path, params["arch"], spec)
         transform = eval_transform(size or 224)
     elif features == "head":
-        from encoders.ssl.checkpoint import encoder_preprocess, load_momentum_head
+        from encoders.engine.checkpoint import encoder_preprocess, load_momentum_head
 
         try:
             model, dim = load_momentum_head(path)
@@ -480,7 +480,7 @@ def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
                                    tuple(pp["std"]))
         size = size or pp["size"]
     else:
-        from encoders.ssl.checkpoint import encoder_preprocess, load_encoder
+        from encoders.engine.checkpoint import encoder_preprocess, load_encoder
 
         try:
             model, dim = load_encoder(path)
@@ -513,7 +513,7 @@ def _grid_pooled(spec: str, model: torch.nn.Module, value: str, layers: str
                  ) -> tuple[torch.nn.Module, int]:
     """``?grid=N[&layers=3,4]``: the backbone's last map (or the maps of ``layers``) pooled to
     N x N cells instead of one vector."""
-    from encoders.ssl.backbones import GridPooled, ResNetTrunk
+    from encoders.zoo.backbones import GridPooled, ResNetTrunk
 
     if not value.isdigit() or int(value) < 1:
         raise CdirError(f"{spec}: grid must be a positive integer (cells per side), got {value!r}")

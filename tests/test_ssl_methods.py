@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from cdir.core.errors import CdirError
 from encoders.ssl import synthetic as syn
-from encoders.ssl.backbones import build_backbone
 from encoders.ssl.isd import ISDConfig, isd_loss
 from encoders.ssl.moco import (
     MemoryQueue,
@@ -22,6 +21,7 @@ from encoders.ssl.moco import (
 )
 from encoders.ssl.registry import build_method, method_options
 from encoders.ssl.synco import synco_logits
+from encoders.zoo.backbones import build_backbone
 
 torch.set_num_threads(1)
 

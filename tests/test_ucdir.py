@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cdir.core.errors import CdirError
 from encoders.adapt.ucdir import UCDIR, UCDIRConfig, cosine_distances, spherical_kmeans
-from encoders.ssl.backbones import build_backbone
+from encoders.zoo.backbones import build_backbone
 
 N_PER_DOMAIN = 12
 CODES = torch.tensor([0, 1] * N_PER_DOMAIN)  # interleaved, as a manifest may be

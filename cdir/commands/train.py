@@ -114,7 +114,7 @@ def run_export(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from encoders.ssl.checkpoint import export_encoder
+    from encoders.engine.checkpoint import export_encoder
 
     out = export_encoder(args.checkpoint, args.output, half=args.half)
     size = Path(out).stat().st_size / 2**20

@@ -1,4 +1,4 @@
-"""The training loop of `cdir adapt`: the pretraining loop (:mod:`encoders.ssl.trainer`) plus
+"""The training loop of `cdir adapt`: the pretraining loop (:mod:`encoders.engine.run`) plus
 rounds of label-free cross-domain mining and label-free model selection.
 
 Every ``round_epochs`` epochs (and before the first), on every rank:
@@ -36,8 +36,8 @@ from cdir.core.errors import CdirError
 from cdir.core.images import BadImage, load_image
 from encoders.adapt.groups import PairedImages, components, group_stats
 from encoders.adapt.mining import MATCHERS, Pairs, mine
-from encoders.ssl.config import Config
-from encoders.ssl.trainer import Monitor, TrainResult, _Run, train
+from encoders.engine.config import Config
+from encoders.engine.run import Monitor, TrainResult, _Run, train
 
 # prepare(features, domain names) -> rows to mine on (normalised, L2)
 Prepare = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -61,7 +61,7 @@ def adapt(
     force: bool = False,
     selection: str = DEFAULT_SELECTION,
 ) -> TrainResult:
-    """Adapt (or resume adapting) an encoder; arguments as :func:`encoders.ssl.trainer.train`,
+    """Adapt (or resume adapting) an encoder; arguments as :func:`encoders.engine.run.train`,
     plus ``prepare``, ``report`` and ``selection`` (module docstring)."""
     if selection not in SELECTION_KEYS:
         raise CdirError(f"unknown selection criterion {selection!r}; choose one of "
@@ -299,7 +299,7 @@ class _AdaptRun(_Run):
     def _select(self, epoch: int, feats: np.ndarray, stats: dict | None = None) -> None:
         """Keep the encoder as ``best_encoder.pt`` when its criterion is the best so far."""
         from encoders.adapt.mining import mining_stats
-        from encoders.ssl.checkpoint import export_encoder
+        from encoders.engine.checkpoint import export_encoder
 
         if stats is None:
             good = ~np.isnan(feats).any(1)
@@ -324,7 +324,7 @@ class _AdaptRun(_Run):
         import shutil
 
         from cdir.core.io import atomic_path
-        from encoders.ssl.checkpoint import export_encoder
+        from encoders.engine.checkpoint import export_encoder
 
         last = export_encoder(self.latest, self.out / "encoder_last.pt")
         best = self.out / "best_encoder.pt"

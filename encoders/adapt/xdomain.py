@@ -114,7 +114,7 @@ class XDomain(SSLMethod):
         self.encoder_q = backbone
         hidden = self.cfg.hidden_dim or feat_dim
         if self.cfg.grid:
-            from encoders.ssl.backbones import GridPooled
+            from encoders.zoo.backbones import GridPooled
 
             if not hasattr(backbone, "feature_map"):
                 raise CdirError("xdomain: grid needs a ResNet backbone of this project")

@@ -10,7 +10,7 @@ tools and ``load_teacher`` read them, plus what this project needs to use the mo
 
 ``ckpt:PATH`` loads such a file as an image encoder (its pooled penultimate features), which is
 how ``cdir eval transfer`` and ``cdir embed`` use a student. Label-free students are ordinary
-backbone encoders (``encoders.ssl.checkpoint.export_encoder``) with an embedding head.
+backbone encoders (``encoders.engine.checkpoint.export_encoder``) with an embedding head.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ ZOO_KEY = "zoo_arch"
 def save_zoo_model(path: str | os.PathLike, model: nn.Module, name: str, num_classes: int,
                    preprocess: dict[str, Any], **meta: Any) -> Path:
     """Write a zoo model's weights (fp32, CPU) with its name and preprocessing, atomically."""
-    from encoders.ssl.checkpoint import save_checkpoint
+    from encoders.engine.checkpoint import save_checkpoint
 
     sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return save_checkpoint(path, {"version": 1, "model": sd, ZOO_KEY: name,
@@ -57,7 +57,7 @@ class PooledFeatures(nn.Module):
 def load_zoo_model(ckpt: dict, path: str | os.PathLike) -> nn.Module:
     """The zoo model of a student/teacher file written by :func:`save_zoo_model` (strict keys),
     in eval mode."""
-    from encoders.distill.zoo import create_model
+    from encoders.zoo import create_model
 
     model = create_model(ckpt[ZOO_KEY], int(ckpt.get("num_classes", 100)))
     sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}

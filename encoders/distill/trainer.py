@@ -1,5 +1,5 @@
 """The training loops of `cdir train teacher` and `cdir distill`: the pretraining engine
-(:mod:`encoders.ssl.trainer`: checkpoints, exact resume, torchrun, AMP, TensorBoard, progress,
+(:mod:`encoders.engine.run`: checkpoints, exact resume, torchrun, AMP, TensorBoard, progress,
 ``--stop-at``) running a :mod:`encoders.distill.student` module.
 
 Labelled runs (:func:`distill`): ``data.path`` names the labelled set
@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from cdir.core.errors import CdirError
-from encoders.ssl.config import Config
-from encoders.ssl.trainer import TrainResult, _Run, train
+from encoders.engine.config import Config
+from encoders.engine.run import TrainResult, _Run, train
 
 # the testbed's lr for the small mobile students (0.05 for every other model)
 SMALL_LR_MODELS = ("MobileNetV2", "mobile_half", "ShuffleV1", "ShuffleV2")
@@ -88,7 +88,7 @@ def resolve_teacher(spec: str, arch: str | None) -> tuple[Path, str]:
     """(file, zoo name) of a teacher given as ``ckpt:PATH`` or ``PATH``: the name recorded in a
     file of this project, else ``arch``, else the testbed's folder name (``<name>_vanilla``)."""
     from encoders.distill.export import ZOO_KEY
-    from encoders.distill.zoo import canonical_name, teacher_name_from_path
+    from encoders.zoo import canonical_name, teacher_name_from_path
 
     path = Path(spec[len("ckpt:"):] if spec.startswith("ckpt:") else spec).expanduser()
     if not path.is_file():
@@ -121,7 +121,7 @@ class _DistillRun(_StudentRun):
         from encoders.distill.data import open_labelled, split_validation
         from encoders.distill.losses import build_loss
         from encoders.distill.student import Distiller
-        from encoders.distill.zoo import create_model, load_teacher
+        from encoders.zoo import create_model, load_teacher
 
         cfg, dc = self.cfg, self.cfg.distill
         data = open_labelled(cfg.data.path, dc.root, dc.download)
@@ -273,7 +273,7 @@ class _LabelFreeRun(_StudentRun):
     def _make_model(self) -> nn.Module:
         from encoders.distill.losses import build_loss
         from encoders.distill.student import LabelFreeDistiller
-        from encoders.ssl.backbones import build_backbone
+        from encoders.zoo.backbones import build_backbone
 
         cfg = self.cfg
         kwargs = {**cfg.model.backbone_kwargs, "embed_dim": cfg.distill.embed_dim}
@@ -297,7 +297,7 @@ class _LabelFreeRun(_StudentRun):
 
     def _fresh_start(self) -> None:
         if self.cfg.model.init:
-            from encoders.ssl.checkpoint import load_encoder
+            from encoders.engine.checkpoint import load_encoder
 
             src, _ = load_encoder(self.cfg.model.init)
             sd = {k: v for k, v in src.state_dict().items() if not k.startswith("embed.")}
@@ -318,6 +318,6 @@ class _LabelFreeRun(_StudentRun):
                             f"({self.teacher_key} now, {key} in the checkpoint)")
 
     def _export(self, out_path: Path) -> Path:
-        from encoders.ssl.checkpoint import export_encoder
+        from encoders.engine.checkpoint import export_encoder
 
         return export_encoder(self.latest, self.out / "student.pt")

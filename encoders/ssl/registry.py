@@ -142,7 +142,7 @@ def build_method(
     **method_kwargs: Any,
 ) -> SSLMethod:
     """Build an SSL method around a fresh ``build_backbone(backbone, **backbone_kwargs)``."""
-    from encoders.ssl.backbones import build_backbone
+    from encoders.zoo.backbones import build_backbone
 
     options, make = _entry(name)
     valid = options()

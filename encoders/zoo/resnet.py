@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from encoders.distill.models.common import NetOutput, he_init, pool_flat
+from encoders.zoo.common import NetOutput, he_init, pool_flat
 
 
 class CifarResNet(nn.Module):

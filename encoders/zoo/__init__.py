@@ -1,7 +1,7 @@
 """The distillation model zoo: a name -> constructor registry (like timm's ``create_model``).
 
 ``create_model(name, num_classes=100)`` builds a randomly initialised model; every model maps
-images (B, 3, H, W) to ``NetOutput(feat, logits)`` (``encoders.distill.models.common``): the
+images (B, 3, H, W) to ``NetOutput(feat, logits)`` (``encoders.zoo.common``): the
 pooled penultimate features (B, model.feat_dim) and the logits (B, num_classes).
 
 Names are the CRD testbed's (RepDistiller), because its teacher folders are named after them
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 _SMALL = (16, 16, 32, 64)  # stem and stage widths of resnet8 ... resnet110
 _X4 = (32, 64, 128, 256)  # the 4x-wide resnet8x4 / resnet32x4
 
-# name -> (module under encoders.distill.models, class, constructor keyword arguments)
+# name -> (module under encoders.zoo, class, constructor keyword arguments)
 _MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "resnet8": ("resnet", "CifarResNet", {"depth": 8, "widths": _SMALL}),
     "resnet14": ("resnet", "CifarResNet", {"depth": 14, "widths": _SMALL}),
@@ -89,7 +89,7 @@ def create_model(name: str, num_classes: int = 100) -> nn.Module:
     module, cls, kwargs = _MODELS[canonical_name(name)]
     if int(num_classes) < 1:
         raise CdirError(f"num_classes must be positive, got {num_classes}")
-    mod = importlib.import_module(f"encoders.distill.models.{module}")
+    mod = importlib.import_module(f"encoders.zoo.{module}")
     return getattr(mod, cls)(num_classes=int(num_classes), **kwargs)
 
 

@@ -4,7 +4,7 @@ Runs as a single process on CPU or one GPU (no process group), or under ``torchr
 GPUs and nodes (NCCL on GPUs, Gloo on CPUs). The method object does its own momentum update and
 enqueue inside ``forward``, so the loop is generic: views -> loss -> optimizer step.
 
-- Config: :mod:`encoders.ssl.config`; optimiser and lr schedule: :mod:`encoders.ssl.optim`.
+- Config: :mod:`encoders.engine.config`; optimiser and lr schedule: :mod:`encoders.engine.optim`.
 - Monitor: an optional callable ``monitor(encoder, device) -> {metric: value}`` handed in by the
   caller (``eval.ssl.make_monitor``), run on the main process every ``monitor.every`` epochs.
 - Reproducibility: model init from ``seed``; data order from a sampler keyed by (seed, epoch);
@@ -52,8 +52,8 @@ from cdir.core.errors import CdirError
 from cdir.core.io import write_text
 from cdir.core.lock import exclusive
 from cdir.core.signals import loader_worker, shielded
-from encoders.ssl.config import Config, run_dir
-from encoders.ssl.optim import apply_config, build_optimizer, build_scheduler
+from encoders.engine.config import Config, run_dir
+from encoders.engine.optim import apply_config, build_optimizer, build_scheduler
 
 # monitor(encoder, device) -> metrics, e.g. {"knn_top1": ..., "p1": ...}
 Monitor = Callable[[nn.Module, torch.device], dict[str, float]]
@@ -166,7 +166,7 @@ class _Run:
 
     def __init__(self, cfg: Config, d: Dist, resume: str | os.PathLike | dict | None,
                  monitor: Monitor | None) -> None:
-        from encoders.ssl.checkpoint import load_checkpoint
+        from encoders.engine.checkpoint import load_checkpoint
 
         self.cfg, self.d = cfg, d
         o = cfg.optim
@@ -252,7 +252,7 @@ class _Run:
 
     def _fresh_start(self) -> None:
         """Called after the model and optimiser are built when no checkpoint is resumed."""
-        from encoders.ssl.checkpoint import load_init
+        from encoders.engine.checkpoint import load_init
 
         if self.cfg.model.init:
             load_init(self.model, self.cfg.model.init)
@@ -278,12 +278,12 @@ class _Run:
         pass
 
     def _export(self, out_path: Path) -> Path:
-        from encoders.ssl.checkpoint import export_encoder
+        from encoders.engine.checkpoint import export_encoder
 
         return export_encoder(self.latest, out_path)
 
     def _restore(self, ckpt: dict) -> None:
-        from encoders.ssl.checkpoint import restore_run_rng_state
+        from encoders.engine.checkpoint import restore_run_rng_state
 
         o = self.cfg.optim
         saved_opt = (ckpt.get("config") or {}).get("optim", {}).get("optimizer", "sgd")
@@ -439,7 +439,7 @@ class _Run:
 
     def _end_epoch(self, done: int, ep: torch.Tensor, elapsed: float) -> None:
         """Statistics over all ranks, the monitor, the checkpoints and the metrics line."""
-        from encoders.ssl.checkpoint import run_rng_state, save_checkpoint
+        from encoders.engine.checkpoint import run_rng_state, save_checkpoint
 
         cfg, d, o, t = self.cfg, self.d, self.cfg.optim, self.cfg.train
         self.losses += ep.tolist()

@@ -249,7 +249,7 @@ def load_encoder(
     Accepts project checkpoints (full or exported) and reference MoCo/SynCo/ISD checkpoints.
     The module is in eval mode, float32, on ``map_location``. Missing or unexpected keys raise
     CdirError naming them (never a silent partial load)."""
-    from encoders.ssl.backbones import build_backbone
+    from encoders.zoo.backbones import build_backbone
 
     path = Path(path)
     ckpt = _torch_load(path, map_location)
@@ -296,8 +296,8 @@ def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: Path, wha
 
 def _reference_momentum_head(ckpt: Any, path: Path) -> tuple[nn.Module, int]:
     """Momentum encoder + ``fc`` head of a reference MoCo/SynCo checkpoint (``encoder_k.*``)."""
-    from encoders.ssl.backbones import build_backbone
     from encoders.ssl.heads import mlp
+    from encoders.zoo.backbones import build_backbone
 
     sd = ckpt.get("state_dict", ckpt.get("model")) if isinstance(ckpt, dict) else None
     sub: dict[str, torch.Tensor] = {}

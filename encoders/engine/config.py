@@ -82,7 +82,7 @@ class DistillConfig:
 
     ``data.path`` names the labelled set (cifar10, cifar100, digits, or a folder with train/
     and test/), or for ``label_free`` the workspace; ``model.backbone`` is the student's zoo
-    name (label-free: a backbone of ``encoders.ssl.backbones``)."""
+    name (label-free: a backbone of ``encoders.zoo.backbones``)."""
 
     root: str = "data"  # where named datasets live (CIFAR archives, STL-10, Tiny-ImageNet)
     download: bool = False  # fetch a named dataset with torchvision when it is missing
@@ -225,7 +225,7 @@ def run_config(
     ``train.out``). With a recipe, values that differ from the checkpoint's are noted on stderr;
     without one, the checkpoint's config is the base. ``base`` (a recipe dict) lies under the
     recipe: the distillation testbed's defaults, which hold with no recipe at all."""
-    from encoders.ssl.checkpoint import load_checkpoint
+    from encoders.engine.checkpoint import load_checkpoint
 
     sets = list(sets or [])
     values = dict(values or {})
