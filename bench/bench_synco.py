@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoders.ssl.moco import infonce_logits, infonce_loss  # noqa: E402
+from encoders.engine.parts import infonce_logits, infonce_loss  # noqa: E402
 from encoders.ssl.synco import synco_logits  # noqa: E402
 from encoders.ssl.synthetic import (  # noqa: E402
     SyntheticConfig,

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdir.core.errors import CdirError
+from encoders.engine.parts import no_autocast
 from encoders.ssl.heads import mlp
-from encoders.ssl.moco import SSLMethod, no_autocast
+from encoders.ssl.moco import SSLMethod
 
 NEGATIVES = {"domain": "only the positive's domain", "batch": "the whole batch"}
 
