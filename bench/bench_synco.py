@@ -113,7 +113,7 @@ def bench_loss(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def bench_full(args: argparse.Namespace, device: torch.device) -> None:
-    from encoders.ssl.registry import build_method
+    from encoders.ssl.plugin import build_method
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
     steps: dict[str, Callable[[], None]] = {}

@@ -469,7 +469,8 @@ def _ckpt_encoder(spec: str, device: torch.device) -> ImageEncoder:
         model, dim = _torchvision_encoder(path, params["arch"], spec)
         transform = eval_transform(size or 224)
     elif features == "head":
-        from encoders.engine.checkpoint import encoder_preprocess, load_momentum_head
+        from encoders.engine.checkpoint import encoder_preprocess
+        from encoders.ssl.momentum import load_momentum_head
 
         try:
             model, dim = load_momentum_head(path)

@@ -330,6 +330,6 @@ def test_adapt_recipes_resolve(recipe: str) -> None:
     method = next(iter(raw["methods"]))
     cfg = resolve_config(raw, method, recipe)
     assert cfg.method_name in ("xdomain", "ucdir") and cfg.optim.epochs > 0
-    from encoders.ssl.registry import build_method
+    from encoders.ssl.plugin import build_method
 
     build_method(cfg.method_name, "resnet18", {"width": 0.125}, **cfg.method_kwargs)

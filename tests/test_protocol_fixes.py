@@ -24,7 +24,7 @@ def _images() -> list[Image.Image]:
 def _train_checkpoint(tmp_path: Path, method_name: str) -> tuple[Path, torch.nn.Module]:
     """A full `cdir train`-style checkpoint whose momentum branch differs from the query one."""
     from encoders.engine.checkpoint import save_checkpoint
-    from encoders.ssl.registry import build_method
+    from encoders.ssl.plugin import build_method
 
     torch.manual_seed(0)
     kw = METHOD_KWARGS[method_name]

@@ -58,7 +58,7 @@ def _check_collectives(rank: int) -> None:
 def _check_methods(rank: int) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from encoders.ssl.registry import build_method
+    from encoders.ssl.plugin import build_method
 
     torch.manual_seed(rank)  # different init per rank: DDP must sync parameters and queues
     for name, kw in [

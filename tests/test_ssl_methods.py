@@ -19,7 +19,7 @@ from encoders.engine.parts import (
 )
 from encoders.ssl import synthetic as syn
 from encoders.ssl.isd import ISDConfig, isd_loss
-from encoders.ssl.registry import build_method, method_options
+from encoders.ssl.plugin import build_method, method_options
 from encoders.ssl.synco import synco_logits
 from encoders.zoo.backbones import build_backbone
 

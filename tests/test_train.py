@@ -72,10 +72,10 @@ def test_tiny_run_writes_checkpoints_and_encoder(
     method: str, tiny_images: Path, tmp_path: Path
 ) -> None:
     from encoders.engine.checkpoint import load_checkpoint, load_encoder
-    from encoders.engine.run import train
+    from encoders.ssl.trainer import pretrain
 
     out = tmp_path / "run"
-    res = train(_cfg(tiny_images, out, method))
+    res = pretrain(_cfg(tiny_images, out, method))
     assert res.epochs_done == 2 and res.steps == 2 * 3  # 48 images // 16
     assert len(res.losses) == 6 and all(math.isfinite(v) for v in res.losses)
     for name in ("latest.pt", "checkpoint_0001.pt", "checkpoint_0002.pt", "encoder.pt",
@@ -109,33 +109,34 @@ def test_resume_reproduces_the_loss_curve(
 ) -> None:
     """Interrupt after epoch 1, resume from latest.pt: the losses equal an uninterrupted run's
     (data order, augmentations, queue, SynCo's warm-up and random draws all restored)."""
-    from encoders.engine.run import train
+    from encoders.ssl.trainer import pretrain
 
-    full = train(_cfg(tiny_images, tmp_path / "a", method, epochs=3, workers=workers))
-    part1 = train(_cfg(tiny_images, tmp_path / "b", method, epochs=3, workers=workers), stop_at=1)
+    full = pretrain(_cfg(tiny_images, tmp_path / "a", method, epochs=3, workers=workers))
+    part1 = pretrain(_cfg(tiny_images, tmp_path / "b", method, epochs=3, workers=workers),
+                     stop_at=1)
     assert part1.epochs_done == 1 and not (tmp_path / "b" / "encoder.pt").exists()
-    part2 = train(_cfg(tiny_images, tmp_path / "b", method, epochs=3, workers=workers),
+    part2 = pretrain(_cfg(tiny_images, tmp_path / "b", method, epochs=3, workers=workers),
                   resume=tmp_path / "b" / "latest.pt")
     assert len(full.losses) == 9
     np.testing.assert_allclose(part1.losses + part2.losses, full.losses, rtol=1e-6, atol=1e-7)
     # a different seed gives a different curve (the comparison above can fail)
     cfg = _cfg(tiny_images, tmp_path / "c", method, epochs=1, workers=workers)
     cfg.train.seed = 1
-    other = train(cfg)
+    other = pretrain(cfg)
     assert other.losses != full.losses[:3]
 
 
 def test_unreadable_images_are_skipped_and_listed(tmp_path: Path, tiny_images: Path) -> None:
     import shutil
 
-    from encoders.engine.run import train
+    from encoders.ssl.trainer import pretrain
 
     data = tmp_path / "data"
     shutil.copytree(tiny_images, data)
     bad = _add_bad_image(data)
     cfg = _cfg(data, tmp_path / "run", "moco", epochs=1)
     cfg.optim.batch_size = 49  # one batch of all 49 files, so the bad one is always drawn
-    res = train(cfg)
+    res = pretrain(cfg)
     assert res.skipped == [str(bad)]
     assert (tmp_path / "run" / "skipped.txt").read_text().strip() == str(bad)
 
@@ -265,7 +266,7 @@ def test_lr_schedule() -> None:
 def test_recipes_resolve_for_every_method() -> None:
     from cdir.core.config import load_yaml
     from encoders.engine.config import resolve_config
-    from encoders.ssl.registry import method_options
+    from encoders.ssl.plugin import method_options
 
     names = ("emoji_small", "cifar10", "cifar100", "imagenet_r18_200ep", "imagenet_r50_200ep",
              "imagenet_r50_800ep")
@@ -283,8 +284,8 @@ def test_emoji_recipe_builds_and_steps(method: str, tmp_path: Path) -> None:
     """The CPU emoji recipe as written (backbone, heads, queue, augmentations) takes a step."""
     from cdir.core.config import load_yaml
     from encoders.engine.config import resolve_config
-    from encoders.engine.run import build_model
     from encoders.ssl.augment import build_multiview
+    from encoders.ssl.trainer import build_model
 
     cfg = resolve_config(load_yaml(REPO / "configs/emoji_small.yaml"), method)
     model = build_model(cfg)

@@ -185,7 +185,7 @@ def test_state_dict_round_trip() -> None:
 
 
 def test_config_validation_and_registry() -> None:
-    from encoders.ssl.registry import build_method
+    from encoders.ssl.plugin import build_method
 
     for bad in ({"temperature": 0.0}, {"momentum": 1.5}, {"num_cluster": 0},
                 {"warmup_epochs": 10, "cross_start": 5}, {"kmeans_source": "faiss"},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from cdir.commands.common import add_command, add_progress, add_workspace, positive_int
-from encoders.ssl.registry import ADAPT_METHODS
+from encoders.adapt.plugin import METHODS as ADAPT_METHODS
 
 EPILOG = """\
 methods:

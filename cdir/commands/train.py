@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from cdir.commands.common import add_progress
-from encoders.ssl.registry import METHODS
+from encoders.ssl.plugin import METHODS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -57,8 +57,8 @@ def adapt_config(method: str, encoder: str, manifest: Path, config: str | os.Pat
                  sets: Iterable[str], values: dict[str, Any]):
     """The run config (see the module docstring)."""
     from cdir.core.config import deep_merge, load_yaml
+    from encoders.adapt.plugin import METHODS as ADAPT_METHODS
     from encoders.engine.config import resolve_config, with_values
-    from encoders.ssl.registry import ADAPT_METHODS
 
     if method not in ADAPT_METHODS:
         raise CdirError(f"unknown adaptation method {method!r}; choose one of "

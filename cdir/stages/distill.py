@@ -46,7 +46,7 @@ def _values(given: dict[str, Any]) -> dict[str, Any]:
 def distill_config(method: str, config: str | os.PathLike | None, sets: Iterable[str],
                    values: dict[str, Any], resume: str | None = None):
     """(run config, checkpoint to resume or None) of a labelled run."""
-    from encoders.distill.losses import DISTILL_METHODS
+    from encoders.distill.plugin import METHODS as DISTILL_METHODS
     from encoders.distill.trainer import SMALL_LR_MODELS, TESTBED
     from encoders.engine.config import Config, run_config, with_values
 

@@ -44,7 +44,7 @@ def train_encoder(
     ``images_per_s``, ``latest``, ``encoder`` (None until the last epoch), ``skipped``,
     ``epoch_losses`` and ``monitor``."""
     from encoders.engine.config import run_config
-    from encoders.engine.run import train
+    from encoders.ssl.trainer import pretrain as train
 
     given = {"data": data, "out": out, "epochs": epochs, "batch_size": batch_size,
              "workers": workers, "seed": seed, "monitor": monitor}

@@ -1,10 +1,16 @@
-"""One training loop for MoCo v2, SynCo and ISD.
+"""The one training loop of the project: :class:`Run`, driven by :func:`train`.
+
+Every trainer is a subclass of :class:`Run` that fills in its hooks (the model, the data, what
+more a checkpoint holds, what happens around an epoch): pretraining (``encoders.ssl``),
+adaptation (``encoders.adapt``) and distillation (``encoders.distill``); the engine imports none
+of them. The model does its own momentum update and enqueue inside ``forward``, so the loop is
+generic: views -> loss -> optimizer step.
 
 Runs as a single process on CPU or one GPU (no process group), or under ``torchrun`` with DDP across
-GPUs and nodes (NCCL on GPUs, Gloo on CPUs). The method object does its own momentum update and
-enqueue inside ``forward``, so the loop is generic: views -> loss -> optimizer step.
+GPUs and nodes (NCCL on GPUs, Gloo on CPUs).
 
-- Config: :mod:`encoders.engine.config`; optimiser and lr schedule: :mod:`encoders.engine.optim`.
+- Config: :mod:`encoders.engine.config`; optimiser and lr schedule: :mod:`encoders.engine.optim`;
+  checkpoints: :mod:`encoders.engine.checkpoint`.
 - Monitor: an optional callable ``monitor(encoder, device) -> {metric: value}`` handed in by the
   caller (``eval.ssl.make_monitor``), run on the main process every ``monitor.every`` epochs.
 - Reproducibility: model init from ``seed``; data order from a sampler keyed by (seed, epoch);
@@ -75,29 +81,22 @@ class TrainResult:
     state: dict[str, Any] = field(default_factory=dict)  # a subclass's extra checkpoint state
 
 
-def build_model(cfg: Config) -> nn.Module:
-    from encoders.ssl.registry import build_method
-
-    return build_method(
-        cfg.method_name, cfg.model.backbone, dict(cfg.model.backbone_kwargs), **cfg.method_kwargs
-    )
-
-
 def train(
     cfg: Config,
     resume: str | os.PathLike | dict | None = None,
     stop_at: int | None = None,
     monitor: Monitor | None = None,
     force: bool = False,
-    run: Callable[..., _Run] | None = None,
+    *,
+    run: Callable[..., Run],
 ) -> TrainResult:
     """Run pretraining, or resume it from a checkpoint (path or loaded dict).
 
     ``stop_at`` ends the call after that many epochs in total, as an interruption would (for
     chunked jobs and for the resume test). ``monitor`` (see the module docstring) is only called
     on the main process. Without ``resume``, an output folder that holds a run is refused, or
-    with ``force`` its files are moved aside first. ``run`` builds the run object (a subclass of
-    ``_Run`` with more state: ``encoders.adapt.trainer``)."""
+    with ``force`` its files are moved aside first. ``run(cfg, dist, resume, monitor)`` builds
+    the run object: a :class:`Run` subclass (its class, or a function that adds more state)."""
     out = run_dir(cfg)
     if force and resume is not None:
         raise CdirError("--force starts the run over; it does not go with --resume")
@@ -107,7 +106,7 @@ def train(
         d = setup_distributed(cfg.train.device, cfg.train.backend, flag="--set train.device")
         _set_threads(cfg, d)
         try:
-            return (run or _Run)(cfg, d, resume, monitor).run(stop_at)
+            return run(cfg, d, resume, monitor).run(stop_at)
         finally:
             teardown(d)
 
@@ -161,8 +160,21 @@ def _describe(out: Path) -> str:
     return ", ".join(names)
 
 
-class _Run:
-    """The state of one training call: model, data, optimiser, outputs."""
+class Run:
+    """The state of one training call: model, data, optimiser, outputs; :meth:`run` is the loop.
+
+    A trainer subclasses it and fills in the hooks (public methods with no underscore):
+    :meth:`make_model` and :meth:`make_dataset` (required), then as needed
+    :meth:`fresh_start`, :meth:`before_epoch`, :meth:`forward`, :meth:`bad_paths`,
+    :meth:`epoch_record`, :meth:`end_epoch`, :meth:`extra_state` / :meth:`restore_extra` and
+    :meth:`export`. A subclass with more state sets it before calling ``super().__init__``,
+    which builds everything (the hooks run from there).
+
+    The model (``make_model``) has ``encoder_prefix`` (the ``state_dict`` prefix of the weights
+    that are exported), ``set_epoch(epoch)``, and ``forward`` returning a dict with a
+    differentiable scalar ``"loss"`` and detached scalar logs; ``encoder_arch``
+    (``{"name", "kwargs"}`` of its backbone) when it has one.
+    """
 
     def __init__(self, cfg: Config, d: Dist, resume: str | os.PathLike | dict | None,
                  monitor: Monitor | None) -> None:
@@ -188,12 +200,10 @@ class _Run:
         self._build(ckpt)
 
     def _build(self, ckpt: dict | None) -> None:
-        from encoders.ssl.data import SeededSampler
-
         cfg, d, o, t = self.cfg, self.d, self.cfg.optim, self.cfg.train
         # identical initial weights on every rank (DDP also broadcasts rank 0's at wrap time)
         _seed_all(t.seed)
-        model = self._make_model().to(d.device)
+        model = self.make_model().to(d.device)
         if t.channels_last and d.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.encoder_arch = dict(getattr(model, "encoder_arch", None) or {
@@ -201,14 +211,13 @@ class _Run:
         _seed_all(t.seed + d.rank)  # different augmentation draws per rank
 
         # data: the order depends only on (seed, epoch)
-        self.dataset = self._make_dataset(model)
-        if d.world > 1:
-            self.sampler: Any = torch.utils.data.DistributedSampler(
-                self.dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=t.seed,
-                drop_last=True,
-            )
-        else:
-            self.sampler = SeededSampler(len(self.dataset), seed=t.seed)
+        self.dataset = self.make_dataset(model)
+        # one process too: its order is randperm(n) seeded by seed + epoch, so a run resumed at
+        # epoch e replays the order the uninterrupted run used
+        self.sampler: Any = torch.utils.data.DistributedSampler(
+            self.dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=t.seed,
+            drop_last=True,
+        )
         spe = (len(self.dataset) // d.world) // self.per_rank
         if t.max_steps_per_epoch:
             spe = min(spe, t.max_steps_per_epoch)
@@ -227,7 +236,7 @@ class _Run:
         if ckpt is not None:
             self._restore(ckpt)
         else:
-            self._fresh_start()
+            self.fresh_start()
 
         self.net: nn.Module = model
         if d.world > 1:
@@ -239,45 +248,51 @@ class _Run:
                 **_no_forward_buffer_sync(),
             )
 
-    # hooks a run with more state (encoders.adapt) overrides ---------------------------------
-    def _make_model(self) -> nn.Module:
-        return build_model(self.cfg)
+    # hooks ---------------------------------------------------------------------------------
+    def make_model(self) -> nn.Module:
+        """The module to train (see the class docstring for what the loop asks of it); built
+        once, on every rank, after the seed is set."""
+        raise NotImplementedError(f"{type(self).__name__} builds no model")
 
-    def _make_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
-        from encoders.ssl.augment import build_multiview
-        from encoders.ssl.data import UnlabelledImages, list_images
+    def make_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
+        """The training set: items ``(views, index, ok)``, ``ok`` False for an unreadable
+        image. Sets ``self.paths`` when the default :meth:`bad_paths` is to name them."""
+        raise NotImplementedError(f"{type(self).__name__} has no training data")
 
-        self.paths = list_images(self.cfg.data.path)
-        return UnlabelledImages(self.paths, build_multiview(model.views, self.cfg.aug))
-
-    def _fresh_start(self) -> None:
-        """Called after the model and optimiser are built when no checkpoint is resumed."""
+    def fresh_start(self) -> None:
+        """Called after the model and optimiser are built when no checkpoint is resumed; by
+        default loads ``model.init`` into the model's backbones (:func:`load_init`)."""
         from encoders.engine.checkpoint import load_init
 
         if self.cfg.model.init:
             load_init(self.model, self.cfg.model.init)
 
-    def _before_epoch(self, epoch: int) -> None:
+    def before_epoch(self, epoch: int) -> None:
         """Called on every rank before the data of ``epoch`` (0-based) is loaded."""
 
-    def _forward(self, views: list[torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model on one batch (under autocast): ``{"loss": ..., other scalar logs}``;
+        ``idx`` holds the batch's dataset indices (for models that look rows up)."""
         return self.net(views)
 
-    def _bad_paths(self, idx: torch.Tensor, ok: torch.Tensor) -> list[str]:
+    def bad_paths(self, idx: torch.Tensor, ok: torch.Tensor) -> list[str]:
+        """The names of the unreadable images of a batch (``ok`` False), for ``skipped.txt``."""
         return [self.paths[j] for j in idx[~ok].tolist()]
 
-    def _epoch_record(self, done: int) -> dict[str, Any]:
+    def epoch_record(self, done: int) -> dict[str, Any]:
         """More entries for the metrics line of epoch ``done`` (1-based); runs on every rank."""
         return {}
 
-    def _extra_state(self) -> dict[str, Any]:
-        """More entries for the training checkpoint (restored by :meth:`_restore_extra`)."""
+    def extra_state(self) -> dict[str, Any]:
+        """More entries for the training checkpoint (restored by :meth:`restore_extra`)."""
         return {}
 
-    def _restore_extra(self, ckpt: dict) -> None:
-        pass
+    def restore_extra(self, ckpt: dict) -> None:
+        """Restore what :meth:`extra_state` saved, from a resumed checkpoint."""
 
-    def _export(self, out_path: Path) -> Path:
+    def export(self, out_path: Path) -> Path:
+        """After the last epoch, on the main process: write the run's product (by default the
+        encoder-only file of ``latest.pt`` at ``out_path``) and return its path."""
         from encoders.engine.checkpoint import export_encoder
 
         return export_encoder(self.latest, out_path)
@@ -298,7 +313,7 @@ class _Run:
         self.start_epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         apply_config(self.optimizer, self.scheduler, self.step, self.steps_per_epoch, o)
         restore_run_rng_state(ckpt["rng"])
-        self._restore_extra(ckpt)
+        self.restore_extra(ckpt)
         saved_spe = ckpt.get("steps_per_epoch")
         if saved_spe and saved_spe != self.steps_per_epoch:
             print(f"warning: {self.steps_per_epoch} steps per epoch now, {saved_spe} in the "
@@ -332,7 +347,7 @@ class _Run:
         try:
             for epoch in range(self.start_epoch, end_epoch):
                 ep, elapsed = self._epoch(epoch)
-                self._end_epoch(epoch + 1, ep, elapsed)
+                self.end_epoch(epoch + 1, ep, elapsed)
                 barrier()
         except KeyboardInterrupt:
             if d.main:
@@ -352,19 +367,19 @@ class _Run:
         encoder_path = None
         if d.main:
             if end_epoch >= o.epochs and self.latest.exists():
-                encoder_path = self._export(self.out / "encoder.pt")
+                encoder_path = self.export(self.out / "encoder.pt")
         return TrainResult(
             out=self.out, epochs_done=end_epoch, steps=self.step, losses=self.losses,
             epoch_losses=self.epoch_losses, latest=self.latest, encoder=encoder_path,
             monitor=self.monitor_hist, images_per_s=sum(self.rates) / max(len(self.rates), 1),
-            skipped=sorted(self.skipped), rank=d.rank, state=self._extra_state(),
+            skipped=sorted(self.skipped), rank=d.rank, state=self.extra_state(),
         )
 
     def _epoch(self, epoch: int) -> tuple[torch.Tensor, float]:
         """One epoch of optimizer steps: (per-step losses on CPU, seconds)."""
         cfg, d, o, t = self.cfg, self.d, self.cfg.optim, self.cfg.train
         self.model.set_epoch(epoch)
-        self._before_epoch(epoch)
+        self.before_epoch(epoch)
         self.model.train()
         self.sampler.set_epoch(epoch)
         gen = torch.Generator()
@@ -388,7 +403,7 @@ class _Run:
             if i >= self.steps_per_epoch:
                 break
             if not bool(ok.all()):
-                self.skipped.update(self._bad_paths(idx, ok))
+                self.skipped.update(self.bad_paths(idx, ok))
             res = self._step(views, idx)
             loss = res["loss"].detach()
             ep_losses.append(loss)
@@ -409,7 +424,7 @@ class _Run:
         if self.cfg.train.channels_last and d.device.type == "cuda":
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(d.device.type, dtype=self.amp_dtype, enabled=self.amp_on):
-            res = self._forward(views, idx)
+            res = self.forward(views, idx)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(res["loss"]).backward()
         self.scaler.step(self.optimizer)
@@ -437,8 +452,10 @@ class _Run:
         if bar is not None:
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.4g}")
 
-    def _end_epoch(self, done: int, ep: torch.Tensor, elapsed: float) -> None:
-        """Statistics over all ranks, the monitor, the checkpoints and the metrics line."""
+    def end_epoch(self, done: int, ep: torch.Tensor, elapsed: float) -> None:
+        """After epoch ``done`` (1-based), on every rank: statistics over all ranks, the
+        monitor, the checkpoints and the metrics line. A hook too: a subclass may do more first
+        (and then call this)."""
         from encoders.engine.checkpoint import run_rng_state, save_checkpoint
 
         cfg, d, o, t = self.cfg, self.d, self.cfg.optim, self.cfg.train
@@ -452,7 +469,7 @@ class _Run:
         lr = self.optimizer.param_groups[0]["lr"]
         record: dict[str, Any] = {"epoch": done, "step": self.step, "loss": ep_mean, "lr": lr,
                                   "img_per_s": rate, "seconds": elapsed}
-        record.update(self._epoch_record(done))
+        record.update(self.epoch_record(done))
         if self.monitor is not None and (done % max(cfg.monitor.every, 1) == 0
                                          or done == o.epochs):
             mres = self.monitor(_encoder_of(self.model), d.device)
@@ -473,7 +490,7 @@ class _Run:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "epoch": done, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
-                "rng": rng, **self._extra_state(),
+                "rng": rng, **self.extra_state(),
                 "meta": {"git_sha": _git_sha(), "torch": str(torch.__version__),
                          "world_size": d.world, "time": time.time()},
             }

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+# the input normalisation of models trained on ImageNet (torchvision's, MoCo's)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 _SMALL = (16, 16, 32, 64)  # stem and stage widths of resnet8 ... resnet110
 _X4 = (32, 64, 128, 256)  # the 4x-wide resnet8x4 / resnet32x4
 
