@@ -7,7 +7,8 @@ the shared ones (data, model, optim, train, monitor: :data:`SHARED`) and those t
 none of the families: each plug-in package registers its ``METHODS`` and sections when its
 ``plugin`` module is imported, and :func:`families` finds those modules. A method section's
 keys are the method's hyperparameters, except ``name`` (the registry name, e.g. ``isd_plus``)
-and nested sections, which override the top-level ones for that method only. Unknown keys are errors, not silently dropped.
+and nested sections, which override the top-level ones for that method only. Unknown keys are
+errors, not silently dropped.
 
 Precedence (:func:`run_config`, what ``cdir train`` does): the recipe, then its method section,
 then ``--set key=value`` items, then the direct flags (``--data``, ``--epochs``, ...). Without a

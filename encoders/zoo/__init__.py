@@ -1,12 +1,16 @@
-"""The distillation model zoo: a name -> constructor registry (like timm's ``create_model``).
+"""The model zoo: one name -> model table, ``MODELS`` (like timm's registry), of two kinds.
 
-``create_model(name, num_classes=100)`` builds a randomly initialised model; every model maps
-images (B, 3, H, W) to ``NetOutput(feat, logits)`` (``encoders.zoo.common``): the
-pooled penultimate features (B, model.feat_dim) and the logits (B, num_classes).
+- Backbones (``build_backbone(name, **options)`` in :mod:`encoders.zoo.backbones`): feature
+  extractors without a classifier, what the self-supervised, adaptation and label-free
+  distillation runs train and ``ckpt:`` encoders load. torchvision-compatible ResNet trunks:
+  resnet18/34/50 (ImageNet stem) and cifar_resnet18/34/50 (3x3 stride-1 stem).
+- Classifiers (``create_model(name, num_classes=100)``): the distillation testbed's models; every
+  one maps images (B, 3, H, W) to ``NetOutput(feat, logits)`` (``encoders.zoo.common``): the
+  pooled penultimate features (B, model.feat_dim) and the logits (B, num_classes).
 
-Names are the CRD testbed's (RepDistiller), because its teacher folders are named after them
-(``<name>_vanilla/ckpt_epoch_240.pth``), and the state-dict keys are the testbed's too, so its
-published teacher checkpoints load with ``load_teacher``:
+Classifier names are the CRD testbed's (RepDistiller), because its teacher folders are named
+after them (``<name>_vanilla/ckpt_epoch_240.pth``), and the state-dict keys are the testbed's
+too, so its published teacher checkpoints load with ``load_teacher``:
 
 - CIFAR (32 px): resnet8/14/20/32/44/56/110 (64-d), resnet8x4/resnet32x4 (256), wrn_16_1 and
   wrn_40_1 (64), wrn_16_2 and wrn_40_2 (128), vgg8/11/13/16/19 with BN (512), MobileNetV2
@@ -16,7 +20,8 @@ published teacher checkpoints load with ``load_teacher``:
   models and keys. (Named apart from the CIFAR ``ResNet50``, which differs only in case.)
 
 The architecture modules (and torch) are imported when a model is built, so listing the names
-is cheap.
+is cheap. Architectures are kept apart only where they really differ (the testbed's key names,
+CIFAR vs ImageNet stems); the residual stages are built once (``common.resnet_stage``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,33 +46,58 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _SMALL = (16, 16, 32, 64)  # stem and stage widths of resnet8 ... resnet110
 _X4 = (32, 64, 128, 256)  # the 4x-wide resnet8x4 / resnet32x4
 
-# name -> (module under encoders.zoo, class, constructor keyword arguments)
-_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "resnet8": ("resnet", "CifarResNet", {"depth": 8, "widths": _SMALL}),
-    "resnet14": ("resnet", "CifarResNet", {"depth": 14, "widths": _SMALL}),
-    "resnet20": ("resnet", "CifarResNet", {"depth": 20, "widths": _SMALL}),
-    "resnet32": ("resnet", "CifarResNet", {"depth": 32, "widths": _SMALL}),
-    "resnet44": ("resnet", "CifarResNet", {"depth": 44, "widths": _SMALL}),
-    "resnet56": ("resnet", "CifarResNet", {"depth": 56, "widths": _SMALL}),
-    "resnet110": ("resnet", "CifarResNet", {"depth": 110, "widths": _SMALL}),
-    "resnet8x4": ("resnet", "CifarResNet", {"depth": 8, "widths": _X4}),
-    "resnet32x4": ("resnet", "CifarResNet", {"depth": 32, "widths": _X4}),
-    "ResNet50": ("resnet", "CifarResNet50", {}),
-    "wrn_16_1": ("wrn", "WideResNet", {"depth": 16, "widen": 1}),
-    "wrn_16_2": ("wrn", "WideResNet", {"depth": 16, "widen": 2}),
-    "wrn_40_1": ("wrn", "WideResNet", {"depth": 40, "widen": 1}),
-    "wrn_40_2": ("wrn", "WideResNet", {"depth": 40, "widen": 2}),
-    "vgg8": ("vgg", "VGG", {"depth": 8}),
-    "vgg11": ("vgg", "VGG", {"depth": 11}),
-    "vgg13": ("vgg", "VGG", {"depth": 13}),
-    "vgg16": ("vgg", "VGG", {"depth": 16}),
-    "vgg19": ("vgg", "VGG", {"depth": 19}),
-    "MobileNetV2": ("mobilenetv2", "MobileNetV2", {"expansion": 6, "width": 0.5}),
-    "ShuffleV1": ("shufflenet", "ShuffleNetV1", {}),
-    "ShuffleV2": ("shufflenet", "ShuffleNetV2", {}),
-    "resnet18_imagenet": ("imagenet", "TorchvisionResNet", {"arch": "resnet18"}),
-    "resnet34_imagenet": ("imagenet", "TorchvisionResNet", {"arch": "resnet34"}),
-    "resnet50_imagenet": ("imagenet", "TorchvisionResNet", {"arch": "resnet50"}),
+BACKBONE, CLASSIFIER = "backbone", "classifier"
+
+
+@dataclass(frozen=True)
+class Model:
+    """A zoo entry: ``module.cls(**kwargs)`` (module under encoders.zoo) builds it; ``kind``:
+    :data:`BACKBONE` (pooled features, :func:`encoders.zoo.backbones.build_backbone`) or
+    :data:`CLASSIFIER` (``NetOutput``, :func:`create_model`)."""
+
+    module: str
+    cls: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    kind: str = CLASSIFIER
+
+
+def _trunk(block: str, layers: tuple[int, ...], stem: str) -> Model:
+    return Model("backbones", "ResNetTrunk", {"block": block, "layers": layers, "stem": stem},
+                 BACKBONE)
+
+
+MODELS: dict[str, Model] = {
+    "resnet18": _trunk("basic", (2, 2, 2, 2), "imagenet"),
+    "resnet34": _trunk("basic", (3, 4, 6, 3), "imagenet"),
+    "resnet50": _trunk("bottleneck", (3, 4, 6, 3), "imagenet"),
+    "cifar_resnet18": _trunk("basic", (2, 2, 2, 2), "cifar"),
+    "cifar_resnet34": _trunk("basic", (3, 4, 6, 3), "cifar"),
+    "cifar_resnet50": _trunk("bottleneck", (3, 4, 6, 3), "cifar"),
+    "resnet8": Model("resnet", "CifarResNet", {"depth": 8, "widths": _SMALL}),
+    "resnet14": Model("resnet", "CifarResNet", {"depth": 14, "widths": _SMALL}),
+    "resnet20": Model("resnet", "CifarResNet", {"depth": 20, "widths": _SMALL}),
+    "resnet32": Model("resnet", "CifarResNet", {"depth": 32, "widths": _SMALL}),
+    "resnet44": Model("resnet", "CifarResNet", {"depth": 44, "widths": _SMALL}),
+    "resnet56": Model("resnet", "CifarResNet", {"depth": 56, "widths": _SMALL}),
+    "resnet110": Model("resnet", "CifarResNet", {"depth": 110, "widths": _SMALL}),
+    "resnet8x4": Model("resnet", "CifarResNet", {"depth": 8, "widths": _X4}),
+    "resnet32x4": Model("resnet", "CifarResNet", {"depth": 32, "widths": _X4}),
+    "ResNet50": Model("resnet", "CifarResNet50", {}),
+    "wrn_16_1": Model("wrn", "WideResNet", {"depth": 16, "widen": 1}),
+    "wrn_16_2": Model("wrn", "WideResNet", {"depth": 16, "widen": 2}),
+    "wrn_40_1": Model("wrn", "WideResNet", {"depth": 40, "widen": 1}),
+    "wrn_40_2": Model("wrn", "WideResNet", {"depth": 40, "widen": 2}),
+    "vgg8": Model("vgg", "VGG", {"depth": 8}),
+    "vgg11": Model("vgg", "VGG", {"depth": 11}),
+    "vgg13": Model("vgg", "VGG", {"depth": 13}),
+    "vgg16": Model("vgg", "VGG", {"depth": 16}),
+    "vgg19": Model("vgg", "VGG", {"depth": 19}),
+    "MobileNetV2": Model("mobilenetv2", "MobileNetV2", {"expansion": 6, "width": 0.5}),
+    "ShuffleV1": Model("shufflenet", "ShuffleNetV1", {}),
+    "ShuffleV2": Model("shufflenet", "ShuffleNetV2", {}),
+    "resnet18_imagenet": Model("imagenet", "TorchvisionResNet", {"arch": "resnet18"}),
+    "resnet34_imagenet": Model("imagenet", "TorchvisionResNet", {"arch": "resnet34"}),
+    "resnet50_imagenet": Model("imagenet", "TorchvisionResNet", {"arch": "resnet50"}),
 }
 # earlier names of a model: RepDistiller called MobileNetV2 mobile_half before renaming it
 _ALIASES = {"mobile_half": "MobileNetV2"}
@@ -75,36 +106,45 @@ _ALIASES = {"mobile_half": "MobileNetV2"}
 _WRAPPER_PREFIXES = ("module.",)
 
 
-def list_models() -> list[str]:
-    """The zoo's model names (aliases not included)."""
-    return list(_MODELS)
+def list_models(kind: str = CLASSIFIER) -> list[str]:
+    """The zoo's names of one kind (aliases not included)."""
+    return [n for n, m in MODELS.items() if m.kind == kind]
 
 
-def canonical_name(name: str) -> str:
-    """``name`` with aliases resolved; unknown names raise CdirError listing the known ones."""
+def canonical_name(name: str, kind: str = CLASSIFIER) -> str:
+    """``name`` with aliases resolved; a name that is not a model of ``kind`` raises CdirError
+    listing those that are."""
     name = _ALIASES.get(name, name)
-    if name not in _MODELS:
-        raise CdirError(f"unknown model {name!r}; choose one of {', '.join(_MODELS)}")
+    if name not in MODELS or MODELS[name].kind != kind:
+        raise CdirError(f"unknown {'backbone' if kind == BACKBONE else 'model'} {name!r}; "
+                        f"choose one of {', '.join(list_models(kind))}")
     return name
 
 
+def build(name: str, kind: str, **kwargs: Any) -> nn.Module:
+    """Zoo model ``name`` of ``kind``, randomly initialised, with more constructor arguments."""
+    entry = MODELS[canonical_name(name, kind)]
+    mod = importlib.import_module(f"encoders.zoo.{entry.module}")
+    return getattr(mod, entry.cls)(**entry.kwargs, **kwargs)
+
+
 def create_model(name: str, num_classes: int = 100) -> nn.Module:
-    """A randomly initialised zoo model; it has ``feat_dim`` and returns ``NetOutput``."""
-    module, cls, kwargs = _MODELS[canonical_name(name)]
+    """A randomly initialised classifier; it has ``feat_dim`` and returns ``NetOutput``."""
+    canonical_name(name)
     if int(num_classes) < 1:
         raise CdirError(f"num_classes must be positive, got {num_classes}")
-    mod = importlib.import_module(f"encoders.zoo.{module}")
-    return getattr(mod, cls)(num_classes=int(num_classes), **kwargs)
+    return build(name, CLASSIFIER, num_classes=int(num_classes))
 
 
 def teacher_name_from_path(path: str | os.PathLike) -> str:
     """The model name the testbed encodes in a teacher's folder (``<name>_vanilla/...``): the
     longest zoo name that the folder name starts with, followed by ``_`` or nothing."""
     folder = Path(path).parent.name
-    hits = [n for n in (*_MODELS, *_ALIASES) if folder == n or folder.startswith(n + "_")]
+    names = list_models()
+    hits = [n for n in (*names, *_ALIASES) if folder == n or folder.startswith(n + "_")]
     if not hits:
         raise CdirError(f"cannot tell the teacher model from the folder name {folder!r}; "
-                        f"name it <model>_vanilla with a model from {', '.join(_MODELS)}")
+                        f"name it <model>_vanilla with a model from {', '.join(names)}")
     return canonical_name(max(hits, key=len))
 
 
