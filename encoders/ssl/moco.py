@@ -42,7 +42,7 @@ class SSLMethod(nn.Module):
     enqueue itself (in training mode only; in eval mode forward changes no state).
     ``encoder_prefix`` is the ``state_dict`` prefix of the backbone used for retrieval;
     ``momentum_prefix`` that of the momentum (teacher) backbone. ``encoder_arch`` is
-    ``{"name", "kwargs"}`` of the backbone (set by ``registry.build_method``).
+    ``{"name", "kwargs"}`` of the backbone (set by ``plugin.build_method``).
     """
 
     views: tuple[str, ...] = ("strong", "strong")
@@ -52,7 +52,7 @@ class SSLMethod(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.epoch = 0
-        # Filled in by registry.build_method so checkpoints can rebuild the backbone.
+        # Filled in by plugin.build_method so checkpoints can rebuild the backbone.
         self.encoder_arch: dict[str, Any] = {}
 
     def set_epoch(self, epoch: int) -> None:
