@@ -90,7 +90,7 @@ def train(
     *,
     run: Callable[..., Run],
 ) -> TrainResult:
-    """Run pretraining, or resume it from a checkpoint (path or loaded dict).
+    """Train with the run ``run`` builds, or resume it from a checkpoint (path or loaded dict).
 
     ``stop_at`` ends the call after that many epochs in total, as an interruption would (for
     chunked jobs and for the resume test). ``monitor`` (see the module docstring) is only called
