@@ -92,7 +92,7 @@ def adapt(workspace: str, args: argparse.Namespace, seed: int, out: Path) -> dic
     criterion logged last (the final encoder's) and the one of the epoch-0 round (the starting
     encoder's)."""
     from cdir.stages.adapt import adapt_encoder
-    from encoders.ssl.checkpoint import encoder_settings
+    from encoders.engine.checkpoint import encoder_settings
 
     sets = [*(["train.max_steps_per_epoch=" + str(args.steps)] if args.steps else []),
             *args.set, "train.progress=false"]

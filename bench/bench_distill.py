@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from encoders.distill.losses import build_loss, loss_options  # noqa: E402
 from encoders.distill.losses.base import DistillLoss  # noqa: E402
 from encoders.distill.losses.objective import StudentObjective  # noqa: E402
-from encoders.distill.zoo import create_model  # noqa: E402
+from encoders.zoo import create_model  # noqa: E402
 
 ROWS = ("ce", "ce+teacher", "kd", "crd", "crd_fifo", "dcd", "rrd", "dcd+kd", "rrd+kd")
 N_DATA = 50_000

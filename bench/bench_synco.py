@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoders.ssl.moco import infonce_logits, infonce_loss  # noqa: E402
+from encoders.engine.parts import infonce_logits, infonce_loss  # noqa: E402
 from encoders.ssl.synco import synco_logits  # noqa: E402
 from encoders.ssl.synthetic import (  # noqa: E402
     SyntheticConfig,
@@ -113,7 +113,7 @@ def bench_loss(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def bench_full(args: argparse.Namespace, device: torch.device) -> None:
-    from encoders.ssl.registry import build_method
+    from encoders.ssl.plugin import build_method
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
     steps: dict[str, Callable[[], None]] = {}

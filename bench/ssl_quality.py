@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from encoders.ssl.registry import METHODS  # noqa: E402
+from encoders.ssl.plugin import METHODS  # noqa: E402
 
 # isd_plus is ISD with the ResNet-50 recipe's heads and temperatures: not part of the default sweep
 DEFAULT_METHODS = [m for m in METHODS if m != "isd_plus"]

@@ -422,7 +422,8 @@ def ckpt_encoder(spec: Spec, device: torch.device) -> ImageEncoder:
         model, dim = _torchvision_encoder(path, spec.option("arch"), s)
         transform = eval_transform(size or 224)
     elif features == "head":
-        from encoders.ssl.checkpoint import encoder_preprocess, load_momentum_head
+        from encoders.engine.checkpoint import encoder_preprocess
+        from encoders.ssl.momentum import load_momentum_head
 
         try:
             model, dim = load_momentum_head(path)
@@ -433,7 +434,7 @@ def ckpt_encoder(spec: Spec, device: torch.device) -> ImageEncoder:
                                    tuple(pp["std"]))
         size = size or pp["size"]
     else:
-        from encoders.ssl.checkpoint import encoder_preprocess, load_encoder
+        from encoders.engine.checkpoint import encoder_preprocess, load_encoder
 
         try:
             model, dim = load_encoder(path)
@@ -465,7 +466,7 @@ def _grid_pooled(spec: str, model: torch.nn.Module, cells: int, layers: str
                  ) -> tuple[torch.nn.Module, int]:
     """``?grid=N[&layers=3,4]``: the backbone's last map (or the maps of ``layers``) pooled to
     N x N cells instead of one vector."""
-    from encoders.ssl.backbones import GridPooled, ResNetTrunk
+    from encoders.zoo.backbones import GridPooled, ResNetTrunk
 
     if not isinstance(model, ResNetTrunk):
         raise CdirError(f"{spec}: grid=N needs the backbone of a ResNet checkpoint of this "

@@ -40,13 +40,13 @@ from cdir.core.images import ImageList
 from encoders.ssl.data import LabelledSet, labelled_set
 
 if TYPE_CHECKING:
-    from encoders.ssl.config import MonitorConfig
+    from encoders.engine.config import MonitorConfig
 
 
 def _resolve_encoder(
     encoder: nn.Module | str | os.PathLike, preprocess: dict | None
 ) -> tuple[nn.Module, dict]:
-    from encoders.ssl.checkpoint import encoder_preprocess, load_encoder
+    from encoders.engine.checkpoint import encoder_preprocess, load_encoder
 
     if isinstance(encoder, nn.Module):
         return encoder, preprocess or {}

@@ -100,7 +100,7 @@ def _rows(ws: Path, ids: list[str]) -> np.ndarray:
 
 def test_estimator_matches_a_hand_computation() -> None:
     from encoders.adabn import estimate_bn_stats, get_bn_stats, set_bn_stats
-    from encoders.ssl.backbones import GridPooled, build_backbone
+    from encoders.zoo.backbones import GridPooled, build_backbone
 
     torch.manual_seed(1)
     net, _ = build_backbone(TINY_RESNET["name"], **TINY_RESNET["kwargs"])

@@ -118,7 +118,7 @@ def _adapt(ws: Path, enc: Path, recipe: Path, out: Path, **kw):
 def test_adapt_writes_the_selected_encoder_and_resumes_exactly(
     tiny: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from encoders.ssl.checkpoint import load_checkpoint
+    from encoders.engine.checkpoint import load_checkpoint
 
     ws, enc = tiny
     recipe = _recipe(tmp_path, epochs=3)
@@ -157,7 +157,7 @@ def test_adapt_writes_the_selected_encoder_and_resumes_exactly(
 def test_ucdir_runs_through_the_same_loop(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     """The UCDIR baseline behind `cdir adapt --method ucdir`: warm-up, then k-means and the
     cross-domain terms; bank and clusters are checkpointed; encoder.pt chosen label-free."""
-    from encoders.ssl.checkpoint import load_checkpoint
+    from encoders.engine.checkpoint import load_checkpoint
 
     ws, enc = tiny
     recipe = _recipe(tmp_path, epochs=3)
@@ -228,7 +228,7 @@ def test_bad_input_gets_one_line(tiny: tuple[Path, Path], tmp_path: Path,
 def test_torchrun_gloo_two_processes(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2 -m cdir adapt``: each rank embeds half the images for the
     mining, both mine the same groups, one checkpoint with both ranks' RNG states."""
-    from encoders.ssl.checkpoint import load_checkpoint
+    from encoders.engine.checkpoint import load_checkpoint
 
     ws, enc = tiny
     recipe = _recipe(tmp_path, epochs=2)
@@ -250,7 +250,7 @@ def test_frozen_lower_stages_train_on_cached_maps(tiny: tuple[Path, Path], tmp_p
                                                   ) -> None:
     """freeze=layer3: the stem and layers 1-3 keep the starting weights, layer 4 and the head
     train on cached maps; the run still resumes exactly."""
-    from encoders.ssl.checkpoint import load_encoder
+    from encoders.engine.checkpoint import load_encoder
 
     ws, enc = tiny
     recipe = _recipe(tmp_path, epochs=2, freeze="layer3", cache_views=2, focus=0.5)
@@ -300,8 +300,8 @@ def test_grid_training_mines_and_trains_the_grid_features(tiny: tuple[Path, Path
     4x the backbone dim),
     mining reads the same features, and the exported encoder is the plain backbone."""
     from encoders.adapt.xdomain import XDomain, XDomainConfig
-    from encoders.ssl.backbones import build_backbone
-    from encoders.ssl.checkpoint import load_encoder
+    from encoders.engine.checkpoint import load_encoder
+    from encoders.zoo.backbones import build_backbone
 
     net, dim = build_backbone(TINY_RESNET["name"], **TINY_RESNET["kwargs"])
     model = XDomain(net, dim, XDomainConfig(dim=8, grid=2))
@@ -324,12 +324,12 @@ def test_grid_training_mines_and_trains_the_grid_features(tiny: tuple[Path, Path
                                     "ucdir_domainnet.yaml"])
 def test_adapt_recipes_resolve(recipe: str) -> None:
     from cdir.core.config import load_yaml
-    from encoders.ssl.config import resolve_config
+    from encoders.engine.config import resolve_config
 
     raw = load_yaml(REPO / "configs" / recipe)
     method = next(iter(raw["methods"]))
     cfg = resolve_config(raw, method, recipe)
     assert cfg.method_name in ("xdomain", "ucdir") and cfg.optim.epochs > 0
-    from encoders.ssl.registry import build_method
+    from encoders.ssl.plugin import build_method
 
     build_method(cfg.method_name, "resnet18", {"width": 0.125}, **cfg.method_kwargs)

@@ -49,8 +49,8 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def test_teacher_run_writes_last_and_best_in_the_testbed_format(teacher: Path) -> None:
-    from encoders.distill.zoo import load_teacher
     from encoders.image import load_image_encoder
+    from encoders.zoo import load_teacher
 
     rows = _metrics(teacher)
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -207,7 +207,7 @@ def test_label_free_distillation_exports_an_index_encoder(tmp_path: Path) -> Non
 
 def test_backbone_embedding_head_and_grid_refusal() -> None:
     from cdir.core.errors import CdirError
-    from encoders.ssl.backbones import GridPooled, build_backbone
+    from encoders.zoo.backbones import GridPooled, build_backbone
 
     net, dim = build_backbone("resnet18", width=0.125, small_stem=True, embed_dim=24)
     assert dim == 24 and net(torch.zeros(2, 3, 32, 32)).shape == (2, 24)

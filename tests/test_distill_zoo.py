@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from cdir.core.errors import CdirError
-from encoders.distill.models.common import NetOutput
-from encoders.distill.zoo import (
+from encoders.zoo import (
     canonical_name,
     create_model,
     list_models,
     load_teacher,
     teacher_name_from_path,
 )
+from encoders.zoo.common import NetOutput
 
 torch.set_num_threads(1)
 

@@ -374,7 +374,7 @@ def test_ckpt_other_torchvision_arch_and_timm(tmp_path):
 
 def test_ckpt_project_export_uses_recorded_size(tmp_path):
     from encoders.image import load_image_encoder
-    from encoders.ssl.backbones import build_backbone
+    from encoders.zoo.backbones import build_backbone
 
     torch.manual_seed(3)
     net, dim = build_backbone("resnet18", width=0.5, small_stem=True)

@@ -14,6 +14,8 @@ R5  each list of names is written once: no two module-level tuple/list/set liter
     the keys of one dict each, so that the list of names and the dispatch cannot drift apart.
 R6  app/ never imports cdir.commands or cdir.cli: the demo calls the stages, as the command line
     does, never the command line itself.
+R7  encoders/engine/ (the training engine) imports none of its plug-ins: encoders.ssl,
+    encoders.adapt, encoders.distill (they register with it; it finds them).
 
 :func:`check_layers` returns the violations as lines; the second test proves that each rule fires
 on a small fake tree.
@@ -32,11 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("cdir", "encoders", "indexes", "eval", "app")
 HEAVY = ("torch", "torchvision", "transformers", "open_clip", "gradio")
 HELP_BUDGET_S = 2.0
+PLUGINS = ("encoders.ssl", "encoders.adapt", "encoders.distill")  # of encoders.engine
 # file -> the dict whose keys are the names dispatched on
 DISPATCH = {
     "cdir/galleries/__init__.py": "KINDS",
     "cdir/stages/modes.py": "MODES",
-    "encoders/ssl/registry.py": "_REGISTRY",
+    "encoders/ssl/plugin.py": "METHODS",
+    "encoders/adapt/plugin.py": "METHODS",
+    "encoders/distill/plugin.py": "METHODS",
     "indexes/kinds.py": "KINDS",
     "indexes/normalize.py": "NORMALIZERS",
     "eval/rerank.py": "RERANKERS",
@@ -128,7 +133,7 @@ def _under(name: str, *prefixes: str) -> bool:
 
 
 def check_imports(mods: list[Module]) -> list[str]:
-    """Rules R1 to R4 and R6."""
+    """Rules R1 to R4, R6 and R7."""
     out = []
     for mod in mods:
         for imp in imports(mod):
@@ -152,6 +157,8 @@ def check_imports(mods: list[Module]) -> list[str]:
                 out.append(f"R4 {where}: encoders imports {name}")
             if _under(mod.name, "app") and _under(name, "cdir.commands", "cdir.cli"):
                 out.append(f"R6 {where}: app imports {name} (call the stage instead)")
+            if _under(mod.name, "encoders.engine") and _under(name, *PLUGINS):
+                out.append(f"R7 {where}: encoders.engine imports its plug-in {name}")
     return out
 
 
@@ -216,7 +223,7 @@ def check_dispatch(root: Path, tables: dict[str, str] = DISPATCH) -> list[str]:
 
 
 def check_layers(root: Path | str) -> list[str]:
-    """Every violation of R1 to R6 in the packages under ``root``, one line each."""
+    """Every violation of R1 to R7 in the packages under ``root``, one line each."""
     mods, errors = load_modules(Path(root))
     return errors + check_imports(mods) + check_name_lists(mods) + check_dispatch(Path(root))
 
@@ -246,6 +253,8 @@ def test_each_rule_reports_its_violation(tmp_path: Path) -> None:
                              "def f():\n    import torch\n    return torch\n",
         "cdir/core/errors.py": "class CdirError(Exception): ...\n",
         "encoders/fine.py": "import torch\nfrom cdir.core import errors\n",
+        "encoders/engine/fine.py": "from encoders.zoo import backbones\n",
+        "encoders/ssl/fine.py": "from encoders.engine import run\n",  # plug-in -> engine: fine
         "cdir/stages/fine.py": "from cdir.galleries import KINDS\n",
         "cdir/galleries/__init__.py": "KINDS = {'a': 1, 'b': 2, 'c': 3}\n",
         "cdir/galleries/prompts.py": "PROMPTS = {'a': 'x', 'b': 'y', 'c': 'z'}\n",  # dict vs dict
@@ -263,6 +272,7 @@ def test_each_rule_reports_its_violation(tmp_path: Path) -> None:
         "cdir/core/t.py": "import torch\n",
         "cdir/core/rel.py": "from ..commands import data\n",
         "encoders/z.py": "def f():\n    import eval.ssl\n",
+        "encoders/engine/loop.py": "def f():\n    from ..distill.trainer import run\n",
         "eval/w.py": "from cdir import cli\n",
         "cdir/stages/s.py": "import argparse\n",
         "cdir/recipe/r.py": "class C:\n    from cdir.commands.train import run\n",
@@ -282,6 +292,8 @@ def test_each_rule_reports_its_violation(tmp_path: Path) -> None:
         "R1 cdir/core/t.py:1: cdir.core imports torch at module level",
         "R1 cdir/core/rel.py:1: cdir.core imports cdir.commands.data",
         "R4 encoders/z.py:2: encoders imports eval.ssl",
+        "R7 encoders/engine/loop.py:2: encoders.engine imports its plug-in "
+        "encoders.distill.trainer.run",
         "R2 eval/w.py:1: eval imports cdir.cli",
         "R3 cdir/stages/s.py:1: cdir.stages imports argparse",
         "R3 cdir/recipe/r.py:2: cdir.recipe imports cdir.commands.train.run",

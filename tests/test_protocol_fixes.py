@@ -23,8 +23,8 @@ def _images() -> list[Image.Image]:
 
 def _train_checkpoint(tmp_path: Path, method_name: str) -> tuple[Path, torch.nn.Module]:
     """A full `cdir train`-style checkpoint whose momentum branch differs from the query one."""
-    from encoders.ssl.checkpoint import save_checkpoint
-    from encoders.ssl.registry import build_method
+    from encoders.engine.checkpoint import save_checkpoint
+    from encoders.ssl.plugin import build_method
 
     torch.manual_seed(0)
     kw = METHOD_KWARGS[method_name]
@@ -63,8 +63,8 @@ def test_features_head_is_the_momentum_encoder_and_its_head(tmp_path: Path, meth
 
 
 def test_features_head_needs_a_full_checkpoint(tmp_path: Path) -> None:
+    from encoders.engine.checkpoint import export_encoder
     from encoders.image import load_image_encoder
-    from encoders.ssl.checkpoint import export_encoder
 
     path, _ = _train_checkpoint(tmp_path, "moco")
     exported = export_encoder(path, tmp_path / "encoder.pt")

@@ -26,7 +26,7 @@ NO_FORWARD_BUFFER_SYNC = (
 
 def _check_collectives(rank: int) -> None:
     from cdir.core.dist import concat_all_gather
-    from encoders.ssl.moco import ddp_shuffle, ddp_unshuffle
+    from encoders.engine.parts import ddp_shuffle, ddp_unshuffle
 
     # gather: rank order, every rank sees the same global batch
     x = torch.arange(LOCAL_B * 3, dtype=torch.float32).view(LOCAL_B, 3) + 100 * rank
@@ -58,7 +58,7 @@ def _check_collectives(rank: int) -> None:
 def _check_methods(rank: int) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from encoders.ssl.registry import build_method
+    from encoders.ssl.plugin import build_method
 
     torch.manual_seed(rank)  # different init per rank: DDP must sync parameters and queues
     for name, kw in [

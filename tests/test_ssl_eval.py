@@ -123,7 +123,7 @@ def shapes_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _encoder() -> torch.nn.Module:
-    from encoders.ssl.backbones import build_backbone
+    from encoders.zoo.backbones import build_backbone
 
     torch.manual_seed(0)
     model, _ = build_backbone("cifar_resnet18", width=0.25)

@@ -9,10 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cdir.core.errors import CdirError
-from encoders.ssl import synthetic as syn
-from encoders.ssl.backbones import build_backbone
-from encoders.ssl.isd import ISDConfig, isd_loss
-from encoders.ssl.moco import (
+from encoders.engine.parts import (
     MemoryQueue,
     effective_splits,
     infonce_logits,
@@ -20,8 +17,11 @@ from encoders.ssl.moco import (
     momentum_update,
     split_forward,
 )
-from encoders.ssl.registry import build_method, method_options
+from encoders.ssl import synthetic as syn
+from encoders.ssl.isd import ISDConfig, isd_loss
+from encoders.ssl.plugin import build_method, method_options
 from encoders.ssl.synco import synco_logits
+from encoders.zoo.backbones import build_backbone
 
 torch.set_num_threads(1)
 

@@ -56,7 +56,7 @@ def _raw(data: Path, out: Path, method: str, epochs: int = 2, workers: int = 0) 
 
 
 def _cfg(data: Path, out: Path, method: str, **kw):  # noqa: ANN202
-    from encoders.ssl.config import resolve_config
+    from encoders.engine.config import resolve_config
 
     return resolve_config(_raw(data, out, method, **kw), method, recipe="tiny")
 
@@ -71,11 +71,11 @@ def _add_bad_image(root: Path) -> Path:
 def test_tiny_run_writes_checkpoints_and_encoder(
     method: str, tiny_images: Path, tmp_path: Path
 ) -> None:
-    from encoders.ssl.checkpoint import load_checkpoint, load_encoder
-    from encoders.ssl.trainer import train
+    from encoders.engine.checkpoint import load_checkpoint, load_encoder
+    from encoders.ssl.trainer import pretrain
 
     out = tmp_path / "run"
-    res = train(_cfg(tiny_images, out, method))
+    res = pretrain(_cfg(tiny_images, out, method))
     assert res.epochs_done == 2 and res.steps == 2 * 3  # 48 images // 16
     assert len(res.losses) == 6 and all(math.isfinite(v) for v in res.losses)
     for name in ("latest.pt", "checkpoint_0001.pt", "checkpoint_0002.pt", "encoder.pt",
@@ -109,33 +109,34 @@ def test_resume_reproduces_the_loss_curve(
 ) -> None:
     """Interrupt after epoch 1, resume from latest.pt: the losses equal an uninterrupted run's
     (data order, augmentations, queue, SynCo's warm-up and random draws all restored)."""
-    from encoders.ssl.trainer import train
+    from encoders.ssl.trainer import pretrain
 
-    full = train(_cfg(tiny_images, tmp_path / "a", method, epochs=3, workers=workers))
-    part1 = train(_cfg(tiny_images, tmp_path / "b", method, epochs=3, workers=workers), stop_at=1)
+    full = pretrain(_cfg(tiny_images, tmp_path / "a", method, epochs=3, workers=workers))
+    part1 = pretrain(_cfg(tiny_images, tmp_path / "b", method, epochs=3, workers=workers),
+                     stop_at=1)
     assert part1.epochs_done == 1 and not (tmp_path / "b" / "encoder.pt").exists()
-    part2 = train(_cfg(tiny_images, tmp_path / "b", method, epochs=3, workers=workers),
+    part2 = pretrain(_cfg(tiny_images, tmp_path / "b", method, epochs=3, workers=workers),
                   resume=tmp_path / "b" / "latest.pt")
     assert len(full.losses) == 9
     np.testing.assert_allclose(part1.losses + part2.losses, full.losses, rtol=1e-6, atol=1e-7)
     # a different seed gives a different curve (the comparison above can fail)
     cfg = _cfg(tiny_images, tmp_path / "c", method, epochs=1, workers=workers)
     cfg.train.seed = 1
-    other = train(cfg)
+    other = pretrain(cfg)
     assert other.losses != full.losses[:3]
 
 
 def test_unreadable_images_are_skipped_and_listed(tmp_path: Path, tiny_images: Path) -> None:
     import shutil
 
-    from encoders.ssl.trainer import train
+    from encoders.ssl.trainer import pretrain
 
     data = tmp_path / "data"
     shutil.copytree(tiny_images, data)
     bad = _add_bad_image(data)
     cfg = _cfg(data, tmp_path / "run", "moco", epochs=1)
     cfg.optim.batch_size = 49  # one batch of all 49 files, so the bad one is always drawn
-    res = train(cfg)
+    res = pretrain(cfg)
     assert res.skipped == [str(bad)]
     assert (tmp_path / "run" / "skipped.txt").read_text().strip() == str(bad)
 
@@ -143,7 +144,7 @@ def test_unreadable_images_are_skipped_and_listed(tmp_path: Path, tiny_images: P
 def test_rng_state_roundtrip_and_weights_only(tmp_path: Path) -> None:
     import random
 
-    from encoders.ssl.checkpoint import (
+    from encoders.engine.checkpoint import (
         load_checkpoint,
         rng_state,
         save_checkpoint,
@@ -181,7 +182,7 @@ def test_load_encoder_reads_reference_moco_checkpoint(tmp_path: Path) -> None:
     (``module.encoder_q.*``, ``module.encoder_k.*``, queue)."""
     import torchvision
 
-    from encoders.ssl.checkpoint import load_encoder
+    from encoders.engine.checkpoint import load_encoder
 
     torch.manual_seed(0)
     q = torchvision.models.resnet50(weights=None, num_classes=128)
@@ -219,7 +220,7 @@ def test_load_encoder_reads_reference_moco_checkpoint(tmp_path: Path) -> None:
 
 def test_config_resolution_and_overrides() -> None:
     from cdir.core.config import apply_sets
-    from encoders.ssl.config import resolve_config
+    from encoders.engine.config import resolve_config
 
     raw = {
         "optim": {"lr": 0.03, "epochs": 10},
@@ -248,8 +249,8 @@ def test_config_resolution_and_overrides() -> None:
 
 
 def test_lr_schedule() -> None:
-    from encoders.ssl.config import OptimConfig
-    from encoders.ssl.optim import lr_factor
+    from encoders.engine.config import OptimConfig
+    from encoders.engine.optim import lr_factor
 
     cos = OptimConfig(epochs=10, schedule="cosine")
     assert lr_factor(0, 5, cos) == 1.0 and lr_factor(4, 5, cos) == 1.0  # per epoch, like --cos
@@ -264,8 +265,8 @@ def test_lr_schedule() -> None:
 
 def test_recipes_resolve_for_every_method() -> None:
     from cdir.core.config import load_yaml
-    from encoders.ssl.config import resolve_config
-    from encoders.ssl.registry import method_options
+    from encoders.engine.config import resolve_config
+    from encoders.ssl.plugin import method_options
 
     names = ("emoji_small", "cifar10", "cifar100", "imagenet_r18_200ep", "imagenet_r50_200ep",
              "imagenet_r50_800ep")
@@ -282,8 +283,8 @@ def test_recipes_resolve_for_every_method() -> None:
 def test_emoji_recipe_builds_and_steps(method: str, tmp_path: Path) -> None:
     """The CPU emoji recipe as written (backbone, heads, queue, augmentations) takes a step."""
     from cdir.core.config import load_yaml
+    from encoders.engine.config import resolve_config
     from encoders.ssl.augment import build_multiview
-    from encoders.ssl.config import resolve_config
     from encoders.ssl.trainer import build_model
 
     cfg = resolve_config(load_yaml(REPO / "configs/emoji_small.yaml"), method)
@@ -310,7 +311,7 @@ def _write_recipe(tmp_path: Path, data: Path, epochs: int = 1) -> Path:
 
 def test_cli_train_resume_export(tmp_path: Path, tiny_images: Path) -> None:
     from cdir.cli import main
-    from encoders.ssl.checkpoint import load_checkpoint, load_encoder
+    from encoders.engine.checkpoint import load_checkpoint, load_encoder
 
     recipe = _write_recipe(tmp_path, tiny_images, epochs=2)
     out = tmp_path / "out"
@@ -347,7 +348,7 @@ def test_cli_train_resume_export(tmp_path: Path, tiny_images: Path) -> None:
 def test_torchrun_ddp_gloo_two_processes(tmp_path: Path, tiny_images: Path) -> None:
     """``torchrun --nproc_per_node 2 -m cdir train synco`` on CPU with Gloo: shuffle-BN across
     ranks, all-gathered queue, one checkpoint with both ranks' RNG states."""
-    from encoders.ssl.checkpoint import load_checkpoint
+    from encoders.engine.checkpoint import load_checkpoint
 
     recipe = _write_recipe(tmp_path, tiny_images, epochs=2)
     out = tmp_path / "ddp"
@@ -439,7 +440,7 @@ def test_sigterm_stops_training_at_a_resumable_epoch(tmp_path: Path, tiny_images
     latest.pt and metrics.jsonl at the same finished epoch, the lock released; --resume auto
     continues from there without repeating an epoch."""
     from cdir.cli import main
-    from encoders.ssl.checkpoint import load_checkpoint
+    from encoders.engine.checkpoint import load_checkpoint
 
     recipe = _write_recipe(tmp_path, tiny_images, epochs=200)
     out = tmp_path / "out"

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from cdir.core.errors import CdirError
-from encoders.distill.zoo import create_model
+from encoders.zoo import create_model
 from eval.transfer import ProbeConfig, student_features, transfer_probe
 
 torch.set_num_threads(1)

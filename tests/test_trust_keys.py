@@ -33,7 +33,7 @@ N_CATEGORIES = 6  # 18 images in three art sets
 
 def write_checkpoint(path: Path, seed: int) -> Path:
     """A tiny exported encoder (`ckpt:PATH`); another seed = the same path retrained."""
-    from encoders.ssl.backbones import build_backbone
+    from encoders.zoo.backbones import build_backbone
 
     torch.manual_seed(seed)
     net, _ = build_backbone("cifar_resnet18", width=0.25)

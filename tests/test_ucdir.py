@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cdir.core.errors import CdirError
 from encoders.adapt.ucdir import UCDIR, UCDIRConfig, cosine_distances, spherical_kmeans
-from encoders.ssl.backbones import build_backbone
+from encoders.zoo.backbones import build_backbone
 
 N_PER_DOMAIN = 12
 CODES = torch.tensor([0, 1] * N_PER_DOMAIN)  # interleaved, as a manifest may be
@@ -185,7 +185,7 @@ def test_state_dict_round_trip() -> None:
 
 
 def test_config_validation_and_registry() -> None:
-    from encoders.ssl.registry import build_method
+    from encoders.ssl.plugin import build_method
 
     for bad in ({"temperature": 0.0}, {"momentum": 1.5}, {"num_cluster": 0},
                 {"warmup_epochs": 10, "cross_start": 5}, {"kmeans_source": "faiss"},

@@ -17,7 +17,7 @@ from cdir.commands.common import (
     add_workspace,
     positive_int,
 )
-from encoders.ssl.registry import ADAPT_METHODS
+from encoders.adapt.plugin import METHODS as ADAPT_METHODS
 
 EPILOG = """\
 methods:

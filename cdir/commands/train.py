@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from cdir.commands.common import add_overrides, add_progress, add_resumable_run
-from encoders.ssl.registry import METHODS
+from encoders.ssl.plugin import METHODS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -106,7 +106,7 @@ def run_export(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from encoders.ssl.checkpoint import export_encoder
+    from encoders.engine.checkpoint import export_encoder
 
     out = export_encoder(args.checkpoint, args.output, half=args.half)
     size = Path(out).stat().st_size / 2**20

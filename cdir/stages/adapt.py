@@ -45,7 +45,7 @@ def encoder_file(spec: str) -> Path:
 
 def _base(path: Path) -> dict[str, Any]:
     """Input settings and backbone of the starting encoder."""
-    from encoders.ssl.checkpoint import encoder_settings
+    from encoders.engine.checkpoint import encoder_settings
 
     found = encoder_settings(path)
     base: dict[str, Any] = {"model": {"backbone": found["arch"]["name"],
@@ -59,8 +59,8 @@ def adapt_config(method: str, encoder: str, manifest: Path, config: str | os.Pat
                  sets: Iterable[str], values: dict[str, Any]):
     """The run config (see the module docstring)."""
     from cdir.core.config import deep_merge, load_yaml
-    from encoders.ssl.config import resolve_config, with_values
-    from encoders.ssl.registry import ADAPT_METHODS
+    from encoders.adapt.plugin import METHODS as ADAPT_METHODS
+    from encoders.engine.config import resolve_config, with_values
 
     if method not in ADAPT_METHODS:
         raise CdirError(f"unknown adaptation method {method!r}; choose one of "
@@ -75,7 +75,7 @@ def adapt_config(method: str, encoder: str, manifest: Path, config: str | os.Pat
     raw.setdefault("model", {})["init"] = str(path)
     raw.setdefault("data", {})["path"] = str(manifest)
     cfg = resolve_config(raw, method, stem, list(sets))
-    from encoders.ssl.config import Config
+    from encoders.engine.config import Config
 
     return Config.from_dict(with_values(cfg.to_dict(), values))
 
@@ -142,7 +142,7 @@ def adapt_encoder(
     The summary has the keys of `cdir.stages.train.train_encoder`'s, plus ``selected``
     (``{"epoch", "criterion", "value"}``: the label-free choice behind encoder.pt)."""
     from encoders.adapt.trainer import adapt
-    from encoders.ssl.checkpoint import load_checkpoint
+    from encoders.engine.checkpoint import load_checkpoint
 
     ws = Workspace(workspace).require()
     given = {"out": out, "epochs": epochs, "batch_size": batch_size, "workers": workers,

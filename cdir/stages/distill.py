@@ -47,9 +47,9 @@ def _values(given: dict[str, Any]) -> dict[str, Any]:
 def distill_config(method: str, config: str | os.PathLike | None, sets: Iterable[str],
                    values: dict[str, Any], resume: str | None = None):
     """(run config, checkpoint to resume or None) of a labelled run."""
-    from encoders.distill.losses import DISTILL_METHODS
+    from encoders.distill.plugin import METHODS as DISTILL_METHODS
     from encoders.distill.trainer import SMALL_LR_MODELS, TESTBED
-    from encoders.ssl.config import Config, run_config, with_values
+    from encoders.engine.config import Config, run_config, with_values
 
     if method not in DISTILL_METHODS:
         raise CdirError(f"unknown distillation method {method!r}; choose one of "
@@ -124,7 +124,7 @@ def _seeds(method: str, config: Any, sets: Iterable[str], resume: str | None,
     if len(set(seeds)) != len(seeds):
         raise CdirError(f"--seeds has repeats: {seeds}")
     cfg, _ = distill_config(method, config, sets, _values(given), None)
-    from encoders.ssl.config import run_dir
+    from encoders.engine.config import run_dir
 
     root = run_dir(cfg)
     runs = []
@@ -245,7 +245,7 @@ def _teacher_input(teacher: str) -> dict[str, Any]:
     path = parse_spec(teacher).checkpoint
     if path is None:
         return {}
-    from encoders.ssl.checkpoint import encoder_preprocess
+    from encoders.engine.checkpoint import encoder_preprocess
 
     if not path.is_file():
         raise CdirError(f"{teacher}: no such checkpoint file {path}")
@@ -264,7 +264,7 @@ def distill_label_free_run(method: str, workspace: str | os.PathLike, teacher: s
     from cdir.core.config import deep_merge, load_yaml
     from cdir.core.workspace import Workspace
     from encoders.distill.trainer import distill_label_free
-    from encoders.ssl.config import Config, resolve_config, with_values
+    from encoders.engine.config import Config, resolve_config, with_values
 
     unknown = set(given) - set(LABEL_FREE_DIRECT)
     if unknown:
@@ -288,7 +288,7 @@ def distill_label_free_run(method: str, workspace: str | os.PathLike, teacher: s
         raise CdirError("label-free distillation needs distill.embed_dim >= 1")
     paths, feats, key = teacher_rows(ws, teacher, cfg.distill.teacher_normalize, progress)
     if resume == "auto":
-        from encoders.ssl.config import run_dir
+        from encoders.engine.config import run_dir
 
         latest = run_dir(cfg) / "latest.pt"
         resume = str(latest) if latest.exists() else None
@@ -312,7 +312,7 @@ def transfer_eval(encoder: str | None, data: str | None, *, root: str | os.PathL
     normalisation; top-1 on its test split, last and best (best chosen on test: beside last)."""
     from cdir.core.device import resolve_device
     from encoders.distill.data import open_labelled, transforms_for
-    from encoders.ssl.checkpoint import load_encoder
+    from encoders.engine.checkpoint import load_encoder
     from eval.transfer import ProbeConfig, transfer_probe
 
     if not encoder or not data:

@@ -43,8 +43,8 @@ def train_encoder(
     ``method``, ``rank``, ``out``, ``epochs_run``, ``epochs_done``, ``epochs``, ``steps``,
     ``images_per_s``, ``latest``, ``encoder`` (None until the last epoch), ``skipped``,
     ``epoch_losses`` and ``monitor``."""
-    from encoders.ssl.config import run_config
-    from encoders.ssl.trainer import train
+    from encoders.engine.config import run_config
+    from encoders.ssl.trainer import pretrain as train
 
     given = {"data": data, "out": out, "epochs": epochs, "batch_size": batch_size,
              "workers": workers, "seed": seed, "monitor": monitor}

@@ -1,5 +1,5 @@
-"""The training loop of `cdir adapt`: the pretraining loop (:mod:`encoders.ssl.trainer`) plus
-rounds of label-free cross-domain mining and label-free model selection.
+"""The training loop of `cdir adapt`: the pretraining run (:class:`encoders.ssl.trainer.SSLRun`)
+plus rounds of label-free cross-domain mining and label-free model selection.
 
 Every ``round_epochs`` epochs (and before the first), on every rank:
   embed every image with the current backbone (eval transform; each rank a share, gathered) ->
@@ -36,8 +36,9 @@ from cdir.core.errors import CdirError
 from cdir.core.images import ImageList
 from encoders.adapt.groups import PairedImages, components, group_stats
 from encoders.adapt.mining import MATCHERS, Pairs, mine
-from encoders.ssl.config import Config
-from encoders.ssl.trainer import Monitor, TrainResult, _Run, train
+from encoders.engine.config import Config
+from encoders.engine.run import Monitor, Run, TrainResult, train
+from encoders.ssl.trainer import SSLRun
 
 # prepare(features, domain names) -> rows to mine on (normalised, L2)
 Prepare = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -61,13 +62,13 @@ def adapt(
     force: bool = False,
     selection: str = DEFAULT_SELECTION,
 ) -> TrainResult:
-    """Adapt (or resume adapting) an encoder; arguments as :func:`encoders.ssl.trainer.train`,
+    """Adapt (or resume adapting) an encoder; arguments as :func:`encoders.ssl.trainer.pretrain`,
     plus ``prepare``, ``report`` and ``selection`` (module docstring)."""
     if selection not in SELECTION_KEYS:
         raise CdirError(f"unknown selection criterion {selection!r}; choose one of "
                         f"{', '.join(SELECTION_KEYS)}")
 
-    def make(cfg: Config, d: Any, resume: Any, monitor: Monitor | None) -> _Run:
+    def make(cfg: Config, d: Any, resume: Any, monitor: Monitor | None) -> Run:
         return _AdaptRun(cfg, d, resume, monitor, prepare, report, selection)
 
     return train(cfg, resume=resume, stop_at=stop_at, monitor=monitor, force=force, run=make)
@@ -98,7 +99,7 @@ def read_domains(path: str | os.PathLike) -> tuple[list[str], np.ndarray, list[s
     return list(df["path"]), codes.astype(np.int64), names
 
 
-class _AdaptRun(_Run):
+class _AdaptRun(SSLRun):
     def __init__(self, cfg: Config, d: Any, resume: Any, monitor: Monitor | None,
                  prepare: Prepare, report: Report | None, selection: str) -> None:
         self.prepare, self.report, self.selection = prepare, report, selection
@@ -108,8 +109,8 @@ class _AdaptRun(_Run):
         super().__init__(cfg, d, resume, monitor)
 
     # setup ------------------------------------------------------------------------------------
-    def _make_model(self) -> nn.Module:
-        model = super()._make_model()
+    def make_model(self) -> nn.Module:
+        model = super().make_model()
         if not getattr(model, "takes_index", False):
             raise CdirError(f"{self.cfg.method} is not an adaptation method")
         self.paths, codes, self.domain_names = read_domains(self.cfg.data.path)
@@ -134,7 +135,7 @@ class _AdaptRun(_Run):
         counts = np.bincount(self.codes)
         return ", ".join(f"{n} {c}" for n, c in zip(self.domain_names, counts, strict=True))
 
-    def _make_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
+    def make_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
         from encoders.ssl.augment import build_view_transform
 
         transform = build_view_transform(self.cfg.aug.strong, self.cfg.aug)
@@ -142,27 +143,27 @@ class _AdaptRun(_Run):
         return PairedImages(self.paths, self.codes, transform,
                             getattr(model.cfg, "partner_p", 0.0), getattr(model.cfg, "focus", 0.0))
 
-    def _fresh_start(self) -> None:
+    def fresh_start(self) -> None:
         if not self.cfg.model.init:
             raise CdirError("adaptation starts from an encoder: pass --encoder ckpt:PATH")
-        super()._fresh_start()
+        super().fresh_start()
 
-    def _forward(self, views: list[torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.net(views, idx)
 
-    def _bad_paths(self, idx: torch.Tensor, ok: torch.Tensor) -> list[str]:
+    def bad_paths(self, idx: torch.Tensor, ok: torch.Tensor) -> list[str]:
         return [self.paths[j] for j in idx[~ok][:, 0].tolist()]
 
-    def _extra_state(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"selection": dict(self.selection_state)}
 
-    def _restore_extra(self, ckpt: dict) -> None:
+    def restore_extra(self, ckpt: dict) -> None:
         self.selection_state = dict(ckpt.get("selection") or self.selection_state)
         if hasattr(self.model, "group_of"):
             self.dataset.set_groups(self.model.group_of.cpu().numpy())
 
     # rounds -----------------------------------------------------------------------------------
-    def _before_epoch(self, epoch: int) -> None:
+    def before_epoch(self, epoch: int) -> None:
         self.round_record = {}
         if getattr(self.model, "split", None) is not None and self.cache is None:
             self._build_cache()
@@ -177,13 +178,13 @@ class _AdaptRun(_Run):
             logs = begin(epoch, self._embed_all) or {}
             self.round_record.update({f"method_{k}": v for k, v in logs.items()})
 
-    def _end_epoch(self, done: int, ep: torch.Tensor, elapsed: float) -> None:
+    def end_epoch(self, done: int, ep: torch.Tensor, elapsed: float) -> None:
         if done == self.cfg.optim.epochs:
             # the final encoder is a candidate too
             self._select(done, self._features())
-        super()._end_epoch(done, ep, elapsed)
+        super().end_epoch(done, ep, elapsed)
 
-    def _epoch_record(self, done: int) -> dict[str, Any]:
+    def epoch_record(self, done: int) -> dict[str, Any]:
         return dict(self.round_record)
 
     def _build_cache(self) -> None:
@@ -282,7 +283,7 @@ class _AdaptRun(_Run):
     def _select(self, epoch: int, feats: np.ndarray, stats: dict | None = None) -> None:
         """Keep the encoder as ``best_encoder.pt`` when its criterion is the best so far."""
         from encoders.adapt.mining import mining_stats
-        from encoders.ssl.checkpoint import export_encoder
+        from encoders.engine.checkpoint import export_encoder
 
         if stats is None:
             good = ~np.isnan(feats).any(1)
@@ -303,11 +304,11 @@ class _AdaptRun(_Run):
                     "model": self.model.state_dict(), "epoch": epoch}
             export_encoder(ckpt, self.out / "best_encoder.pt")
 
-    def _export(self, out_path: Path) -> Path:
+    def export(self, out_path: Path) -> Path:
         import shutil
 
         from cdir.core.io import atomic_path
-        from encoders.ssl.checkpoint import export_encoder
+        from encoders.engine.checkpoint import export_encoder
 
         last = export_encoder(self.latest, self.out / "encoder_last.pt")
         best = self.out / "best_encoder.pt"

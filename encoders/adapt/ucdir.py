@@ -52,14 +52,9 @@ from torch import nn
 
 from cdir.core.dist import concat_all_gather
 from cdir.core.errors import CdirError
+from encoders.engine.parts import encode_momentum, frozen_copy, momentum_update, no_autocast
 from encoders.ssl.heads import moco_head
-from encoders.ssl.moco import (
-    SSLMethod,
-    encode_momentum,
-    frozen_copy,
-    momentum_update,
-    no_autocast,
-)
+from encoders.ssl.moco import SSLMethod
 
 KMEANS_SOURCES = {
     "bank": "the memory bank rows (the momentum keys of the last epoch's training views)",

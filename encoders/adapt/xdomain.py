@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdir.core.errors import CdirError
+from encoders.engine.parts import no_autocast
 from encoders.ssl.heads import mlp
-from encoders.ssl.moco import SSLMethod, no_autocast
+from encoders.ssl.moco import SSLMethod
 
 NEGATIVES = {"domain": "only the positive's domain", "batch": "the whole batch"}
 
@@ -114,7 +115,7 @@ class XDomain(SSLMethod):
         self.encoder_q = backbone
         hidden = self.cfg.hidden_dim or feat_dim
         if self.cfg.grid:
-            from encoders.ssl.backbones import GridPooled
+            from encoders.zoo.backbones import GridPooled
 
             if not hasattr(backbone, "feature_map"):
                 raise CdirError("xdomain: grid needs a ResNet backbone of this project")

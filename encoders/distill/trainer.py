@@ -1,5 +1,5 @@
-"""The training loops of `cdir train teacher` and `cdir distill`: the pretraining engine
-(:mod:`encoders.ssl.trainer`: checkpoints, exact resume, torchrun, AMP, TensorBoard, progress,
+"""The training loops of `cdir train teacher` and `cdir distill`: the training engine
+(:mod:`encoders.engine.run`: checkpoints, exact resume, torchrun, AMP, TensorBoard, progress,
 ``--stop-at``) running a :mod:`encoders.distill.student` module.
 
 Labelled runs (:func:`distill`): ``data.path`` names the labelled set
@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from cdir.core.errors import CdirError
-from encoders.ssl.config import Config
-from encoders.ssl.trainer import TrainResult, _Run, train
+from encoders.engine.config import Config
+from encoders.engine.run import Run, TrainResult, train
 
 # the testbed's lr for the small mobile students (0.05 for every other model)
 SMALL_LR_MODELS = ("MobileNetV2", "mobile_half", "ShuffleV1", "ShuffleV2")
@@ -64,7 +64,7 @@ def distill_label_free(cfg: Config, paths: list[str], teacher_feats: np.ndarray,
     if len(paths) != len(teacher_feats):
         raise CdirError(f"{len(paths)} images but {len(teacher_feats)} teacher embeddings")
 
-    def make(cfg: Config, d: Any, resume: Any, monitor: Any) -> _Run:
+    def make(cfg: Config, d: Any, resume: Any, monitor: Any) -> Run:
         return _LabelFreeRun(cfg, d, resume, monitor, paths, teacher_feats, teacher_key)
 
     return train(cfg, resume=resume, stop_at=stop_at, force=force, run=make)
@@ -87,9 +87,9 @@ def objective_of(cfg: Config) -> Any:
 def resolve_teacher(spec: str, arch: str | None) -> tuple[Path, str]:
     """(file, zoo name) of a teacher given as ``ckpt:PATH`` or ``PATH``: the name recorded in a
     file of this project, else ``arch``, else the testbed's folder name (``<name>_vanilla``)."""
-    from encoders.distill.export import ZOO_KEY
-    from encoders.distill.zoo import canonical_name, teacher_name_from_path
     from encoders.specs import plain_checkpoint
+    from encoders.zoo import canonical_name, teacher_name_from_path
+    from encoders.zoo.files import ZOO_KEY
 
     path = plain_checkpoint(spec, f"a teacher is a checkpoint file (ckpt:PATH or PATH), not "
                                   f"{spec}")
@@ -110,20 +110,20 @@ def resolve_teacher(spec: str, arch: str | None) -> tuple[Path, str]:
     return path, teacher_name_from_path(path)
 
 
-class _StudentRun(_Run):
-    def _forward(self, views: list[torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+class _StudentRun(Run):
+    def forward(self, views: list[torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.net(views, idx)  # the batch's dataset rows: labels, teacher rows, CRD
 
 
 class _DistillRun(_StudentRun):
     """A labelled run: the data, the models and the per-epoch evaluation."""
 
-    def _make_model(self) -> nn.Module:
+    def make_model(self) -> nn.Module:
         from cdir.core.io import sha256_file
         from encoders.distill.data import open_labelled, split_validation
         from encoders.distill.losses import build_loss
         from encoders.distill.student import Distiller
-        from encoders.distill.zoo import create_model, load_teacher
+        from encoders.zoo import create_model, load_teacher
 
         cfg, dc = self.cfg, self.cfg.distill
         data = open_labelled(cfg.data.path, dc.root, dc.download)
@@ -156,26 +156,26 @@ class _DistillRun(_StudentRun):
         self.best = {"top1": -1.0, "epoch": 0}
         return model
 
-    def _make_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
+    def make_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
         from encoders.distill.data import TrainImages, transforms_for
 
         self.size = int(self.cfg.distill.image_size or self.data.size)
         train_tf, self.test_tf = transforms_for(self.data, self.size)
         return TrainImages(self.train_src, train_tf, self.size)
 
-    def _bad_paths(self, idx: torch.Tensor, ok: torch.Tensor) -> list[str]:
+    def bad_paths(self, idx: torch.Tensor, ok: torch.Tensor) -> list[str]:
         src = self.train_src
         return [src.paths[j] if src.paths else f"train image {j}" for j in idx[~ok].tolist()]
 
-    def _fresh_start(self) -> None:
+    def fresh_start(self) -> None:
         if self.cfg.model.init:
             raise CdirError("model.init is not used by distillation runs (students start from "
                             "scratch, as in the testbed)")
 
-    def _extra_state(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"distill": {"best": dict(self.best), "teacher_sha256": self.teacher_sha}}
 
-    def _restore_extra(self, ckpt: dict) -> None:
+    def restore_extra(self, ckpt: dict) -> None:
         state = ckpt.get("distill") or {}
         if state.get("teacher_sha256") != self.teacher_sha:
             raise CdirError("the teacher file is not the one this run was started with "
@@ -200,7 +200,7 @@ class _DistillRun(_StudentRun):
             classes=list(self.data.train.classes), dataset=self.data.name,
             method=self.cfg.method)
 
-    def _epoch_record(self, done: int) -> dict[str, Any]:
+    def epoch_record(self, done: int) -> dict[str, Any]:
         every = max(1, int(self.cfg.distill.eval_every))
         if not self.d.main or (done % every and done != self.cfg.optim.epochs):
             return {}
@@ -247,7 +247,7 @@ class _DistillRun(_StudentRun):
             student.train(was)
         return 100.0 * right / max(total, 1)
 
-    def _export(self, out_path: Path) -> Path:
+    def export(self, out_path: Path) -> Path:
         """``last.pt`` (and ``best.pt`` is already there); returns last.pt."""
         import json
 
@@ -270,10 +270,10 @@ class _LabelFreeRun(_StudentRun):
         self.feats_in = torch.from_numpy(np.ascontiguousarray(teacher_feats, dtype=np.float32))
         super().__init__(cfg, d, resume, monitor)
 
-    def _make_model(self) -> nn.Module:
+    def make_model(self) -> nn.Module:
         from encoders.distill.losses import build_loss
         from encoders.distill.student import LabelFreeDistiller
-        from encoders.ssl.backbones import build_backbone
+        from encoders.zoo.backbones import build_backbone
 
         cfg = self.cfg
         kwargs = {**cfg.model.backbone_kwargs, "embed_dim": cfg.distill.embed_dim}
@@ -288,16 +288,16 @@ class _LabelFreeRun(_StudentRun):
         model.encoder_arch = {"name": cfg.model.backbone, "kwargs": kwargs}
         return model
 
-    def _make_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
+    def make_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
         from encoders.ssl.augment import build_multiview
         from encoders.ssl.data import UnlabelledImages
 
         self.paths = self.paths_in
         return UnlabelledImages(self.paths, build_multiview(model.views, self.cfg.aug))
 
-    def _fresh_start(self) -> None:
+    def fresh_start(self) -> None:
         if self.cfg.model.init:
-            from encoders.ssl.checkpoint import load_encoder
+            from encoders.engine.checkpoint import load_encoder
 
             src, _ = load_encoder(self.cfg.model.init)
             sd = {k: v for k, v in src.state_dict().items() if not k.startswith("embed.")}
@@ -308,16 +308,16 @@ class _LabelFreeRun(_StudentRun):
                                 f"{self.cfg.model.backbone}: missing {got.missing_keys[:4]}, "
                                 f"unexpected {got.unexpected_keys[:4]}")
 
-    def _extra_state(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"distill": {"teacher_key": self.teacher_key}}
 
-    def _restore_extra(self, ckpt: dict) -> None:
+    def restore_extra(self, ckpt: dict) -> None:
         key = (ckpt.get("distill") or {}).get("teacher_key")
         if key != self.teacher_key:
             raise CdirError(f"the teacher embeddings are not those this run was started with "
                             f"({self.teacher_key} now, {key} in the checkpoint)")
 
-    def _export(self, out_path: Path) -> Path:
-        from encoders.ssl.checkpoint import export_encoder
+    def export(self, out_path: Path) -> Path:
+        from encoders.engine.checkpoint import export_encoder
 
         return export_encoder(self.latest, self.out / "student.pt")

@@ -29,9 +29,7 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 from cdir.core.errors import CdirError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from encoders.zoo import IMAGENET_MEAN, IMAGENET_STD
 
 RECIPES = ("moco_v2", "moco_v1", "weak", "emoji", "emoji_weak")
 

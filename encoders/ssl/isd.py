@@ -24,16 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdir.core.errors import CdirError
-from encoders.ssl.heads import isd_plus_predictor, isd_plus_projection, isd_predictor
-from encoders.ssl.moco import (
+from encoders.engine.parts import (
     MemoryQueue,
-    SSLMethod,
     encode_momentum,
     encode_online,
     frozen_copy,
     momentum_update,
     no_autocast,
 )
+from encoders.ssl.heads import isd_plus_predictor, isd_plus_projection, isd_predictor
+from encoders.ssl.moco import SSLMethod
 
 AUGMENTATIONS = ("weak/strong", "weak/weak", "strong/weak", "strong/strong")
 

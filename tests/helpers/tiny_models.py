@@ -391,8 +391,8 @@ def write_tiny_encoder(path: Path) -> Path:
     it (seeded, so every call writes the same weights)."""
     import torch
 
-    from encoders.ssl.backbones import build_backbone
-    from encoders.ssl.checkpoint import export_encoder
+    from encoders.engine.checkpoint import export_encoder
+    from encoders.zoo.backbones import build_backbone
 
     torch.manual_seed(0)
     net, _ = build_backbone(TINY_RESNET["name"], **TINY_RESNET["kwargs"])

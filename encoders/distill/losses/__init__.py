@@ -1,6 +1,7 @@
 """Distillation losses behind one interface (``base.DistillLoss``), one module per method.
 
-``LOSSES`` maps a name to its constructor, ``(s_dim, t_dim, n_data, **options) -> DistillLoss``:
+``LOSSES`` maps a name to its constructor, ``(s_dim, t_dim, n_data, **options) -> DistillLoss``
+(the losses of ``encoders.distill.plugin.METHODS``, where the names are listed):
 
 - ``kd``: Hinton's KD on the logits (temperature 4);
 - ``crd``: CRD with the paper's momentum memory banks and NCE (needs ``n_data`` and ``idx``);
@@ -16,45 +17,20 @@ is ``encoders.distill.losses.objective.StudentObjective``.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import TYPE_CHECKING, Any
 
 from cdir.core.errors import CdirError
+from encoders.distill.plugin import METHODS, LazyLoss
 
 if TYPE_CHECKING:
     from encoders.distill.losses.base import DistillLoss
 
 
-class _Lazy:
-    """A constructor that imports its class on first use."""
+# the losses of METHODS (all but the teacher run's cross-entropy)
+LOSSES: dict[str, LazyLoss] = {n: m for n, m in METHODS.items() if m is not None}
 
-    def __init__(self, module: str, cls: str) -> None:
-        self.module, self.cls = module, cls
-
-    def load(self) -> type[DistillLoss]:
-        return getattr(importlib.import_module(f"encoders.distill.losses.{self.module}"),
-                       self.cls)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> DistillLoss:
-        return self.load()(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<{self.module}.{self.cls}>"
-
-
-LOSSES: dict[str, _Lazy] = {
-    "kd": _Lazy("kd", "KDLoss"),
-    "crd": _Lazy("crd", "CRDLoss"),
-    "crd_fifo": _Lazy("crd", "CRDFifoLoss"),
-    "dcd": _Lazy("dcd", "DCDLoss"),
-    "rrd": _Lazy("rrd", "RRDLoss"),
-}
-
-# the runs of `cdir train teacher` (cross-entropy alone) and `cdir distill LOSS`
-DISTILL_METHODS: tuple[str, ...] = ("teacher", *LOSSES)
-
-__all__ = ["DISTILL_METHODS", "LOSSES", "build_loss", "loss_class", "loss_options"]
+__all__ = ["LOSSES", "build_loss", "loss_class", "loss_options"]
 
 
 def loss_class(name: str) -> type[DistillLoss]:

@@ -28,7 +28,7 @@ from cdir.core.dist import broadcast, concat_all_gather
 from cdir.core.errors import CdirError
 from encoders.distill.losses.base import DistillLoss, check_positive, embed
 from encoders.distill.losses.memory import global_keys, memory_for_loss
-from encoders.ssl.moco import MemoryQueue, infonce_logits, infonce_loss, no_autocast
+from encoders.engine.parts import MemoryQueue, infonce_logits, infonce_loss, no_autocast
 
 NCE_EPS = 1e-7
 

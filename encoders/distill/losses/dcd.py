@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.distill.losses.base import DistillLoss, check_positive, embed
-from encoders.ssl.moco import no_autocast
+from encoders.engine.parts import no_autocast
 
 
 def dcd_loss(z_s: torch.Tensor, z_t: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor,

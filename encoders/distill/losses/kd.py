@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from cdir.core.errors import CdirError
 from encoders.distill.losses.base import DistillLoss, check_positive
-from encoders.ssl.moco import no_autocast
+from encoders.engine.parts import no_autocast
 
 
 def kd_divergence(logits_s: torch.Tensor, logits_t: torch.Tensor,

@@ -1,6 +1,6 @@
 """FIFO memories of teacher embeddings for RRD and CRD's InfoNCE variant.
 
-The queue itself is ``encoders.ssl.moco.MemoryQueue`` (rows initialised to random unit vectors,
+The queue itself is ``encoders.engine.parts.MemoryQueue`` (rows initialised to random unit vectors,
 not the reference's column-normalised matrix; wrap-around enqueue; a fixed-seed init so every
 rank starts alike). What is added here is the global batch of keys (all-gathered under DDP, so
 every rank enqueues the same keys and the queues stay identical) and the memory a loss sees
@@ -13,7 +13,7 @@ import torch
 
 from cdir.core.dist import concat_all_gather, rank_world
 from cdir.core.errors import CdirError
-from encoders.ssl.moco import MemoryQueue
+from encoders.engine.parts import MemoryQueue
 
 
 def global_keys(z: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 from cdir.core.errors import CdirError
 from encoders.distill.losses.base import DistillLoss, check_positive, embed
 from encoders.distill.losses.memory import global_keys, memory_for_loss
-from encoders.ssl.moco import MemoryQueue, no_autocast
+from encoders.engine.parts import MemoryQueue, no_autocast
 
 
 def relational_loss(z_s: torch.Tensor, z_t: torch.Tensor, memory: torch.Tensor,

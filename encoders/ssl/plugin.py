@@ -1,4 +1,8 @@
-"""Name -> self-supervised method: ``build_method("synco", "resnet50", {}, n_hard=1024, ...)``.
+"""The self-supervised family of the engine: ``METHODS`` (name -> method around a backbone of
+the zoo) and the ``aug`` config section, registered with :mod:`encoders.engine.config`.
+
+``build_method("synco", "resnet50", {}, n_hard=1024, ...)`` builds any registered method that is
+a :class:`Method` (these, and the adaptation methods of ``encoders.adapt``).
 
 Method keyword arguments are the fields of the method's config dataclass, flat:
 
@@ -18,10 +22,11 @@ so that the CLI can list the names cheaply.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from cdir.core.errors import CdirError
+from encoders.engine.config import Family, Section, methods, register
 
 if TYPE_CHECKING:
     from torch import nn
@@ -83,56 +88,45 @@ def _isd_plus(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
     return _isd(net, feat_dim, {**_ISD_PLUS_DEFAULTS, **kw})
 
 
-def _xdomain_options() -> list[str]:
-    from encoders.adapt.xdomain import XDomainConfig
+@dataclass(frozen=True)
+class Method:
+    """A method built around a backbone: ``options()`` lists the keyword arguments it takes,
+    ``build(backbone, feature dim, kwargs)`` makes it."""
 
-    return _names(XDomainConfig)
-
-
-def _xdomain(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
-    from encoders.adapt.xdomain import XDomain, XDomainConfig
-
-    return XDomain(net, feat_dim, XDomainConfig(**kw))
+    options: Callable[[], list[str]]
+    build: Callable[..., SSLMethod]
 
 
-def _ucdir_options() -> list[str]:
-    from encoders.adapt.ucdir import UCDIRConfig
+def _aug() -> type:
+    from encoders.ssl.augment import AugConfig
 
-    return _names(UCDIRConfig)
-
-
-def _ucdir(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
-    from encoders.adapt.ucdir import UCDIR, UCDIRConfig
-
-    return UCDIR(net, feat_dim, UCDIRConfig(**kw))
+    return AugConfig
 
 
-# name -> (the keyword arguments it takes, builder(backbone, feature dim, kwargs), adapts):
-# adapts=False: pretraining on images alone (`cdir train`); True: cross-domain adaptation on
-# images with domain names (`cdir adapt`, encoders.adapt)
-_REGISTRY: dict[str, tuple[Callable[[], list[str]], Callable[..., SSLMethod], bool]] = {
-    "moco": (_moco_options, _moco, False),
-    "synco": (_synco_options, _synco, False),
-    "isd": (_isd_options, _isd, False),
-    "isd_plus": (_isd_options, _isd_plus, False),
-    "xdomain": (_xdomain_options, _xdomain, True),
-    "ucdir": (_ucdir_options, _ucdir, True),
+# pretraining on images alone (`cdir train NAME`)
+METHODS: dict[str, Method] = {
+    "moco": Method(_moco_options, _moco),
+    "synco": Method(_synco_options, _synco),
+    "isd": Method(_isd_options, _isd),
+    "isd_plus": Method(_isd_options, _isd_plus),
 }
-METHODS: tuple[str, ...] = tuple(n for n, e in _REGISTRY.items() if not e[2])
-ADAPT_METHODS: tuple[str, ...] = tuple(n for n, e in _REGISTRY.items() if e[2])
 
-__all__ = ["ADAPT_METHODS", "METHODS", "build_method", "method_options"]
+register(Family("ssl", METHODS, (Section("aug", _aug, after="model"),)))
 
 
-def _entry(name: str) -> tuple[Callable[[], list[str]], Callable[..., SSLMethod]]:
-    if name not in _REGISTRY:
-        raise CdirError(f"unknown method {name!r}; choose one of {', '.join(_REGISTRY)}")
-    return _REGISTRY[name][:2]
+def _entry(name: str) -> Method:
+    """Method ``name`` of any family, when it is one built around a backbone."""
+    found = methods()
+    entry = found[name].methods[name] if name in found else None
+    if not isinstance(entry, Method):
+        known = [n for n, fam in found.items() if isinstance(fam.methods[n], Method)]
+        raise CdirError(f"unknown method {name!r}; choose one of {', '.join(known)}")
+    return entry
 
 
 def method_options(name: str) -> list[str]:
     """The keyword arguments ``build_method`` accepts for method ``name``."""
-    return _entry(name)[0]()
+    return _entry(name).options()
 
 
 def build_method(
@@ -142,10 +136,10 @@ def build_method(
     **method_kwargs: Any,
 ) -> SSLMethod:
     """Build an SSL method around a fresh ``build_backbone(backbone, **backbone_kwargs)``."""
-    from encoders.ssl.backbones import build_backbone
+    from encoders.zoo.backbones import build_backbone
 
-    options, make = _entry(name)
-    valid = options()
+    entry = _entry(name)
+    valid = entry.options()
     unknown = sorted(set(method_kwargs) - set(valid))
     if unknown:
         raise CdirError(
@@ -153,6 +147,6 @@ def build_method(
         )
     backbone_kwargs = dict(backbone_kwargs or {})
     net, feat_dim = build_backbone(backbone, **backbone_kwargs)
-    method = make(net, feat_dim, method_kwargs)
+    method = entry.build(net, feat_dim, method_kwargs)
     method.encoder_arch = {"name": backbone, "kwargs": backbone_kwargs}
     return method

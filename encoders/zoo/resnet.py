@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from encoders.distill.models.common import NetOutput, he_init, pool_flat
+from encoders.zoo.common import NetOutput, he_init, pool_flat, resnet_stage
 
 
 class CifarResNet(nn.Module):
@@ -28,28 +28,15 @@ class CifarResNet(nn.Module):
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
-        self.inplanes = widths[0]
         self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(widths[1], n, 1)
-        self.layer2 = self._make_layer(widths[2], n, 2)
-        self.layer3 = self._make_layer(widths[3], n, 2)
+        self.layer1, inplanes = resnet_stage(BasicBlock, widths[0], widths[1], n, 1)
+        self.layer2, inplanes = resnet_stage(BasicBlock, inplanes, widths[2], n, 2)
+        self.layer3, inplanes = resnet_stage(BasicBlock, inplanes, widths[3], n, 2)
         self.feat_dim = widths[3]
         self.fc = nn.Linear(self.feat_dim, num_classes)
         he_init(self)
-
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes),
-            )
-        mods = [BasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes
-        mods += [BasicBlock(planes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*mods)
 
     def forward(self, x: torch.Tensor) -> NetOutput:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cdir.core.errors import CdirError
-from encoders.ssl.config import OptimConfig
+from encoders.engine.config import OptimConfig
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:

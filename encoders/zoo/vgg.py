@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.distill.models.common import NetOutput, he_init, pool_flat
+from encoders.zoo.common import NetOutput, he_init, pool_flat
 
 # conv widths of the five blocks
 CONFIGS: dict[int, tuple[tuple[int, ...], ...]] = {

@@ -1,4 +1,5 @@
-"""What every zoo model returns, and the weight initialisations of the testbed's models."""
+"""What every zoo classifier returns, the weight initialisations of the testbed's models, and
+the residual stage of the ResNets built on torchvision's blocks."""
 
 from __future__ import annotations
 
@@ -55,3 +56,20 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """ShuffleNet's channel shuffle: (B, g*c, H, W) viewed as (B, g, c) -> (B, c, g) -> back."""
     b, ch, h, w = x.shape
     return x.view(b, groups, ch // groups, h, w).transpose(1, 2).reshape(b, ch, h, w)
+
+
+def resnet_stage(block: type[nn.Module], inplanes: int, planes: int, blocks: int,
+                 stride: int) -> tuple[nn.Sequential, int]:
+    """``blocks`` torchvision residual blocks (``BasicBlock`` or ``Bottleneck``), the first one
+    strided and with a 1x1 conv + BN ``downsample`` when the shape changes; returns the stage
+    and its output channels. Keys: ``<i>.{conv1,bn1,...,downsample.0,downsample.1}``."""
+    downsample = None
+    out = planes * block.expansion
+    if stride != 1 or inplanes != out:
+        downsample = nn.Sequential(
+            nn.Conv2d(inplanes, out, 1, stride=stride, bias=False),
+            nn.BatchNorm2d(out),
+        )
+    mods = [block(inplanes, planes, stride, downsample)]
+    mods += [block(out, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*mods), out

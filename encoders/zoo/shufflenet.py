@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.distill.models.common import NetOutput, channel_shuffle, pool_flat
+from encoders.zoo.common import NetOutput, channel_shuffle, pool_flat
 
 
 def _dw(ch: int, stride: int) -> nn.Conv2d:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.distill.models.common import NetOutput, he_init, pool_flat
+from encoders.zoo.common import NetOutput, he_init, pool_flat
 
 
 class WideBlock(nn.Module):

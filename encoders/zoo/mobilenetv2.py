@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from encoders.distill.models.common import NetOutput, he_init, pool_flat
+from encoders.zoo.common import NetOutput, he_init, pool_flat
 
 # (expansion, channels, blocks, first stride) of the seven stages; expansion None = T
 STAGES: tuple[tuple[int | None, int, int, int], ...] = (

@@ -1,4 +1,4 @@
-"""ResNet feature extractors for self-supervised pretraining.
+"""ResNet feature extractors: the backbones of the zoo (``MODELS`` entries of kind backbone).
 
 ``build_backbone(name, width=1.0, small_stem=False)`` returns ``(module, feature_dim)``; the module
 maps images (B, 3, H, W) to global-average-pooled features (B, feature_dim); it has no classifier.
@@ -21,15 +21,11 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from cdir.core.errors import CdirError
+from encoders.zoo import BACKBONE, MODELS, canonical_name
+from encoders.zoo.common import resnet_stage
 
-_ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (Bottleneck, [3, 4, 6, 3]),
-}
-BACKBONES = (
-    "resnet18", "resnet34", "resnet50", "cifar_resnet18", "cifar_resnet34", "cifar_resnet50",
-)
+# the residual blocks of the trunks, by the name the zoo's table uses
+BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 class ResNetTrunk(nn.Module):
@@ -37,8 +33,8 @@ class ResNetTrunk(nn.Module):
 
     def __init__(
         self,
-        block: type[nn.Module],
-        layers: list[int],
+        block: str,
+        layers: tuple[int, ...],
         width: float = 1.0,
         stem: str = "imagenet",
         embed_dim: int = 0,
@@ -48,7 +44,7 @@ class ResNetTrunk(nn.Module):
         if width <= 0:
             raise CdirError(f"backbone width must be positive, got {width}")
         widths = [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
-        self.inplanes = widths[0]
+        unit = BLOCKS[block]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
             self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
@@ -60,11 +56,12 @@ class ResNetTrunk(nn.Module):
             raise CdirError(f"unknown stem {stem!r}; use imagenet, cifar or small")
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(block, widths[0], layers[0], 1)
-        self.layer2 = self._make_layer(block, widths[1], layers[1], 2)
-        self.layer3 = self._make_layer(block, widths[2], layers[2], 2)
-        self.layer4 = self._make_layer(block, widths[3], layers[3], 2)
-        self.out_dim = widths[3] * block.expansion
+        inplanes = widths[0]
+        self.layer1, inplanes = resnet_stage(unit, inplanes, widths[0], layers[0], 1)
+        self.layer2, inplanes = resnet_stage(unit, inplanes, widths[1], layers[1], 2)
+        self.layer3, inplanes = resnet_stage(unit, inplanes, widths[2], layers[2], 2)
+        self.layer4, inplanes = resnet_stage(unit, inplanes, widths[3], layers[3], 2)
+        self.out_dim = widths[3] * unit.expansion
         # a linear embedding after the pooling: what a label-free distilled student outputs;
         # embed_grid > 1 pools the last map to that many cells a side first (the layout kept)
         self.embed: nn.Module | None = None
@@ -76,7 +73,7 @@ class ResNetTrunk(nn.Module):
                 raise CdirError(f"embed_dim must be positive, got {embed_dim}")
             self.embed = nn.Linear(self.out_dim * int(embed_grid) ** 2, int(embed_dim))
             self.out_dim = int(embed_dim)
-        self.layer_dims = [c * block.expansion for c in widths]  # channels of layer1..layer4
+        self.layer_dims = [c * unit.expansion for c in widths]  # channels of layer1..layer4
         # Same initialisation as torchvision's ResNet (zero_init_residual=False).
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -84,21 +81,6 @@ class ResNetTrunk(nn.Module):
             elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    def _make_layer(
-        self, block: type[nn.Module], planes: int, blocks: int, stride: int
-    ) -> nn.Sequential:
-        downsample = None
-        out = planes * block.expansion
-        if stride != 1 or self.inplanes != out:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, out, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out),
-            )
-        mods = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = out
-        mods += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*mods)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's map (B, out_dim, h, w), before the global pooling."""
@@ -165,18 +147,15 @@ def build_backbone(name: str, **kwargs: object) -> tuple[nn.Module, int]:
                         "width, small_stem, embed_dim, embed_grid")
     width = float(kwargs.get("width", 1.0))  # type: ignore[arg-type]
     small_stem = bool(kwargs.get("small_stem", False))
-    base, stem = name, "imagenet"
-    if name.startswith("cifar_"):
-        base, stem = name[len("cifar_"):], "cifar"
-        if small_stem:
-            raise CdirError(f"{name!r} already has the CIFAR stem; drop small_stem or use {base!r}")
-    elif small_stem:
+    entry = MODELS[canonical_name(name, BACKBONE)]
+    stem = entry.kwargs["stem"]
+    if small_stem:
+        if stem == "cifar":
+            raise CdirError(f"{name!r} already has the CIFAR stem; drop small_stem or use "
+                            f"{name.removeprefix('cifar_')!r}")
         stem = "small"
-    if base not in _ARCHS:
-        raise CdirError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    block, layers = _ARCHS[base]
     embed_dim = int(kwargs.get("embed_dim", 0) or 0)  # type: ignore[call-overload]
     embed_grid = int(kwargs.get("embed_grid", 1) or 1)  # type: ignore[call-overload]
-    model = ResNetTrunk(block, layers, width=width, stem=stem, embed_dim=embed_dim,
-                        embed_grid=embed_grid)
+    model = ResNetTrunk(entry.kwargs["block"], entry.kwargs["layers"], width=width, stem=stem,
+                        embed_dim=embed_dim, embed_grid=embed_grid)
     return model, model.out_dim

@@ -121,7 +121,9 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> Path:
     return path
 
 
-def _torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
+def read_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """Any checkpoint file, loaded weights-only (ISD's argparse options allowed); CdirError in
+    one line for a file that is missing or unreadable."""
     if not path.is_file():
         raise CdirError(f"no checkpoint at {path}")
     try:
@@ -141,7 +143,7 @@ def _torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a training checkpoint written by this project; checks the schema version."""
     path = Path(path)
-    ckpt = _torch_load(path, map_location)
+    ckpt = read_file(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "version" not in ckpt:
         raise CdirError(
             f"{path} is not a training checkpoint of this project (no 'model'/'version'); "
@@ -172,7 +174,7 @@ def export_encoder(
 ) -> Path:
     """Write the small encoder-only file of a training checkpoint (a path, or the checkpoint's
     dict); ``half`` stores fp16."""
-    ckpt = ckpt_path if isinstance(ckpt_path, dict) else _torch_load(Path(ckpt_path))
+    ckpt = ckpt_path if isinstance(ckpt_path, dict) else read_file(Path(ckpt_path))
     if not isinstance(ckpt, dict) or "encoder_arch" not in ckpt:
         raise CdirError(f"{ckpt_path} is not a checkpoint written by `cdir train`")
     sd = encoder_state_dict(ckpt)
@@ -212,7 +214,7 @@ def _infer_arch(sd: dict[str, torch.Tensor]) -> str:
     return arch
 
 
-def _reference_encoder(ckpt: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def reference_encoder(ckpt: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Backbone weights and arch of a reference MoCo/SynCo/ISD checkpoint or a plain state dict."""
     sd = ckpt.get("state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not sd or not all(
@@ -249,12 +251,11 @@ def load_encoder(
     Accepts project checkpoints (full or exported) and reference MoCo/SynCo/ISD checkpoints.
     The module is in eval mode, float32, on ``map_location``. Missing or unexpected keys raise
     CdirError naming them (never a silent partial load)."""
-    from encoders.ssl.backbones import build_backbone
+    from encoders.zoo.backbones import build_backbone
+    from encoders.zoo.files import PooledFeatures, is_zoo_file, load_zoo_model
 
     path = Path(path)
-    ckpt = _torch_load(path, map_location)
-    from encoders.distill.export import PooledFeatures, is_zoo_file, load_zoo_model
-
+    ckpt = read_file(path, map_location)
     if is_zoo_file(ckpt):  # a distillation student or teacher: its pooled features
         feats = PooledFeatures(load_zoo_model(ckpt, path))
         return feats.to(map_location).eval(), feats.out_dim
@@ -262,7 +263,7 @@ def load_encoder(
         sd = encoder_state_dict(ckpt)
         arch = ckpt["encoder_arch"]
     else:
-        sd, arch = _reference_encoder(ckpt, path)
+        sd, arch = reference_encoder(ckpt, path)
     model, dim = build_backbone(arch["name"], **arch.get("kwargs", {}))
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     result = model.load_state_dict(sd, strict=False)
@@ -283,10 +284,11 @@ def load_init(method: nn.Module, path: str | os.PathLike) -> None:
     for prefix in (method.encoder_prefix, getattr(method, "momentum_prefix", None)):
         name = (prefix or "").rstrip(".")
         if name and hasattr(method, name):
-            _load_strict(method.get_submodule(name), sd, Path(path), "the model's backbone")
+            load_strict(method.get_submodule(name), sd, Path(path), "the model's backbone")
 
 
-def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: Path, what: str) -> None:
+def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Load ``sd`` (as float32) into ``module``; CdirError naming the keys that do not fit."""
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     result = module.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -294,84 +296,17 @@ def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: Path, wha
                         f"unexpected {result.unexpected_keys[:5]}")
 
 
-def _reference_momentum_head(ckpt: Any, path: Path) -> tuple[nn.Module, int]:
-    """Momentum encoder + ``fc`` head of a reference MoCo/SynCo checkpoint (``encoder_k.*``)."""
-    from encoders.ssl.backbones import build_backbone
-    from encoders.ssl.heads import mlp
-
-    sd = ckpt.get("state_dict", ckpt.get("model")) if isinstance(ckpt, dict) else None
-    sub: dict[str, torch.Tensor] = {}
-    if isinstance(sd, dict):
-        for prefix in ("module.encoder_k.", "encoder_k."):
-            sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            if "conv1.weight" in sub:
-                break
-    fc = {k[len("fc."):]: v for k, v in sub.items() if k.startswith("fc.")}
-    if "conv1.weight" not in sub or not fc:
-        raise CdirError(f"{path}: features=head needs the momentum encoder and its projection "
-                        "head, which this file does not hold: use the full training checkpoint "
-                        "of `cdir train` (latest.pt or checkpoint_XXXX.pt; an exported "
-                        "encoder.pt has only the backbone) or a MoCo checkpoint with encoder_k")
-    if "weight" in fc:  # MoCo v1: one linear layer
-        head: nn.Module = nn.Linear(fc["weight"].shape[1], fc["weight"].shape[0])
-    elif {"0.weight", "2.weight"} <= set(fc):  # MoCo v2 MLP: Linear, ReLU, Linear
-        head = mlp(fc["0.weight"].shape[1], fc["0.weight"].shape[0], fc["2.weight"].shape[0])
-    else:
-        raise CdirError(f"{path}: unknown projection head layout {sorted(fc)[:6]}")
-    backbone_sd, arch = _reference_encoder({"state_dict": sub, "arch": ckpt.get("arch")}, path)
-    backbone, _ = build_backbone(arch["name"], **arch.get("kwargs", {}))
-    _load_strict(backbone, backbone_sd, path, arch["name"])
-    _load_strict(head, fc, path, "the projection head")
-    out_dim = head.out_features if isinstance(head, nn.Linear) else head[-1].out_features
-    return nn.Sequential(backbone, head), int(out_dim)
-
-
-def load_momentum_head(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, int]:
-    """The momentum encoder followed by its projection head, ``(module, head_dim)``: the features
-    UCDIR and ProtoOT evaluate (``ckpt:PATH?features=head``).
-
-    Needs a full training checkpoint of this project (MoCo/SynCo ``encoder_k`` + ``head_k``, ISD
-    ``encoder_k`` + ``proj_k``) or a reference MoCo checkpoint (``module.encoder_k.*`` with its
-    ``fc`` head); an exported encoder holds the backbone only and raises CdirError."""
-    from encoders.ssl.registry import build_method
-
-    path = Path(path)
-    ckpt = _torch_load(path, map_location)
-    if not (isinstance(ckpt, dict) and "encoder_arch" in ckpt):
-        model, dim = _reference_momentum_head(ckpt, path)
-        return model.to(map_location).eval(), dim
-    if "model" not in ckpt or not ckpt.get("method"):
-        raise CdirError(f"{path} is an exported encoder: it holds only the backbone, not the "
-                        "momentum encoder and its projection head; features=head needs the full "
-                        "training checkpoint of `cdir train` (latest.pt or checkpoint_XXXX.pt)")
-    arch = ckpt["encoder_arch"]
-    kwargs = dict((ckpt.get("config") or {}).get("method_kwargs") or {})
-    # the method as it was trained, so every key of its momentum encoder and head must fit
-    method = build_method(ckpt["method"], arch["name"], dict(arch.get("kwargs", {})), **kwargs)
-    name = "head_k" if hasattr(method, "head_k") else "proj_k"
-    model = nn.Sequential(method.encoder_k, getattr(method, name))
-    for i, prefix in enumerate(("encoder_k.", f"{name}.")):
-        part = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-        _load_strict(model[i], part, path, f"{ckpt['method']}'s {prefix.rstrip('.')}")
-    with torch.no_grad():  # the head's output size (MoCo's queue dim, UCDIR's bank dim)
-        size = int(ckpt.get("config", {}).get("aug", {}).get("size", 224))
-        dim = model.eval()(torch.zeros(2, 3, size, size)).shape[1]
-    return model.to(map_location).eval(), int(dim)
-
-
 def encoder_settings(path: str | os.PathLike) -> dict[str, Any]:
     """What training from an encoder file needs to know: ``{"arch": {"name", "kwargs"},
     "aug": {...} (the input settings it was trained with; empty for reference checkpoints),
     "epoch": ... or None}``. CdirError for a file that holds no readable ResNet encoder."""
     path = Path(path)
-    ckpt = _torch_load(path)
+    ckpt = read_file(path)
     if isinstance(ckpt, dict) and "encoder_arch" in ckpt:
         arch = ckpt["encoder_arch"]
         aug = dict((ckpt.get("config") or {}).get("aug") or {})
     else:
-        _, arch = _reference_encoder(ckpt, path)
+        _, arch = reference_encoder(ckpt, path)
         aug = {}
     return {"arch": {"name": arch["name"], "kwargs": dict(arch.get("kwargs", {}))}, "aug": aug,
             "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None}
@@ -381,12 +316,12 @@ def encoder_preprocess(path_or_ckpt: str | os.PathLike | dict) -> dict[str, Any]
     """Input size, normalisation and eval resize ratio an encoder was trained with.
 
     Reference checkpoints carry no config: they get the ImageNet values (224 px, 256/224)."""
-    from encoders.distill.export import is_zoo_file, zoo_preprocess
-    from encoders.ssl.augment import IMAGENET_MEAN, IMAGENET_STD
+    from encoders.zoo import IMAGENET_MEAN, IMAGENET_STD
+    from encoders.zoo.files import is_zoo_file, zoo_preprocess
 
     ckpt = path_or_ckpt
     if not isinstance(ckpt, dict):
-        ckpt = _torch_load(Path(ckpt))
+        ckpt = read_file(Path(ckpt))
     if is_zoo_file(ckpt):
         return zoo_preprocess(ckpt)
     aug = (ckpt.get("config") or {}).get("aug", {}) if isinstance(ckpt, dict) else {}

@@ -1,9 +1,14 @@
-"""The configuration of a pretraining run, and where each value comes from.
+"""The configuration of a training run (pretraining, adaptation, distillation), and where each
+value comes from.
 
-A YAML recipe holds shared sections (data, model, aug, optim, train, monitor) and one section per
-method under ``methods:``; a method section's keys are the method's hyperparameters, except
-``name`` (the registry name, e.g. ``isd_plus``) and nested shared sections, which override the
-top-level ones for that method only. Unknown keys are errors, not silently dropped.
+A YAML recipe holds sections and one section per method under ``methods:``. The sections are
+the shared ones (data, model, optim, train, monitor: :data:`SHARED`) and those the families add
+(:func:`register`: ``aug`` by encoders.ssl, ``distill`` by encoders.distill); the engine imports
+none of the families: each plug-in package registers its ``METHODS`` and sections when its
+``plugin`` module is imported, and :func:`families` finds those modules. A method section's
+keys are the method's hyperparameters, except ``name`` (the registry name, e.g. ``isd_plus``)
+and nested sections, which override the top-level ones for that method only. Unknown keys are
+errors, not silently dropped.
 
 Precedence (:func:`run_config`, what ``cdir train`` does): the recipe, then its method section,
 then ``--set key=value`` items, then the direct flags (``--data``, ``--epochs``, ...). Without a
@@ -14,18 +19,25 @@ the method's hyperparameters (``method_kwargs.X``).
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdir.core.config import apply_sets, build, deep_merge, load_yaml, set_value, to_dict
+from cdir.core.config import (
+    INTERNAL,
+    apply_sets,
+    build,
+    config_keys,
+    deep_merge,
+    load_yaml,
+    set_value,
+    to_dict,
+)
 from cdir.core.errors import CdirError
-from encoders.distill.losses import DISTILL_METHODS
-from encoders.ssl.augment import AugConfig
-from encoders.ssl.registry import ADAPT_METHODS, METHODS
 
 
 @dataclass
@@ -77,39 +89,6 @@ class RunConfig:
 
 
 @dataclass
-class DistillConfig:
-    """What `cdir train teacher` and `cdir distill` read (pretraining and adaptation ignore it).
-
-    ``data.path`` names the labelled set (cifar10, cifar100, digits, or a folder with train/
-    and test/), or for ``label_free`` the workspace; ``model.backbone`` is the student's zoo
-    name (label-free: a backbone of ``encoders.ssl.backbones``)."""
-
-    root: str = "data"  # where named datasets live (CIFAR archives, STL-10, Tiny-ImageNet)
-    download: bool = False  # fetch a named dataset with torchvision when it is missing
-    # hold out this fraction of the training set (stratified) to choose "best" on; 0: best is
-    # chosen on the test set, as the reference code does (reported beside last, never alone)
-    val_split: float = 0.0
-    eval_every: int = 1  # epochs between test evaluations (the last epoch always is one)
-    # input side; None: the dataset's (32 for CIFAR); >= 96 uses the ImageNet augmentation
-    image_size: int | None = None
-    teacher: str | None = None  # labelled: a teacher checkpoint; label-free: an encoder spec
-    teacher_arch: str | None = None  # zoo name; default: the checkpoint's, or its folder name
-    teacher_sha256: str | None = None  # the teacher file must hash to this (mirrored teachers)
-    # loss weights of gamma * CE + alpha * KD + beta * method; None: the method's recipe
-    gamma: float | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    with_kd: bool = False  # the recipe's "+KD" weights (when alpha is None)
-    kd_temperature: float = 4.0
-    label_free: bool = False  # distil on a workspace gallery with the method term alone
-    # label-free: the student's embedding size (a linear head after its pooled features)
-    embed_dim: int = 256
-    # label-free: the teacher vectors distilled, from the workspace's embedding store:
-    # none | domain-whiten (per-domain whitening, label-free, as retrieval uses it)
-    teacher_normalize: str = "none"
-
-
-@dataclass
 class MonitorConfig:
     path: str | None = None  # labelled folder/manifest; None disables the monitor
     every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
@@ -119,38 +98,137 @@ class MonitorConfig:
     batch_size: int = 256
 
 
-# The shared sections of a recipe and of a run config, by name.
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "aug": AugConfig,
-                             "optim": OptimConfig, "train": RunConfig, "monitor": MonitorConfig,
-                             "distill": DistillConfig}
+# The sections every run config has, by name; the families add their own (:func:`register`).
+SHARED: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+                           "train": RunConfig, "monitor": MonitorConfig}
+
+
+@dataclass(frozen=True)
+class Section:
+    """A config section a family adds: ``load()`` returns its dataclass (imported when a config
+    is built, so that listing the families stays cheap); ``after``: the section it follows in a
+    config file."""
+
+    name: str
+    load: Callable[[], type]
+    after: str
+
+
+@dataclass(frozen=True)
+class Family:
+    """A plug-in of the engine: its ``METHODS`` dict (method name -> whatever the family builds
+    from it; the engine reads only the names) and its config sections."""
+
+    name: str
+    methods: Mapping[str, Any]
+    sections: tuple[Section, ...] = ()
+
+
+_FAMILIES: dict[str, Family] = {}
+_discovered = False
+
+
+def register(family: Family) -> None:
+    """Register a family (what a plug-in's ``plugin`` module does when it is imported)."""
+    _FAMILIES[family.name] = family
+
+
+def families() -> dict[str, Family]:
+    """Every family, by name. The plug-ins are found, not named: each package of ``encoders``
+    with a ``plugin`` module is one, and importing that module registers it."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        root = Path(__file__).resolve().parents[1]
+        top = __name__.split(".")[0]
+        for sub in sorted(root.iterdir()):
+            if (sub / "plugin.py").is_file():
+                importlib.import_module(f"{top}.{sub.name}.plugin")
+    return dict(_FAMILIES)
+
+
+def methods() -> dict[str, Family]:
+    """Every method name of every family -> its family."""
+    out: dict[str, Family] = {}
+    for fam in families().values():
+        for name in fam.methods:
+            if name in out:
+                raise CdirError(f"method {name!r} is registered by {out[name].name} and "
+                                f"{fam.name}")
+            out[name] = fam
+    return out
+
+
+def sections() -> dict[str, type]:
+    """Every section of a run config (the shared ones and the families'), in file order."""
+    order: dict[str, type] = dict(SHARED)
+    pending = [s for fam in families().values() for s in fam.sections]
+    while pending:
+        placed = [s for s in pending if s.after in order]
+        if not placed:
+            raise CdirError(f"config sections {[s.name for s in pending]} follow no section")
+        for s in placed:
+            names = list(order)
+            at = names.index(s.after) + 1
+            order = {n: order.get(n) or s.load() for n in (*names[:at], s.name, *names[at:])}
+        pending = [s for s in pending if s not in placed]
+    return order
+
+
+def _family_sections() -> dict[str, Any]:
+    return {n: kind() for n, kind in sections().items() if n not in SHARED}
 
 
 @dataclass
 class Config:
-    # the command: moco | synco | isd | isd_plus (pretraining), xdomain | ucdir (adaptation),
-    # teacher | kd | crd | crd_fifo | dcd | rrd (distillation)
-    method: str = "moco"
+    """A run config: the method, the shared sections, and the families' sections (``aug``,
+    ``distill``, ...: read as attributes, ``cfg.aug``)."""
+
+    method: str = "moco"  # the command: a method name of a family (`cdir train moco`)
     method_name: str = "moco"  # the registry name actually built
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     recipe: str = ""  # recipe file stem, for the default output folder
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    aug: AugConfig = field(default_factory=AugConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    # the families' sections by name
+    sections: dict[str, Any] = field(default_factory=_family_sections, metadata=INTERNAL)
+
+    def __getattr__(self, name: str) -> Any:
+        found = self.__dict__.get("sections") or {}
+        if name in found:
+            return found[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML/JSON values (tuples become lists), loadable with weights_only."""
-        return to_dict(self)
+        """Plain YAML/JSON values (tuples become lists), loadable with weights_only; the
+        sections in file order."""
+        own = to_dict(self)
+        head = {k: v for k, v in own.items() if k not in SHARED}
+        parts = {**own, **{n: to_dict(v) for n, v in self.sections.items()}}
+        return {**head, **{n: parts[n] for n in sections() if n in parts}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         def section(name: str, kind: type) -> Any:
             return lambda raw, _where: build(kind, raw, name)  # errors name the section: "optim"
 
-        return build(cls, d, "config", {n: section(n, k) for n, k in SECTIONS.items()})
+        kinds = sections()
+        if not isinstance(d, dict):
+            raise CdirError(f"config: expected a mapping, got {d!r}")
+        valid = {*config_keys(cls), *kinds}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise CdirError(f"config: unknown key(s) {', '.join(map(str, unknown))}; valid: "
+                            f"{', '.join(sorted(valid))}")
+        own = {k: v for k, v in d.items() if k not in kinds or k in SHARED}
+        cfg = build(cls, own, "config", {n: section(n, k) for n, k in SHARED.items()})
+        for name, raw in d.items():
+            if name in kinds and name not in SHARED and raw is not None:
+                cfg.sections[name] = build(kinds[name], raw, name)
+        return cfg
 
 
 def method_key(key: str) -> str:
@@ -172,27 +250,28 @@ def resolve_config(
     raw: dict[str, Any], method: str, recipe: str = "", overrides: Iterable[str] | None = None
 ) -> Config:
     """The run config for ``method`` from a recipe dict and ``--set`` items (module docstring)."""
-    known = (*METHODS, *ADAPT_METHODS, *DISTILL_METHODS)
+    known = methods()
     if method not in known:
         raise CdirError(f"unknown method {method!r}; choose one of {', '.join(known)}")
     raw = dict(raw or {})
-    sections = raw.pop("methods", None) or {}
-    unknown = set(raw) - set(SECTIONS)
+    per_method = raw.pop("methods", None) or {}
+    kinds = sections()
+    unknown = set(raw) - set(kinds)
     if unknown:
         raise CdirError(
-            f"unknown top-level recipe key(s) {sorted(unknown)}; valid: {[*SECTIONS, 'methods']}"
+            f"unknown top-level recipe key(s) {sorted(unknown)}; valid: {[*kinds, 'methods']}"
         )
-    if sections and method not in sections:
+    if per_method and method not in per_method:
         raise CdirError(
             f"the recipe has no section for {method!r} under 'methods' "
-            f"(it has {', '.join(sections)}); add one or pick another method"
+            f"(it has {', '.join(per_method)}); add one or pick another method"
         )
-    msec = dict(sections.get(method) or {})
+    msec = dict(per_method.get(method) or {})
     name = msec.pop("name", method)
     if name not in known:
         raise CdirError(f"methods.{method}.name must be one of {', '.join(known)}, got {name!r}")
-    base = {k: raw.get(k) or {} for k in SECTIONS}
-    for k in SECTIONS:
+    base = {k: raw.get(k) or {} for k in kinds}
+    for k in kinds:
         if k in msec:
             # backbone_kwargs is one value: a method's replaces the shared one whole
             base[k] = deep_merge(base[k], msec.pop(k) or {}, leaves=("backbone_kwargs",))
@@ -225,7 +304,7 @@ def run_config(
     ``train.out``). With a recipe, values that differ from the checkpoint's are noted on stderr;
     without one, the checkpoint's config is the base. ``base`` (a recipe dict) lies under the
     recipe: the distillation testbed's defaults, which hold with no recipe at all."""
-    from encoders.ssl.checkpoint import load_checkpoint
+    from encoders.engine.checkpoint import load_checkpoint
 
     sets = list(sets or [])
     values = dict(values or {})

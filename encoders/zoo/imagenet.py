@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from encoders.distill.models.common import NetOutput
+from encoders.zoo.common import NetOutput
 
 
 class TorchvisionResNet(nn.Module):
