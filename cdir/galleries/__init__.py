@@ -11,6 +11,7 @@ module on first use.
     domainnet    DomainNet
     table        CSV/TSV/JSONL/Parquet tables
     emoji        the built-in emoji gallery (rendered from PyPI packages)
+    splits       the fixed dev/test split of categories
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class GalleryKind:
     source: str | None = "ROOT"  # what the positional argument is: ROOT, TABLE or None (built in)
     filters: bool = True  # takes domains, classes and split
     progress: bool = True  # the loader shows a progress bar
+    # the manifest's `split` is the fixed dev/test split of the categories (cdir.galleries.splits)
+    category_split: bool = False
 
     def load(self, root: str | os.PathLike, domains: Iterable[str] | str | None = None,
              split: str = "all", classes: Any = None, progress: bool = False) -> pd.DataFrame:
@@ -60,7 +63,8 @@ KINDS: dict[str, GalleryKind] = {
     "csv": GalleryKind("a CSV/TSV/JSONL/Parquet table with path, domain and class columns",
                        "table:load_table", source="TABLE", progress=False),
     "emoji": GalleryKind("the built-in emoji gallery (3 art sets; no download needed)",
-                         "folder:load_folder", source=None, filters=False),
+                         "folder:load_folder", source=None, filters=False,
+                         category_split=True),
 }
 
 

@@ -77,6 +77,10 @@ def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.Pat
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
+    if KINDS[kind].category_split:
+        from cdir.galleries.splits import category_split
+
+        df["split"] = df["class_name"].astype(str).map(category_split)
     root = str(df.attrs.get("root") or root)  # e.g. OfficeHomeDataset_10072016/ below ROOT
     missing = list(df.attrs.pop("missing", []) or [])
     df.attrs.clear()  # keep the parquet metadata small
