@@ -11,6 +11,8 @@ module on first use.
     domainnet    DomainNet
     table        CSV/TSV/JSONL/Parquet tables
     emoji        the built-in emoji gallery (rendered from PyPI packages)
+    corpus       unlabelled drawing corpora (Debian packages), rendered like the emoji gallery
+    framing      the one way a rendered drawing is framed
     splits       the fixed dev/test split of categories
 """
 
@@ -39,6 +41,15 @@ class GalleryKind:
     progress: bool = True  # the loader shows a progress bar
     # the manifest's `split` is the fixed dev/test split of the categories (cdir.galleries.splits)
     category_split: bool = False
+    # "module:function" that first renders the gallery into the workspace, called as
+    # fn(kind, source, out_dir, size=, limit=, progress=); its ROOT, if any, is optional
+    build: str | None = None
+
+    def render(self, kind: str, source: str | None, out_dir: str, size: int,
+               limit: int | None, progress: bool) -> Any:
+        module, name = (self.build or "").split(":")
+        fn = getattr(importlib.import_module(f"cdir.galleries.{module}"), name)
+        return fn(kind, source, out_dir, size=size, limit=limit, progress=progress)
 
     def load(self, root: str | os.PathLike, domains: Iterable[str] | str | None = None,
              split: str = "all", classes: Any = None, progress: bool = False) -> pd.DataFrame:
@@ -64,7 +75,13 @@ KINDS: dict[str, GalleryKind] = {
                        "table:load_table", source="TABLE", progress=False),
     "emoji": GalleryKind("the built-in emoji gallery (3 art sets; no download needed)",
                          "folder:load_folder", source=None, filters=False,
-                         category_split=True),
+                         category_split=True, build="emoji:build"),
+    "openclipart": GalleryKind(
+        "unlabelled clip-art drawings (Debian openclipart-png), for pretraining",
+        "corpus:load_corpus", filters=False, progress=False, build="corpus:build_corpus"),
+    "tuxpaint": GalleryKind(
+        "unlabelled Tux Paint stamps (Debian tuxpaint-stamps-default), for pretraining",
+        "corpus:load_corpus", filters=False, progress=False, build="corpus:build_corpus"),
 }
 
 
