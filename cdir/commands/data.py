@@ -6,6 +6,10 @@ import argparse
 
 from cdir.commands.common import add_progress, add_workspace, positive_int
 
+# what the positional argument of a gallery kind is (`GalleryKind.source`)
+SOURCE_HELP = {"ROOT": "the dataset folder", "TABLE": "the table file",
+               "FONTS": "the fonts folder"}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from cdir.galleries import KINDS
@@ -20,9 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         k = kinds.add_parser(kind, help=gk.help, description=gk.help)
         if gk.source:
             k.add_argument("root", metavar=gk.source, nargs="?" if gk.build else None,
-                           help="the table file" if gk.source == "TABLE" else
-                           "the dataset folder" + (" (default: where its package puts it)"
-                                                   if gk.build else ""))
+                           help=SOURCE_HELP[gk.source] + (
+                               " (default: where its Debian package puts it)"
+                               if gk.build else ""))
         add_workspace(k)
         add_progress(k)
         if gk.build:

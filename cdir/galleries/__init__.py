@@ -12,6 +12,7 @@ module on first use.
     table        CSV/TSV/JSONL/Parquet tables
     emoji        the built-in emoji gallery (rendered from PyPI packages)
     corpus       unlabelled drawing corpora (Debian packages), rendered like the emoji gallery
+    glyphs       characters drawn by font families of different styles
     framing      the one way a rendered drawing is framed
     splits       the fixed dev/test split of categories
 """
@@ -76,6 +77,14 @@ KINDS: dict[str, GalleryKind] = {
     "emoji": GalleryKind("the built-in emoji gallery (3 art sets; no download needed)",
                          "folder:load_folder", source=None, filters=False,
                          category_split=True, build="emoji:build"),
+    "glyphs": GalleryKind(
+        "Chinese characters in five font styles (brush, Ming, Hei, Noto Sans/Serif CJK)",
+        "folder:load_folder", source="FONTS", filters=False, category_split=True,
+        build="glyphs:build_glyphs"),
+    "glyphs-latin": GalleryKind(
+        "letters and digits in serif, sans, mono, handwriting and blackletter fonts",
+        "folder:load_folder", source="FONTS", filters=False, category_split=True,
+        build="glyphs:build_glyphs"),
     "openclipart": GalleryKind(
         "unlabelled clip-art drawings (Debian openclipart-png), for pretraining",
         "corpus:load_corpus", filters=False, progress=False, build="corpus:build_corpus"),

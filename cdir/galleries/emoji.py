@@ -185,7 +185,7 @@ def candidate_codepoints(assets: dict[str, _Asset] | None = None) -> list[int]:
     return sorted(cp for cp in common if _in_scope(cp))
 
 
-def _spread(n: int, k: int) -> list[int]:
+def spread(n: int, k: int) -> list[int]:
     """k indices evenly spread over range(n): the middle of each of k equal slices."""
     return [((2 * i + 1) * n) // (2 * k) for i in range(k)]
 
@@ -480,7 +480,7 @@ def build_emoji_gallery(
     else:
         # Try the evenly spread picks first, then the rest in code point order, so a pick that
         # renders blank is replaced deterministically and exactly ``limit`` categories are kept.
-        first = [cands[i] for i in _spread(len(cands), limit)]
+        first = [cands[i] for i in spread(len(cands), limit)]
         chosen = set(first)
         order = first + [cp for cp in cands if cp not in chosen]
         target = limit
