@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_progress, add_workspace
+from cdir.commands.common import add_progress, add_workspace, positive_int
+
+# what the positional argument of a gallery kind is (`GalleryKind.source`)
+SOURCE_HELP = {"ROOT": "the dataset folder", "TABLE": "the table file",
+               "FONTS": "the fonts folder"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,16 +23,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     for kind, gk in KINDS.items():
         k = kinds.add_parser(kind, help=gk.help, description=gk.help)
         if gk.source:
-            k.add_argument("root", metavar=gk.source,
-                           help="the table file" if gk.source == "TABLE" else "the dataset folder")
+            k.add_argument("root", metavar=gk.source, nargs="?" if gk.build else None,
+                           help=SOURCE_HELP[gk.source] + (
+                               " (default: where its Debian package puts it)"
+                               if gk.build else ""))
         add_workspace(k)
         add_progress(k)
-        if kind == "emoji":
-            k.add_argument("--limit", type=int, default=None,
-                           help="keep N emoji categories (evenly spread), for small galleries")
-            k.add_argument("--size", type=int, default=128,
+        if gk.build:
+            k.add_argument("--limit", type=positive_int, default=None,
+                           help="keep N categories (emoji: evenly spread) or drawings, for "
+                                "small galleries")
+            k.add_argument("--size", type=positive_int, default=128,
                            help="image size in pixels (default: 128)")
-        else:
+        elif gk.filters:
             k.add_argument("--domains", help="comma-separated domains to keep (default: all)")
             k.add_argument("--classes", help="class subset: a,b,c | FILE.txt"
                            + (" | ucdir7 (the UCDIR/ProtoOT 7 classes)"

@@ -63,6 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                 "1,5,15 for Office-Home and folders, 50,100,200 for DomainNet)")
     p.add_argument("--pairs", help="directed pairs to evaluate, e.g. Art:Clipart,Clipart:Art "
                                    "(default: every ordered pair of distinct domains)")
+    p.add_argument("--split", default="all",
+                   help="evaluate only the manifest rows of this split (queries and gallery "
+                        "alike): dev or test for the emoji gallery's fixed category split, any "
+                        "value of a table's split column; default all")
     p.add_argument("--run", help="report name under WORKSPACE/reports/ (default: from every "
                                  "setting that changes the report, so runs never overwrite "
                                  "each other)")
@@ -101,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         fusion_method=args.fusion_method, sweep=args.sweep, ks=args.ks, pairs=args.pairs,
         run=args.run, examples=args.examples, device=args.device,
         progress=not args.no_progress, echo=print, normalize=args.normalize,
-        rerank=args.rerank, csls_k=args.csls_k)
+        rerank=args.rerank, csls_k=args.csls_k, split=args.split)
     print(summary["summary"])
     return 0
 

@@ -152,4 +152,7 @@ def summary(df: pd.DataFrame) -> str:
     per_domain = df.groupby("domain", sort=True).size()
     parts = ", ".join(f"{d} {n}" for d, n in per_domain.items())
     n_classes = df["class_name"].nunique()
-    return f"{len(df)} images, {n_classes} classes, {len(per_domain)} domains ({parts})"
+    splits = df.groupby("split", sort=True)["class_name"].nunique() if "split" in df else {}
+    by_split = ("; classes by split: " + ", ".join(f"{s} {n}" for s, n in splits.items())
+                if len(splits) > 1 else "")
+    return f"{len(df)} images, {n_classes} classes, {len(per_domain)} domains ({parts}){by_split}"

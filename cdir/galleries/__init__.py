@@ -11,6 +11,10 @@ module on first use.
     domainnet    DomainNet
     table        CSV/TSV/JSONL/Parquet tables
     emoji        the built-in emoji gallery (rendered from PyPI packages)
+    corpus       unlabelled drawing corpora (Debian packages), rendered like the emoji gallery
+    glyphs       characters drawn by font families of different styles
+    framing      the one way a rendered drawing is framed
+    splits       the fixed dev/test split of categories
 """
 
 from __future__ import annotations
@@ -36,6 +40,17 @@ class GalleryKind:
     source: str | None = "ROOT"  # what the positional argument is: ROOT, TABLE or None (built in)
     filters: bool = True  # takes domains, classes and split
     progress: bool = True  # the loader shows a progress bar
+    # the manifest's `split` is the fixed dev/test split of the categories (cdir.galleries.splits)
+    category_split: bool = False
+    # "module:function" that first renders the gallery into the workspace, called as
+    # fn(kind, source, out_dir, size=, limit=, progress=); its ROOT, if any, is optional
+    build: str | None = None
+
+    def render(self, kind: str, source: str | None, out_dir: str, size: int,
+               limit: int | None, progress: bool) -> Any:
+        module, name = (self.build or "").split(":")
+        fn = getattr(importlib.import_module(f"cdir.galleries.{module}"), name)
+        return fn(kind, source, out_dir, size=size, limit=limit, progress=progress)
 
     def load(self, root: str | os.PathLike, domains: Iterable[str] | str | None = None,
              split: str = "all", classes: Any = None, progress: bool = False) -> pd.DataFrame:
@@ -60,7 +75,22 @@ KINDS: dict[str, GalleryKind] = {
     "csv": GalleryKind("a CSV/TSV/JSONL/Parquet table with path, domain and class columns",
                        "table:load_table", source="TABLE", progress=False),
     "emoji": GalleryKind("the built-in emoji gallery (3 art sets; no download needed)",
-                         "folder:load_folder", source=None, filters=False),
+                         "folder:load_folder", source=None, filters=False,
+                         category_split=True, build="emoji:build"),
+    "glyphs": GalleryKind(
+        "Chinese characters in five font styles (brush, Ming, Hei, Noto Sans/Serif CJK)",
+        "folder:load_folder", source="FONTS", filters=False, category_split=True,
+        build="glyphs:build_glyphs"),
+    "glyphs-latin": GalleryKind(
+        "letters and digits in serif, sans, mono, handwriting and blackletter fonts",
+        "folder:load_folder", source="FONTS", filters=False, category_split=True,
+        build="glyphs:build_glyphs"),
+    "openclipart": GalleryKind(
+        "unlabelled clip-art drawings (Debian openclipart-png), for pretraining",
+        "corpus:load_corpus", filters=False, progress=False, build="corpus:build_corpus"),
+    "tuxpaint": GalleryKind(
+        "unlabelled Tux Paint stamps (Debian tuxpaint-stamps-default), for pretraining",
+        "corpus:load_corpus", filters=False, progress=False, build="corpus:build_corpus"),
 }
 
 

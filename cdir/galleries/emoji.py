@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdir.core.errors import CdirError
 from cdir.core.io import atomic_path, read_json, write_json, write_text
+from cdir.galleries.framing import fit_size, frame, ink_bbox
 
 if TYPE_CHECKING:  # PIL is imported inside the functions that need it
     from PIL import Image, ImageFont
@@ -51,10 +52,6 @@ _RANGES = ((0x2600, 0x27BF), (0x1F300, 0x1FAFF))
 _SKIN_TONES = range(0x1F3FB, 0x1F400)
 _REGIONAL_INDICATORS = range(0x1F1E6, 0x1F200)
 
-# An image counts as blank when fewer than this fraction of its pixels show visible ink on white.
-_MIN_INK_FRACTION = 0.005
-_INK_LEVEL = 245  # a pixel is ink if any channel is darker than this
-_ALPHA_INK = 8  # alpha above this counts towards the ink bounding box (ignores faint AA fringe)
 
 
 @dataclass(frozen=True)
@@ -188,7 +185,7 @@ def candidate_codepoints(assets: dict[str, _Asset] | None = None) -> list[int]:
     return sorted(cp for cp in common if _in_scope(cp))
 
 
-def _spread(n: int, k: int) -> list[int]:
+def spread(n: int, k: int) -> list[int]:
     """k indices evenly spread over range(n): the middle of each of k equal slices."""
     return [((2 * i + 1) * n) // (2 * k) for i in range(k)]
 
@@ -246,43 +243,22 @@ def _render_raw(asset: _Asset, cp: int, em_px: int) -> Image.Image:
     return im
 
 
-def _ink_bbox(rgba: Image.Image) -> tuple[int, int, int, int] | None:
-    alpha = rgba.getchannel("A").point(lambda a: 255 if a > _ALPHA_INK else 0)
-    return alpha.getbbox()
-
-
 def render_emoji(asset: _Asset, cp: int, size: int = 128) -> Image.Image | None:
     """One framed image (``size``×``size`` RGB, white background), or ``None`` if it is blank."""
-    from PIL import Image
-
-    fit = max(1, round(size * 112 / 128))
-    em_px = 2 * fit  # render at about twice the final size, then downsample
+    em_px = 2 * fit_size(size)  # render at about twice the final size, then downsample
     rgba = _render_raw(asset, cp, em_px)
-    bbox = _ink_bbox(rgba)
+    bbox = ink_bbox(rgba)
     if bbox is None:
         return None
     side = max(bbox[2] - bbox[0], bbox[3] - bbox[1])
     if side < 0.75 * em_px:
-        # Small ink (a dot, a thin line): re-render larger so the upscale to ``fit`` stays sharp.
+        # Small ink (a dot, a thin line): re-render larger so the upscale to the fit stays sharp.
         em_px = min(8 * em_px, round(em_px * em_px / side))
         rgba = _render_raw(asset, cp, em_px)
-        bbox = _ink_bbox(rgba)
+        bbox = ink_bbox(rgba)
         if bbox is None:
             return None
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    rgb = Image.alpha_composite(white, rgba).convert("RGB").crop(bbox)
-    w, h = rgb.size
-    scale = fit / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    rgb = rgb.resize((nw, nh), Image.Resampling.LANCZOS)
-    canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    canvas.paste(rgb, ((size - nw) // 2, (size - nh) // 2))
-    # Blank check on the final image: white-on-transparent art is invisible on white.
-    grey = canvas.convert("L").point(lambda v: 255 if v < _INK_LEVEL else 0)
-    ink = grey.histogram()[255]
-    if ink < _MIN_INK_FRACTION * size * size:
-        return None
-    return canvas
+    return frame(rgba, size, bbox)
 
 
 def _png_bytes(im: Image.Image) -> bytes:
@@ -504,7 +480,7 @@ def build_emoji_gallery(
     else:
         # Try the evenly spread picks first, then the rest in code point order, so a pick that
         # renders blank is replaced deterministically and exactly ``limit`` categories are kept.
-        first = [cands[i] for i in _spread(len(cands), limit)]
+        first = [cands[i] for i in spread(len(cands), limit)]
         chosen = set(first)
         order = first + [cp for cp in cands if cp not in chosen]
         target = limit
@@ -561,6 +537,13 @@ def build_emoji_gallery(
     if progress:
         print(f"wrote emoji gallery: {_summary_line(summary)}", file=sys.stderr)
     return summary
+
+
+def build(kind: str, source: str | None, out_dir: str | os.PathLike, size: int = 128,
+          limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """`build_emoji_gallery` called as every rendered gallery kind is (the art ships in PyPI
+    packages: there is no source folder)."""
+    return build_emoji_gallery(out_dir, size=size, limit=limit, progress=progress)
 
 
 def _summary(out: Path, counts: dict[str, int], categories: int, t0: float,

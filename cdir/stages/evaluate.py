@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdir.core.errors import CdirError
 from cdir.core.workspace import Workspace, spec_key
@@ -22,6 +22,9 @@ from cdir.stages.modes import (
 )
 from eval.rerank import DEFAULT_CSLS_K, RERANKERS
 from indexes.normalize import NORMALIZERS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _names(value: str | Sequence[str] | None) -> list[str]:
@@ -68,6 +71,19 @@ def parse_pairs(text: str | Sequence[str] | None, domains: list[str]
     return pairs
 
 
+def select_split(manifest: pd.DataFrame, split: str | None) -> pd.DataFrame:
+    """The rows of the manifest's ``split`` (``all`` or None: every row), renumbered from 0.
+    Queries and gallery alike come from these rows: a split of categories is evaluated as a
+    gallery of those categories (normalisation statistics included)."""
+    if not split or split == "all":
+        return manifest
+    have = sorted(manifest["split"].astype(str).unique())
+    if split not in have:
+        raise CdirError(f"--split {split}: the manifest has no such split; its splits are "
+                        f"{', '.join(have + ['all'] if 'all' not in have else have)}")
+    return manifest[manifest["split"].astype(str) == split].reset_index(drop=True)
+
+
 def _requested_modes(modes: str | Sequence[str] | None, cfg: ModeConfig) -> list[str]:
     if modes:
         names = _names(modes)
@@ -109,7 +125,7 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
              echo: Callable[[str], None] | None = None,
              normalize: str | Sequence[str] | None = None,
              rerank: str | Sequence[str] | None = None,
-             csls_k: int = DEFAULT_CSLS_K) -> dict[str, Any]:
+             csls_k: int = DEFAULT_CSLS_K, split: str | None = None) -> dict[str, Any]:
     """Evaluate every mode in ``modes`` (default: each mode the models given configure) on the
     directed pairs ``pairs`` (default: all) at ``ks`` (default: the dataset's), and write the
     reports to ``WORKSPACE/reports/RUN/`` (one folder per mode when there are several, and a
@@ -118,6 +134,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     `indexes.normalize.NORMALIZERS`) and ``rerank`` (names of `eval.rerank.RERANKERS`, ``csls``
     with neighbourhood ``csls_k``) each give one evaluation per name and mode, side by side in
     the comparison; the statistics are fitted on all the evaluated rows, without labels.
+    ``split`` evaluates only the manifest rows of that split (``dev``/``test`` categories of a
+    gallery with a category split; default ``all``): queries and gallery alike.
 
     ``run`` names the report folder; by default the name covers every setting that changes the
     report (modes, models, ks, pairs, fusion settings, examples), so runs with other settings
@@ -138,7 +156,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
                 echo(text)
 
     ws = Workspace(workspace).require()
-    manifest = ws.manifest()
+    split = split or "all"
+    manifest = select_split(ws.manifest(), split)
     domains = sorted(manifest["domain"].astype(str).unique())
     if len(domains) < 2:
         raise CdirError(f"cross-domain evaluation needs at least two domains; {ws.root} has "
@@ -160,7 +179,11 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     if isinstance(csls_k, bool) or not isinstance(csls_k, int) or csls_k < 1:
         raise CdirError(f"--csls-k must be a positive integer, got {csls_k!r}")
     variants = [(m, n, r) for m in modes for n in norms for r in reranks]
-    settings = report_settings(modes, cfg, ks, pairs, sweep, examples, norms, reranks, csls_k)
+    settings = report_settings(modes, cfg, ks, pairs, sweep, examples, norms, reranks, csls_k,
+                               split)
+    if split != "all":
+        say(f"split {split}: {manifest['class_name'].nunique()} categories, "
+            f"{len(manifest)} images")
     run_name = run or spec_key("|".join(f"{k}={v}" if k != "modes" else v
                                         for k, v in settings.items()))
     out_root = ws.reports_dir(run_name)
@@ -185,7 +208,7 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
         results = evaluate_pairs(scorer, sub, pairs=pairs, ks=ks, keep_examples=examples,
                                  progress=progress,
                                  **({"query_mask": sub_q} if sub_q is not None else {}))
-        title = f"{key}: " + ", ".join(mode_models(mode, cfg))
+        title = f"{key}: " + ", ".join(mode_models(mode, cfg)) + f" [split {split}]"
         if rr == "csls":
             title += f" (CSLS k={csls_k})"
         if sub_q is not None:
@@ -198,21 +221,23 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
         comparison = compare_modes(tables, ks)
         from cdir.core.io import write_text
 
-        write_text(out_root / "comparison.md", f"# Modes compared (UCDIR P@k)\n\n{comparison}")
-        say("## modes compared (UCDIR P@k)\n", comparison)
+        write_text(out_root / "comparison.md",
+                   f"# Modes compared (UCDIR P@k), split {split}\n\n{comparison}")
+        say(f"## modes compared (UCDIR P@k), split {split}\n", comparison)
     summary = (f"evaluated {len(variants)} mode(s) × {len(next(iter(tables.values()))) - 1} pairs "
                f"in {time.perf_counter() - t0:.1f}s; report in {Path(out_root)}")
-    return {"report": str(out_root), "modes": modes, "ks": ks, "pairs": pairs,
+    return {"report": str(out_root), "split": split, "modes": modes, "ks": ks, "pairs": pairs,
             "settings": settings, "results": tables, "lines": lines, "summary": summary}
 
 
 def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
                     pairs: list[tuple[str, str]] | None, sweep: bool, examples: int,
                     normalize: Sequence[str] = ("none",), rerank: Sequence[str] = ("none",),
-                    csls_k: int = DEFAULT_CSLS_K) -> dict[str, str]:
+                    csls_k: int = DEFAULT_CSLS_K, split: str = "all") -> dict[str, str]:
     """Every setting that changes a report, as text (in the report, and in its default name):
-    the modes, their models, ks, pairs, the fusion settings when fusion runs, the normalisation
-    and rerank when not plain (so plain runs keep their names), the examples."""
+    the modes, their models, the split of the rows evaluated, ks, pairs, the fusion settings
+    when fusion runs, the normalisation and rerank when not plain (so plain runs keep their
+    names), the examples."""
     used = [m for m in modes if m in SINGLE_MODES]
     if "fusion" in modes:
         used += list(cfg.fusion) or configured_modes(cfg)
@@ -222,6 +247,7 @@ def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
             out[key] = str(getattr(cfg, key))
     if cfg.captions and any(MODES[m].captions for m in used):
         out["captions"] = cfg.captions
+    out["split"] = split
     out["ks"] = ",".join(map(str, ks))
     out["pairs"] = ",".join(f"{a}:{b}" for a, b in pairs) if pairs is not None else "all"
     if "fusion" in modes:

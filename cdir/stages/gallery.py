@@ -49,13 +49,13 @@ def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.Pat
     split = split or "all"
     params: dict = {"domains": domains, "classes": classes, "split": split}
 
-    if kind == "emoji":
-        from cdir.galleries.emoji import build_emoji_gallery
-
+    gk = KINDS[kind]
+    if gk.build:  # rendered into the workspace first: from a source folder, or built in
+        source = None if root is None else os.path.abspath(os.path.expanduser(str(root)))
         size = size or 128
         root = str(ws.root / "gallery")
-        params = {"limit": limit, "size": size}
-        build_emoji_gallery(root, size=size, limit=limit, progress=progress)
+        params = {"limit": limit, "size": size} | ({"source": source} if source else {})
+        gk.render(kind, source, root, size=size, limit=limit, progress=progress)
     else:
         if root is None:
             raise CdirError(f"the {kind} gallery needs its {'table' if kind == 'csv' else 'root'}")
@@ -77,6 +77,10 @@ def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.Pat
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
+    if gk.category_split:
+        from cdir.galleries.splits import category_split
+
+        df["split"] = df["class_name"].astype(str).map(category_split)
     root = str(df.attrs.get("root") or root)  # e.g. OfficeHomeDataset_10072016/ below ROOT
     missing = list(df.attrs.pop("missing", []) or [])
     df.attrs.clear()  # keep the parquet metadata small
