@@ -38,7 +38,7 @@ from cdir.core.workspace import Workspace
 from tests.helpers.cli import sigterm_when
 from tests.helpers.trees import manifest_rows, write_shape_tree
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INTERRUPTED = "interrupted; finished work is kept, re-run to continue"
 EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGKILL: -signal.SIGKILL}
 EMBED = ("--encoder", "pixels", "--batch-size", "1", "--workers", "0")

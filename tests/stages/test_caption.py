@@ -31,7 +31,7 @@ from encoders.captioners import load_captioner
 from tests.helpers.tiny_models import tiny_model_path
 from tests.helpers.trees import manifest_rows, write_shape_tree
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GEN = {"max_new_tokens": 5, "min_new_tokens": 2}
 
 

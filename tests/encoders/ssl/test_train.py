@@ -20,7 +20,7 @@ from tests.helpers.cli import sigterm_when
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 TINY_METHODS = {
     "moco": {"queue_size": 32, "dim": 16},

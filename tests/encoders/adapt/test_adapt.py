@@ -21,7 +21,7 @@ from tests.helpers.trees import write_shape_tree
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 
 

@@ -11,7 +11,7 @@ import torch
 from cdir.cli import main
 
 torch.set_num_threads(1)
-WEIGHTS = Path(__file__).resolve().parents[1] / "encoders" / "weights"
+WEIGHTS = Path(__file__).resolve().parents[2] / "encoders" / "weights"
 
 
 @pytest.mark.parametrize("encoder", ["emoji_adapted.pt?grid=4&layers=3,4", "emoji_synco.pt"])

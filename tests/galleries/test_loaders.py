@@ -24,7 +24,7 @@ from tests.helpers.trees import (
     draw_shape,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _img(path: Path, cls: str = "Circle", size: int = 16) -> Path:

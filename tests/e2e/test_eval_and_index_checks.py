@@ -1,4 +1,4 @@
-"""Issue 9, "Trust what cdir says", for evaluation and indexes: repeated or unsorted k, the
+"""What `cdir eval` and `cdir index` check before they answer: repeated or unsorted k, the
 stale-index hint and indexes missing new images, index names and overwrites, one report folder per
 run, flag validation, small-data parameters and the common flags of every command."""
 
@@ -31,7 +31,7 @@ from tests.helpers.trees import write_shape_tree
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def error_line(err: str) -> str:

@@ -99,7 +99,7 @@ def test_tiny_clip_random_weights(tiny_clip_json, capfd):
     clear_cache()
     enc = load_image_encoder(spec, device="cpu")
     assert "random weights" in capfd.readouterr().err
-    # the identity names the random seed and the config's content (tests/test_trust_keys.py)
+    # the identity names the random seed and the config's content (tests/e2e/test_content_keys.py)
     assert enc.dim == 32 and enc.params["weights"].startswith("random-seed0@cfg:sha256:")
     transform = pickle.loads(pickle.dumps(enc.transform))
     assert transform(picture(0)).shape == (3, 64, 64)

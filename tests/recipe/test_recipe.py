@@ -24,7 +24,7 @@ from tests.helpers.tiny_models import tiny_model_path, write_tiny_clip_config
 from tests.helpers.trees import write_domainnet_tree
 
 torch.set_num_threads(1)
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MINILM = "st:sentence-transformers/all-MiniLM-L6-v2"
 EMOJI_PAIRS = {f"{a}→{b}" for a in ("noto_mono", "openmoji", "twemoji")
                for b in ("noto_mono", "openmoji", "twemoji") if a != b}

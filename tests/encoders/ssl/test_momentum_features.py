@@ -1,5 +1,5 @@
-"""Protocol fixes of the review (issue 8) that have no better home: ``ckpt:PATH?features=head``,
-the momentum encoder and its projection head as features (what UCDIR and ProtoOT evaluate)."""
+"""``ckpt:PATH?features=head``: the momentum encoder and its projection head as features (what
+UCDIR and ProtoOT evaluate)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from tests.helpers.tiny_models import write_tiny_clip_config
 from tests.helpers.trees import make_bomb_png
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOMAINS = ("photo", "sketch", "clipart")
 CLASSES = ("ball", "box", "star", "tree")
 

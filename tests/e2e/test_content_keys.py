@@ -1,4 +1,4 @@
-"""Issue 9, "Trust what cdir says": what cdir computed is keyed by what the model and the images
+"""What cdir computed is keyed by what the model and the images
 ARE, not by their names. A checkpoint retrained at the same path, a tiny CLIP whose weights file
 changed, an image or a caption rewritten in place: every stage either computes again or refuses
 in one line that says what to re-run; none serves the old vectors. Also: `search --encoder`
