@@ -33,8 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
         m.add_argument("--config", help="YAML recipe (optional with --resume: the checkpoint's "
                        "own config is used)")
-        m.add_argument("--data", help="training images: a folder (searched recursively) or a "
-                       "manifest .parquet/.csv with a path column")
+        m.add_argument("--data", action="append", metavar="SOURCE",
+                       help="training images: a folder (searched recursively), a workspace (the "
+                       "images of its manifest) or a manifest .parquet/.csv with a path column; "
+                       "repeat to train on several (each image once)")
         m.add_argument("--out", help="output folder (default runs/<method>-<recipe>)")
         add_resumable_run(m)
         m.add_argument("--epochs", type=int, help="total epochs (sets optim.epochs)")

@@ -23,7 +23,7 @@ def train_encoder(
     config: str | os.PathLike | None = None,
     sets: Iterable[str] = (),
     *,
-    data: str | os.PathLike | None = None,
+    data: str | os.PathLike | list[str | os.PathLike] | None = None,
     out: str | os.PathLike | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
@@ -48,12 +48,19 @@ def train_encoder(
 
     given = {"data": data, "out": out, "epochs": epochs, "batch_size": batch_size,
              "workers": workers, "seed": seed, "monitor": monitor}
-    values = {DIRECT[k]: (os.fspath(v) if isinstance(v, os.PathLike) else v)
-              for k, v in given.items() if v is not None}
+    values = {DIRECT[k]: _plain(v) for k, v in given.items() if v is not None}
     cfg, ckpt = run_config(method, config, sets, values, resume)
     probe = build_monitor(cfg) if cfg.monitor.path else None
     res = train(cfg, resume=ckpt, stop_at=stop_at, monitor=probe, force=force)
     return run_summary(cfg, res)
+
+
+def _plain(value: Any) -> Any:
+    """Paths as text (one, or a list of several ``data`` sources: one alone is kept as text)."""
+    if isinstance(value, list | tuple):
+        value = [os.fspath(v) for v in value]
+        return value[0] if len(value) == 1 else value
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def build_monitor(cfg: Any, normalize: Any = None) -> Any:

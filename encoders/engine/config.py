@@ -42,7 +42,8 @@ from cdir.core.errors import CdirError
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # image folder (recursive) or manifest (.parquet/.csv)
+    # image folders (recursive), workspaces or manifests (.parquet/.csv); a list joins several
+    path: str | list[str] | None = None
     workers: int = 4  # DataLoader workers per process
 
 

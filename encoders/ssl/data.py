@@ -64,14 +64,32 @@ def read_manifest(path: Path) -> pd.DataFrame:
 
 
 def list_images(root: str | os.PathLike) -> list[str]:
-    """All image files under ``root`` (`cdir.core.tree.list_images`), or the ``path`` column of
-    a manifest file (.parquet/.csv)."""
+    """All image files under ``root`` (`cdir.core.tree.list_images`), the ``path`` column of a
+    manifest file (.parquet/.csv), or of a workspace's manifest (its reports are not images to
+    train on)."""
     root = Path(root)
+    if (root / "manifest.parquet").is_file():
+        root = root / "manifest.parquet"
     if root.is_file() and root.suffix.lower() in MANIFEST_SUFFIXES:
         return list(read_manifest(root)["path"])
     if not root.is_dir():
         raise CdirError(f"no image folder at {root}: pass --data DIR (a folder of images)")
     return tree.list_images(root)
+
+
+def gather_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The images of one source or of several (`list_images` each), in order, each file once."""
+    if isinstance(sources, str | os.PathLike):
+        sources = [sources]
+    seen: set[str] = set()
+    out = []
+    for source in sources:
+        for path in list_images(source):
+            key = os.path.realpath(path)
+            if key not in seen:
+                seen.add(key)
+                out.append(path)
+    return out
 
 
 class UnlabelledImages(Dataset):

@@ -32,9 +32,9 @@ class SSLRun(Run):
 
     def make_dataset(self, model: nn.Module) -> torch.utils.data.Dataset:
         from encoders.ssl.augment import build_multiview
-        from encoders.ssl.data import UnlabelledImages, list_images
+        from encoders.ssl.data import UnlabelledImages, gather_images
 
-        self.paths = list_images(self.cfg.data.path)
+        self.paths = gather_images(self.cfg.data.path)
         return UnlabelledImages(self.paths, build_multiview(model.views, self.cfg.aug))
 
 

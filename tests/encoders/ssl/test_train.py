@@ -458,3 +458,40 @@ def test_sigterm_stops_training_at_a_resumable_epoch(tmp_path: Path, tiny_images
 
     assert main([*args, "--resume", "auto", "--stop-at", str(done + 1)]) == 0
     assert _metric_epochs(out) == list(range(1, done + 2))
+
+
+def test_several_data_sources_are_joined(tmp_path: Path, tiny_images: Path) -> None:
+    """`--data` repeated: folders, a workspace (the images of its manifest, not its reports) and
+    a manifest file, each image once."""
+    import shutil
+
+    from cdir.cli import main
+    from encoders.engine.checkpoint import load_checkpoint
+    from encoders.ssl.data import gather_images
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_images / "c0", a / "c0")
+    shutil.copytree(tiny_images / "c1", b / "c1")
+    gallery, ws = tmp_path / "gallery", tmp_path / "ws"
+    for domain, c in (("d1", "c2"), ("d2", "c3")):
+        shutil.copytree(tiny_images / c, gallery / domain / c)
+    assert main(["data", "folder", str(gallery), "-w", str(ws), "--no-progress"]) == 0
+    (ws / "reports").mkdir()
+    Image.new("RGB", (8, 8)).save(ws / "reports" / "plot.png")  # not a training image
+    joined = gather_images([a, b, a / "c0", ws])
+    assert len(joined) == 12 + 12 + 24 and len(set(joined)) == len(joined)
+    assert not any("reports" in p for p in joined)
+    assert gather_images(str(a)) == gather_images([a])
+
+    recipe = _write_recipe(tmp_path, tiny_images, epochs=1)
+    runs = {}
+    for name, data in {"one": [a], "two": [a, b]}.items():
+        out = tmp_path / name
+        args = ["train", "moco", "--config", str(recipe), "--out", str(out), "--batch-size", "8"]
+        for d in data:
+            args += ["--data", str(d)]
+        assert main(args) == 0
+        runs[name] = load_checkpoint(out / "latest.pt")
+    assert runs["one"]["config"]["data"]["path"] == str(a)
+    assert runs["two"]["config"]["data"]["path"] == [str(a), str(b)]
+    assert (runs["one"]["step"], runs["two"]["step"]) == (12 // 8, 24 // 8)  # full batches
