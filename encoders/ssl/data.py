@@ -1,16 +1,17 @@
 """Datasets and samplers for self-supervised pretraining and SSL evaluation.
 
-- :func:`list_images` and :class:`UnlabelledImages`: the training images, every image under a
-  folder (recursive) or listed in a manifest file; each item is ``(views, index, ok)``. A corrupt
+- :func:`list_images`, :func:`gather_images` and :class:`UnlabelledImages`: the training images,
+  every image under a folder (recursive), listed in a manifest file or a workspace's manifest,
+  one source or several; each item is ``(views, index, ok)``. A corrupt
   image is replaced by the next readable one and flagged ``ok=False`` so that the trainer can list
   it; a run never dies on one bad file.
 - :func:`labelled_set`: a labelled folder (``root/<class>/<img>`` or
   ``root/<domain>/<class>/<img>``, e.g. the emoji gallery) or a manifest (``path``, ``label`` and
   optional ``domain`` columns) for kNN, linear probe and the training monitor, read through
   ``cdir.core.images.ImageList``.
-- :class:`SeededSampler`: a shuffling sampler whose order is a pure function of (seed, epoch), so a
-  resumed run sees the same data order as an uninterrupted one. Under DDP the trainer uses
-  ``DistributedSampler`` with the same seed, which has the same property.
+
+The training order is the engine's ``DistributedSampler`` (one replica in one process): a pure
+function of (seed, epoch), so a resumed run sees the data in the order an uninterrupted one did.
 
 Images are decoded by ``cdir.core.images.load_image`` and gallery manifests read by
 ``cdir.core.manifest.load_manifest``, as everywhere else in the project.
@@ -19,13 +20,12 @@ Images are decoded by ``cdir.core.images.load_image`` and gallery manifests read
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from cdir.core import tree
 from cdir.core.errors import CdirError
@@ -183,29 +183,3 @@ def labelled_set(source: str | os.PathLike | LabelledSet) -> LabelledSet:
     class_names = sorted(set(classes))
     index = {c: i for i, c in enumerate(class_names)}
     return LabelledSet(paths, [index[c] for c in classes], class_names, domains)
-
-
-class SeededSampler(Sampler[int]):
-    """Random order that depends only on (seed, epoch): call :meth:`set_epoch` before each epoch.
-
-    The single-process counterpart of ``DistributedSampler(seed=...)``: resuming at epoch e
-    replays exactly the order the uninterrupted run used."""
-
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
-        self.n = n
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
