@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import time_interleaved  # noqa: E402
 from encoders.distill.losses import build_loss, loss_options  # noqa: E402
 from encoders.distill.losses.base import DistillLoss  # noqa: E402
 from encoders.distill.losses.objective import StudentObjective  # noqa: E402
@@ -155,31 +156,6 @@ def make_head(row: Row, args: argparse.Namespace, s_dim: int, t_dim: int,
         total.backward()
 
     return head
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns: dict[str, Callable[[], None]], steps: int, warmup: int,
-                     device: torch.device, label: str) -> dict[str, list[float]]:
-    """Seconds per call of each function, alternating them call by call."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(steps):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-        print(f"  {label} {i + 1}/{steps}: " + ", ".join(
-            f"{k} {v[-1] * 1e3:.1f}" for k, v in times.items()) + " ms", flush=True)
-    return times
 
 
 def summarise(step_times: dict[str, list[float]],

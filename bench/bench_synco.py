@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import time_interleaved  # noqa: E402
 from encoders.engine.parts import infonce_logits, infonce_loss  # noqa: E402
 from encoders.ssl.synco import synco_logits  # noqa: E402
 from encoders.ssl.synthetic import (  # noqa: E402
@@ -36,32 +36,6 @@ from encoders.ssl.synthetic import (  # noqa: E402
     synthesize,
     synthetic_logits,
 )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(
-    fns: dict[str, Callable[[], None]], reps: int, warmup: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Alternate the candidates rep by rep so drifting machine load hits both alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    _sync(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(reps):
-        for name, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-        print(f"  rep {i + 1}/{reps}: " + ", ".join(
-            f"{k} {v[-1] * 1e3:.1f} ms" for k, v in times.items()), flush=True)
-    return times
 
 
 def bench_loss(args: argparse.Namespace, device: torch.device) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -293,15 +293,39 @@ def linear_probe_features(
     }
 
 
-def _features_for(
-    encoder: nn.Module, preprocess: dict, data: LabelledSet, **kw: Any
-) -> tuple[torch.Tensor, torch.Tensor, LabelledSet]:
+class _Features(NamedTuple):
+    """The features of a labelled set's readable images, their labels, and those images."""
+
+    feats: torch.Tensor
+    labels: torch.Tensor
+    data: LabelledSet
+
+
+def _features_for(encoder: nn.Module, preprocess: dict, data: LabelledSet,
+                  **kw: Any) -> _Features:
     feats, ok = extract_features(encoder, data, preprocess, **kw)
     if not bool(ok.all()):
         keep = ok.nonzero().flatten().tolist()
         print(f"dropped {len(data) - len(keep)} unreadable image(s)", file=sys.stderr)
         feats, data = feats[keep], data.subset(keep)
-    return feats, torch.tensor(data.labels), data
+    return _Features(feats, torch.tensor(data.labels), data)
+
+
+def _train_test_features(
+    encoder: nn.Module | str | os.PathLike, preprocess: dict | None,
+    train: str | os.PathLike | LabelledSet, test: str | os.PathLike | LabelledSet | None,
+    **kw: Any,
+) -> tuple[_Features, _Features | None]:
+    """The features of ``train`` and of ``test`` (None without one) under ``encoder`` (a module
+    or a checkpoint path, see the module docstring); the two sets must share their classes."""
+    model, prep = _resolve_encoder(encoder, preprocess)
+    tr = _features_for(model, prep, labelled_set(train), **kw)
+    if test is None:
+        return tr, None
+    te = labelled_set(test)
+    if te.class_names != tr.data.class_names:
+        raise CdirError("the train and test folders have different class lists")
+    return tr, _features_for(model, prep, te, **kw)
 
 
 def knn_eval(
@@ -322,27 +346,21 @@ def knn_eval(
     Returns ``{"knn": {"k20": {"top1", "top5"}, "k1": {...}}, "n_train", "n_test", "p1", ...}``;
     ``top1``/``top5`` and ``p1`` are percentages; ``p1`` is nearest-neighbour retrieval
     precision@1 on ``train`` (cross-domain when it has domains)."""
-    model, prep = _resolve_encoder(encoder, preprocess)
-    kw = {"batch_size": batch_size, "device": device, "workers": workers, "progress": progress}
-    tr = labelled_set(train)
-    ftr, ytr, tr = _features_for(model, prep, tr, **kw)
-    fte = yte = None
-    n_test = len(tr)
-    if test is not None:
-        te = labelled_set(test)
-        if te.class_names != tr.class_names:
-            raise CdirError("the train and test folders have different class lists")
-        fte, yte, te = _features_for(model, prep, te, **kw)
-        n_test = len(te)
-    c = len(tr.class_names)
-    out: dict[str, Any] = {"knn": {}, "n_train": len(tr), "n_test": n_test, "classes": c,
+    tr, te = _train_test_features(encoder, preprocess, train, test, batch_size=batch_size,
+                                  device=device, workers=workers, progress=progress)
+    ftr, ytr = tr.feats, tr.labels
+    fte, yte = (None, None) if te is None else (te.feats, te.labels)
+    n_test = len(tr.data if te is None else te.data)
+    c = len(tr.data.class_names)
+    out: dict[str, Any] = {"knn": {}, "n_train": len(tr.data), "n_test": n_test, "classes": c,
                            "temperature": temperature, "leave_one_out": test is None}
     for kk in k:
         out["knn"][f"k{kk}"] = knn_classify(
             ftr, ytr, fte, yte, k=kk, temperature=temperature, num_classes=c
         )
-    out["p1"] = retrieval_p1(ftr, ytr, tr.domains)
-    out["p1_cross_domain"] = tr.domains is not None and len(set(tr.domains)) > 1
+    domains = tr.data.domains
+    out["p1"] = retrieval_p1(ftr, ytr, domains)
+    out["p1_cross_domain"] = domains is not None and len(set(domains)) > 1
     return out
 
 
@@ -364,24 +382,20 @@ def linear_probe(
 
     Without ``test`` a stratified ``test_fraction`` of ``train`` is held out (seeded).
     ``probe_kwargs`` go to :func:`linear_probe_features` (epochs, lr, normalize, ...)."""
-    model, prep = _resolve_encoder(encoder, preprocess)
-    kw = {"batch_size": batch_size, "device": device, "workers": workers, "progress": progress}
-    tr = labelled_set(train)
-    ftr, ytr, tr = _features_for(model, prep, tr, **kw)
-    if test is None:
-        rows_tr, rows_te = stratified_split(tr.labels, test_fraction, seed)
+    tr, te = _train_test_features(encoder, preprocess, train, test, batch_size=batch_size,
+                                  device=device, workers=workers, progress=progress)
+    ftr, ytr = tr.feats, tr.labels
+    if te is None:
+        rows_tr, rows_te = stratified_split(tr.data.labels, test_fraction, seed)
         fte, yte = ftr[rows_te], ytr[rows_te]
         ftr, ytr = ftr[rows_tr], ytr[rows_tr]
     else:
-        te = labelled_set(test)
-        if te.class_names != tr.class_names:
-            raise CdirError("the train and test folders have different class lists")
-        fte, yte, te = _features_for(model, prep, te, **kw)
+        fte, yte = te.feats, te.labels
     res = linear_probe_features(
-        ftr, ytr, fte, yte, num_classes=len(tr.class_names), seed=seed, device=device,
+        ftr, ytr, fte, yte, num_classes=len(tr.data.class_names), seed=seed, device=device,
         **probe_kwargs,
     )
-    res.update({"n_train": len(ftr), "n_test": len(fte), "classes": len(tr.class_names)})
+    res.update({"n_train": len(ftr), "n_test": len(fte), "classes": len(tr.data.class_names)})
     return res
 
 

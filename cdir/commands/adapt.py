@@ -11,11 +11,10 @@ import argparse
 
 from cdir.commands.common import (
     add_command,
-    add_overrides,
-    add_progress,
-    add_resumable_run,
+    add_training_run,
     add_workspace,
     positive_int,
+    recipe_sets,
 )
 from encoders.adapt.plugin import METHODS as ADAPT_METHODS
 
@@ -71,9 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "cycle_rate or hubness")
     p.add_argument("--no-monitor", action="store_true",
                    help="do not log label-based figures even when the gallery has labels")
-    add_resumable_run(p)
-    add_progress(p)
-    add_overrides(p, "method.partner_p=0.9")
+    add_training_run(p, "method.partner_p=0.9")
     p.set_defaults(func=run)
 
 
@@ -83,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from cdir.stages.adapt import adapt_encoder
     from cdir.stages.train import summary_line
 
-    sets = [*args.set, *(["train.progress=false"] if args.no_progress else [])]
+    sets = recipe_sets(args)
     summary = adapt_encoder(
         args.workspace, args.encoder, args.method, args.config, sets, out=args.out,
         rounds=args.rounds, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers,

@@ -57,6 +57,21 @@ def add_overrides(p: argparse.ArgumentParser, example: str = "optim.lr=0.06") ->
                         "are YAML)")
 
 
+def add_training_run(p: argparse.ArgumentParser, example: str) -> None:
+    """The closing flags of every command that trains (train, train teacher, adapt, distill):
+    --resume, --force, --stop-at, --no-progress and --set (``example``: an override worth
+    showing); ``recipe_sets`` reads the last two back."""
+    add_resumable_run(p)
+    add_progress(p)
+    add_overrides(p, example)
+
+
+def recipe_sets(args: argparse.Namespace) -> list[str]:
+    """The recipe overrides of a training command: its --set values, then
+    ``train.progress=false`` for --no-progress."""
+    return [*args.set, *(["train.progress=false"] if args.no_progress else [])]
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type``: an integer >= 1 (refused at the flag, before any work)."""
     try:

@@ -14,11 +14,10 @@ import argparse
 
 from cdir.commands.common import (
     add_command,
-    add_overrides,
-    add_progress,
-    add_resumable_run,
+    add_training_run,
     add_workspace,
     positive_int,
+    recipe_sets,
 )
 from encoders.distill.losses import LOSSES
 
@@ -78,9 +77,7 @@ def add_labelled_flags(p: argparse.ArgumentParser) -> None:
     seed.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                       help="one run per seed into OUT/seed_<s>/; prints mean +- std of last "
                       "and best")
-    add_resumable_run(p)
-    add_progress(p)
-    add_overrides(p, "method.queue_size=4096")
+    add_training_run(p, "method.queue_size=4096")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -134,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from cdir.core.errors import CdirError
     from cdir.stages.distill import distill_label_free_run, distill_run, summary_line
 
-    sets = [*args.set, *(["train.progress=false"] if args.no_progress else [])]
+    sets = recipe_sets(args)
     if args.label_free:
         given = [f"--{k.replace('_', '-')}" for k in LABELLED_ONLY
                  if getattr(args, k) not in (None, False)]

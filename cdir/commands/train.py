@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_overrides, add_progress, add_resumable_run
+from cdir.commands.common import add_training_run, recipe_sets
 from encoders.ssl.plugin import METHODS
 
 
@@ -38,15 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "images of its manifest) or a manifest .parquet/.csv with a path column; "
                        "repeat to train on several (each image once)")
         m.add_argument("--out", help="output folder (default runs/<method>-<recipe>)")
-        add_resumable_run(m)
         m.add_argument("--epochs", type=int, help="total epochs (sets optim.epochs)")
         m.add_argument("--batch-size", type=int, help="global batch size (sets optim.batch_size)")
         m.add_argument("--workers", type=int, help="data loader workers per process")
         m.add_argument("--seed", type=int, help="random seed (sets train.seed)")
         m.add_argument("--monitor", help="labelled folder for kNN / P@1 monitoring "
                        "(sets monitor.path)")
-        add_progress(m)
-        add_overrides(m, "optim.lr=0.06")
+        add_training_run(m, "optim.lr=0.06")
         m.set_defaults(func=run)
 
     t = actions.add_parser(
@@ -78,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cdir.stages.train import summary_line, train_encoder
 
-    sets = [*args.set, *(["train.progress=false"] if args.no_progress else [])]
+    sets = recipe_sets(args)
     summary = train_encoder(
         args.method, args.config, sets, data=args.data, out=args.out, epochs=args.epochs,
         batch_size=args.batch_size, workers=args.workers, seed=args.seed, monitor=args.monitor,
@@ -95,7 +93,7 @@ def run_teacher(args: argparse.Namespace) -> int:
     from cdir.commands.distill import labelled_values
     from cdir.stages.distill import distill_run, summary_line
 
-    sets = [*args.set, *(["train.progress=false"] if args.no_progress else [])]
+    sets = recipe_sets(args)
     summary = distill_run("teacher", args.config, sets, resume=args.resume,
                           stop_at=args.stop_at, force=args.force, seeds=args.seeds,
                           student=args.arch, **labelled_values(args))

@@ -10,6 +10,10 @@ returns the scalar method loss (the ``L_distill`` that the objective weighs by b
   contrast with, positive first (CRD's momentum memory needs ``idx``; ``contrast_idx`` is
   optional there).
 
+``ProjectionLoss``: the losses on both sides' features projected to ``feat_dim`` and
+L2-normalised (CRD, its FIFO variant, DCD, RRD) share that head and implement
+``embedding_loss`` on the unit embeddings.
+
 Projection heads are submodules and learnable scalars are parameters, so an optimiser over
 ``loss.parameters()`` trains them; memories are buffers, so ``loss.state_dict()`` holds them. In
 training mode ``forward`` also updates the memory; in eval mode it changes no state. The math
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdir.core.errors import CdirError
+from encoders.engine.parts import no_autocast
 
 
 class DistillLoss(nn.Module):
@@ -44,6 +49,30 @@ class DistillLoss(nn.Module):
                 logits_s: torch.Tensor | None = None, logits_t: torch.Tensor | None = None,
                 idx: torch.Tensor | None = None,
                 contrast_idx: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ProjectionLoss(DistillLoss):
+    """A loss on linear projections of the student's and the teacher's features to ``feat_dim``
+    (``embed_s``, ``embed_t``), L2-normalised; subclasses implement ``embedding_loss``."""
+
+    def __init__(self, s_dim: int, t_dim: int, feat_dim: int) -> None:
+        super().__init__()
+        self.embed_s = nn.Linear(s_dim, feat_dim)
+        self.embed_t = nn.Linear(t_dim, feat_dim)
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor,
+                logits_s: torch.Tensor | None = None, logits_t: torch.Tensor | None = None,
+                idx: torch.Tensor | None = None,
+                contrast_idx: torch.Tensor | None = None) -> torch.Tensor:
+        with no_autocast(f_s.device):
+            z_s = embed(self.embed_s, f_s)
+            z_t = embed(self.embed_t, f_t.detach())
+            return self.embedding_loss(z_s, z_t, idx, contrast_idx)
+
+    def embedding_loss(self, z_s: torch.Tensor, z_t: torch.Tensor, idx: torch.Tensor | None,
+                       contrast_idx: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
+        """The loss on the unit embeddings (B, feat_dim), in float32 with autocast off."""
         raise NotImplementedError
 
 

@@ -26,9 +26,9 @@ from torch import nn
 
 from cdir.core.dist import broadcast, concat_all_gather
 from cdir.core.errors import CdirError
-from encoders.distill.losses.base import DistillLoss, check_positive, embed
-from encoders.distill.losses.memory import global_keys, memory_for_loss
-from encoders.engine.parts import MemoryQueue, infonce_logits, infonce_loss, no_autocast
+from encoders.distill.losses.base import ProjectionLoss, check_positive
+from encoders.distill.losses.memory import QueueLoss
+from encoders.engine.parts import infonce_logits, infonce_loss
 
 NCE_EPS = 1e-7
 
@@ -113,7 +113,7 @@ class ContrastMemory(nn.Module):
             bank.index_copy_(0, idx, nn.functional.normalize(mixed, dim=1))
 
 
-class CRDLoss(DistillLoss):
+class CRDLoss(ProjectionLoss):
     """``crd``: README weights CRD = (1, 0, 0.8), CRD+KD = (1, 1, 0.8). Needs ``idx``."""
 
     needs_index = True
@@ -123,33 +123,26 @@ class CRDLoss(DistillLoss):
     def __init__(self, s_dim: int, t_dim: int, n_data: int | None = None, *,
                  feat_dim: int = 128, nce_k: int = 16384, temperature: float = 0.07,
                  momentum: float = 0.5) -> None:
-        super().__init__()
         if n_data is None or int(n_data) < 2:
             raise CdirError("crd needs n_data, the training set size (its memory has a row per "
                             "sample)")
         check_positive("crd", feat_dim=feat_dim, nce_k=nce_k, temperature=temperature)
         if not 0.0 <= momentum < 1.0:
             raise CdirError(f"crd: momentum must be in [0, 1), got {momentum}")
+        super().__init__(s_dim, t_dim, feat_dim)
         self.n_data = int(n_data)
-        self.embed_s = nn.Linear(s_dim, feat_dim)
-        self.embed_t = nn.Linear(t_dim, feat_dim)
         self.contrast = ContrastMemory(feat_dim, self.n_data, nce_k, temperature, momentum)
 
-    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor,
-                logits_s: torch.Tensor | None = None, logits_t: torch.Tensor | None = None,
-                idx: torch.Tensor | None = None,
-                contrast_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def embedding_loss(self, z_s: torch.Tensor, z_t: torch.Tensor, idx: torch.Tensor | None,
+                       contrast_idx: torch.Tensor | None) -> torch.Tensor:
         if idx is None:
             raise CdirError("crd needs idx, the batch's dataset indices (use a data set that "
                             "returns them)")
-        with no_autocast(f_s.device):
-            v_s = embed(self.embed_s, f_s)
-            v_t = embed(self.embed_t, f_t.detach())
-            out_s, out_t = self.contrast(v_s, v_t, idx.long(), contrast_idx)
-            return nce_loss(out_s, self.n_data) + nce_loss(out_t, self.n_data)
+        out_s, out_t = self.contrast(z_s, z_t, idx.long(), contrast_idx)
+        return nce_loss(out_s, self.n_data) + nce_loss(out_t, self.n_data)
 
 
-class CRDFifoLoss(DistillLoss):
+class CRDFifoLoss(QueueLoss):
     """``crd_fifo``: weights as CRD's. Both projections train (through the positive)."""
 
     recipe = (1.0, 0.0, 0.8)
@@ -158,25 +151,11 @@ class CRDFifoLoss(DistillLoss):
     def __init__(self, s_dim: int, t_dim: int, n_data: int | None = None, *,
                  feat_dim: int = 128, queue_size: int = 16384, temperature: float = 0.07,
                  enqueue_before_loss: bool = False) -> None:
-        super().__init__()
         check_positive("crd_fifo", feat_dim=feat_dim, queue_size=queue_size,
                        temperature=temperature)
+        super().__init__(s_dim, t_dim, feat_dim, queue_size, enqueue_before_loss)
         self.temperature = float(temperature)
-        self.enqueue_before_loss = bool(enqueue_before_loss)
-        self.embed_s = nn.Linear(s_dim, feat_dim)
-        self.embed_t = nn.Linear(t_dim, feat_dim)
-        self.queue = MemoryQueue(queue_size, feat_dim)
 
-    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor,
-                logits_s: torch.Tensor | None = None, logits_t: torch.Tensor | None = None,
-                idx: torch.Tensor | None = None,
-                contrast_idx: torch.Tensor | None = None) -> torch.Tensor:
-        with no_autocast(f_s.device):
-            z_s = embed(self.embed_s, f_s)
-            z_t = embed(self.embed_t, f_t.detach())
-            keys = global_keys(z_t).detach()
-            memory = memory_for_loss(self.queue, keys, self.enqueue_before_loss)
-            loss = infonce_loss(infonce_logits(z_s, z_t, memory), self.temperature)
-        if self.training:
-            self.queue.enqueue(keys)
-        return loss
+    def memory_loss(self, z_s: torch.Tensor, z_t: torch.Tensor,
+                    memory: torch.Tensor) -> torch.Tensor:
+        return infonce_loss(infonce_logits(z_s, z_t, memory), self.temperature)

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.distill.losses.base import DistillLoss, check_positive, embed
-from encoders.engine.parts import no_autocast
+from encoders.distill.losses.base import ProjectionLoss, check_positive
 
 
 def dcd_loss(z_s: torch.Tensor, z_t: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor,
@@ -36,17 +35,15 @@ def dcd_loss(z_s: torch.Tensor, z_t: torch.Tensor, tau: torch.Tensor, bias: torc
     return contrast + alpha * consist
 
 
-class DCDLoss(DistillLoss):
+class DCDLoss(ProjectionLoss):
     """``dcd``: README weights DCD = (1, 0, 1), DCD+KD = (1, 1, 1)."""
 
     def __init__(self, s_dim: int, t_dim: int, n_data: int | None = None, *,
                  feat_dim: int = 128, alpha: float = 0.5, init_log_tau: float = 1.0,
                  max_tau: float = 10.0, init_bias: float = 0.0) -> None:
-        super().__init__()
         check_positive("dcd", feat_dim=feat_dim, max_tau=max_tau)
+        super().__init__(s_dim, t_dim, feat_dim)
         self.alpha, self.max_tau = float(alpha), float(max_tau)
-        self.embed_s = nn.Linear(s_dim, feat_dim)
-        self.embed_t = nn.Linear(t_dim, feat_dim)
         self.log_tau = nn.Parameter(torch.tensor(float(init_log_tau)))
         self.bias = nn.Parameter(torch.tensor(float(init_bias)))
 
@@ -54,11 +51,6 @@ class DCDLoss(DistillLoss):
         """The logit scale exp(log_tau), at most ``max_tau`` (no gradient beyond the clamp)."""
         return self.log_tau.exp().clamp(max=self.max_tau)
 
-    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor,
-                logits_s: torch.Tensor | None = None, logits_t: torch.Tensor | None = None,
-                idx: torch.Tensor | None = None,
-                contrast_idx: torch.Tensor | None = None) -> torch.Tensor:
-        with no_autocast(f_s.device):
-            z_s = embed(self.embed_s, f_s)
-            z_t = embed(self.embed_t, f_t.detach())
-            return dcd_loss(z_s, z_t, self.tau(), self.bias, self.alpha)
+    def embedding_loss(self, z_s: torch.Tensor, z_t: torch.Tensor, idx: torch.Tensor | None,
+                       contrast_idx: torch.Tensor | None) -> torch.Tensor:
+        return dcd_loss(z_s, z_t, self.tau(), self.bias, self.alpha)

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from cdir.core.errors import CdirError
-from encoders.distill.losses.base import DistillLoss, check_positive, embed
-from encoders.distill.losses.memory import global_keys, memory_for_loss
-from encoders.engine.parts import MemoryQueue, no_autocast
+from encoders.distill.losses.base import check_positive
+from encoders.distill.losses.memory import QueueLoss
 
 
 def relational_loss(z_s: torch.Tensor, z_t: torch.Tensor, memory: torch.Tensor,
@@ -40,36 +38,24 @@ def relational_loss(z_s: torch.Tensor, z_t: torch.Tensor, memory: torch.Tensor,
     return -(p_t * log_p_s).sum(dim=1).mean()
 
 
-class RRDLoss(DistillLoss):
+class RRDLoss(QueueLoss):
     """``rrd``: README weights RRD = (1, 0, 1), RRD+KD = (1, 1, 1)."""
+
+    keys_keep_gradient = True
 
     def __init__(self, s_dim: int, t_dim: int, n_data: int | None = None, *,
                  feat_dim: int = 128, queue_size: int = 16384, temp_s: float = 0.1,
                  temp_t: float = 0.02, enqueue_before_loss: bool = True,
                  freeze_teacher_proj: bool = True) -> None:
-        super().__init__()
         check_positive("rrd", feat_dim=feat_dim, queue_size=queue_size, temp_s=temp_s,
                        temp_t=temp_t)
         if not freeze_teacher_proj and not enqueue_before_loss:
             raise CdirError("rrd: freeze_teacher_proj=False needs enqueue_before_loss=True; "
                             "otherwise no gradient reaches the teacher projection")
+        super().__init__(s_dim, t_dim, feat_dim, queue_size, enqueue_before_loss)
         self.temp_s, self.temp_t = float(temp_s), float(temp_t)
-        self.enqueue_before_loss = bool(enqueue_before_loss)
-        self.embed_s = nn.Linear(s_dim, feat_dim)
-        self.embed_t = nn.Linear(t_dim, feat_dim)
         self.embed_t.requires_grad_(not freeze_teacher_proj)
-        self.queue = MemoryQueue(queue_size, feat_dim)
 
-    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor,
-                logits_s: torch.Tensor | None = None, logits_t: torch.Tensor | None = None,
-                idx: torch.Tensor | None = None,
-                contrast_idx: torch.Tensor | None = None) -> torch.Tensor:
-        with no_autocast(f_s.device):
-            z_s = embed(self.embed_s, f_s)
-            z_t = embed(self.embed_t, f_t.detach())
-            keys = global_keys(z_t)
-            memory = memory_for_loss(self.queue, keys, self.enqueue_before_loss)
-            loss = relational_loss(z_s, z_t, memory, self.temp_s, self.temp_t)
-        if self.training:
-            self.queue.enqueue(keys)
-        return loss
+    def memory_loss(self, z_s: torch.Tensor, z_t: torch.Tensor,
+                    memory: torch.Tensor) -> torch.Tensor:
+        return relational_loss(z_s, z_t, memory, self.temp_s, self.temp_t)
