@@ -14,16 +14,13 @@ import numpy as np
 import pandas as pd
 
 from cdir.core.store import EmbeddingStore
-from tests.helpers.cli import REPO, cdir, emoji_workspace
+from tests.helpers.cli import REPO, cdir, emoji_workspace, torchrun
 
 ENCODER = "pixels"
 
 
 def _torchrun(nproc: int, *args: object, stage: str = "embed") -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc), "-m", "cdir", stage, *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return torchrun(nproc, stage, *args, env={"HF_HUB_OFFLINE": "1"})
 
 
 def _stored(ws):

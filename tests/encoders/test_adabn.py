@@ -218,6 +218,17 @@ def test_a_run_cut_short_leaves_no_row_with_other_statistics(made, tmp_path, cap
     image_vectors(w, w.manifest(), spec)
 
 
+def _search_json(capsys: pytest.CaptureFixture, ws: Path, flag: str, value: str, query: Path
+                 ) -> tuple[dict, str]:
+    """``cdir search -w WS FLAG VALUE --image QUERY --json`` on the CPU: the query's result and
+    what went to stderr."""
+    capsys.readouterr()
+    assert cdir("search", "-w", ws, flag, value, "--image", query, "--json",
+                "--device", "cpu") == 0
+    out, err = capsys.readouterr()
+    return json.loads(out)[0], err
+
+
 # -- search --------------------------------------------------------------------------------------
 
 
@@ -249,11 +260,7 @@ def test_search_uses_the_query_domain_statistics(made, tmp_path, capsys) -> None
         c = x[ok & (dom == d)].mean(0)
         plain.use_bn_stats(stats[d]["stats"])
         scores[d] = float(plain.encode_images([load_image(query)])[0] @ (c / np.linalg.norm(c)))
-    capsys.readouterr()
-    assert cdir("search", "-w", ws, "--encoder", spec, "--image", query, "--json",
-                "--device", "cpu") == 0
-    res, err = capsys.readouterr()
-    res = json.loads(res)[0]
+    res, err = _search_json(capsys, ws, "--encoder", spec, query)
     assert res["query_domain"] == max(scores, key=scores.get) and res["query_domain_inferred"]
     assert f"bn=domain statistics as domain {res['query_domain']}" in err
 
@@ -261,11 +268,7 @@ def test_search_uses_the_query_domain_statistics(made, tmp_path, capsys) -> None
     assert cdir("index", "build", "-w", ws, "--encoder", spec, "--normalize",
                 "domain-center") == 0
     name = next(p.stem for p in (ws / "indexes").glob("*.domain-center.faiss"))
-    capsys.readouterr()
-    assert cdir("search", "-w", ws, "--index", name, "--image", query, "--json",
-                "--device", "cpu") == 0
-    res, err = capsys.readouterr()
-    res = json.loads(res)[0]
+    res, err = _search_json(capsys, ws, "--index", name, query)
     assert res["query_domain"] == max(scores, key=scores.get) and res["query_domain_inferred"]
     assert "bn=domain statistics and domain-center as domain" in err
     hits, _, used = Searcher(str(ws), index=name, device="cpu").search(

@@ -22,6 +22,28 @@ def cdir(*args: object) -> int:
     return cli.main([str(a) for a in args])
 
 
+def torchrun(nproc: int, *args: object, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node NPROC -m cdir ARGS...`` on this machine (Gloo on
+    a CPU, one thread a rank), from the repository; the finished process, output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(nproc), "-m", "cdir", *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def two_rank_checkpoint(out: Path, epochs: int, steps: int) -> dict:
+    """The ``latest.pt`` of a finished two-process training run in ``out``, checked: the epochs
+    and steps asked for, both ranks' RNG states, and ``encoder.pt`` written."""
+    from encoders.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(Path(out) / "latest.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (epochs, steps)
+    assert ckpt["meta"]["world_size"] == 2 and len(ckpt["rng"]["ranks"]) == 2
+    assert (Path(out) / "encoder.pt").is_file()
+    return ckpt
+
+
 def emoji_workspace(parent: Path, limit: int) -> Path:
     """``cdir data emoji -w PARENT/ws --limit N``: a workspace over N emoji categories in the three
     art sets; returns the workspace folder."""

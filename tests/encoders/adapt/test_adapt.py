@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import pytest
 import torch
 
 from cdir.core.errors import CdirError
-from tests.helpers.cli import cdir
+from tests.helpers.cli import cdir, torchrun, two_rank_checkpoint
 from tests.helpers.tiny_models import TINY_RESNET, write_tiny_encoder
 from tests.helpers.trees import write_shape_tree
 
@@ -187,37 +184,33 @@ def test_bad_input_gets_one_line(tiny: tuple[Path, Path], tmp_path: Path,
         encoder_file("clip:ViT-B-32/openai")
     with pytest.raises(CdirError, match="cannot be adapted"):
         encoder_file(f"ckpt:{enc}?features=head")
+    def refusal(gallery: Path, *extra: object) -> str:
+        """The one line `cdir adapt` refuses the gallery with (exit status 2)."""
+        ws = tmp_path / f"ws-{gallery.name}"
+        assert cdir("data", "folder", gallery, "-w", ws) == 0
+        capsys.readouterr()
+        assert cdir("adapt", "-w", ws, "--encoder", f"ckpt:{enc}", "--config", recipe,
+                    "--out", tmp_path / f"out-{gallery.name}", *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        return err[0]
+
     # one domain only
     one = write_shape_tree(tmp_path / "one", domains=("a",), classes=CLASSES, per_class=2,
                            size=32, ext=".png")
-    assert cdir("data", "folder", one, "-w", tmp_path / "ws1") == 0
-    capsys.readouterr()
-    assert cdir("adapt", "-w", tmp_path / "ws1", "--encoder", f"ckpt:{enc}", "--config",
-                recipe, "--out", tmp_path / "o1") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "one domain only" in err[0], err
+    assert "one domain only" in refusal(one)
     # a nearly empty domain
     small = write_shape_tree(tmp_path / "small", domains=("a", "b"), classes=CLASSES,
                              per_class=2, size=32, ext=".png")
     for f in sorted((small / "b").rglob("*.png"))[3:]:
         f.unlink()
-    assert cdir("data", "folder", small, "-w", tmp_path / "ws2") == 0
-    capsys.readouterr()
-    assert cdir("adapt", "-w", tmp_path / "ws2", "--encoder", f"ckpt:{enc}", "--config",
-                recipe, "--out", tmp_path / "o2") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fewer than 10 images: b (3)" in err[0], err
+    assert "fewer than 10 images: b (3)" in refusal(small)
     # a one-to-one matcher on domains of very different sizes
     big = write_shape_tree(tmp_path / "big", domains=("a", "b"), classes=CLASSES,
                            per_class=6, size=32, ext=".png")
     for f in sorted((big / "b").rglob("*.png"))[12:]:
         f.unlink()
-    assert cdir("data", "folder", big, "-w", tmp_path / "ws3") == 0
-    capsys.readouterr()
-    assert cdir("adapt", "-w", tmp_path / "ws3", "--encoder", f"ckpt:{enc}", "--config",
-                recipe, "--out", tmp_path / "o3", "--set", "method.matcher=sinkhorn") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "differ 2.5-fold" in err[0], err
+    assert "differ 2.5-fold" in refusal(big, "--set", "method.matcher=sinkhorn")
     # not a workspace; a wrong --rounds
     assert cdir("adapt", "-w", tmp_path / "nowhere", "--encoder", f"ckpt:{enc}") == 2
     with pytest.raises(SystemExit):
@@ -228,21 +221,14 @@ def test_bad_input_gets_one_line(tiny: tuple[Path, Path], tmp_path: Path,
 def test_torchrun_gloo_two_processes(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2 -m cdir adapt``: each rank embeds half the images for the
     mining, both mine the same groups, one checkpoint with both ranks' RNG states."""
-    from encoders.engine.checkpoint import load_checkpoint
 
     ws, enc = tiny
     recipe = _recipe(tmp_path, epochs=2)
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "cdir", "adapt", "-w", str(ws), "--encoder", f"ckpt:{enc}", "--config",
-           str(recipe), "--out", str(out), "--no-monitor", "--batch-size", "10"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(2, "adapt", "-w", ws, "--encoder", f"ckpt:{enc}", "--config", recipe,
+                    "--out", out, "--no-monitor", "--batch-size", "10")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = load_checkpoint(out / "latest.pt")
-    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 3  # global batch 10 = 2 x 5
-    assert ckpt["meta"]["world_size"] == 2 and len(ckpt["rng"]["ranks"]) == 2
-    assert (out / "encoder.pt").is_file()
+    two_rank_checkpoint(out, epochs=2, steps=2 * 3)  # global batch 10 = 2 x 5
     assert proc.stderr.count("round at epoch 0") == 1  # reported once, by rank 0
 
 

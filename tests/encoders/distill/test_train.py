@@ -5,9 +5,6 @@ with the gathered queue, label-free distillation on a workspace, and the one-lin
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ import torch
 from PIL import Image
 
 from encoders.distill.losses import LOSSES
-from tests.helpers.cli import REPO, cdir
+from tests.helpers.cli import REPO, cdir, torchrun
 
 FAST = ["--workers", "0", "--no-progress", "--batch-size", "8"]
 
@@ -163,12 +160,9 @@ def test_two_process_gloo_rrd_gathers_the_queue(teacher: Path, colours: Path,
     """``torchrun --nproc_per_node 2 -m cdir distill rrd``: each step enqueues the keys of the
     global batch (both ranks'), so after S steps the queue pointer is at S x global batch."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "cdir", "distill", "rrd", "--teacher", str(teacher / "best.pt"),
-           "--student", "resnet8", "--data", str(colours), "--epochs", "1", "--out", str(out),
-           "--set", "method.queue_size=64", *map(str, FAST)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(2, "distill", "rrd", "--teacher", teacher / "best.pt", "--student",
+                    "resnet8", "--data", colours, "--epochs", "1", "--out", out,
+                    "--set", "method.queue_size=64", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "latest.pt", weights_only=True)
     steps = ckpt["step"]

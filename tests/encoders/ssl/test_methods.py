@@ -472,13 +472,19 @@ def test_isd_variants_heads_and_views() -> None:
 # method-level behaviour shared by all methods
 
 
-@pytest.mark.parametrize("name", ["moco", "synco", "isd", "isd_plus"])
-def test_method_step(name: str) -> None:
+def seeded_tiny(name: str) -> torch.nn.Module:
+    """A tiny ``name`` model built after seeding torch (SynCo with every kind of synthetic
+    negative from the first step)."""
     torch.manual_seed(0)
-    kw = {"queue_size": 32}
+    kw: dict = {"queue_size": 32}
     if name == "synco":
         kw.update(n_hard=8, n1=2, n2=2, n3=2, n4=1, n5=1, n6=1, warmup_epochs=0)
-    m = tiny(name, **kw)
+    return tiny(name, **kw)
+
+
+@pytest.mark.parametrize("name", ["moco", "synco", "isd", "isd_plus"])
+def test_method_step(name: str) -> None:
+    m = seeded_tiny(name)
     m.train()
     prefix, mom = m.encoder_prefix, m.momentum_prefix
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
@@ -521,11 +527,7 @@ def test_method_step(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["synco", "isd_plus"])
 def test_method_under_bf16_autocast(name: str) -> None:
-    torch.manual_seed(0)
-    kw = {"queue_size": 32}
-    if name == "synco":
-        kw.update(n_hard=8, n1=2, n2=2, n3=2, n4=1, n5=1, n6=1, warmup_epochs=0)
-    m = tiny(name, **kw)
+    m = seeded_tiny(name)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(images())
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 
 from cdir.core.errors import CdirError
-from tests.helpers.cli import sigterm_when
+from tests.helpers.cli import sigterm_when, torchrun, two_rank_checkpoint
 
 torch.set_num_threads(1)
 
@@ -348,20 +347,12 @@ def test_cli_train_resume_export(tmp_path: Path, tiny_images: Path) -> None:
 def test_torchrun_ddp_gloo_two_processes(tmp_path: Path, tiny_images: Path) -> None:
     """``torchrun --nproc_per_node 2 -m cdir train synco`` on CPU with Gloo: shuffle-BN across
     ranks, all-gathered queue, one checkpoint with both ranks' RNG states."""
-    from encoders.engine.checkpoint import load_checkpoint
 
     recipe = _write_recipe(tmp_path, tiny_images, epochs=2)
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cdir", "train", "synco", "--config", str(recipe),
-           "--out", str(out), "--workers", "0"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(2, "train", "synco", "--config", recipe, "--out", out, "--workers", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = load_checkpoint(out / "latest.pt")
-    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 3  # global batch 16 = 2 x 8
-    assert ckpt["meta"]["world_size"] == 2 and len(ckpt["rng"]["ranks"]) == 2
-    assert (out / "encoder.pt").is_file()
+    two_rank_checkpoint(out, epochs=2, steps=2 * 3)  # global batch 16 = 2 x 8
 
 
 def _metric_epochs(out: Path) -> list[int]:
