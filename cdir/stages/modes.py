@@ -52,6 +52,11 @@ class Mode:
         return "caption" in (self.query, self.gallery)
 
     @property
+    def captions_query(self) -> bool:
+        """Is a query image captioned at query time (its caption is the query's vector)?"""
+        return self.query == "caption"
+
+    @property
     def fuses(self) -> bool:
         """Does the mode combine the scores of the single modes (it has no model of its own)?"""
         return self.model is None

@@ -233,12 +233,13 @@ class Searcher:
 
     def query_vectors(self, images: list[Image.Image]) -> tuple[np.ndarray, list[str] | None]:
         mode = MODES[self.mode]
-        if mode.query == "image" and not mode.cross_modal:  # the index's own image encoder
-            return self._encode_images(images, self.spec), None
-        if mode.query == "image":  # the image tower of the CLIP whose text tower made the index
+        if mode.cross_modal:  # the image tower of the CLIP whose text tower made the index
             if not parse_spec(self.text_spec).cross_modal:
-                raise CdirError("cm-image needs an index of CLIP text embeddings of captions")
+                raise CdirError(f"{self.mode} needs an index of CLIP text embeddings of "
+                                "captions")
             return self._encode_images(images, self.text_spec), None
+        if not mode.captions_query:  # the index's own image encoder
+            return self._encode_images(images, self.spec), None
         from encoders.text import load_text_encoder
 
         captions = self.caption(images)
