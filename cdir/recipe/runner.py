@@ -109,7 +109,7 @@ class Runner:
 
     def _data_label(self) -> str:
         ds = self.r.dataset
-        if KINDS[ds.kind].build:  # rendered into the workspace
+        if KINDS[ds.kind].build is not None:  # rendered into the workspace
             return (f"{ds.kind} gallery ({ds.limit or 'all'} categories, {ds.size} px) in "
                     f"{self.ws_root / 'gallery'}")
         doms = ", ".join(ds.domains) if ds.domains else "all domains"
