@@ -210,6 +210,11 @@ def model_identity(spec: str, hints: dict | None = None) -> ModelId:
     return parsed.info.identity(parsed, hints)
 
 
+def no_identity(spec: Spec, hints: dict | None = None) -> ModelId:
+    """A model without weights to tell apart (pixels), or one whose identity is not recorded."""
+    return ModelId()
+
+
 def _file_identity(path: Path | None, hints: dict | None) -> ModelId:
     if path is None or not path.is_file():
         return ModelId()

@@ -338,6 +338,8 @@ def _torchvision_encoder(path: Path, arch: str, spec: str) -> tuple[torch.nn.Mod
     """Any torchvision classification model from a plain (or prefixed) state dict."""
     import torchvision
 
+    from encoders.engine.checkpoint import REFERENCE_PREFIXES
+
     names = torchvision.models.list_models(module=torchvision.models)
     if arch not in names:
         raise CdirError(f"{spec}: unknown torchvision architecture {arch!r} "
@@ -349,7 +351,7 @@ def _torchvision_encoder(path: Path, arch: str, spec: str) -> tuple[torch.nn.Mod
     best: dict = {}
     # the state dict may sit in a container and under a prefix (DataParallel, MoCo encoder_q)
     for _, sd in _tensor_dicts(ckpt):
-        for prefix in ("module.encoder_q.", "encoder_q.module.", "encoder_q.", "module.", ""):
+        for prefix in REFERENCE_PREFIXES:
             sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
             if len(set(sub) & want) > len(set(best) & want):
                 best = sub

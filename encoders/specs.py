@@ -44,13 +44,6 @@ def _lazy(target: str) -> Callable[..., Any]:
     return call
 
 
-def _no_identity(spec: Spec, hints: dict | None = None) -> Any:
-    """A model without weights to tell apart (pixels), or one whose identity is not recorded."""
-    from encoders.hub import ModelId
-
-    return ModelId()
-
-
 @dataclass(frozen=True)
 class Scheme:
     """One scheme of model spec. ``help``: its usage line (printed in errors and help);
@@ -120,7 +113,7 @@ _NOT_TIMM = "needs a ResNet checkpoint of this project or MoCo/SynCo, not a timm
 SCHEMES = {
     "pixels": Scheme(
         help="pixels (raw-pixel baseline)", word=True,
-        image=_lazy("encoders.image:pixels_encoder"), identity=_no_identity,
+        image=_lazy("encoders.image:pixels_encoder"), identity=_lazy("encoders.hub:no_identity"),
         preflight=_lazy("encoders.hub:builtin_ready")),
     "clip": Scheme(
         help="clip:ARCH/PRETRAINED (open_clip, e.g. clip:ViT-B-32/openai)",
@@ -146,7 +139,8 @@ SCHEMES = {
         identity=_lazy("encoders.hub:st_identity"), preflight=_lazy("encoders.hub:st_ready")),
     "hf": Scheme(
         help="hf:ID-OR-FOLDER (transformers captioner)",
-        captioner=_lazy("encoders.captioners:load_captioner"), identity=_no_identity,
+        captioner=_lazy("encoders.captioners:load_captioner"),
+        identity=_lazy("encoders.hub:no_identity"),
         preflight=_lazy("encoders.hub:captioner_ready")),
 }
 # the longest prefix first: ckpt:timm: before ckpt:

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 META_COLUMNS = ("pair", "query_domain", "gallery_domain", "n_queries", "n_gallery")
 DEFAULT_EXAMPLE_K = 10
+# the manifest columns an example names its query and each result by
+EXAMPLE_COLUMNS = ("id", "path", "class_name")
 
 
 def default_ks(dataset: str) -> tuple[int, ...]:
@@ -184,14 +186,14 @@ def _example(manifest: pd.DataFrame, a: str, b: str, q_row: int, n_rel: int, g_r
     rows = g_rows[pos[valid]]
     ex: dict[str, Any] = {"pair": pair_name(a, b), "query_row": q_row, "n_relevant": n_rel,
                           "query_label": int(manifest["label"].iloc[q_row])}
-    for col in ("id", "path", "class_name"):
+    for col in EXAMPLE_COLUMNS:
         vals = _column(manifest, col, np.array([q_row]))
         if vals is not None:
             ex[f"query_{col}"] = str(vals[0])
     results = [{"row": int(r), "rank": j + 1, "score": float(s), "hit": bool(h),
                 "label": int(manifest["label"].iloc[int(r)])}
                for j, (r, s, h) in enumerate(zip(rows, scores[valid], hits[valid], strict=True))]
-    for col in ("id", "path", "class_name"):
+    for col in EXAMPLE_COLUMNS:
         vals = _column(manifest, col, rows)
         if vals is not None:
             for item, v in zip(results, vals, strict=True):

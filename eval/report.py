@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdir.core.io import atomic_path, atomic_write, write_json, write_text
-from eval.protocol import META_COLUMNS, split_examples
+from eval.protocol import EXAMPLE_COLUMNS, META_COLUMNS, split_examples
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -193,13 +193,13 @@ def _complete(ex: dict[str, Any], manifest: pd.DataFrame | None) -> dict[str, An
     def get(col: str, row: int) -> str | None:
         return str(manifest[col].iloc[row]) if col in manifest.columns else None
 
-    for col in ("path", "class_name", "id"):
+    for col in EXAMPLE_COLUMNS:
         if f"query_{col}" not in ex and "query_row" in ex:
             ex[f"query_{col}"] = get(col, int(ex["query_row"]))
     items = []
     for it in ex.get("results", []):
         it = dict(it)
-        for col in ("path", "class_name", "id"):
+        for col in EXAMPLE_COLUMNS:
             if col not in it and "row" in it:
                 it[col] = get(col, int(it["row"]))
         items.append(it)

@@ -15,6 +15,7 @@ builds its parser.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -104,5 +105,16 @@ def _plain(base: CosineScorer, domains: np.ndarray, k: int) -> CosineScorer:
     return base
 
 
-# rerank name -> (cosine scorer, row domains, neighbourhood k) -> the scorer the protocol uses
-RERANKERS: dict[str, Callable[..., object]] = {"none": _plain, "csls": CSLSScorer}
+@dataclass(frozen=True)
+class Reranker:
+    """``build(cosine scorer, row domains, neighbourhood k)``: the scorer the protocol uses;
+    ``uses_k``: whether the neighbourhood size changes it (a report then names it)."""
+
+    build: Callable[..., object]
+    uses_k: bool
+
+
+RERANKERS: dict[str, Reranker] = {
+    "none": Reranker(_plain, uses_k=False),
+    "csls": Reranker(CSLSScorer, uses_k=True),
+}

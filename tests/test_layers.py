@@ -7,15 +7,21 @@ R2  encoders/, indexes/ and eval/ take from cdir only cdir.core.
 R3  cdir/stages/ and cdir/recipe/ never import argparse or cdir.commands (the command line is
     the top floor: stages are called with plain arguments).
 R4  encoders/ never imports eval.
-R5  each list of names is written once: no two module-level tuple/list/set literals (or dict
-    literals' keys) of three or more strings hold the same set of strings, except two dicts
-    keyed alike (a second table over the same names is a mapping, not a second list); and the
-    names the code dispatches on (gallery kinds, retrieval modes, SSL methods, index kinds) are
-    the keys of one dict each, so that the list of names and the dispatch cannot drift apart.
+R5  each list of names is written once: no two tuple/list/set literals of three or more strings
+    (module-level ones, those inside functions and classes, and `choices=` arguments) nor
+    module-level dict literals' keys hold the same set of strings, except two dicts keyed alike
+    (a second table over the same names is a mapping, not a second list); the names the code
+    dispatches on (gallery kinds, retrieval modes, methods, index kinds, spec schemes...) are the
+    keys of one dict each, so that the list of names and the dispatch cannot drift apart; and no
+    module that can import such a table compares a value with one of its keys (`kind ==
+    "emoji"`): it asks the table's entry instead (the off switch "none" excepted: comparing with
+    it asks whether an option is on, not which one it is).
 R6  app/ never imports cdir.commands or cdir.cli: the demo calls the stages, as the command line
     does, never the command line itself.
 R7  encoders/engine/ (the training engine) imports none of its plug-ins: encoders.ssl,
     encoders.adapt, encoders.distill (they register with it; it finds them).
+R8  no two modules of one package import each other (a package's __init__ is not one of its
+    modules' siblings): one of the two belongs below the other.
 
 :func:`check_layers` returns the violations as lines; the second test proves that each rule fires
 on a small fake tree.
@@ -177,22 +183,34 @@ def _string_set(node: ast.expr | None) -> tuple[frozenset[str], str] | None:
     return frozenset(e.value for e in items), kind  # type: ignore[union-attr]
 
 
+def _listed_names(mod: Module) -> list[tuple[frozenset[str], str, str, int]]:
+    """(strings, "seq" or "keys", a name for the place, line) of every literal list of names in
+    ``mod``: assigned at module level (dicts too), or a tuple/list/set anywhere else."""
+    out = []
+    top = set()
+    for node in mod.tree.body:
+        if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [t.id for t in targets if isinstance(t, ast.Name)]
+            found = _string_set(node.value)
+            if found and names:
+                out.append((*found, names[0], node.lineno))
+                top.add(id(node.value))
+    for node in ast.walk(mod.tree):
+        if id(node) in top or not isinstance(node, ast.Tuple | ast.List | ast.Set):
+            continue
+        found = _string_set(node)
+        if found:
+            out.append((*found, "a literal", node.lineno))
+    return out
+
+
 def check_name_lists(mods: list[Module]) -> list[str]:
-    """Rule R5."""
+    """Rule R5, first part: each list of names written once."""
     seen: dict[frozenset[str], list[tuple[str, str, str]]] = {}
     for mod in mods:
-        for node in mod.tree.body:
-            if isinstance(node, ast.Assign):
-                targets, value = node.targets, node.value
-            elif isinstance(node, ast.AnnAssign):
-                targets, value = [node.target], node.value
-            else:
-                continue
-            found = _string_set(value)
-            names = [t.id for t in targets if isinstance(t, ast.Name)]
-            if found and names:
-                strings, kind = found
-                seen.setdefault(strings, []).append((f"{mod.rel}:{node.lineno}", names[0], kind))
+        for strings, kind, name, line in _listed_names(mod):
+            seen.setdefault(strings, []).append((f"{mod.rel}:{line}", name, kind))
     out = []
     for strings, places in seen.items():
         if len(places) < 2 or all(kind == "keys" for _, _, kind in places):
@@ -200,6 +218,78 @@ def check_name_lists(mods: list[Module]) -> list[str]:
         listed = ", ".join(f"{name} ({where})" for where, name, _ in places)
         out.append(f"R5 the names {sorted(strings)} are listed {len(places)} times: {listed}")
     return out
+
+
+def _table_keys(root: Path, tables: dict[str, str]) -> dict[str, list[str]]:
+    """key -> the files of the dispatch tables that have it."""
+    keys: dict[str, list[str]] = {}
+    for rel, name in tables.items():
+        path = root / rel
+        if not path.is_file():
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            targets = (node.targets if isinstance(node, ast.Assign) else [node.target]
+                       if isinstance(node, ast.AnnAssign) else [])
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets) and \
+                    isinstance(node.value, ast.Dict):
+                for k in node.value.keys:
+                    if isinstance(k, ast.Constant) and isinstance(k.value, str):
+                        keys.setdefault(k.value, []).append(rel)
+    return keys
+
+
+def _module_name(rel: str) -> str:
+    return rel[:-3].replace("/", ".").removesuffix(".__init__")
+
+
+def _may_import(mod: Module, target: str) -> bool:
+    """Whether the floors (R1-R4, R6, R7) let ``mod`` import the module ``target``."""
+    return not check_imports([Module(mod.name, mod.rel, ast.parse(f"import {target}\n"))])
+
+
+OFF = "none"  # the off switch of every option table (R5)
+
+
+def check_key_comparisons(mods: list[Module], root: Path,
+                          tables: dict[str, str] = DISPATCH) -> list[str]:
+    """Rule R5, last part: no comparison with a table's key outside the table's module, in a
+    module that could ask the table instead."""
+    keys = _table_keys(root, tables)
+    out = []
+    for mod in mods:
+        for node in ast.walk(mod.tree):
+            if not isinstance(node, ast.Compare):
+                continue
+            for side in (node.left, *node.comparators):
+                if not (isinstance(side, ast.Constant) and isinstance(side.value, str)) or \
+                        side.value == OFF or mod.rel in keys.get(side.value, [mod.rel]):
+                    continue
+                owners = [t for t in keys[side.value] if _may_import(mod, _module_name(t))]
+                if owners:
+                    out.append(f"R5 {mod.rel}:{node.lineno}: compares with {side.value!r}, a key "
+                               f"of {tables[owners[0]]} in {owners[0]} (ask the table's entry)")
+    return out
+
+
+def check_cycles(mods: list[Module]) -> list[str]:
+    """Rule R8."""
+    names = {m.name for m in mods}
+
+    def module_of(imported: str) -> str:  # `from a.b import c`: a.b.c if a module, else a.b
+        while imported and imported not in names:
+            imported = imported.rpartition(".")[0]
+        return imported
+
+    edges: dict[str, dict[str, str]] = {}
+    for mod in mods:
+        if mod.rel.endswith("__init__.py"):
+            continue
+        for imp in imports(mod):
+            target = module_of(imp.module)
+            if target != mod.name and target.rpartition(".")[0] == mod.name.rpartition(".")[0]:
+                edges.setdefault(mod.name, {}).setdefault(target, f"{mod.rel}:{imp.line}")
+    return [f"R8 {edges[a][b]}: {a} and {b} import each other ({edges[b][a]})"
+            for a in sorted(edges) for b in sorted(edges[a]) if a < b and a in edges.get(b, {})]
 
 
 def check_dispatch(root: Path, tables: dict[str, str] = DISPATCH) -> list[str]:
@@ -223,9 +313,10 @@ def check_dispatch(root: Path, tables: dict[str, str] = DISPATCH) -> list[str]:
 
 
 def check_layers(root: Path | str) -> list[str]:
-    """Every violation of R1 to R7 in the packages under ``root``, one line each."""
+    """Every violation of R1 to R8 in the packages under ``root``, one line each."""
     mods, errors = load_modules(Path(root))
-    return errors + check_imports(mods) + check_name_lists(mods) + check_dispatch(Path(root))
+    return (errors + check_imports(mods) + check_name_lists(mods) + check_dispatch(Path(root))
+            + check_key_comparisons(mods, Path(root)) + check_cycles(mods))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -259,13 +350,19 @@ def test_each_rule_reports_its_violation(tmp_path: Path) -> None:
         "cdir/galleries/__init__.py": "KINDS = {'a': 1, 'b': 2, 'c': 3}\n",
         "cdir/galleries/prompts.py": "PROMPTS = {'a': 'x', 'b': 'y', 'c': 'z'}\n",  # dict vs dict
         "app/fine.py": "from cdir.stages.embed import embed_images\nimport cdir.commandsx\n",
+        # encoders may not import cdir.galleries: a string there is not a gallery kind
+        "encoders/words.py": "def f(x):\n    return x == 'b'\n",
+        "cdir/galleries/own.py": "def f(kind):\n    return kind != 'none'\n",  # the off switch
+        "cdir/stages/low.py": "X = 1\n",
+        "cdir/stages/high.py": "from cdir.stages.low import X\n",  # one way only: fine
     }
     for rel, text in ok.items():
         _write(tmp_path, rel, text)
     tables = {"cdir/galleries/__init__.py": "KINDS", "cdir/galleries/prompts.py": "PROMPTS"}
     mods, errors = load_modules(tmp_path)
-    assert errors + check_imports(mods) + check_name_lists(mods) == []
+    assert errors + check_imports(mods) + check_name_lists(mods) + check_cycles(mods) == []
     assert check_dispatch(tmp_path, tables) == []
+    assert check_key_comparisons(mods, tmp_path, tables) == []
 
     bad = {
         "cdir/core/x.py": "from cdir.stages import y\n",
@@ -282,6 +379,11 @@ def test_each_rule_reports_its_violation(tmp_path: Path) -> None:
         "cdir/core/broken.py": "def f(:\n",
         "app/w.py": "def f():\n    from cdir.cli import build_parser\n",
         "app/v.py": "from cdir.commands.embed import run\n",
+        "cdir/recipe/inner.py": "def f():\n    return [x for x in ('p', 'q', 'r')]\n",
+        "cdir/commands/c.py": "def f(p):\n    p.add_argument('--x', choices=['r', 'q', 'p'])\n",
+        "cdir/stages/cmp.py": "def f(kind):\n    return 'x' if kind == 'b' else 'y'\n",
+        "cdir/stages/p.py": "from cdir.stages import q\n",
+        "cdir/stages/q.py": "def f():\n    from cdir.stages.p import g\n",
     }
     for rel, text in bad.items():
         _write(tmp_path, rel, text)
@@ -301,6 +403,9 @@ def test_each_rule_reports_its_violation(tmp_path: Path) -> None:
         "R5 the names ['a', 'b', 'c'] are listed 3 times",
         "R6 app/w.py:2: app imports cdir.cli.build_parser",
         "R6 app/v.py:1: app imports cdir.commands.embed.run",
+        "R5 the names ['p', 'q', 'r'] are listed 2 times",
+        "R5 cdir/stages/cmp.py:2: compares with 'b', a key of KINDS in cdir/galleries/__init__.py",
+        "R8 cdir/stages/p.py:1: cdir.stages.p and cdir.stages.q import each other",
     ]
     for line in expected:
         assert any(f.startswith(line) for f in found), f"{line!r} not in:\n" + "\n".join(found)

@@ -37,16 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="image size in pixels (default: 128)")
         elif gk.filters:
             k.add_argument("--domains", help="comma-separated domains to keep (default: all)")
-            k.add_argument("--classes", help="class subset: a,b,c | FILE.txt"
-                           + (" | ucdir7 (the UCDIR/ProtoOT 7 classes)"
-                              if kind == "domainnet" else ""))
-            k.add_argument("--split", default="all",
-                           choices=("all", "train", "test") if kind == "domainnet"
-                           else ("all", "train", "test", "val"),
-                           help="which split to keep, default all" + (
-                               " (train/test need the official split files)"
-                               if kind == "domainnet" else " (folder layouts with a "
-                               "<domain>/<split>/<class> level, or a table's split column)"))
+            k.add_argument("--classes", help="class subset: a,b,c | FILE.txt" + gk.classes_help)
+            k.add_argument("--split", default="all", choices=gk.splits,
+                           help=f"which split to keep, default all ({gk.split_help})")
         k.set_defaults(func=run)
     p.set_defaults(func=run)
 

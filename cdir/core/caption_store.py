@@ -21,6 +21,9 @@ Reading merges the compacted file and the parts; a later row wins for an id. A r
 start (leftovers of a killed run) and at its end. Rows are keyed by manifest id, so a changed
 gallery keeps the captions that are still valid and a re-run captions only what is missing, and
 the images whose content changed since they were captioned (the new caption replaces the old).
+
+A source's embeddings by a text encoder live in `caption_embeddings_dir`, each row recorded with
+the hash of its caption (`caption_versions`), so a rewritten caption is embedded again.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from cdir.core.errors import CdirError
 from cdir.core.io import atomic_path, read_json, write_json
 from cdir.core.lock import exclusive
-from cdir.core.workspace import Workspace
+from cdir.core.workspace import Workspace, caption_spec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -195,6 +198,21 @@ class CaptionStore:
 
 
 # -- listing and resolving sources ---------------------------------------------------------------
+
+def caption_embeddings_dir(ws: Workspace, key: str, text_spec: str) -> Path:
+    """Where the embeddings of caption source ``key`` by the text encoder ``text_spec`` live."""
+    return ws.embeddings_dir(caption_spec(text_spec, key))
+
+
+def caption_versions(texts: pd.Series) -> list[str | None]:
+    """What each caption embedding is computed from: a hash of the caption text (None: no
+    caption), so a rewritten caption is embedded again."""
+    import hashlib
+
+    return [None if t is None or t != t else
+            "text:" + hashlib.sha256(str(t).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+            for t in texts.tolist()]
+
 
 def list_sources(ws: Workspace | str | os.PathLike) -> list[dict]:
     """Every caption source of the workspace: key, kind, model, prompt, params, count, empty,

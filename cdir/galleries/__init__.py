@@ -45,6 +45,14 @@ class GalleryKind:
     # "module:function" that first renders the gallery into the workspace, called as
     # fn(kind, source, out_dir, size=, limit=, progress=); its ROOT, if any, is optional
     build: str | None = None
+    # the splits it can keep, and what the help says about them
+    splits: tuple[str, ...] = ("all", "train", "test", "val")
+    split_help: str = ("folder layouts with a <domain>/<split>/<class> level, or a table's "
+                       "split column")
+    classes_help: str = ""  # named class subsets of this dataset, for --classes' help
+    # every folder under ROOT is read as a domain: a workspace inside ROOT would be scanned too
+    any_folder_a_domain: bool = False
+    recorded: str | None = None  # the name a workspace records as its dataset (default: the kind)
 
     def render(self, kind: str, source: str | None, out_dir: str, size: int,
                limit: int | None, progress: bool) -> Any:
@@ -65,15 +73,18 @@ class GalleryKind:
 
 
 KINDS: dict[str, GalleryKind] = {
-    "folder": GalleryKind("a ROOT/<domain>/<class>/<image> tree", "folder:load_folder"),
+    "folder": GalleryKind("a ROOT/<domain>/<class>/<image> tree", "folder:load_folder",
+                          any_folder_a_domain=True),
     "officehome": GalleryKind(
         "Office-Home (Art, Clipart, Product, Real World; renamed folders accepted)",
         "officehome:load_officehome"),
     "domainnet": GalleryKind(
         "DomainNet (split files <domain>_{train,test}.txt, or the bare folders)",
-        "domainnet:load_domainnet"),
+        "domainnet:load_domainnet", splits=("all", "train", "test"),
+        split_help="train/test need the official split files",
+        classes_help=" | ucdir7 (the UCDIR/ProtoOT 7 classes)"),
     "csv": GalleryKind("a CSV/TSV/JSONL/Parquet table with path, domain and class columns",
-                       "table:load_table", source="TABLE", progress=False),
+                       "table:load_table", source="TABLE", progress=False, recorded="table"),
     "emoji": GalleryKind("the built-in emoji gallery (3 art sets; no download needed)",
                          "folder:load_folder", source=None, filters=False,
                          category_split=True, build="emoji:build"),
@@ -92,6 +103,12 @@ KINDS: dict[str, GalleryKind] = {
         "unlabelled Tux Paint stamps (Debian tuxpaint-stamps-default), for pretraining",
         "corpus:load_corpus", filters=False, progress=False, build="corpus:build_corpus"),
 }
+
+
+def recorded_name(kind: str) -> str:
+    """The name of gallery kind ``kind`` that a workspace's gallery.json records as its
+    dataset."""
+    return KINDS[kind].recorded or kind
 
 
 # public name -> module below cdir.galleries, for the lazy attributes of the package

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdir.core.errors import CdirError
 from cdir.core.tree import is_image_name, listdir
-from cdir.galleries import DataWarning, common
+from cdir.galleries import KINDS, DataWarning, common
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -100,7 +100,7 @@ def load_domainnet(root: str | os.PathLike, domains: Iterable[str] | str | None 
     """
     base = find_domainnet_root(root)
     split = common.check_split(split)
-    if split not in ("all", "train", "test"):
+    if split not in KINDS["domainnet"].splits:
         raise CdirError(f"DomainNet has train and test splits, not {split!r}")
     keep = common.resolve_classes(classes)
     keep_set = set(keep) if keep else None

@@ -106,7 +106,8 @@ class FusionConfig:
 @dataclass
 class EvalConfig:
     # every mode, in the report's row order (the CM paper's own first); checked against MODES
-    modes: list[str] = field(default_factory=lambda: ["cm-image", "cm-text", "visual", "fusion"])
+    modes: list[str] = field(
+        default_factory=lambda: sorted(MODES, key=lambda m: MODES[m].report_row))
     ks: list[int] | None = None  # default: the dataset's (1,5,15; DomainNet 50,100,200)
     pairs: str | list[str] = "all"
     examples: int = 4
@@ -176,7 +177,7 @@ def fusion_parts(r: Recipe) -> list[str]:
 def used_modes(r: Recipe) -> list[str]:
     """The single modes the recipe evaluates, on their own or fused."""
     modes = [m for m in r.eval.modes if m in SINGLE_MODES]
-    if "fusion" in r.eval.modes:
+    if any(MODES[m].fuses for m in r.eval.modes):
         modes += [m for m in fusion_parts(r) if m not in modes]
     return modes
 
@@ -274,7 +275,7 @@ def _check_roles(r: Recipe, where: str) -> None:
         if not both:
             raise CdirError(f"{where}.clip: {e.spec!r} is not a clip: spec (cm-image needs both "
                             "CLIP towers)")
-    if "fusion" in r.eval.modes and len(fusion_parts(r)) < 2:
+    if any(MODES[m].fuses for m in r.eval.modes) and len(fusion_parts(r)) < 2:
         raise CdirError(f"{where}: fusion needs at least two single modes (eval.fusion.modes or "
                         "eval.modes)")
 

@@ -52,7 +52,7 @@ def build_methods(r: Recipe, skipped: Collection[str] = ()) -> list[Method]:
             for e in entries:
                 add(mode, cap + [(e.display, len(entries) > 1)], captioner=i,
                     **{spec.model: e.spec})
-    if "fusion" in r.eval.modes:
+    if any(MODES[m].fuses for m in r.eval.modes):
         # the first usable model of each fused mode, with every captioner when captions are fused
         parts = tuple(fusion_parts(r))
         first = {m: usable(mode_entries(r, m))[:1] for m in parts}

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from cdir import galleries as datasets
 from cdir.core.errors import CdirError
+from cdir.galleries import KINDS
 from cdir.galleries.emoji import find_assets
-from cdir.recipe.config import DatasetConfig, Recipe, used_modes
+from cdir.recipe.config import DatasetConfig, Recipe, mode_entries, used_modes
 from cdir.recipe.methods import build_methods
 from cdir.stages.modes import MODES
 from encoders.specs import parse_spec
@@ -54,12 +55,17 @@ def preflight(r: Recipe) -> list[Check]:
     checks = check_dataset(r.dataset)
     modes = used_modes(r)
     captions = any(MODES[m].captions for m in modes)
+    taken = [mode_entries(r, m) for m in modes]  # the recipe's model lists the modes use
+
+    def used(entries: list) -> bool:
+        return any(entries is t for t in taken)
+
     # (name, entries, its role in encoders.specs.ROLES, used); the recipe has made sure a clip
     # entry is a clip: spec, which is checked as the image encoder it also is
     roles = [("captioner", r.captioners, "captioner", captions),
-             ("text encoder", r.text_encoders, "text", "cm-text" in modes),
-             ("CLIP (cm-image)", r.clip, "image", "cm-image" in modes),
-             ("image encoder", r.image_encoders, "image", "visual" in modes)]
+             ("text encoder", r.text_encoders, "text", used(r.text_encoders)),
+             ("CLIP (cm-image)", r.clip, "image", used(r.clip)),
+             ("image encoder", r.image_encoders, "image", used(r.image_encoders))]
     models: dict[str, Check] = {}  # a spec in several roles is checked once
     role_names: dict[str, list[str]] = {}
     required: set[str] = set()
@@ -150,11 +156,19 @@ def _domainnet_checks(ds: DatasetConfig, base: str, what: str) -> list[Check]:
     return checks
 
 
+# gallery kind -> (the cdir.galleries function finding its base folder under the root, the checks
+# of its layout there); other kinds take any layout
+_LAYOUT_CHECKS = {
+    "officehome": ("find_officehome_root", _officehome_checks),
+    "domainnet": ("find_domainnet_root", _domainnet_checks),
+}
+
+
 def check_dataset(ds: DatasetConfig) -> list[Check]:
     """The dataset root and, cheaply (folder listings only), the domains and classes the recipe
     needs. One Check per missing thing."""
     what = f"dataset {ds.kind}"
-    if ds.kind == "emoji":
+    if KINDS[ds.kind].source is None:  # built in: from installed packages
         try:
             find_assets()
         except CdirError as e:
@@ -167,15 +181,12 @@ def check_dataset(ds: DatasetConfig) -> list[Check]:
     root = os.path.abspath(os.path.expanduser(ds.root))
     if not os.path.exists(root):
         return [Check(what, "missing", f"dataset root {root} does not exist; {howto}")]
-    if ds.kind in ("folder", "csv"):
+    if ds.kind not in _LAYOUT_CHECKS:  # any layout: the loader checks it
         return [Check(what, "ok", root)]
+    find_base, layout_checks = _LAYOUT_CHECKS[ds.kind]
     try:
-        if ds.kind == "officehome":
-            base = datasets.find_officehome_root(root)
-            checks = _officehome_checks(ds, base, what)
-        else:
-            base = datasets.find_domainnet_root(root)
-            checks = _domainnet_checks(ds, base, what)
+        base = getattr(datasets, find_base)(root)
+        checks = layout_checks(ds, base, what)
     except CdirError as e:
         return [Check(what, "missing", f"{e}; {howto}")]
     checks = checks or [Check(what, "ok", base)]

@@ -7,7 +7,7 @@ import dataclasses
 import importlib.metadata
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import yaml
 
@@ -18,9 +18,31 @@ from eval.protocol import pair_name
 from eval.report import format_value, jsonable
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from cdir.core.workspace import Workspace
+    from cdir.recipe.config import Recipe
     from cdir.recipe.methods import Method
+    from cdir.recipe.plan import Stage
     from cdir.recipe.preflight import Check
-    from cdir.recipe.runner import Runner, Stage
+
+
+class Run(Protocol):
+    """What the report reads of a recipe's run (the runner, which calls the report)."""
+
+    r: Recipe
+    ws: Workspace
+    ws_root: Path
+    report_dir: Path
+    ks: tuple[int, ...]
+    checks: list[Check]
+    keys: dict[int, str]  # captioner index -> caption source key
+    results: dict[str, dict]  # method id -> its evaluation
+
+    def methods(self) -> list[Method]: ...
+
+    def device_line(self) -> str: ...
+
 
 # What the report says about the metrics, ours and the literature's.
 OUR_METRIC = (
@@ -55,7 +77,7 @@ _DAGGER_NOTE = (
 
 # -- printed before the run -----------------------------------------------------------------------
 
-def format_plan(runner: Runner, stages: list[Stage]) -> str:
+def format_plan(runner: Run, stages: list[Stage]) -> str:
     r = runner.r
     sets = f" with --set {' '.join(r.overrides)}" if r.overrides else ""
     lines = [f"recipe {r.name} ({r.config_path or '(config)'}{sets})",
@@ -105,7 +127,7 @@ def _cdir_version() -> str:
         return "unknown"
 
 
-def _setup(runner: Runner, methods: list[Method], info: dict, n_images: int,
+def _setup(runner: Run, methods: list[Method], info: dict, n_images: int,
            n_classes: int) -> list[str]:
     r, ds = runner.r, runner.r.dataset
     counts = info.get("counts") or {}
@@ -137,7 +159,7 @@ def _setup(runner: Runner, methods: list[Method], info: dict, n_images: int,
         res = runner.results[m.id]
         left = res["n_total"] - res["n_used"] if res["n_total"] else 0
         what = MODES[m.mode].about + (f" ({', '.join(m.fusion)}; {r.eval.fusion.method})"
-                                      if m.mode == "fusion" else "")
+                                      if MODES[m.mode].fuses else "")
         models = "; ".join(f"{k} `{v}`" for k, v in (("image encoder", m.encoder),
                                                       ("text encoder", m.text_encoder),
                                                       ("CLIP", m.clip)) if v)
@@ -150,7 +172,7 @@ def _setup(runner: Runner, methods: list[Method], info: dict, n_images: int,
     return md
 
 
-def _precision_tables(runner: Runner, methods: list[Method], pairs: list[str]) -> list[str]:
+def _precision_tables(runner: Run, methods: list[Method], pairs: list[str]) -> list[str]:
     """One table per k: our methods, then the literature's entries for our pairs at that k (an
     entry without a stated k in every table, marked †)."""
     cols = pairs + ["mean"]
@@ -180,7 +202,7 @@ def _precision_tables(runner: Runner, methods: list[Method], pairs: list[str]) -
     return md + ([_DAGGER_NOTE, ""] if dagger else [])
 
 
-def _literature_rows(runner: Runner, methods: list[Method], pairs: list[str]) -> list[dict]:
+def _literature_rows(runner: Run, methods: list[Method], pairs: list[str]) -> list[dict]:
     """Each literature entry as reported, with every method's numbers for its pair."""
     rows = []
     for e in runner.r.literature:
@@ -195,7 +217,7 @@ def _literature_rows(runner: Runner, methods: list[Method], pairs: list[str]) ->
     return rows
 
 
-def _literature_table(runner: Runner, methods: list[Method], lit_rows: list[dict]) -> list[str]:
+def _literature_table(runner: Run, methods: list[Method], lit_rows: list[dict]) -> list[str]:
     md = ["## Literature (as reported) beside ours", ""]
     if not lit_rows:
         return md + ["No published numbers are listed for this dataset in the recipe."]
@@ -224,7 +246,7 @@ def _literature_table(runner: Runner, methods: list[Method], lit_rows: list[dict
                      "(`literature[].ours`) and in the P@k tables above."]
 
 
-def write_reproduction(runner: Runner, stages: list[Stage]) -> None:
+def write_reproduction(runner: Run, stages: list[Stage]) -> None:
     """Write reproduction.md, reproduction.json and the resolved recipe.yaml into the report
     folder, from the eval stages' results."""
     r, ds = runner.r, runner.r.dataset

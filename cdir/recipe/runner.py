@@ -18,12 +18,11 @@ import gc
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cdir.core.caption_store import CaptionStore
+from cdir.core.caption_store import CaptionStore, caption_embeddings_dir
 from cdir.core.device import resolve_device
 from cdir.core.errors import CdirError
 from cdir.core.io import read_json, write_json
@@ -31,12 +30,14 @@ from cdir.core.manifest import fingerprint
 from cdir.core.rows import print_summary
 from cdir.core.store import EmbeddingStore
 from cdir.core.workspace import Workspace, caption_spec
+from cdir.galleries import KINDS, recorded_name
 from cdir.recipe.config import Recipe
 from cdir.recipe.methods import Method, build_methods
+from cdir.recipe.plan import Stage
 from cdir.recipe.preflight import Check, preflight, skipped_specs
 from cdir.recipe.report import format_plan, format_preflight, write_reproduction
 from cdir.stages.caption import caption_workspace
-from cdir.stages.embed import caption_embeddings_dir, embed_captions, embed_images
+from cdir.stages.embed import embed_captions, embed_images
 from cdir.stages.evaluate import parse_pairs
 from cdir.stages.gallery import describe_gallery
 from cdir.stages.modes import (
@@ -49,18 +50,6 @@ from cdir.stages.modes import (
 from encoders.captioners import resolve_captioner
 from eval.protocol import default_ks, evaluate_pairs, split_examples
 from eval.report import jsonable, write_report
-
-
-@dataclass
-class Stage:
-    kind: str  # data | caption | embed-captions | embed-images | eval | report
-    label: str
-    captioner: int | None = None  # caption, embed-captions: index into recipe.captioners
-    spec: str | None = None  # embed-captions, embed-images: the encoder
-    method: Method | None = None  # eval
-    status: str = "pending"  # ran | skipped | pending
-    detail: str = ""
-    seconds: float = 0.0
 
 
 class Runner:
@@ -120,8 +109,8 @@ class Runner:
 
     def _data_label(self) -> str:
         ds = self.r.dataset
-        if ds.kind == "emoji":
-            return (f"emoji gallery ({ds.limit or 'all'} categories, {ds.size} px) in "
+        if KINDS[ds.kind].build is not None:  # rendered into the workspace
+            return (f"{ds.kind} gallery ({ds.limit or 'all'} categories, {ds.size} px) in "
                     f"{self.ws_root / 'gallery'}")
         doms = ", ".join(ds.domains) if ds.domains else "all domains"
         classes = ds.classes if isinstance(ds.classes, str) else (
@@ -183,16 +172,16 @@ class Runner:
         ds, ws = self.r.dataset, self.ws
         domains = ",".join(ds.domains) if ds.domains else None
         classes = ",".join(ds.classes) if isinstance(ds.classes, list) else ds.classes
-        if ds.kind == "emoji":
+        rendered = KINDS[ds.kind].build is not None  # into the workspace, as describe_gallery does
+        if rendered:
             want = {"limit": ds.limit, "size": ds.size}
         else:
             want = {"domains": domains, "classes": classes, "split": ds.split}
         info = ws.info()
         have = {k: (info.get("params") or {}).get(k) for k in want}
-        same_root = ds.kind == "emoji" or _under(str(info.get("root", "")), ds.root)
-        kind = "table" if ds.kind == "csv" else ds.kind
-        if ws.manifest_path.exists() and info.get("dataset") == kind and have == want \
-                and same_root:
+        same_root = rendered or _under(str(info.get("root", "")), ds.root)
+        if ws.manifest_path.exists() and info.get("dataset") == recorded_name(ds.kind) \
+                and have == want and same_root:
             n = sum((info.get("counts") or {}).values())
             return "skipped", f"already done: {n} images in {ws.manifest_path}; delete it to rescan"
         print(describe_gallery(self.ws_root, ds.kind, root=ds.root, domains=domains,

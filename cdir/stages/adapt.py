@@ -180,8 +180,7 @@ def _round_epochs(cfg) -> int:
     """Epochs per mining round of the run's method (its setting, else the method's default)."""
     if cfg.method_kwargs.get("round_epochs"):
         return int(cfg.method_kwargs["round_epochs"])
-    if cfg.method_name == "ucdir":
-        from encoders.adapt.ucdir import UCDIRConfig as Kind
-    else:
-        from encoders.adapt.xdomain import XDomainConfig as Kind
-    return int(Kind().round_epochs)
+    from encoders.adapt.plugin import METHODS
+
+    defaults = METHODS[cfg.method_name].config()()  # the method's own settings
+    return int(defaults.round_epochs)

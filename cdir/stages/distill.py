@@ -227,13 +227,13 @@ def teacher_rows(ws: Any, teacher: str, normalize: str, progress: bool = True
     store = EmbeddingStore(ws.embeddings_dir(teacher))
     x, valid = store.load(df)
     df, x = df[valid].reset_index(drop=True), x[valid]
-    if normalize == "domain-whiten":
+    if normalize != "none":
         from indexes.normalize import fit_normalizer
 
         if "domain" not in df.columns or df["domain"].nunique() < 1:
-            raise CdirError("domain-whiten needs the domain of every image in the manifest")
+            raise CdirError(f"{normalize} needs the domain of every image in the manifest")
         domains = df["domain"].astype(str).to_numpy()
-        x = fit_normalizer(x, domains, "domain-whiten").transform(x, domains)
+        x = fit_normalizer(x, domains, normalize).transform(x, domains)
     x = np.ascontiguousarray(x, dtype=np.float32)
     key = f"{teacher}|{normalize}|{hashlib.sha256(x.tobytes()).hexdigest()[:16]}"
     return df["path"].astype(str).tolist(), x, key

@@ -27,14 +27,18 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cdir.core.caption_store import CaptionStore, resolve_source
+from cdir.core.caption_store import (
+    CaptionStore,
+    caption_embeddings_dir,
+    caption_versions,
+    resolve_source,
+)
 from cdir.core.dist import barrier
 from cdir.core.errors import CdirError
 from cdir.core.images import failure_reason, failure_report, load_image_hashed
@@ -381,16 +385,6 @@ def _record_model(store: EmbeddingStore, current: ModelId) -> None:
         store.update_info(weights_files=current.files)
 
 
-def caption_versions(texts: pd.Series) -> list[str | None]:
-    """What each caption embedding is computed from: a hash of the caption text (None: no
-    caption), so a rewritten caption is embedded again."""
-    import hashlib
-
-    return [None if t is None or t != t else
-            "text:" + hashlib.sha256(str(t).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-            for t in texts.tolist()]
-
-
 def summary_line(s: dict) -> str:
     left = f", {s['remaining']} left" if s["remaining"] > 0 else ""
     if s.get("changed"):
@@ -403,11 +397,6 @@ def summary_line(s: dict) -> str:
 
 
 # -- captions ------------------------------------------------------------------------------------
-
-def caption_embeddings_dir(ws: Workspace, key: str, text_spec: str) -> Path:
-    """Where the embeddings of caption source ``key`` by the text encoder ``text_spec`` live."""
-    return ws.embeddings_dir(caption_spec(text_spec, key))
-
 
 @graceful()
 @_one_writer(lambda ws, captions, text_spec, *a, **k:

@@ -197,7 +197,7 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
         if (~ok).any() and (norm, rr) == (norms[0], reranks[0]):  # once per mode
             say(f"[{mode}] {int((~ok).sum())} of {len(manifest)} images have no vector "
                 "(unreadable or uncaptioned) and are left out")
-        if sweep and mode == "fusion":
+        if sweep and MODES[mode].fuses:
             from eval.fusion import sweep_weights
 
             scorer, chosen, sub_q = sweep_weights(scorer, sub, pairs, ks, mode_names=(
@@ -209,8 +209,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
                                  progress=progress,
                                  **({"query_mask": sub_q} if sub_q is not None else {}))
         title = f"{key}: " + ", ".join(mode_models(mode, cfg)) + f" [split {split}]"
-        if rr == "csls":
-            title += f" (CSLS k={csls_k})"
+        if RERANKERS[rr].uses_k:
+            title += f" ({rr.upper()} k={csls_k})"
         if sub_q is not None:
             title += " (weights swept on one half of the queries; the other half reported)"
         out = out_root / key if len(variants) > 1 else out_root
@@ -238,11 +238,12 @@ def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
     the modes, their models, the split of the rows evaluated, ks, pairs, the fusion settings
     when fusion runs, the normalisation and rerank when not plain (so plain runs keep their
     names), the examples."""
+    fused = any(MODES[m].fuses for m in modes)
     used = [m for m in modes if m in SINGLE_MODES]
-    if "fusion" in modes:
+    if fused:
         used += list(cfg.fusion) or configured_modes(cfg)
     out = {"modes": ",".join(modes)}
-    for key in ("encoder", "text_encoder", "clip"):
+    for key in (MODES[m].model for m in SINGLE_MODES):  # the ModeConfig fields of the models
         if getattr(cfg, key) and any(MODES[m].model == key for m in used):
             out[key] = str(getattr(cfg, key))
     if cfg.captions and any(MODES[m].captions for m in used):
@@ -250,7 +251,7 @@ def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
     out["split"] = split
     out["ks"] = ",".join(map(str, ks))
     out["pairs"] = ",".join(f"{a}:{b}" for a, b in pairs) if pairs is not None else "all"
-    if "fusion" in modes:
+    if fused:
         out["fuse"] = ",".join(cfg.fusion) or "all"
         out["weights"] = ",".join(f"{m}={w}" for m, w in sorted(cfg.weights.items())) or "1"
         out["fusion_method"] = cfg.fusion_method
@@ -259,7 +260,7 @@ def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
         out["normalize"] = ",".join(normalize)
     if list(rerank) != ["none"]:
         out["rerank"] = ",".join(rerank)
-        if "csls" in rerank:
+        if any(RERANKERS[r].uses_k for r in rerank):
             out["csls_k"] = str(csls_k)
     out["examples"] = str(examples)
     return out

@@ -26,7 +26,7 @@ from cdir.core.manifest import (
     summary,
 )
 from cdir.core.workspace import Workspace
-from cdir.galleries import KINDS, DataWarning
+from cdir.galleries import KINDS, DataWarning, recorded_name
 
 
 def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.PathLike | None = None,
@@ -58,12 +58,13 @@ def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.Pat
         gk.render(kind, source, root, size=size, limit=limit, progress=progress)
     else:
         if root is None:
-            raise CdirError(f"the {kind} gallery needs its {'table' if kind == 'csv' else 'root'}")
+            raise CdirError(f"the {kind} gallery needs its "
+                            f"{'table' if gk.source == 'TABLE' else 'root'}")
         root = os.path.abspath(os.path.expanduser(str(root)))
         if not os.path.exists(root):
-            what = "table" if kind == "csv" else "dataset folder"
+            what = "table" if gk.source == "TABLE" else "dataset folder"
             raise CdirError(f"{what} {root} does not exist")
-        if kind == "folder":
+        if gk.any_folder_a_domain:
             _check_workspace_outside(ws.root, root)
     print(f"cdir data {kind}: scanning {root}", file=sys.stderr)
 
@@ -104,7 +105,7 @@ def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.Pat
         missing_path.unlink()
     counts = {str(d): int(n) for d, n in df.groupby("domain", sort=True).size().items()}
     write_json(ws.info_path, {
-        "dataset": "table" if kind == "csv" else kind,
+        "dataset": recorded_name(kind),
         "root": root,
         "fingerprint": fp,
         "counts": counts,

@@ -36,36 +36,55 @@ if TYPE_CHECKING:
 class Mode:
     """What a mode scores with. ``model``: the `ModeConfig` field naming its model (None for
     fusion, which combines the others); ``query`` / ``gallery``: "image" or "caption" vectors of
-    that model; ``needs``: how to give the model; ``about``: one line for reports."""
+    that model; ``needs``: how to give the model; ``about``: one line for reports;
+    ``report_row``: its place among a reproduction's rows (the CM paper's own first)."""
 
     model: str | None
     query: str
     gallery: str
     needs: str
     about: str
+    report_row: int
 
     @property
     def captions(self) -> bool:
         """Does the mode read a caption source?"""
         return "caption" in (self.query, self.gallery)
 
+    @property
+    def captions_query(self) -> bool:
+        """Is a query image captioned at query time (its caption is the query's vector)?"""
+        return self.query == "caption"
+
+    @property
+    def fuses(self) -> bool:
+        """Does the mode combine the scores of the single modes (it has no model of its own)?"""
+        return self.model is None
+
+    @property
+    def cross_modal(self) -> bool:
+        """Are its query vectors of another kind than the gallery's (an image against
+        captions)?"""
+        return self.query != self.gallery
+
 
 MODES: dict[str, Mode] = {
     "visual": Mode(
         "encoder", "image", "image", "--encoder",
         "query image against gallery images with an image encoder (CM v1's CLIP image-to-image "
-        "ablation when the encoder is CLIP)"),
+        "ablation when the encoder is CLIP)", report_row=2),
     "cm-text": Mode(
         "text_encoder", "caption", "caption", "--text-encoder (e.g. st:all-MiniLM-L6-v2)",
         "query caption against gallery captions, both through a text encoder "
-        "(caption-to-caption; a variant the later CM versions may use, unverified)"),
+        "(caption-to-caption; a variant the later CM versions may use, unverified)",
+        report_row=1),
     "cm-image": Mode(
         "clip", "image", "caption", "--clip (a clip: spec with image and text towers)",
         "query image (CLIP image tower) against the gallery's captions (the same CLIP's text "
-        "tower): the CM paper's image-to-caption matching"),
+        "tower): the CM paper's image-to-caption matching", report_row=0),
     "fusion": Mode(
         None, "fused", "fused", "two single modes",
-        "weighted sum of per-query standardised scores of the modes named"),
+        "weighted sum of per-query standardised scores of the modes named", report_row=3),
 }
 SINGLE_MODES = tuple(m for m, spec in MODES.items() if spec.model)  # the modes fusion combines
 
@@ -163,9 +182,13 @@ def caption_vectors(ws: Workspace, manifest: pd.DataFrame, captions: str | None,
                     text_spec: str, lazy: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Like `image_vectors`, for the embeddings of a caption source by ``text_spec`` (refused
     also when a caption was rewritten since it was embedded)."""
-    from cdir.core.caption_store import CaptionStore, resolve_source
+    from cdir.core.caption_store import (
+        CaptionStore,
+        caption_embeddings_dir,
+        caption_versions,
+        resolve_source,
+    )
     from cdir.core.store import EmbeddingStore
-    from cdir.stages.embed import caption_embeddings_dir, caption_versions
 
     key = resolve_source(ws, captions)
     store = EmbeddingStore(caption_embeddings_dir(ws, key, text_spec))
@@ -270,7 +293,7 @@ def build_scorer(ws: Workspace, manifest: pd.DataFrame, mode: str, cfg: ModeConf
             g = norm.transform(g, dom)
             # query vectors of another tower (cm-image) get statistics of their own
             q = g if same else gallery_normalizer(q, dom, normalize).transform(q, dom)
-        return RERANKERS[rerank](CosineScorer(q, g, device=device), dom, csls_k)
+        return RERANKERS[rerank].build(CosineScorer(q, g, device=device), dom, csls_k)
 
     if mode != "fusion":
         q, g, ok = mode_vectors(ws, manifest, mode, cfg)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from cdir.core.errors import CdirError
 from cdir.core.workspace import Workspace, split_caption_spec
 from cdir.stages.domain_bn import wants_domain_bn
+from cdir.stages.modes import MODES, SINGLE_MODES
 from encoders.specs import parse_spec
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ class Searcher:
         self.spec = self.index.meta.encoder_spec
         self.device = device
         self.text_spec, self.caption_source = split_caption_spec(self.spec) or (None, None)
+        if mode and mode not in SINGLE_MODES:
+            raise CdirError(f"unknown mode {mode!r}: choose from {', '.join(SINGLE_MODES)}")
         self._check_model()
         if self.caption_source is None:
             self.mode = "visual"
@@ -89,7 +92,7 @@ class Searcher:
             raise CdirError(f"index {self.spec} holds image embeddings: only mode visual applies")
         self.normalizer = self.index.normalizer
         self.normalize = self.index.meta.normalize
-        if self.normalizer is not None and self.mode == "cm-image":
+        if self.normalizer is not None and MODES[self.mode].cross_modal:
             # the statistics are of caption vectors: an image-tower query has others
             raise CdirError(f"index {self.index.meta.encoder_spec} is {self.normalize}-normalised "
                             "with caption statistics: search it with --mode cm-text, or build a "
@@ -229,12 +232,14 @@ class Searcher:
         return self._captioner.caption(images)
 
     def query_vectors(self, images: list[Image.Image]) -> tuple[np.ndarray, list[str] | None]:
-        if self.mode == "visual":
-            return self._encode_images(images, self.spec), None
-        if self.mode == "cm-image":
+        mode = MODES[self.mode]
+        if mode.cross_modal:  # the image tower of the CLIP whose text tower made the index
             if not parse_spec(self.text_spec).cross_modal:
-                raise CdirError("cm-image needs an index of CLIP text embeddings of captions")
+                raise CdirError(f"{self.mode} needs an index of CLIP text embeddings of "
+                                "captions")
             return self._encode_images(images, self.text_spec), None
+        if not mode.captions_query:  # the index's own image encoder
+            return self._encode_images(images, self.spec), None
         from encoders.text import load_text_encoder
 
         captions = self.caption(images)

@@ -20,10 +20,14 @@ if TYPE_CHECKING:
     from encoders.ssl.moco import SSLMethod
 
 
-def _xdomain_options() -> list[str]:
+def _xdomain_config() -> type:
     from encoders.adapt.xdomain import XDomainConfig
 
-    return [f.name for f in fields(XDomainConfig)]
+    return XDomainConfig
+
+
+def _xdomain_options() -> list[str]:
+    return [f.name for f in fields(_xdomain_config())]
 
 
 def _xdomain(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
@@ -32,10 +36,14 @@ def _xdomain(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
     return XDomain(net, feat_dim, XDomainConfig(**kw))
 
 
-def _ucdir_options() -> list[str]:
+def _ucdir_config() -> type:
     from encoders.adapt.ucdir import UCDIRConfig
 
-    return [f.name for f in fields(UCDIRConfig)]
+    return UCDIRConfig
+
+
+def _ucdir_options() -> list[str]:
+    return [f.name for f in fields(_ucdir_config())]
 
 
 def _ucdir(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
@@ -45,8 +53,8 @@ def _ucdir(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
 
 
 METHODS: dict[str, Method] = {
-    "xdomain": Method(_xdomain_options, _xdomain),
-    "ucdir": Method(_ucdir_options, _ucdir),
+    "xdomain": Method(_xdomain_options, _xdomain, config=_xdomain_config),
+    "ucdir": Method(_ucdir_options, _ucdir, config=_ucdir_config),
 }
 
 register(Family("adapt", METHODS))

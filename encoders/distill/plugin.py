@@ -49,4 +49,11 @@ METHODS: dict[str, LazyLoss | None] = {
     "rrd": LazyLoss("rrd", "RRDLoss"),
 }
 
+
+def distils(method: str) -> bool:
+    """Does ``method`` learn from a teacher? Every method does but ``teacher``, which has no
+    loss: it trains with cross-entropy alone."""
+    return METHODS[method] is not None
+
+
 register(Family("distill", METHODS, (Section("distill", _distill, after="monitor"),)))

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from cdir.core.errors import CdirError
+from encoders.distill.plugin import distils
 from encoders.engine.config import Config
 from encoders.engine.run import Run, TrainResult, train
 
@@ -76,7 +77,7 @@ def objective_of(cfg: Config) -> Any:
     from encoders.distill.losses.objective import StudentObjective
 
     dc = cfg.distill
-    if cfg.method == "teacher":
+    if not distils(cfg.method):
         return StudentObjective(alpha=0.0, beta=0.0, gamma=1.0)
     base = StudentObjective.recipe(cfg.method, dc.with_kd, dc.kd_temperature)
     pick = {k: getattr(base, k) if getattr(dc, k) is None else float(getattr(dc, k))
@@ -137,7 +138,7 @@ class _DistillRun(_StudentRun):
         student = create_model(cfg.model.backbone, data.num_classes)
         teacher = loss = None
         self.teacher_sha = None
-        if cfg.method != "teacher":
+        if distils(cfg.method):
             if not dc.teacher:
                 raise CdirError(f"`cdir distill {cfg.method}` needs --teacher CKPT (a teacher "
                                 "of `cdir train teacher`, or a testbed checkpoint)")

@@ -43,7 +43,7 @@ from cdir.core.io import atomic_path
 SCHEMA_VERSION = 1
 
 # Prefixes under which reference checkpoints keep the query encoder / student backbone.
-_REFERENCE_PREFIXES = ("module.encoder_q.", "encoder_q.module.", "encoder_q.", "module.", "")
+REFERENCE_PREFIXES = ("module.encoder_q.", "encoder_q.module.", "encoder_q.", "module.", "")
 
 
 # --- RNG state ----------------------------------------------------------------------------------
@@ -221,14 +221,14 @@ def reference_encoder(ckpt: Any, path: Path) -> tuple[dict[str, torch.Tensor], d
         isinstance(v, torch.Tensor) for v in sd.values()
     ):
         raise CdirError(f"{path}: not a checkpoint this project can read (no tensor state dict)")
-    for prefix in _REFERENCE_PREFIXES:
+    for prefix in REFERENCE_PREFIXES:
         sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         if "conv1.weight" in sub:
             break
     else:
         raise CdirError(
             f"{path}: no ResNet encoder found (looked for conv1.weight under "
-            f"{', '.join(repr(p) for p in _REFERENCE_PREFIXES if p)})"
+            f"{', '.join(repr(p) for p in REFERENCE_PREFIXES if p)})"
         )
     # the projection head (MoCo's MLP fc, ISD-plus projection) is not part of the encoder
     sub = {k: v for k, v in sub.items() if not k.startswith("fc.")}

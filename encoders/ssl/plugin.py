@@ -91,10 +91,12 @@ def _isd_plus(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
 @dataclass(frozen=True)
 class Method:
     """A method built around a backbone: ``options()`` lists the keyword arguments it takes,
-    ``build(backbone, feature dim, kwargs)`` makes it."""
+    ``build(backbone, feature dim, kwargs)`` makes it; ``config()``, where given, is the
+    dataclass of those arguments (its defaults are the method's)."""
 
     options: Callable[[], list[str]]
     build: Callable[..., SSLMethod]
+    config: Callable[[], type] | None = None
 
 
 def _aug() -> type:
