@@ -149,6 +149,22 @@ class DemoBackend:
     def default_mode(self) -> str:
         return self.modes()[0]
 
+    def text_note(self) -> str | None:
+        """Why this workspace takes no text query and how to make it take one; None when it
+        does (a caption index, or a CLIP image index: a text tower)."""
+        if self.caption_indexes() or any(i.spec.startswith("clip:")
+                                         for i in self.image_indexes()):
+            return None
+        ws = self.ws.root
+        return (f"Text search needs a caption index, and this workspace has none ("
+                f"{', '.join(sorted({i.spec for i in self.indexes}))} has no text tower). "
+                f"Import captions (a CSV of id,caption) with `cdir caption -w {ws} --from-file "
+                f"captions.csv --name mine` or write them with `cdir caption -w {ws} "
+                f"--captioner hf:MODEL`, then `cdir embed -w {ws} --captions mine "
+                f"--text-encoder st:sentence-transformers/all-MiniLM-L6-v2` and `cdir index "
+                f"build -w {ws} --captions mine --text-encoder "
+                f"st:sentence-transformers/all-MiniLM-L6-v2`, and restart the demo.")
+
     def served_dirs(self) -> list[str]:
         """The one folder the server may serve files from: the thumbnails' (`thumbnail`)."""
         self.thumb_dir.mkdir(parents=True, exist_ok=True)
@@ -290,6 +306,15 @@ class DemoBackend:
         msg = f"{'text ' if image is None else ''}{desc}: top {len(hits)} in {where}"
         if used:
             msg += f"; query domain {used} ({how})"
+        own = used or known
+        if image is not None and own and target in (ALL_DOMAINS, own):
+            if item is not None:
+                msg += "; the query itself left out"
+            if any(i.normalize == "domain-whiten" for _, i in parts):
+                # the domain's whitening was fitted on those very images: they come out nearly
+                # orthogonal to one another, so their scores sit near 0 below every other domain
+                msg += (f"; on a per-domain whitened index the scores within {own} are not "
+                        "comparable (near 0): choose a plain index to search within a domain")
         return Answer(hits=hits, message=msg, query_domain=used, caption=caption)
 
     def _parts(self, mode: str, index: str | None, caption_index: str | None, text: bool
@@ -318,8 +343,8 @@ class DemoBackend:
             if not info.caption and not info.spec.startswith("clip:") and cap is not None:
                 return [("cm-text", cap)]  # the image index has no text tower: the captions do
             if not info.caption and not info.spec.startswith("clip:"):
-                raise CdirError(f"a text query needs a CLIP image index or a caption index; "
-                                f"{info.spec} has no text tower: choose a caption index")
+                raise CdirError(self.text_note() or f"{info.spec} has no text tower: choose "
+                                "a caption index or a CLIP image index")
             return [(mode, info)]
         if mode == "cm-image" and not split_caption_spec(cap.spec)[0].startswith("clip:"):
             raise CdirError(f"cm-image needs a caption index of CLIP text embeddings; "

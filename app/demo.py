@@ -10,11 +10,16 @@ bounded queue in front of one warm, shared backend.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 import shutil
 import types
-from html import escape
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
@@ -35,18 +40,101 @@ QUEUE_SIZE = 256
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _raw_path(component: gr.Image, payload):  # noqa: ANN001, ANN202 - Gradio's signature
-    """The query image's preprocessing: the upload's path, not decoded. The backend decodes it
-    with the project's checks, so a non-image, an empty or truncated file or a decompression
-    bomb becomes a message in the page, not a bare "Error" (Gradio's own decoding raises)."""
-    if payload is None:
-        return None
-    if payload.url and payload.url.startswith("data:"):
+class Refused(str):
+    """A query image the preprocessing refused before decoding it; the text says why."""
+
+
+def upload_limit(max_upload: str | int | None) -> int | None:
+    """``10mb`` -> bytes (Gradio's parser, so the paste and the upload route agree)."""
+    from gradio.utils import _parse_file_size
+
+    return _parse_file_size(max_upload)
+
+
+def _raw_path_of(limit: int | None) -> Callable[[gr.Image, Any], str | None]:
+    def raw_path(component: gr.Image, payload: Any) -> str | None:
+        """The query image's preprocessing: the upload's path, not decoded. The backend
+        decodes it with the project's checks, so a non-image, an empty or truncated file or a
+        decompression bomb becomes a message in the page, not a bare "Error" (Gradio's own
+        decoding raises). A pasted data URL gets the upload route's size limit, then its bytes
+        go to a file as they are: Gradio's own route would decode the whole image first."""
+        if payload is None:
+            return None
+        if payload.url and payload.url.startswith("data:"):
+            return _paste_to_file(payload.url, limit)
+        return None if payload.path is None else str(payload.path)
+
+    return raw_path
+
+
+def _paste_to_file(url: str, limit: int | None) -> str:
+    from gradio.utils import get_upload_folder
+
+    head, _, data = url.partition(",")
+    if limit is not None and len(data) * 3 // 4 > limit:
+        return Refused(f"too large: a pasted image of about {len(data) * 3 // 4 / 1e6:.1f} MB, "
+                       f"over the {limit / 1e6:g} MB limit")
+    try:
+        raw = base64.b64decode(data, validate=True) if ";base64" in head else data.encode()
+    except (binascii.Error, ValueError):
+        return Refused("not an image (the pasted data is not base64)")
+    if limit is not None and len(raw) > limit:
+        return Refused(f"too large ({len(raw) / 1e6:.1f} MB, over the {limit / 1e6:g} MB limit)")
+    folder = Path(get_upload_folder()) / "pasted"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{uuid.uuid4().hex}.img"
+    out.write_bytes(raw)
+    return str(out)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before it is read whole.
+    The upload route keeps Gradio's own limit; this one bounds every other body, so a query
+    posted as JSON (a pasted image as a data URL) cannot be larger than an upload."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"].rstrip("/").endswith("/upload"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await self._refuse(send)
+            return
+        seen, started = 0, False
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            return gr.Image.preprocess(component, payload)  # a pasted data URL: to a file
-        except Exception:  # noqa: BLE001 - any undecodable paste is "not an image"
-            return os.devnull
-    return None if payload.path is None else str(payload.path)
+            await self.app(scope, counted, watched)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Callable) -> None:
+        body = (f'{{"error": "request body over the {self.limit} byte limit: upload the '
+                'image instead (--max-upload)"}').encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def _drop_upload(path: str) -> None:
@@ -59,9 +147,21 @@ def _drop_upload(path: str) -> None:
         p.unlink(missing_ok=True)
 
 
+# what Markdown would read as markup: HTML, emphasis, links, code, table cells, maths, an
+# entity (&amp;), and a line-leading heading, quote or list mark; an intraword _ is plain text
+_MARKUP = re.compile(r"[\\`*\[\]<>|$~]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])|&(?=#?\w+;)"
+                     r"|^(\s*)([#>+\-=])", re.M)
+_LIST = re.compile(r"^(\s*\d+)([.)])", re.M)  # "1." or "1)" opening a line: a list
+
+
 def _md(text: str) -> str:
-    """Text from the gallery or a message, safe inside Markdown (no HTML gets through)."""
-    return escape(text, quote=False).replace("|", "\\|")
+    """Text from the gallery or a message, shown as it is inside Markdown: each character that
+    would be markup (HTML, emphasis, links, code, table cells, maths, an entity such as &amp;,
+    a heading, quote or list mark opening a line) is backslash-escaped, so no HTML gets through
+    and an API client reading the Markdown sees the text, not HTML entities."""
+    text = _MARKUP.sub(lambda m: f"{m.group(1)}\\{m.group(2)}" if m.group(2)
+                       else "\\" + m.group(), text)
+    return _LIST.sub(r"\1\\\2", text)
 
 
 def render(answer: Answer) -> tuple[list[tuple[str, str]], str, str]:
@@ -83,17 +183,34 @@ def render(answer: Answer) -> tuple[list[tuple[str, str]], str, str]:
     return grid, status, "\n".join(rows) if answer.hits else ""
 
 
+class _Blocks(gr.Blocks):
+    """gr.Blocks whose API answers a call with too few inputs with what the endpoint takes
+    (Gradio's own error is hidden from clients: they got ``{"error": null}``)."""
+
+    def validate_inputs(self, block_fn: Any, inputs: list[Any]) -> None:
+        try:
+            super().validate_inputs(block_fn, inputs)
+        except ValueError:
+            names = [getattr(b, "label", None) or getattr(b, "name", None) or type(b).__name__
+                     for b in block_fn.inputs]
+            wanted = ", ".join(map(str, names))
+            raise gr.Error(f"{block_fn.name} takes {len(names)} inputs ({wanted}), got "
+                           f"{len(inputs)}", print_exception=False) from None
+
+
 def build_demo(workspace: str | Path | None = None, device: str | None = None,
-               captioner: str | None = None, backend: DemoBackend | None = None) -> gr.Blocks:
+               captioner: str | None = None, backend: DemoBackend | None = None,
+               max_upload: str | int | None = MAX_UPLOAD) -> gr.Blocks:
     backend = backend or DemoBackend(workspace, device, captioner)
     images = [(i.label, i.name) for i in backend.image_indexes()]
     captions = [(i.label, i.name) for i in backend.caption_indexes()]
     modes = backend.modes()
     examples = backend.examples()
-    with gr.Blocks(title=TITLE, delete_cache=(600, 3600)) as demo:
+    no_text = backend.text_note()
+    with _Blocks(title=TITLE, delete_cache=(600, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\nFind the same thing drawn in other styles: drop, paste or "
                     "snap an image, type a text, or click any result to search with it. "
-                    f"Workspace `{_md(str(backend.ws.root))}`, "
+                    f"Workspace {_md(str(backend.ws.root))}, "
                     f"{len(backend.rows)} images in {len(backend.domains)} domains "
                     f"({', '.join(backend.domains)}).")
         query_state = gr.State(None)
@@ -103,11 +220,18 @@ def build_demo(workspace: str | Path | None = None, device: str | None = None,
                 query = gr.Image(type="filepath", label="query image",
                                  sources=["upload", "clipboard", "webcam"], elem_id="query",
                                  height=260)
-                query.preprocess = types.MethodType(_raw_path, query)
+                query.preprocess = types.MethodType(_raw_path_of(upload_limit(max_upload)),
+                                                    query)
                 with gr.Row():
-                    text = gr.Textbox(label="or search by text", placeholder="a red umbrella",
-                                      elem_id="text-query", scale=4)
-                    text_button = gr.Button("Search text", elem_id="text-search", scale=1)
+                    # no text route: the box says why and how, instead of failing each query
+                    text = gr.Textbox(label="or search by text", elem_id="text-query", scale=4,
+                                      placeholder="no text search here: see below" if no_text
+                                      else "a red umbrella", interactive=not no_text)
+                    text_button = gr.Button("Search text", elem_id="text-search", scale=1,
+                                            interactive=not no_text)
+                if no_text:
+                    # the operator's own path and specs, each command in a code span
+                    gr.Markdown(no_text, elem_id="text-note")
                 if examples:
                     example_grid = gr.Gallery(
                         [(backend.thumbnail(p), backend.rows.loc[backend.gallery_item(p), "domain"])
@@ -142,6 +266,9 @@ def build_demo(workspace: str | Path | None = None, device: str | None = None,
             return (*render(a), [h.id for h in a.hits])
 
         def on_image(path: str | None, *settings) -> tuple:
+            if isinstance(path, Refused):  # a paste over the limit or not base64: never decoded
+                a = Answer(message=f"This file cannot be searched: {path}", error=True)
+                return (None, *render(a), [])
             q = Query(path=path) if path else None
             a = backend.search(q or Query(), *settings)
             if a.bad_file and path:
@@ -202,17 +329,42 @@ def is_loopback(host: str) -> bool:
 
 def serve(backend: DemoBackend, host: str = "127.0.0.1", port: int | None = 7860,
           share: bool = False, max_upload: str = MAX_UPLOAD, block: bool = True) -> gr.Blocks:
-    """Start the server over a warm backend; with ``block``, serve until Ctrl-C."""
+    """Start the server over a warm backend; with ``block``, serve until Ctrl-C. A port in use
+    is a CdirError that names --port."""
+    from starlette.middleware import Middleware
+
+    from cdir.core.errors import CdirError
+
     backend.warm_up()
     gr.set_static_paths(backend.served_dirs())  # served as they are: no copy per result
-    demo = build_demo(backend=backend)
-    demo.launch(server_name=host, server_port=port, share=share,
-                allowed_paths=backend.served_dirs(), max_file_size=max_upload,
-                show_error=False, prevent_thread_lock=not block, quiet=not block)
+    demo = build_demo(backend=backend, max_upload=max_upload)
+    limit = upload_limit(max_upload)
+    # a JSON body may carry the image as a data URL: base64 of an upload, plus the settings
+    body = None if limit is None else limit * 4 // 3 + 65536
+    try:
+        # quiet: Gradio's banner would advise share=True, which `cdir demo` spells --share
+        demo.launch(server_name=host, server_port=port, share=share,
+                    allowed_paths=backend.served_dirs(), max_file_size=max_upload,
+                    show_error=False, prevent_thread_lock=True, quiet=True,
+                    app_kwargs={"middleware": [Middleware(BodyLimit, limit=body)]
+                                if body else []})
+    except OSError as e:
+        if "port" not in str(e).lower():
+            raise
+        raise CdirError(f"cannot listen on {host}:{port} (in use?): choose another port with "
+                        "--port N, or --port 0 for the first free one from 7860") from None
+    if block:
+        print(f"cdir demo: serving {demo.local_url}"
+              + (f" and {demo.share_url}" if share and demo.share_url else "")
+              + " (Ctrl-C to stop)", flush=True)
+        try:
+            demo.block_thread()
+        finally:
+            demo.close()
     return demo
 
 
-def launch(workspace: str | Path, host: str = "127.0.0.1", port: int = 7860,
+def launch(workspace: str | Path, host: str = "127.0.0.1", port: int | None = 7860,
            device: str | None = None, captioner: str | None = None, share: bool = False,
            max_upload: str = MAX_UPLOAD) -> None:
     """`cdir demo`: uploads go to a private temporary folder (GRADIO_TEMP_DIR, set by the
