@@ -72,19 +72,23 @@ def _paste_to_file(url: str, limit: int | None) -> str:
 
     head, _, data = url.partition(",")
     if limit is not None and len(data) * 3 // 4 > limit:
-        return Refused(f"too large: a pasted image of about {len(data) * 3 // 4 / 1e6:.1f} MB, "
-                       f"over the {limit / 1e6:g} MB limit")
+        return Refused(f"too large: a pasted image of about {_size(len(data) * 3 // 4)}, over "
+                       f"the {_size(limit)} limit")
     try:
         raw = base64.b64decode(data, validate=True) if ";base64" in head else data.encode()
     except (binascii.Error, ValueError):
         return Refused("not an image (the pasted data is not base64)")
     if limit is not None and len(raw) > limit:
-        return Refused(f"too large ({len(raw) / 1e6:.1f} MB, over the {limit / 1e6:g} MB limit)")
+        return Refused(f"too large ({_size(len(raw))}, over the {_size(limit)} limit)")
     folder = Path(get_upload_folder()) / "pasted"
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{uuid.uuid4().hex}.img"
     out.write_bytes(raw)
     return str(out)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.0f} KB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MB"
 
 
 class BodyLimit:
