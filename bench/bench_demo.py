@@ -108,21 +108,25 @@ def start_server(ws: Path, port: int, log: Path) -> subprocess.Popen:
 
 
 class Client:
-    """One HTTP connection per thread, speaking the demo's API (`app.http_api`)."""
+    """One HTTP connection and one session per thread (a user with a page open), speaking the
+    demo's API (`app.http_api`)."""
 
     def __init__(self, url: str):
         self.url = url
         self.local = threading.local()
 
     def http(self):
+        import uuid
+
         import httpx
 
         if not hasattr(self.local, "c"):
             self.local.c = httpx.Client(base_url=self.url, timeout=120)
+            self.local.session = uuid.uuid4().hex  # one session per client, as a page has
         return self.local.c
 
     def call(self, endpoint: str, data: list) -> tuple[bool, str]:
-        kind, payload = call(self.http(), endpoint, data)
+        kind, payload = call(self.http(), endpoint, data, session=self.local.session)
         return kind == "complete", json.dumps(payload, ensure_ascii=False)
 
     def image(self, data: bytes, name: str) -> tuple[bool, str]:

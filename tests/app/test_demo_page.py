@@ -175,3 +175,4 @@ def test_cli_banner_and_a_port_in_use(ws: Path, tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
