@@ -56,10 +56,11 @@ def _status(page) -> str:
 
 def _wait_status(page, old: str) -> str:
     # a finished search says what it did ("... top N ...") or why it could not; while it
-    # runs, the box shows Gradio's timer
+    # runs, the box shows Gradio's timer ("processing | 0.3s") over the old text
     page.wait_for_function("old => { const s = document.querySelector('#status'); "
                            "const t = s ? s.innerText : ''; return t !== old && "
-                           "/top \\d+|Cannot search/.test(t); }", arg=old)
+                           "/top \\d+|Cannot search/.test(t) && "
+                           "!/processing|queue:|pending/.test(t); }", arg=old)
     page.wait_for_timeout(300)  # the grid renders with the status
     return _status(page)
 

@@ -176,3 +176,23 @@ def test_cli_banner_and_a_port_in_use(ws: Path, tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=60)
 
+
+
+def test_results_are_served_as_urls_and_compute_leaves_a_core(ws: Path, url: str) -> None:
+    """The result grid names each thumbnail by the URL the page fetches (Gradio then does no
+    per-file checks on the event loop), and the model, FAISS and BLAS leave one core to it."""
+    import torch
+
+    from app.http_api import file_data, upload
+
+    assert torch.get_num_threads() == max(1, (os.cpu_count() or 2) - 1)
+    with httpx.Client(base_url=url, timeout=60) as c:
+        stored = upload(c, Path(_file(ws, "noto_mono", 1)).read_bytes(), "q.png").json()[0]
+        kind, out = call(c, "search_image", [file_data(stored), *SETTINGS])
+        assert kind == "complete" and len(out[1]) == 3, out
+        for item in out[1]:
+            image = item["image"]
+            assert image["url"].startswith(url.rstrip("/") + "/gradio_api/file="), image
+            assert image["path"] == image["url"] and "/cache/thumbs/" in image["url"]
+            got = c.get(image["url"])
+            assert got.status_code == 200 and got.content[:4] == b"\x89PNG"
