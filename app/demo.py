@@ -61,7 +61,10 @@ def _raw_path_of(limit: int | None) -> Callable[[gr.Image, Any], str | None]:
         if payload is None:
             return None
         if payload.url and payload.url.startswith("data:"):
-            return _paste_to_file(payload.url, limit)
+            path = _paste_to_file(payload.url, limit)
+            if not isinstance(path, Refused):
+                component.temp_files.add(path)  # deleted with the uploads (delete_cache)
+            return path
         return None if payload.path is None else str(payload.path)
 
     return raw_path

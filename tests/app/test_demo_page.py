@@ -41,12 +41,17 @@ def backend(ws: Path):
 
 
 @pytest.fixture(scope="module")
-def url(backend):
+def demo(backend):
     from app.demo import serve
 
     demo = serve(backend, port=None, max_upload=LIMIT, block=False)
-    yield demo.local_url
+    yield demo
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def url(demo) -> str:
+    return demo.local_url
 
 
 def _index(backend, normalize: str) -> str:
@@ -114,7 +119,13 @@ def test_own_domain_search_leaves_the_query_out_and_says_so(ws: Path, backend) -
     assert "left out" not in c.message  # every other domain: the query cannot be among them
 
 
-def test_a_paste_gets_the_upload_limits_before_decoding(url: str, monkeypatch) -> None:
+def test_a_paste_gets_the_upload_limits_before_decoding(ws: Path, demo, url: str,
+                                                       monkeypatch) -> None:
+    # an image: searched, and its file left to Gradio's clean-up of old uploads
+    kind, out = _paste(url, Path(_file(ws, "twemoji", 3)).read_bytes())
+    assert kind == "complete" and len(out[1]) == 3 and "Cannot" not in out[2], out
+    box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "query")
+    assert any("pasted" in f for f in box.temp_files), box.temp_files
     # random bytes: not an image (was "empty file")
     kind, out = _paste(url, os.urandom(5000))
     assert kind == "complete" and out[1] == [] and "not an image" in out[2], out
