@@ -103,8 +103,9 @@ class BodyLimit:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"].rstrip("/").endswith("/upload"):
-            await self.app(scope, receive, send)
+        if (scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS")
+                or scope["path"].rstrip("/").endswith("/upload")):
+            await self.app(scope, receive, send)  # no body, or Gradio's own limit
             return
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
