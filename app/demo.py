@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import types
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -78,7 +79,8 @@ def _paste_to_file(url: str, limit: int | None) -> str:
         return Refused(f"too large: a pasted image of about {_size(len(data) * 3 // 4)}, over "
                        f"the {_size(limit)} limit")
     try:
-        raw = base64.b64decode(data, validate=True) if ";base64" in head else data.encode()
+        raw = (base64.b64decode(data, validate=True) if ";base64" in head
+               else urllib.parse.unquote_to_bytes(data))
     except (binascii.Error, ValueError):
         return Refused("not an image (the pasted data is not base64)")
     if limit is not None and len(raw) > limit:
@@ -133,8 +135,8 @@ class BodyLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send: Callable) -> None:
-        body = (f'{{"error": "request body over the {self.limit} byte limit: upload the '
-                'image instead (--max-upload)"}').encode()
+        body = (f'{{"error": "request body over {self.limit} bytes: the server takes images '
+                'up to --max-upload, uploaded or pasted"}').encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
