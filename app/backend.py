@@ -29,6 +29,7 @@ from cdir.stages.index import list_indexes
 from cdir.stages.modes import MODES
 from cdir.stages.search import Hit, Searcher
 from encoders.specs import parse_spec
+from indexes.normalize import NORMALIZERS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,6 +41,16 @@ DETECT = "detect"
 TEXT = "text"  # the mode of a text query against the chosen index
 THUMB = 192  # thumbnails: longest side in pixels; smaller gallery images are served as they are
 DETECT_NEIGHBOURS = 10
+
+
+def _on_images(mode: str) -> bool:
+    """Does ``mode`` search an image index alone (not captions, not a fusion)?"""
+    return mode in MODES and MODES[mode].gallery == "image"
+
+
+def _captions_query(mode: str) -> bool:
+    """Is a query image captioned at query time in ``mode`` (its caption is the query)?"""
+    return mode in MODES and MODES[mode].captions_query
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,22 @@ class DemoBackend:
     def default_mode(self) -> str:
         return self.modes()[0]
 
+    def text_note(self) -> str | None:
+        """Why this workspace takes no text query and how to make it take one; None when it
+        does (a caption index, or a CLIP image index: a text tower)."""
+        if self.caption_indexes() or any(parse_spec(i.spec).cross_modal
+                                         for i in self.image_indexes()):
+            return None
+        ws = self.ws.root
+        return (f"Text search needs a caption index, and this workspace has none ("
+                f"{', '.join(sorted({i.spec for i in self.indexes}))} has no text tower). "
+                f"Import captions (a CSV of id,caption) with `cdir caption -w {ws} --from-file "
+                f"captions.csv --name mine` or write them with `cdir caption -w {ws} "
+                f"--captioner hf:MODEL`, then `cdir embed -w {ws} --captions mine "
+                f"--text-encoder st:sentence-transformers/all-MiniLM-L6-v2` and `cdir index "
+                f"build -w {ws} --captions mine --text-encoder "
+                f"st:sentence-transformers/all-MiniLM-L6-v2`, and restart the demo.")
+
     def served_dirs(self) -> list[str]:
         """The one folder the server may serve files from: the thumbnails' (`thumbnail`)."""
         self.thumb_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +206,7 @@ class DemoBackend:
         mode = self.default_mode()
         index = (self.image_indexes() or self.caption_indexes())[0].name
         path = self.examples()[:1]
-        if path and mode == "visual":
+        if path and _on_images(mode):
             self.search(Query(path=path[0]), mode, index, None)  # index, rows, thumbnails
             # a gallery item is searched with its stored vector: run the encoder itself too
             self.searcher(index, mode).query_vectors([load_image(path[0])])
@@ -227,7 +254,7 @@ class DemoBackend:
                 self._searchers[key] = Searcher(
                     str(self.ws.root), index=index, device=self.device,
                     mode=None if mode in ("visual", TEXT) else mode,
-                    captioner=self.captioner if mode == "cm-text" else None)
+                    captioner=self.captioner if _captions_query(mode) else None)
             return self._searchers[key]
 
     def search(self, query: Query, mode: str, index: str | None, caption_index: str | None,
@@ -291,6 +318,15 @@ class DemoBackend:
         msg = f"{'text ' if image is None else ''}{desc}: top {len(hits)} in {where}"
         if used:
             msg += f"; query domain {used} ({how})"
+        own = used or known
+        if image is not None and own and target in (ALL_DOMAINS, own):
+            if item is not None:
+                msg += "; the query itself left out"
+            if any(NORMALIZERS[i.normalize].whiten for _, i in parts):
+                # the domain's whitening was fitted on those very images: they come out nearly
+                # orthogonal to one another, so their scores sit near 0 below every other domain
+                msg += (f"; on a per-domain whitened index the scores within {own} are not "
+                        "comparable (near 0): choose a plain index to search within a domain")
         return Answer(hits=hits, message=msg, query_domain=used, caption=caption)
 
     def _parts(self, mode: str, index: str | None, caption_index: str | None, text: bool
@@ -304,33 +340,33 @@ class DemoBackend:
         for name, chosen, info in (("index", index, img), ("caption index", caption_index, cap)):
             if chosen and info is None:
                 raise CdirError(f"no up-to-date {name} {chosen!r} in this workspace")
-        if mode in ("visual", "fusion") and img is None:
+        if (_on_images(mode) or MODES[mode].fuses) and img is None:
             raise CdirError(f"mode {mode} needs an image index: build one with "
                             f"`cdir index build -w {self.ws.root} --encoder SPEC`")
-        if mode != "visual" and cap is None:
+        if not _on_images(mode) and cap is None:
             raise CdirError(f"mode {mode} needs a caption index: caption the gallery (`cdir "
                             f"caption -w {self.ws.root} ...`), then `cdir index build -w "
                             f"{self.ws.root} --captions SOURCE --text-encoder SPEC`")
         if text:
-            if mode == "fusion":
+            if MODES[mode].fuses:
                 raise CdirError("a text query has no image to fuse: choose visual, cm-text or "
                                 "cm-image")
-            info = img if mode == "visual" else cap
+            info = img if _on_images(mode) else cap
             towers = info.caption or parse_spec(info.spec).cross_modal
             if not towers and cap is not None:
                 return [("cm-text", cap)]  # the image index has no text tower: the captions do
             if not towers:
-                raise CdirError(f"a text query needs a CLIP image index or a caption index; "
-                                f"{info.spec} has no text tower: choose a caption index")
+                raise CdirError(self.text_note() or f"{info.spec} has no text tower: choose "
+                                "a caption index or a CLIP image index")
             return [(mode, info)]
         clip = cap is not None and parse_spec(split_caption_spec(cap.spec)[0]).cross_modal
-        if mode == "cm-image" and not clip:
+        if MODES[mode].cross_modal and not clip:
             raise CdirError(f"cm-image needs a caption index of CLIP text embeddings; "
                             f"{cap.spec} is not one: choose cm-text")
-        if mode == "fusion":
+        if MODES[mode].fuses:
             return [("visual", img), ("cm-image" if clip and not self.captioner else "cm-text",
                                       cap)]
-        return [(mode, img if mode == "visual" else cap)]
+        return [(mode, img if _on_images(mode) else cap)]
 
     def _rank(self, key: tuple[str, str], works: list[_Work]
               ) -> list[tuple[dict[str, float], str | None, str | None]]:
@@ -363,7 +399,7 @@ class DemoBackend:
                 captions[i] = c
         if stored:
             q[stored] = kept
-            source = split_caption_spec(s.spec)[1] if key[1] == "cm-text" else None
+            source = split_caption_spec(s.spec)[1] if _captions_query(key[1]) else None
             for i in stored:
                 captions[i] = self.captions(source).get(works[i].item) if source else None
         domains: list[str | None] = [w.domain for w in works]

@@ -19,10 +19,14 @@ def file_data(path: str) -> dict:
     return {"path": path, "meta": {"_type": "gradio.FileData"}}
 
 
-def call(http: Any, endpoint: str, data: list) -> tuple[str | None, Any]:
+def call(http: Any, endpoint: str, data: list, session: str | None = None
+         ) -> tuple[str | None, Any]:
     """Run ``/gradio_api/call/ENDPOINT`` with the input values ``data``: (the closing event,
-    "complete" or "error", and its decoded payload); (None, None) if the stream ends without."""
-    event = http.post(f"/gradio_api/call/{endpoint}", json={"data": data}).json()["event_id"]
+    "complete" or "error", and its decoded payload); (None, None) if the stream ends without.
+    ``session``: the session hash of a client that makes several calls, as a page does (without
+    one, the server sets up a new session, its copy of the page's state, for every call)."""
+    body: dict = {"data": data} if session is None else {"data": data, "session_hash": session}
+    event = http.post(f"/gradio_api/call/{endpoint}", json=body).json()["event_id"]
     kind = None
     with http.stream("GET", f"/gradio_api/call/{endpoint}/{event}") as stream:
         for line in stream.iter_lines():

@@ -108,21 +108,25 @@ def start_server(ws: Path, port: int, log: Path) -> subprocess.Popen:
 
 
 class Client:
-    """One HTTP connection per thread, speaking the demo's API (`app.http_api`)."""
+    """One HTTP connection and one session per thread (a user with a page open), speaking the
+    demo's API (`app.http_api`)."""
 
     def __init__(self, url: str):
         self.url = url
         self.local = threading.local()
 
     def http(self):
+        import uuid
+
         import httpx
 
         if not hasattr(self.local, "c"):
             self.local.c = httpx.Client(base_url=self.url, timeout=120)
+            self.local.session = uuid.uuid4().hex  # one session per client, as a page has
         return self.local.c
 
     def call(self, endpoint: str, data: list) -> tuple[bool, str]:
-        kind, payload = call(self.http(), endpoint, data)
+        kind, payload = call(self.http(), endpoint, data, session=self.local.session)
         return kind == "complete", json.dumps(payload, ensure_ascii=False)
 
     def image(self, data: bytes, name: str) -> tuple[bool, str]:
@@ -137,7 +141,20 @@ class Client:
         return self.call("search_item", [item, "visual", None, None, TARGET, 12, "detect", 0.5])
 
 
-def run(fn, args: list, clients: int) -> dict:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` (Linux /proc), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(fn, args: list, clients: int, server: int | None = None) -> dict:
+    """``fn(*a)`` for each ``a`` of ``args`` from ``clients`` threads; with ``server`` (its
+    pid), also the server's CPU time per query: where the load's time goes."""
+    before = cpu_seconds(server) if server else None
+
     def one(a):
         t0 = time.perf_counter()
         ok, body = fn(*a)
@@ -149,12 +166,15 @@ def run(fn, args: list, clients: int) -> dict:
     with ThreadPoolExecutor(clients) as pool:
         out = list(pool.map(one, args))
     wall = time.perf_counter() - t0
+    after = cpu_seconds(server) if server else None
     lat = sorted(o[0] for o in out)
     search = [o[2] for o in out if o[2] is not None]
     return {"n": len(out), "clients": clients, "errors": sum(not o[1] for o in out),
             "p50_s": statistics.median(lat), "p95_s": lat[max(0, int(0.95 * len(lat)) - 1)],
             "qps": len(out) / wall,
-            "search_ms_p50": statistics.median(search) if search else None}
+            "search_ms_p50": statistics.median(search) if search else None,
+            "server_cpu_ms": None if before is None or after is None
+            else 1000 * (after - before) / len(out)}
 
 
 def main() -> int:
@@ -185,8 +205,8 @@ def main() -> int:
                  "text": (client.text, texts)}
         for kind, (fn, data) in kinds.items():
             run(fn, data[:3], 1)  # warm: the first text query loads MiniLM
-            single = run(fn, data[:args.single], 1)
-            loaded = run(fn, data, args.clients)
+            single = run(fn, data[:args.single], 1, server.pid)
+            loaded = run(fn, data, args.clients, server.pid)
             results[kind] = {"single": single, "loaded": loaded}
     finally:
         server.send_signal(signal.SIGINT)
@@ -194,18 +214,23 @@ def main() -> int:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"\n{args.queries} queries per kind from {args.clients} concurrent clients over "
           f"loopback HTTP; single: {args.single} queries from one client; "
-          f"{os.cpu_count()} CPU cores\n")
+          f"{os.cpu_count()} CPU cores"
+          + (f"; load average at the end {load[0]:.1f} / {load[1]:.1f} (1 / 5 min)" if load
+             else "") + "\n")
     print("| query | clients | errors | p50 s | p95 s | queries/s | search ms p50 | "
-          "p50 / single p50 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "server CPU ms / query | p50 / single p50 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind, r in results.items():
         for which in ("single", "loaded"):
             x = r[which]
             ratio = x["p50_s"] / r["single"]["p50_s"]
+            cpu = "" if x["server_cpu_ms"] is None else f"{x['server_cpu_ms']:.0f}"
             print(f"| {kind} | {x['clients']} | {x['errors']} | {x['p50_s']:.3f} | "
-                  f"{x['p95_s']:.3f} | {x['qps']:.1f} | {x['search_ms_p50']} | {ratio:.2f}x |")
+                  f"{x['p95_s']:.3f} | {x['qps']:.1f} | {x['search_ms_p50']} | {cpu} | "
+                  f"{ratio:.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     errors = sum(r[w]["errors"] for r in results.values() for w in r)

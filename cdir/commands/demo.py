@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; "
                    "0.0.0.0 serves every network this machine is on)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860,
+                   help="port to listen on (default 7860; 0: the first free one from 7860)")
     add_device(p)
     p.add_argument("--captioner", default=None,
                    help="captioner for cm-text queries on imported captions (hf:ID-OR-PATH)")
@@ -57,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
     if not is_loopback(args.host):
         print(f"cdir demo: listening on {args.host}: anyone who can reach this machine can "
               "search the gallery and see its images", file=sys.stderr)
-    launch(workspace, host=args.host, port=args.port, device=args.device,
+    launch(workspace, host=args.host, port=args.port or None, device=args.device,
            captioner=args.captioner, share=args.share, max_upload=args.max_upload)
     return 0

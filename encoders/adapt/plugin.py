@@ -8,6 +8,7 @@ method modules (and torch) are imported when a method is built.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
@@ -20,41 +21,26 @@ if TYPE_CHECKING:
     from encoders.ssl.moco import SSLMethod
 
 
-def _xdomain_config() -> type:
-    from encoders.adapt.xdomain import XDomainConfig
+def _method(module: str, model: str, config: str) -> Method:
+    """The method ``encoders.adapt.<module>.<model>`` configured by the dataclass ``config`` of
+    the same module; the module (and torch) imported when first used."""
 
-    return XDomainConfig
+    def config_type() -> type:
+        return getattr(importlib.import_module(f"encoders.adapt.{module}"), config)
 
+    def options() -> list[str]:
+        return [f.name for f in fields(config_type())]
 
-def _xdomain_options() -> list[str]:
-    return [f.name for f in fields(_xdomain_config())]
+    def build(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
+        cls = getattr(importlib.import_module(f"encoders.adapt.{module}"), model)
+        return cls(net, feat_dim, config_type()(**kw))
 
-
-def _xdomain(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
-    from encoders.adapt.xdomain import XDomain, XDomainConfig
-
-    return XDomain(net, feat_dim, XDomainConfig(**kw))
-
-
-def _ucdir_config() -> type:
-    from encoders.adapt.ucdir import UCDIRConfig
-
-    return UCDIRConfig
-
-
-def _ucdir_options() -> list[str]:
-    return [f.name for f in fields(_ucdir_config())]
-
-
-def _ucdir(net: nn.Module, feat_dim: int, kw: dict[str, Any]) -> SSLMethod:
-    from encoders.adapt.ucdir import UCDIR, UCDIRConfig
-
-    return UCDIR(net, feat_dim, UCDIRConfig(**kw))
+    return Method(options, build, config=config_type)
 
 
 METHODS: dict[str, Method] = {
-    "xdomain": Method(_xdomain_options, _xdomain, config=_xdomain_config),
-    "ucdir": Method(_ucdir_options, _ucdir, config=_ucdir_config),
+    "xdomain": _method("xdomain", "XDomain", "XDomainConfig"),
+    "ucdir": _method("ucdir", "UCDIR", "UCDIRConfig"),
 }
 
 register(Family("adapt", METHODS))

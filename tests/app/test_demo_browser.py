@@ -54,12 +54,14 @@ def _status(page) -> str:
     return page.inner_text("#status")
 
 
-def _wait_status(page, old: str) -> str:
+def _wait_status(page, old: str, want: str = r"top \d+|Cannot search") -> str:
     # a finished search says what it did ("... top N ...") or why it could not; while it
-    # runs, the box shows Gradio's timer
-    page.wait_for_function("old => { const s = document.querySelector('#status'); "
+    # runs, the box shows Gradio's timer ("processing | 0.3s") over the old text; ``want``
+    # tells this search's answer from a re-run of the previous one
+    page.wait_for_function("([old, want]) => { const s = document.querySelector('#status'); "
                            "const t = s ? s.innerText : ''; return t !== old && "
-                           "/top \\d+|Cannot search/.test(t); }", arg=old)
+                           "new RegExp(want).test(t) && "
+                           "!/processing|queue:|pending/.test(t); }", arg=[old, want])
     page.wait_for_timeout(300)  # the grid renders with the status
     return _status(page)
 
@@ -99,7 +101,7 @@ def test_upload_click_text_and_bad_file(site, page, tmp_path):
     slider = page.locator("#k input[type=number]")
     slider.fill("5")
     slider.press("Enter")
-    status = _wait_status(page, old)
+    status = _wait_status(page, old, "top 5 ")
     assert "top 5" in status and _results(page) == 5
 
     # a click on a result searches with it
@@ -116,7 +118,7 @@ def test_upload_click_text_and_bad_file(site, page, tmp_path):
     name = query.parent.name.split("_", 1)[1].replace("_", " ")
     page.fill("#text-query textarea", f"a picture of a {name}")
     page.press("#text-query textarea", "Enter")
-    status = _wait_status(page, old)
+    status = _wait_status(page, old, "^text ")
     assert status.startswith("text cm-text") and "in all domains" in status, status
     assert page.locator("#query img").count() == 0  # the image is no longer the query
     first = page.locator("#result-table table tr").nth(1).inner_text()

@@ -37,3 +37,14 @@ def demo_workspace(parent: Path) -> Path:
     for norm in ("none", "domain-whiten"):
         assert cdir("index", "build", "-w", ws, "--encoder", "pixels", "--normalize", norm) == 0
     return ws
+
+
+def image_only_workspace(parent: Path) -> Path:
+    """The default workspace's shape on a small scale: 8 emoji categories in 3 art sets, one
+    image encoder without a text tower (raw pixels), a plain and a per-domain whitened index,
+    no captions."""
+    ws = emoji_workspace(parent, CLASSES)
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    for norm in ("none", "domain-whiten"):
+        assert cdir("index", "build", "-w", ws, "--encoder", "pixels", "--normalize", norm) == 0
+    return ws
