@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_demo_browser import CHROMIUM, FLAGS, _shot, _status, _wait_status
+from tests.app.test_demo_browser import CHROMIUM, FLAGS, _shot, _status, _wait_status
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: "
                                 "apt-get install chromium; .ci/run installs it)")
