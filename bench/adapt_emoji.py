@@ -65,9 +65,10 @@ def say(text: str) -> None:
 
 
 def scores(workspace: str, encoder: str, features: str,
-           pairs: list[tuple[str, str]] | None = None) -> dict[str, float]:
+           pairs: list[tuple[str, str]] | None = None, split: str = "test") -> dict[str, float]:
     """Embed ``encoder`` (a ``ckpt:PATH`` spec, with ``?features`` when not empty) into the
-    workspace and return the mean P@1 (%) over ``pairs`` (default: all) of each variant."""
+    workspace and return the mean P@1 (%) over ``pairs`` (default: all) of each variant, on the
+    categories of ``split``."""
     from cdir.stages.embed import embed_images
     from cdir.stages.evaluate import evaluate
 
@@ -76,7 +77,7 @@ def scores(workspace: str, encoder: str, features: str,
     emb = embed_images(workspace, spec, progress=False)
     res = evaluate(workspace, encoder=spec, normalize="none,domain-whiten", rerank="none,csls",
                    pairs=[f"{a}:{b}" for a, b in pairs] if pairs else None, examples=0,
-                   progress=False)
+                   progress=False, split=split)
     out = {}
     for name, key in VARIANTS.items():
         rows = json.loads((Path(res["report"]) / key / "results.json").read_text())["results"]
@@ -126,14 +127,15 @@ def mean_std(values: list[float], digits: int = 2) -> str:
 
 
 def seeds_table(args: argparse.Namespace, out: Path) -> None:
-    say(f"starting encoder {args.encoder}")
-    start = scores(args.workspace, args.encoder, args.features)
+    say(f"starting encoder {args.encoder}; scored on the {args.split} categories")
+    start = scores(args.workspace, args.encoder, args.features, split=args.split)
     runs = []
     for seed in args.seeds:
         say(f"seed {seed}")
         run = adapt(args.workspace, args, seed, out / f"seed-{seed}")
-        runs.append((seed, scores(args.workspace, f"ckpt:{run['encoder']}", args.features),
-                     run))
+        adapted = scores(args.workspace, f"ckpt:{run['encoder']}", args.features,
+                         split=args.split)
+        runs.append((seed, adapted, run))
 
     names = list(VARIANTS)
     start_crit = runs[0][2]["start_criterion"]
@@ -175,9 +177,9 @@ def lodo_table(args: argparse.Namespace, out: Path) -> None:
         pairs = [p for d in kept for p in ((held, d), (d, held))]
         adapted = f"ckpt:{run['encoder']}"
         with_bn = "&".join(filter(None, (args.features, "bn=domain")))
-        rows.append((held, scores(args.workspace, args.encoder, args.features, pairs),
-                     scores(args.workspace, adapted, args.features, pairs),
-                     scores(args.workspace, adapted, with_bn, pairs),
+        rows.append((held, scores(args.workspace, args.encoder, args.features, pairs, args.split),
+                     scores(args.workspace, adapted, args.features, pairs, args.split),
+                     scores(args.workspace, adapted, with_bn, pairs, args.split),
                      run["wall"], run["epoch"]))
 
     names = list(VARIANTS)
@@ -207,6 +209,9 @@ def main() -> int:
     ap.add_argument("--features", default="grid=4&layers=3,4",
                     help="encoder options of every evaluation (ckpt:PATH?FEATURES; '' for none)")
     ap.add_argument("--lodo", action="store_true", help="also leave each domain out")
+    ap.add_argument("--split", default="test", choices=("dev", "test", "all"),
+                    help="the categories scored: test (what is reported; default), dev (what "
+                         "choices are made on) or all")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-adapt"))
     args = ap.parse_args()
 
