@@ -286,7 +286,7 @@ class _AdaptRun(SSLRun):
         if self.report is not None and self.d.main:
             rec.update({f"report_{k}": v for k, v in self.report(pairs, groups).items()})
         self.round_record = rec
-        self._select(epoch, feats, res.stats)  # logs its value in this round's record
+        self._select(epoch, feats)  # logs its value in this round's record
         if self.d.main:
             shown = " ".join(f"{k[5:]} {v:.4g}" for k, v in rec.items()
                              if isinstance(v, float | int) and k.startswith("mine_"))
@@ -294,19 +294,21 @@ class _AdaptRun(SSLRun):
             print(f"{self.cfg.method} round at epoch {epoch}: {shown}"
                   + (f" [labels, report only: {rep}]" if rep else ""), file=sys.stderr)
 
-    def _select(self, epoch: int, feats: np.ndarray, stats: dict | None = None) -> None:
+    def _select(self, epoch: int, feats: np.ndarray) -> None:
         """Keep the encoder as ``best_encoder.pt`` when its criterion is the best so far. The
         value is logged in the record of the epoch it begins (``select_<criterion>``; the
         encoder after epoch e begins epoch e + 1), the final encoder's as
-        ``select_final_<criterion>``."""
+        ``select_final_<criterion>``. The criterion reads the rows as `cdir eval` scores them:
+        unit vectors (as `cdir embed` stores them), then the run's normalisation (mining reads
+        the raw rows, so its statistics may differ slightly)."""
         from encoders.adapt.mining import mining_stats
         from encoders.engine.checkpoint import export_encoder
 
-        if stats is None:
-            good = ~np.isnan(feats).any(1)
-            names = np.asarray(self.domain_names)[self.codes[good]]
-            stats = mining_stats(self.prepare(feats[good], names), names)
-        value = float(stats[self.selection])
+        good = ~np.isnan(feats).any(1)
+        names = np.asarray(self.domain_names)[self.codes[good]]
+        unit = feats[good] / np.maximum(np.linalg.norm(feats[good], axis=1, keepdims=True),
+                                        1e-12)
+        value = float(mining_stats(self.prepare(unit, names), names)[self.selection])
         st = self.selection_state
         better = st["best"] is None or (
             value > st["best"] if SELECTION_KEYS[self.selection] == "higher"
