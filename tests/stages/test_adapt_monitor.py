@@ -178,3 +178,23 @@ def test_permuted_labels_change_only_the_report(tiny: tuple[Path, Path, Path], t
     _same_run(real, permuted)
     # the labels were read (the monitor's figures differ), so the equality above can fail
     assert real["monitor"] != permuted["monitor"]
+
+
+def test_train_monitor_on_a_folder_logs_the_p1_cdir_eval_prints(
+        tiny: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """`cdir train --monitor FOLDER` (domain/class folders): the same P@1 as `cdir eval` of the
+    encoder on a workspace of that folder."""
+    from types import SimpleNamespace
+
+    from cdir.stages.train import build_monitor
+    from encoders.engine.checkpoint import encoder_preprocess, load_encoder
+    from encoders.engine.config import MonitorConfig
+
+    ws, _, enc = tiny
+    pp = encoder_preprocess(enc)
+    cfg = SimpleNamespace(aug=SimpleNamespace(**pp), train=SimpleNamespace(seed=0),
+                          data=SimpleNamespace(workers=0),
+                          monitor=MonitorConfig(path=str(ws.parent / "gallery")))
+    logged = build_monitor(cfg)(load_encoder(enc)[0], torch.device("cpu"))
+    assert set(logged) == {"knn_top1", "knn_top5", "p1", "p1_any_other_domain"}
+    assert logged["p1"] == pytest.approx(_eval_p1(ws, f"ckpt:{enc}")["p1"], abs=1e-9)
