@@ -270,8 +270,8 @@ def vectors_scorer(q: np.ndarray, g: np.ndarray | None, domains: np.ndarray,
                    device: str | None = None):  # noqa: ANN201 - a scorer of eval.topk
     """The scorer of unit query vectors ``q`` against gallery vectors ``g`` (None: ``q`` itself)
     of the same rows, whose manifest domains are ``domains``: per-domain ``normalize`` fitted on
-    those rows, then cosine, then ``rerank``. Every visual evaluation scores through here (the
-    evaluate stage, the training monitor)."""
+    those rows, then cosine, then ``rerank``. Every single mode is scored through here (the
+    evaluate stage; the training monitor, so that it logs what `cdir eval` prints)."""
     from eval.rerank import RERANKERS
     from eval.topk import CosineScorer
 
