@@ -20,7 +20,9 @@ cached features:
 ``encoder`` is an ``nn.Module`` (pass ``preprocess``) or a checkpoint path (project or reference
 MoCo/SynCo/ISD; the preprocessing is read from it).
 
-:func:`make_monitor` builds the trainer's per-epoch kNN / P@1 monitor from the same pieces.
+:func:`make_monitor` builds the trainer's per-epoch kNN / P@1 monitor from the same pieces (the
+mean P@1 over domain pairs that `cdir eval` reports is handed in by the caller, which scores it
+as the evaluate stage does).
 """
 
 from __future__ import annotations
@@ -399,15 +401,26 @@ def linear_probe(
     return res
 
 
+# pairs(unit features, labels, domain names) -> figures (the caller's mean P@1 over domain pairs)
+PairFigures = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]
+
+
 def make_monitor(
     cfg: MonitorConfig, preprocess: dict, *, seed: int = 0, workers: int = 0,
-    normalize: Callable | None = None,
+    pairs: PairFigures | None = None,
 ) -> Callable[[nn.Module, torch.device], dict[str, float]]:
-    """The training monitor: ``monitor(encoder, device)`` -> kNN top-1/top-5 (leave-one-out) and
-    retrieval P@1 (cross-domain when the set has domains) on the labelled set ``cfg.path``, or a
-    fixed random subset of ``cfg.max_images`` of it (drawn from ``seed``). With domains and
-    ``normalize(features, domains) -> features`` (e.g. per-domain whitening), also
-    ``p1_normalized``: the P@1 of the normalised features."""
+    """The training monitor: ``monitor(encoder, device)`` -> figures on the labelled set
+    ``cfg.path``, or a fixed random subset of ``cfg.max_images`` of it (drawn from ``seed``):
+
+    - ``knn_top1`` / ``knn_top5``: leave-one-out weighted kNN accuracy;
+    - with two domains or more, what ``pairs(features, labels, domains)`` returns: the caller's
+      mean P@1 over directed domain pairs (`cdir eval`'s figures, e.g. ``p1`` and
+      ``p1_domain-whiten``), and ``p1_any_other_domain``: a query's nearest image in *any* other
+      domain has its label (not a figure `cdir eval` reports);
+    - without domains, ``p1_any_other_image``: the same over every other image.
+
+    The features are ``encoder``'s outputs at the eval transform, L2-normalised (as `cdir embed`
+    stores them); unreadable images are left out."""
     data = labelled_set(cfg.path)
     if cfg.max_images and len(data) > cfg.max_images:
         g = torch.Generator().manual_seed(seed)
@@ -418,18 +431,18 @@ def make_monitor(
         feats, ok = extract_features(encoder, data, preprocess, batch_size=cfg.batch_size,
                                      device=device, workers=workers, progress=False)
         keep = ok.nonzero().flatten()
-        feats = feats[keep]
+        feats = _l2n(feats[keep].flatten(1))
         labels = torch.tensor(data.labels)[keep]
-        domains = None
-        if data.domains is not None and len(set(data.domains)) > 1:
-            domains = [data.domains[i] for i in keep.tolist()]
         res = knn_classify(feats, labels, k=cfg.k, temperature=cfg.temperature,
                            num_classes=len(data.class_names))
-        out = {"knn_top1": res["top1"], "knn_top5": res["top5"],
-               "p1": retrieval_p1(feats, labels, domains)}
-        if normalize is not None and domains is not None:
-            z = normalize(feats.numpy(), np.asarray(domains))
-            out["p1_normalized"] = retrieval_p1(torch.from_numpy(z), labels, domains)
+        out = {"knn_top1": res["top1"], "knn_top5": res["top5"]}
+        if data.domains is None or len(set(data.domains)) < 2:
+            out["p1_any_other_image"] = retrieval_p1(feats, labels)
+            return out
+        domains = [data.domains[i] for i in keep.tolist()]
+        if pairs is not None:
+            out.update(pairs(feats.numpy(), labels.numpy(), np.asarray(domains)))
+        out["p1_any_other_domain"] = retrieval_p1(feats, labels, domains)
         return out
 
     return monitor

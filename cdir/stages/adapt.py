@@ -140,7 +140,8 @@ def adapt_encoder(
     ``rounds`` sets the epochs to rounds x ``method.round_epochs`` (``epochs`` sets them
     directly). ``resume``: a checkpoint, or "auto" for OUT/latest.pt when it exists.
     The summary has the keys of `cdir.stages.train.train_encoder`'s, plus ``selected``
-    (``{"epoch", "criterion", "value"}``: the label-free choice behind encoder.pt)."""
+    (``{"epoch", "criterion", "value", "spec"}``: the label-free choice behind encoder.pt, and
+    the spec under which `cdir eval` scores the features it was chosen by)."""
     from encoders.adapt.trainer import adapt
     from encoders.engine.checkpoint import load_checkpoint
 
@@ -167,13 +168,13 @@ def adapt_encoder(
     probe = None
     if report is not None:  # the gallery has labels: log how the run does, for the report only
         cfg.monitor.path = str(ws.manifest_path)
-        probe = build_monitor(cfg, normalize=prepare)
+        probe = build_monitor(cfg, normalize=normalize)
     res = adapt(cfg, prepare, resume=ckpt, stop_at=stop_at, monitor=probe, report=report,
                 force=force, selection=selection)
     chosen = res.state.get("selection") or {}
     return {**run_summary(cfg, res),
             "selected": {"epoch": chosen.get("best_epoch"), "criterion": selection,
-                         "value": chosen.get("best")}}
+                         "value": chosen.get("best"), "spec": res.state.get("scored")}}
 
 
 def _round_epochs(cfg) -> int:

@@ -19,6 +19,7 @@ from cdir.stages.modes import (
     configured_modes,
     mode_models,
     parse_weights,
+    vectors_scorer,
 )
 from eval.rerank import DEFAULT_CSLS_K, RERANKERS
 from indexes.normalize import NORMALIZERS
@@ -228,6 +229,25 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
                f"in {time.perf_counter() - t0:.1f}s; report in {Path(out_root)}")
     return {"report": str(out_root), "split": split, "modes": modes, "ks": ks, "pairs": pairs,
             "settings": settings, "results": tables, "lines": lines, "summary": summary}
+
+
+def mean_pair_p1(vectors: Any, labels: Sequence, domains: Sequence[str],
+                 normalize: str = "none", device: str | None = None) -> float:
+    """The mean P@1 over every directed domain pair that :func:`evaluate` reports for unit image
+    ``vectors`` (the evaluated rows in manifest order, with their ``labels`` and ``domains``):
+    the same scorer (`vectors_scorer`: normalisation fitted on these rows) and the same protocol
+    (`eval.protocol.evaluate_pairs`), for a caller that holds vectors, not a workspace (the
+    training monitor)."""
+    import numpy as np
+    import pandas as pd
+
+    from eval.protocol import evaluate_pairs
+
+    rows = pd.DataFrame({"domain": np.asarray(domains).astype(str), "label": np.asarray(labels)})
+    scorer = vectors_scorer(np.asarray(vectors, np.float32), None, rows["domain"].to_numpy(),
+                            normalize, device=device)
+    mean = evaluate_pairs(scorer, rows, ks=(1,), metrics=("ucdir_p",), progress=False)[-1]
+    return float(mean["P@1"])
 
 
 def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],

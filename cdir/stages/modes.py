@@ -265,6 +265,29 @@ def gallery_normalizer(x: np.ndarray, domains: np.ndarray, method: str
     return None if method == "none" else norm.fit(x, domains)
 
 
+def vectors_scorer(q: np.ndarray, g: np.ndarray | None, domains: np.ndarray,
+                   normalize: str = "none", rerank: str = "none", csls_k: int = DEFAULT_CSLS_K,
+                   device: str | None = None):  # noqa: ANN201 - a scorer of eval.topk
+    """The scorer of unit query vectors ``q`` against gallery vectors ``g`` (None: ``q`` itself)
+    of the same rows, whose manifest domains are ``domains``: per-domain ``normalize`` fitted on
+    those rows, then cosine, then ``rerank``. Every single mode is scored through here (the
+    evaluate stage; the training monitor, so that it logs what `cdir eval` prints)."""
+    from eval.rerank import RERANKERS
+    from eval.topk import CosineScorer
+
+    if rerank not in RERANKERS:
+        raise CdirError(f"unknown rerank {rerank!r}: choose from {', '.join(RERANKERS)}")
+    gallery = q if g is None else g
+    norm = gallery_normalizer(gallery, domains, normalize)
+    if norm is not None:
+        gallery = norm.transform(gallery, domains)
+        # query vectors of another tower (cm-image) get statistics of their own
+        q = gallery if g is None else gallery_normalizer(q, domains, normalize).transform(
+            q, domains)
+    return RERANKERS[rerank].build(
+        CosineScorer(q, None if g is None else gallery, device=device), domains, csls_k)
+
+
 def build_scorer(ws: Workspace, manifest: pd.DataFrame, mode: str, cfg: ModeConfig,
                  device: str | None = None, normalize: str = "none", rerank: str = "none",
                  csls_k: int = DEFAULT_CSLS_K) -> tuple[CosineScorer | FusionScorer, np.ndarray]:
@@ -278,22 +301,11 @@ def build_scorer(ws: Workspace, manifest: pd.DataFrame, mode: str, cfg: ModeConf
     """
     import numpy as np
 
-    from eval.rerank import RERANKERS
-    from eval.topk import CosineScorer
-
-    if rerank not in RERANKERS:
-        raise CdirError(f"unknown rerank {rerank!r}: choose from {', '.join(RERANKERS)}")
     all_domains = manifest["domain"].astype(str).to_numpy()
 
     def scorer(q: np.ndarray, g: np.ndarray, ok: np.ndarray):
-        dom, same = all_domains[ok], q is g
-        q, g = q[ok], g[ok]
-        norm = gallery_normalizer(g, dom, normalize)
-        if norm is not None:
-            g = norm.transform(g, dom)
-            # query vectors of another tower (cm-image) get statistics of their own
-            q = g if same else gallery_normalizer(q, dom, normalize).transform(q, dom)
-        return RERANKERS[rerank].build(CosineScorer(q, g, device=device), dom, csls_k)
+        return vectors_scorer(q[ok], None if q is g else g[ok], all_domains[ok], normalize,
+                              rerank, csls_k, device)
 
     if mode != "fusion":
         q, g, ok = mode_vectors(ws, manifest, mode, cfg)

@@ -63,17 +63,27 @@ def _plain(value: Any) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-def build_monitor(cfg: Any, normalize: Any = None) -> Any:
+def build_monitor(cfg: Any, normalize: str = "none") -> Any:
     """The label-based training monitor on ``cfg.monitor.path`` (eval.ssl.make_monitor) at the
-    run's input settings, on the main process only (None on the others)."""
+    run's input settings, on the main process only (None on the others). On a set with domains
+    it logs `cdir eval`'s mean P@1 over directed domain pairs of the monitored features:
+    ``p1`` (plain) and, unless ``normalize`` is "none", ``p1_<normalize>`` (`cdir eval
+    --normalize <normalize>`), both computed by :func:`cdir.stages.evaluate.mean_pair_p1`."""
     if launch_rank() != 0:
         return None
+    from cdir.stages.evaluate import mean_pair_p1
     from eval.ssl import make_monitor
+
+    names = ["none"] + ([normalize] if normalize != "none" else [])
+
+    def pairs(feats: Any, labels: Any, domains: Any) -> dict[str, float]:
+        return {"p1" if n == "none" else f"p1_{n}": mean_pair_p1(feats, labels, domains, n)
+                for n in names}
 
     preprocess = {"size": cfg.aug.size, "mean": cfg.aug.mean, "std": cfg.aug.std,
                   "eval_resize": cfg.aug.eval_resize}
     return make_monitor(cfg.monitor, preprocess, seed=cfg.train.seed, workers=cfg.data.workers,
-                        normalize=normalize)
+                        pairs=pairs)
 
 
 def run_summary(cfg: Any, res: Any) -> dict[str, Any]:

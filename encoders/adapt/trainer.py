@@ -7,10 +7,12 @@ Every ``round_epochs`` epochs (and before the first), on every rank:
   (:func:`encoders.adapt.mining.mine`: matcher, cycle check, confidence) -> groups -> the
   method's tables and the dataset's partners.
 The mining statistics of each round are the label-free selection criterion
-(``selection_key``, default the mean mutual-NN rate): the encoder with the best value, measured
-at each round's start and after the last epoch, is exported as ``encoder.pt``
-(``encoder_last.pt`` is the last epoch's). Labels are read only by the optional ``report``
-callable and the monitor, whose figures go to the log, never into a choice.
+(``selection_key``, default the mean mutual-NN rate), measured on the features the method is
+scored with (its ``retrieval()``, e.g. UCDIR's momentum head): the encoder with the best value,
+measured at each round's start and after the last epoch, is exported as ``encoder.pt``
+(``encoder_last.pt`` is the last epoch's; ``best.pt`` the chosen full checkpoint when the scored
+features include a head). The monitor scores those features too. Labels are read only by the
+optional ``report`` callable and the monitor, whose figures go to the log, never into a choice.
 
 Training data: a manifest (``data.path``, .parquet/.csv) with ``path`` and ``domain`` columns
 (a workspace's manifest.parquet); ``model.init`` is the encoder to start from.
@@ -155,7 +157,19 @@ class _AdaptRun(SSLRun):
         return [self.paths[j] for j in idx[~ok][:, 0].tolist()]
 
     def extra_state(self) -> dict[str, Any]:
-        return {"selection": dict(self.selection_state)}
+        return {"selection": dict(self.selection_state), "scored": self.scored_spec()}
+
+    def scored_spec(self) -> str:
+        """The spec under which `cdir eval` scores the features the selection chose by: the
+        chosen encoder with the method's options (``best.pt``, the chosen full checkpoint,
+        when those features include a head)."""
+        options = self.model.scored_options()
+        name = "best.pt" if getattr(self.model, "keeps_heads", False) else "encoder.pt"
+        return f"ckpt:{self.out / name}" + (f"?{options}" if options else "")
+
+    def monitored(self) -> nn.Module:
+        """The monitor scores the features that mining and the selection read."""
+        return self.model.retrieval()
 
     def restore_extra(self, ckpt: dict) -> None:
         self.selection_state = dict(ckpt.get("selection") or self.selection_state)
@@ -210,8 +224,8 @@ class _AdaptRun(SSLRun):
                   file=sys.stderr)
 
     def _features(self) -> np.ndarray:
-        """Retrieval features of every image: the backbone at the eval transform (from the
-        cached maps when the lower stages are frozen)."""
+        """Retrieval features of every image: the method's ``retrieval()`` at the eval transform
+        (from the cached maps when the lower stages are frozen)."""
         if self.cache is None:
             return self._embed_all(self.model.retrieval())
         clean, ok = self.cache
@@ -267,12 +281,12 @@ class _AdaptRun(SSLRun):
         groups = components(len(self.paths), pairs.a, pairs.b)
         self.model.set_groups(torch.from_numpy(groups))
         self.dataset.set_groups(groups)
-        self._select(epoch, feats, res.stats)
         rec = {f"mine_{k}": v for k, v in res.stats.items() if k != "per_pair"}
         rec.update({f"mine_{k}": v for k, v in group_stats(groups, self.codes).items()})
         if self.report is not None and self.d.main:
             rec.update({f"report_{k}": v for k, v in self.report(pairs, groups).items()})
         self.round_record = rec
+        self._select(epoch, feats)  # logs its value in this round's record
         if self.d.main:
             shown = " ".join(f"{k[5:]} {v:.4g}" for k, v in rec.items()
                              if isinstance(v, float | int) and k.startswith("mine_"))
@@ -280,21 +294,29 @@ class _AdaptRun(SSLRun):
             print(f"{self.cfg.method} round at epoch {epoch}: {shown}"
                   + (f" [labels, report only: {rep}]" if rep else ""), file=sys.stderr)
 
-    def _select(self, epoch: int, feats: np.ndarray, stats: dict | None = None) -> None:
-        """Keep the encoder as ``best_encoder.pt`` when its criterion is the best so far."""
+    def _select(self, epoch: int, feats: np.ndarray) -> None:
+        """Keep the encoder as ``best_encoder.pt`` when its criterion is the best so far. The
+        value is logged in the record of the epoch it begins (``select_<criterion>``; the
+        encoder after epoch e begins epoch e + 1), the final encoder's as
+        ``select_final_<criterion>``. The criterion reads the rows as `cdir eval` scores them:
+        unit vectors (as `cdir embed` stores them), then the run's normalisation (mining reads
+        the raw rows, so its statistics may differ slightly)."""
         from encoders.adapt.mining import mining_stats
         from encoders.engine.checkpoint import export_encoder
 
-        if stats is None:
-            good = ~np.isnan(feats).any(1)
-            names = np.asarray(self.domain_names)[self.codes[good]]
-            stats = mining_stats(self.prepare(feats[good], names), names)
-        value = float(stats[self.selection])
+        good = ~np.isnan(feats).any(1)
+        names = np.asarray(self.domain_names)[self.codes[good]]
+        unit = feats[good] / np.maximum(np.linalg.norm(feats[good], axis=1, keepdims=True),
+                                        1e-12)
+        value = float(mining_stats(self.prepare(unit, names), names)[self.selection])
         st = self.selection_state
         better = st["best"] is None or (
             value > st["best"] if SELECTION_KEYS[self.selection] == "higher"
             else value < st["best"])
-        self.round_record[f"select_{self.selection}"] = value
+        # each candidate logged under its own key: the final encoder's must not overwrite the
+        # value of the round that began the last epoch
+        final = epoch == self.cfg.optim.epochs
+        self.round_record[f"select_{'final_' if final else ''}{self.selection}"] = value
         if not (math.isfinite(value) and better):
             return
         st.update(best=value, best_epoch=epoch)
@@ -303,6 +325,10 @@ class _AdaptRun(SSLRun):
                     "encoder_arch": self.encoder_arch, "encoder_prefix": self.model.encoder_prefix,
                     "model": self.model.state_dict(), "epoch": epoch}
             export_encoder(ckpt, self.out / "best_encoder.pt")
+            if getattr(self.model, "keeps_heads", False):
+                from encoders.engine.checkpoint import save_checkpoint
+
+                save_checkpoint(self.out / "best.pt", ckpt)
 
     def export(self, out_path: Path) -> Path:
         import shutil
@@ -316,6 +342,6 @@ class _AdaptRun(SSLRun):
             shutil.copyfile(best if best.exists() else last, tmp)
         st = self.selection_state
         print(f"{self.cfg.method}: encoder.pt is the encoder after epoch {st['best_epoch']} "
-              f"(best {self.selection} {st['best']:.4g}, label-free); encoder_last.pt the last",
-              file=sys.stderr)
+              f"(best {self.selection} {st['best']:.4g}, label-free); encoder_last.pt the last; "
+              f"the features chosen by: {self.scored_spec()}", file=sys.stderr)
         return out_path

@@ -35,8 +35,10 @@ Differences from the official code:
   every image with the momentum encoder each epoch (``kmeans_source="eval"``, one more pass);
 - the starting encoder holds a backbone only, so both heads start from random weights (the
   official loads the pretrained MoCo v2 head too);
-- retrieval uses the query backbone (``encoder_prefix``), the official evaluates the momentum
-  encoder's 128-d head output;
+- the exported encoder (``encoder_prefix``) is the query backbone; the features UCDIR is
+  scored with, and the label-free selection reads, are the momentum encoder's head output (as
+  the official evaluation), kept for the chosen epoch in ``best.pt``
+  (``ckpt:OUT/best.pt?features=head``);
 - an unreadable image keeps a zero bank row, which no loss and no k-means uses.
 """
 
@@ -195,6 +197,7 @@ class UCDIR(SSLMethod):
     views = ("strong", "strong")
     takes_index = True
     encoder_prefix = "encoder_q."
+    keeps_heads = True  # the scored features include the head: keep the chosen full checkpoint
 
     def __init__(self, backbone: nn.Module, feat_dim: int, cfg: UCDIRConfig | None = None
                  ) -> None:
@@ -218,8 +221,16 @@ class UCDIR(SSLMethod):
         return int(self.centroids.shape[0])
 
     def retrieval(self) -> nn.Module:
-        """The features that the label-free selection reads: the query backbone."""
-        return self.encoder_q
+        """The features UCDIR is scored with, so the ones the label-free selection reads: the
+        momentum encoder and its head (``ckpt:PATH?features=head``), as the official
+        evaluation."""
+        key = nn.Sequential(self.encoder_k, self.head_k)
+        return key.train(self.encoder_k.training)  # a new wrapper must not change their mode
+
+    def scored_options(self) -> str:
+        """The ``ckpt:`` spec options that give :meth:`retrieval`'s features (they need a full
+        training checkpoint: see ``keeps_heads``)."""
+        return "features=head"
 
     def set_domains(self, codes: torch.Tensor, names: Sequence[str] | None = None) -> None:
         """Allocate the per-image state for ``len(codes)`` images with domain codes 0..D-1

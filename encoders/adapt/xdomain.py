@@ -142,6 +142,13 @@ class XDomain(SSLMethod):
         """The features that mining reads and the loss trains: pooled, or grid-pooled."""
         return self._grid[0] if self.cfg.grid else self.encoder_q
 
+    def scored_options(self) -> str:
+        """The ``ckpt:`` spec options under which an encoder file of this run gives the
+        features of :meth:`retrieval` (those `cdir eval` must score)."""
+        if not self.cfg.grid:
+            return ""
+        return f"grid={self.cfg.grid}&layers={','.join(map(str, self.cfg.layers))}"
+
     def set_domains(self, codes: torch.Tensor, names: Sequence[str] | None = None) -> None:
         """Allocate the tables for ``len(codes)`` images (domain codes 0..D-1); every image
         starts in a group of its own. (``names``: unused here.)"""

@@ -12,7 +12,9 @@ GPUs and nodes (NCCL on GPUs, Gloo on CPUs).
 - Config: :mod:`encoders.engine.config`; optimiser and lr schedule: :mod:`encoders.engine.optim`;
   checkpoints: :mod:`encoders.engine.checkpoint`.
 - Monitor: an optional callable ``monitor(encoder, device) -> {metric: value}`` handed in by the
-  caller (``eval.ssl.make_monitor``), run on the main process every ``monitor.every`` epochs.
+  caller (``eval.ssl.make_monitor``), run on the main process every ``monitor.every`` epochs on
+  the module :meth:`Run.monitored` names, with the random generators put back afterwards: a
+  monitor never changes a run.
 - Reproducibility: model init from ``seed``; data order from a sampler keyed by (seed, epoch);
   augmentation from a per-epoch DataLoader generator (workers) or the restored global RNG (no
   workers). A run resumed from ``latest.pt`` replays the uninterrupted run's losses exactly on CPU.
@@ -472,7 +474,7 @@ class Run:
         record.update(self.epoch_record(done))
         if self.monitor is not None and (done % max(cfg.monitor.every, 1) == 0
                                          or done == o.epochs):
-            mres = self.monitor(_encoder_of(self.model), d.device)
+            mres = self.run_monitor()
             record.update({f"monitor_{k}": v for k, v in mres.items()})
             self.monitor_hist.append({"epoch": done, **mres})
             for k, v in mres.items():
@@ -507,6 +509,23 @@ class Run:
         mon = "".join(f" {k[8:]} {v:.4g}" for k, v in record.items() if k.startswith("monitor_"))
         print(f"{cfg.method} epoch {done}/{o.epochs}: loss {ep_mean:.4f} lr {lr:.4g} "
               f"{rate:.0f} img/s{mon}", file=sys.stderr)
+
+
+    def monitored(self) -> nn.Module:
+        """The module the monitor scores (a hook): the encoder that is exported."""
+        return _encoder_of(self.model)
+
+    def run_monitor(self) -> dict[str, float]:
+        """The monitor's figures for :meth:`monitored`, drawn on a random stream of its own: the
+        generators are put back as they were, so a run with the monitor draws what one without
+        it draws (e.g. a DataLoader takes its base seed from the global stream)."""
+        from encoders.engine.checkpoint import rng_state, set_rng_state
+
+        before = rng_state()
+        try:
+            return self.monitor(self.monitored(), self.d.device)
+        finally:
+            set_rng_state(before)
 
 
 # --------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def _adapt(ws: Path, enc: Path, recipe: Path, out: Path, **kw):
 def test_adapt_writes_the_selected_encoder_and_resumes_exactly(
     tiny: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from encoders.engine.checkpoint import load_checkpoint
+    from encoders.engine.checkpoint import load_checkpoint, read_file
 
     ws, enc = tiny
     recipe = _recipe(tmp_path, epochs=3)
@@ -129,13 +129,23 @@ def test_adapt_writes_the_selected_encoder_and_resumes_exactly(
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     # mining before epochs 1 and 3 (round_epochs 2), the criterion also after the last one
     assert [("mine_pairs" in r) for r in lines] == [True, False, True]
-    assert "select_mutual_nn_rate" in lines[-1]
     assert not any(k.startswith(("report_", "monitor_")) for r in lines for k in r)
     ckpt = load_checkpoint(out / "latest.pt")
     assert ckpt["method"] == "xdomain" and ckpt["selection"]["best_epoch"] in (0, 2, 3)
     assert full["selected"] == {"epoch": ckpt["selection"]["best_epoch"],
                                 "criterion": "mutual_nn_rate",
-                                "value": ckpt["selection"]["best"]}
+                                "value": ckpt["selection"]["best"],
+                                "spec": f"ckpt:{out / 'encoder.pt'}"}
+    # the chosen epoch has the best logged criterion of every candidate (epochs 0 and 2, which
+    # begin epochs 1 and 3, and the final encoder), the first of equals
+    logged = {0: lines[0]["select_mutual_nn_rate"], 2: lines[2]["select_mutual_nn_rate"],
+              3: lines[2]["select_final_mutual_nn_rate"]}
+    assert "select_mutual_nn_rate" not in lines[1]
+    best = max(logged.values())
+    assert full["selected"]["epoch"] == min(e for e, v in logged.items() if v == best)
+    assert full["selected"]["value"] == best
+    # encoder.pt holds the chosen epoch's weights
+    assert read_file(out / "encoder.pt")["epoch"] == full["selected"]["epoch"]
     assert ckpt["model"]["group_of"].shape == (30,)
     assert ckpt["config"]["model"]["init"] == str(enc)
     # encoder.pt is a loadable encoder of the same architecture
