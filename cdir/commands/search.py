@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="for caption indexes: caption the query (cm-text) or use the CLIP image "
                         "tower (cm-image)")
     p.add_argument("--captioner", help="captioner for the query (default: the gallery's)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="search an index built without some gallery images (index build "
+                        "--allow-missing); default: refused, naming the command that completes it")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_device(p)
     p.set_defaults(func=run)
@@ -47,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
         raise CdirError("-k must be at least 1")
     images = [load_image(p) for p in args.image]  # a bad query is an error, not a skip
     searcher = Searcher(args.workspace, index=args.index, encoder=args.encoder, mode=args.mode,
-                        captioner=args.captioner, device=args.device)
+                        captioner=args.captioner, device=args.device,
+                        allow_missing=args.allow_missing)
+    if searcher.missing is not None:
+        print(f"note: searching without the images not indexed: {searcher.missing.describe()}",
+              file=sys.stderr)
     results, captions, used = searcher.search(images, k=args.k, domain=args.domain,
                                               query_domain=args.query_domain)
     inferred = searcher.infers_domain and args.query_domain is None

@@ -183,7 +183,7 @@ def test_index_build_refuses_images_not_embedded_yet(indexed_ws, capsys):
     capsys.readouterr()
     assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 2
     line = error_line(capsys.readouterr().err)
-    assert f"{missing} of {total} gallery images" in line
+    assert f"{missing} of {total} images have no pixels vector yet" in line
     assert f"cdir embed -w {shlex.quote(str(ws))} --encoder pixels" in line
     assert "--allow-missing" in line
     # the refused build changed nothing: the index is still the stale one
@@ -347,3 +347,69 @@ def test_eval_takes_no_progress(eval_ws, capsys):
     assert cdir("eval", "-w", eval_ws, "--encoder", "pixels", "--run", "quiet",
                 "--no-progress") == 0
     assert "eval:" not in capsys.readouterr().err  # the tqdm bar of the protocol
+
+
+# ------------------------------------------------------------ partial stores are never whole
+
+def test_partial_store_is_refused_by_eval_index_and_search_unless_allowed(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from cdir.core.lock import beside
+
+    ws = emoji_workspace(tmp_path, 6)  # 18 images, 6 per art set
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0", "--limit", 10) == 0
+    m = Workspace(ws).manifest()
+    done = set(m["id"].iloc[:10])
+    want = m[~m["id"].isin(done)].groupby("domain").size()
+    per = ", ".join(f"{d} {n}" for d, n in want.items())
+    fill = f"cdir embed -w {shlex.quote(str(ws))} --encoder pixels"
+    for args in (("eval", "-w", ws, "--encoder", "pixels"),
+                 ("index", "build", "-w", ws, "--encoder", "pixels")):
+        capsys.readouterr()
+        assert cdir(*args) == 2
+        line = error_line(capsys.readouterr().err)
+        assert f"8 of 18 images have no pixels vector yet ({per})" in line, line
+        assert fill in line and "--allow-missing" in line
+
+    # allowed: evaluated, and the missing counts are in the printed table and the report
+    capsys.readouterr()
+    assert cdir("eval", "-w", ws, "--encoder", "pixels", "--allow-missing", "--run", "part") == 0
+    out = capsys.readouterr().out
+    assert f"partial: 8 of 18 images have no pixels vector yet ({per})" in out
+    assert "8 not embedded yet" in out and "unreadable" not in out
+    md = (ws / "reports" / "part" / "results.md").read_text()
+    assert f"- missing: 8 of 18 images have no pixels vector yet ({per})" in md
+
+    # an index built without them is not searched as a whole one
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels", "--allow-missing") == 0
+    query = m["path"].iloc[0]
+    capsys.readouterr()
+    assert cdir("search", "-w", ws, "--image", query) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "8 of 18" in line and fill in line and "--allow-missing" in line
+    assert cdir("search", "-w", ws, "--image", query, "--allow-missing") == 0
+    assert "8 of 18" in capsys.readouterr().err
+
+    # beside a running embed (its lock held by a live process), the refusal names it
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = beside(Workspace(ws).embeddings_dir("pixels"))
+        lock.write_text(json.dumps({"pid": holder.pid, "since": "2026-01-01T10:00:00",
+                                    "what": "writing the embeddings of pixels"}))
+        capsys.readouterr()
+        assert cdir("eval", "-w", ws, "--encoder", "pixels") == 2
+        line = error_line(capsys.readouterr().err)
+        assert f"an embed of pixels is still running (pid {holder.pid}" in line, line
+        assert "8 of 18" in line and "single domain" not in line
+    finally:
+        holder.kill()
+        holder.wait()
+        os.unlink(lock)
+
+    # completed: every command works without the flag
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    assert cdir("eval", "-w", ws, "--encoder", "pixels") == 0
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 0
+    assert cdir("search", "-w", ws, "--image", query) == 0
