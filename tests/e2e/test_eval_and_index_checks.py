@@ -413,3 +413,52 @@ def test_partial_store_is_refused_by_eval_index_and_search_unless_allowed(tmp_pa
     assert cdir("eval", "-w", ws, "--encoder", "pixels") == 0
     assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 0
     assert cdir("search", "-w", ws, "--image", query) == 0
+
+
+# -------------------------------------------------------------------------------- rough edges
+
+def test_same_domain_pair_says_why_it_is_n_a(eval_ws, capsys):
+    capsys.readouterr()
+    assert cdir("eval", "-w", eval_ws, "--encoder", "pixels", "--pairs",
+                "twemoji:twemoji,twemoji:openmoji", "--run", "aa") == 0
+    out = capsys.readouterr().out
+    assert "n/a" in out
+    assert ("twemoji→twemoji: n/a: no query of twemoji has another image of its class in "
+            "twemoji") in out
+    assert "twemoji→openmoji: n/a" not in out
+
+
+def test_search_table_footer_bad_queries_and_query_domain(tmp_path, capsys):
+    ws = emoji_workspace(tmp_path, 6)
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 0
+    good = Workspace(ws).manifest()["path"].iloc[0]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    capsys.readouterr()
+    # one unreadable query among good ones: listed and skipped, the others searched, exit 1
+    assert cdir("search", "-w", ws, "--image", bad, "--image", good, "-k", 1000) == 1
+    out, err = capsys.readouterr()
+    assert f"query skipped: {bad}" in err and "Traceback" not in err
+    assert f"query {good}" in out
+    header = out.splitlines()[1].split()
+    assert header == ["rank", "score", "domain", "class", "path"]
+    assert "all 18 results (fewer than -k 1000)" in out and "top 1000" not in out
+    assert "1 skipped (unreadable)" in out
+    assert cdir("search", "-w", ws, "--image", bad) == 2
+    # --query-domain on a plain index: said, not silently ignored
+    capsys.readouterr()
+    assert cdir("search", "-w", ws, "--image", good, "--query-domain", "twemoji") == 0
+    out, err = capsys.readouterr()
+    assert "--query-domain twemoji changes nothing" in err
+    assert "top 10," in out
+
+
+def test_empty_domain_folder_is_noted(tmp_path, capsys):
+    root = write_shape_tree(tmp_path / "gallery", domains=("a", "b"),
+                            classes=("circle", "square"), per_class=2)
+    (root / "c" / "circle").mkdir(parents=True)  # a domain folder without any image
+    capsys.readouterr()
+    assert cdir("data", "folder", root, "-w", tmp_path / "ws") == 0
+    err = capsys.readouterr().err
+    assert "1 domain folder(s) hold no image in a class folder and are left out: c" in err
