@@ -225,6 +225,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
         results = evaluate_pairs(scorer, sub, pairs=pairs, ks=ks, keep_examples=examples,
                                  progress=progress,
                                  **({"query_mask": sub_q} if sub_q is not None else {}))
+        if (norm, rr) == (norms[0], reranks[0]):
+            say(*_na_notes(mode, results, ks))
         title = f"{key}: " + ", ".join(mode_models(mode, cfg)) + f" [split {split}]"
         if RERANKERS[rr].uses_k:
             title += f" ({rr.upper()} k={csls_k})"
@@ -247,6 +249,24 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
                f"in {time.perf_counter() - t0:.1f}s; report in {Path(out_root)}")
     return {"report": str(out_root), "split": split, "modes": modes, "ks": ks, "pairs": pairs,
             "settings": settings, "results": tables, "lines": lines, "summary": summary}
+
+
+def _na_notes(mode: str, results: list[dict], ks: tuple[int, ...]) -> list[str]:
+    """Why a pair's row reads n/a: none of its queries has a relevant image in that gallery
+    (within one domain the query itself is left out, so a class with one image per domain has
+    none)."""
+    import math
+
+    out = []
+    for r in results:
+        if r["pair"] == "mean" or not all(
+                isinstance(r.get(f"P@{k}"), float) and math.isnan(r[f"P@{k}"]) for k in ks):
+            continue
+        a, b = r["query_domain"], r["gallery_domain"]
+        why = (f"no query of {a} has another image of its class in {a} (a query is never its "
+               "own match)" if a == b else f"no query of {a} has an image of its class in {b}")
+        out.append(f"[{mode}] {r['pair']}: n/a: {why}; the mean leaves the pair out")
+    return out
 
 
 def _coverage(ws: Workspace, manifest: pd.DataFrame, modes: list[str], cfg: ModeConfig,
