@@ -52,7 +52,7 @@ def load_folder(root: str | os.PathLike, domains: Iterable[str] | str | None = N
     for d, s in scans.items():
         common.warn_loose(d, s.loose)
     empty = [d for d in chosen if not scans[d].rows and not scans[d].loose]
-    if empty and len(empty) < len(chosen):  # a domain folder with no image in a class folder is left out: say which
+    if empty and len(empty) < len(chosen):  # left out of the gallery: say which
         warnings.warn(f"{len(empty)} domain folder(s) hold no image in a class folder and are "
                       f"left out: {', '.join(empty)}", common.DataWarning, stacklevel=2)
     common.check_unknown_classes(keep, seen)

@@ -146,12 +146,16 @@ def restamp(ws: Workspace, df: pd.DataFrame, save: bool = True) -> tuple[pd.Data
     (`stamp_files`), so what it holds now is known without `cdir data` having run since it
     changed. With ``save`` the refreshed records replace the workspace's manifest (and its
     fingerprint) when any changed: later stages then compare stored vectors with what the files
-    hold. A manifest written before files were tracked is returned as it is."""
+    hold. A file that cannot be stat'ed keeps its record (a removed image leaves the manifest
+    when `cdir data` scans the gallery again). A manifest written before files were tracked is
+    returned as it is."""
     if not all(c in df.columns for c in FILE_COLUMNS):
         return df, 0
     now = df.copy()
     hashed = stamp_files(now, df)
     cols = list(FILE_COLUMNS)
+    gone = (now["file_size"] < 0).to_numpy()  # removed files are `cdir data`'s to drop
+    now.loc[gone, cols] = df.loc[gone, cols]
     if now[cols].astype(str).equals(df[cols].astype(str)):
         return df, hashed
     if save:

@@ -289,6 +289,12 @@ def test_embed_finds_an_image_changed_in_place_without_cdir_data(ws, capsys, mon
     hashed.clear()
     assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
     assert "embedded 0 new" in capsys.readouterr().out and hashed == []
+    # a removed image keeps its record: dropping it is `cdir data`'s scan
+    recorded = pd.read_parquet(ws / "manifest.parquet")
+    image_path(ws, "twemoji", 3).unlink()
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    assert "embedded 0 new" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_parquet(ws / "manifest.parquet"), recorded)
 
 
 def test_touched_image_keeps_its_vector_and_data_hashes_only_changed_files(tmp_path, capsys,
