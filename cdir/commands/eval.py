@@ -67,6 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="evaluate only the manifest rows of this split (queries and gallery "
                         "alike): dev or test for the emoji gallery's fixed category split, any "
                         "value of a table's split column; default all")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="evaluate a partly embedded store (cdir embed --limit, a killed or "
+                        "running embed, a grown gallery) without the images not embedded yet; "
+                        "the report gives their counts (default: refused, naming the command "
+                        "that completes the store)")
     p.add_argument("--run", help="report name under WORKSPACE/reports/ (default: from every "
                                  "setting that changes the report, so runs never overwrite "
                                  "each other)")
@@ -105,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         fusion_method=args.fusion_method, sweep=args.sweep, ks=args.ks, pairs=args.pairs,
         run=args.run, examples=args.examples, device=args.device,
         progress=not args.no_progress, echo=print, normalize=args.normalize,
-        rerank=args.rerank, csls_k=args.csls_k, split=args.split)
+        rerank=args.rerank, csls_k=args.csls_k, split=args.split,
+        allow_missing=args.allow_missing)
     print(summary["summary"])
     return 0
 

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="for caption indexes: caption the query (cm-text) or use the CLIP image "
                         "tower (cm-image)")
     p.add_argument("--captioner", help="captioner for the query (default: the gallery's)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="search an index built without some gallery images (index build "
+                        "--allow-missing); default: refused, naming the command that completes it")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_device(p)
     p.set_defaults(func=run)
@@ -40,35 +43,60 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from cdir.core.errors import CdirError
-    from cdir.core.images import load_image
+    from cdir.core.images import BadImage, load_image
     from cdir.stages.search import Searcher
 
     if args.k < 1:
         raise CdirError("-k must be at least 1")
-    images = [load_image(p) for p in args.image]  # a bad query is an error, not a skip
+    # a bad query image is listed and skipped: the others are still searched (exit status 1)
+    queries, images, bad = [], [], []
+    for path in args.image:
+        try:
+            images.append(load_image(path))
+            queries.append(path)
+        except BadImage as e:
+            bad.append((path, str(e)))
+    for _, reason in bad:
+        print(f"cdir search: error: query skipped: {reason}", file=sys.stderr)
+    if not images:
+        raise CdirError(f"no query image could be read ({len(bad)} skipped)")
     searcher = Searcher(args.workspace, index=args.index, encoder=args.encoder, mode=args.mode,
-                        captioner=args.captioner, device=args.device)
+                        captioner=args.captioner, device=args.device,
+                        allow_missing=args.allow_missing)
+    if searcher.missing is not None:
+        print(f"note: searching without the images not indexed: {searcher.missing.describe()}",
+              file=sys.stderr)
+    if args.query_domain is not None and not searcher.infers_domain:
+        print(f"note: --query-domain {args.query_domain} changes nothing on index "
+              f"{searcher.index_name}: it is not normalised per domain and its encoder has no "
+              "per-domain statistics", file=sys.stderr)
     results, captions, used = searcher.search(images, k=args.k, domain=args.domain,
                                               query_domain=args.query_domain)
     inferred = searcher.infers_domain and args.query_domain is None
     if inferred:
-        for query, d in zip(args.image, used, strict=True):
+        for query, d in zip(queries, used, strict=True):
             print(f"{query}: {searcher.domain_transform} as domain {d} (nearest gallery "
                   "centroid; --query-domain chooses)", file=sys.stderr)
     if args.json:
         print(json.dumps([{"query": q, "caption": captions[i] if captions else None,
                            "query_domain": used[i], "query_domain_inferred": inferred,
                            "results": [asdict(h) for h in hits]}
-                          for i, (q, hits) in enumerate(zip(args.image, results, strict=True))],
+                          for i, (q, hits) in enumerate(zip(queries, results, strict=True))]
+                         + [{"query": q, "error": reason, "results": []} for q, reason in bad],
                          indent=2))
-        return 0
-    for i, (query, hits) in enumerate(zip(args.image, results, strict=True)):
+        return 1 if bad else 0
+    for i, (query, hits) in enumerate(zip(queries, results, strict=True)):
         caption = f'  caption: "{captions[i]}"' if captions else ""
         print(f"query {query}{caption}")
+        print(f"  {'rank':>4}  {'score':>7}  {'domain':<12} {'class':<24} path")
         for h in hits:
-            print(f"  {h.rank:3d}  {h.score:7.4f}  {h.domain:<12} {h.class_name:<24} {h.path}")
+            print(f"  {h.rank:4d}  {h.score:7.4f}  {h.domain:<12} {h.class_name:<24} {h.path}")
     where = f" in {args.domain}" if args.domain else ""
+    got = max((len(hits) for hits in results), default=0)
+    top = (f"top {args.k}{where}" if got >= args.k
+           else f"all {got} results{where} (fewer than -k {args.k})")
     normalized = f" ({searcher.normalize})" if searcher.normalizer is not None else ""
-    print(f"{len(images)} quer{'y' if len(images) == 1 else 'ies'}, top {args.k}{where}, "
-          f"{searcher.mode} search of {searcher.spec}{normalized}")
-    return 0
+    skipped = f"; {len(bad)} skipped (unreadable)" if bad else ""
+    print(f"{len(images)} quer{'y' if len(images) == 1 else 'ies'}, {top}, "
+          f"{searcher.mode} search of {searcher.spec}{normalized}{skipped}")
+    return 1 if bad else 0

@@ -78,6 +78,24 @@ def exclusive(path: str | os.PathLike, what: str) -> Iterator[None]:
             os.close(fd)  # drops the flock
 
 
+def running(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The record of a live process holding the lock file ``path`` (None: nobody, or this
+    process): what a reader checks to tell "still being written" from "left unfinished". Only
+    reads the record (no flock is taken, so a run starting at this instant is never refused)."""
+    path = Path(path)
+    if os.path.abspath(path) in _held:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        holder = _read(fd)
+    finally:
+        os.close(fd)
+    return holder if holder is not None and _alive(holder) else None
+
+
 def _acquire(path: Path, what: str) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(20):

@@ -4,6 +4,7 @@ gallery once written)."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,10 @@ def load_folder(root: str | os.PathLike, domains: Iterable[str] | str | None = N
                         f"folder or put these class folders inside a domain folder")
     for d, s in scans.items():
         common.warn_loose(d, s.loose)
+    empty = [d for d in chosen if not scans[d].rows and not scans[d].loose]
+    if empty and len(empty) < len(chosen):  # left out of the gallery: say which
+        warnings.warn(f"{len(empty)} domain folder(s) hold no image in a class folder and are "
+                      f"left out: {', '.join(empty)}", common.DataWarning, stacklevel=2)
     common.check_unknown_classes(keep, seen)
     rows = common.select_split(rows, split, root)
     common.warn_coverage(rows, [d for d in chosen if scans[d].rows])

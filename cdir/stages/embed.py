@@ -10,7 +10,10 @@ then gets embedded). Captions go the same way, one shard per chunk of ``chunk_ro
 into the folder of their `caption_spec` (``<text encoder>@captions:<source>``).
 
 Each row is stored with what it was computed from (the image's `row_versions` entry, the caption
-text's hash): a row whose image or caption changed since is embedded again, and only those. The
+text's hash): a row whose image or caption changed since is embedded again, and only those. Each
+image file is stat'ed first: one whose size or mtime differ from the manifest's record is hashed
+again and the manifest's record refreshed (`cdir.stages.gallery.restamp`), so an image changed in
+place is found without re-running `cdir data`. The
 store also records the model's identity (`encoders.hub.model_identity`); when the spec now names
 other weights (a retrained checkpoint at the same path), every row is embedded again.
 
@@ -39,7 +42,7 @@ from cdir.core.caption_store import (
     caption_versions,
     resolve_source,
 )
-from cdir.core.dist import barrier
+from cdir.core.dist import barrier, launch_rank
 from cdir.core.errors import CdirError
 from cdir.core.images import failure_reason, failure_report, load_image_hashed
 from cdir.core.lock import beside, exclusive
@@ -48,6 +51,7 @@ from cdir.core.rows import RowJob, plan
 from cdir.core.signals import graceful, loader_worker, shielded
 from cdir.core.store import EmbeddingStore
 from cdir.core.workspace import Workspace, caption_spec
+from cdir.stages.gallery import restamp
 from cdir.stages.modes import current_rows
 
 if TYPE_CHECKING:
@@ -139,7 +143,9 @@ def embed_images(ws: Workspace | str | os.PathLike, spec: str, batch_size: int =
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     if batch_size < 1 or shard_rows < 1:
         raise CdirError(f"batch size and shard rows must be positive ({batch_size}, {shard_rows})")
-    df = ws.manifest()
+    # an image changed in place since `cdir data` (its size or mtime differ) is hashed again
+    # here: it is embedded again, a merely touched one keeps its vector
+    df, _ = restamp(ws, ws.manifest(), save=launch_rank() == 0)
     spec = spec.strip()
     store = EmbeddingStore(ws.embeddings_dir(spec))
     current = _same_model_or_restart(store, spec, "image")

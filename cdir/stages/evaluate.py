@@ -14,11 +14,14 @@ from cdir.core.workspace import Workspace, spec_key
 from cdir.stages.modes import (
     MODES,
     SINGLE_MODES,
+    Coverage,
     ModeConfig,
     build_scorer,
     configured_modes,
+    coverage,
     mode_models,
     parse_weights,
+    require_coverage,
     vectors_scorer,
 )
 from eval.rerank import DEFAULT_CSLS_K, RERANKERS
@@ -126,7 +129,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
              echo: Callable[[str], None] | None = None,
              normalize: str | Sequence[str] | None = None,
              rerank: str | Sequence[str] | None = None,
-             csls_k: int = DEFAULT_CSLS_K, split: str | None = None) -> dict[str, Any]:
+             csls_k: int = DEFAULT_CSLS_K, split: str | None = None,
+             allow_missing: bool = False) -> dict[str, Any]:
     """Evaluate every mode in ``modes`` (default: each mode the models given configure) on the
     directed pairs ``pairs`` (default: all) at ``ks`` (default: the dataset's), and write the
     reports to ``WORKSPACE/reports/RUN/`` (one folder per mode when there are several, and a
@@ -136,7 +140,10 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     with neighbourhood ``csls_k``) each give one evaluation per name and mode, side by side in
     the comparison; the statistics are fitted on all the evaluated rows, without labels.
     ``split`` evaluates only the manifest rows of that split (``dev``/``test`` categories of a
-    gallery with a category split; default ``all``): queries and gallery alike.
+    gallery with a category split; default ``all``): queries and gallery alike. Stored vectors
+    that do not cover the evaluated rows (images not embedded yet; unreadable ones do not count)
+    are refused unless ``allow_missing``; then the missing counts go into the report's settings
+    and titles.
 
     ``run`` names the report folder; by default the name covers every setting that changes the
     report (modes, models, ks, pairs, fusion settings, examples), so runs with other settings
@@ -182,6 +189,12 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     variants = [(m, n, r) for m in modes for n in norms for r in reranks]
     settings = report_settings(modes, cfg, ks, pairs, sweep, examples, norms, reranks, csls_k,
                                split)
+    missing = _coverage(ws, manifest, modes, cfg, allow_missing)
+    partial = "; ".join(cov.describe() for covs in missing.values() for cov in covs
+                        if cov.n_missing)
+    if partial:  # a partial evaluation says so, and never takes a whole one's report name
+        settings["missing"] = partial
+        say(f"evaluating without the images not embedded yet (--allow-missing): {partial}")
     if split != "all":
         say(f"split {split}: {manifest['class_name'].nunique()} categories, "
             f"{len(manifest)} images")
@@ -196,8 +209,11 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
                                   rerank=rr, csls_k=csls_k)
         sub = manifest[ok].reset_index(drop=True)
         if (~ok).any() and (norm, rr) == (norms[0], reranks[0]):  # once per mode
-            say(f"[{mode}] {int((~ok).sum())} of {len(manifest)} images have no vector "
-                "(unreadable or uncaptioned) and are left out")
+            gaps = min(int((~ok).sum()), max((c.n_missing for c in missing[mode]), default=0))
+            why = [f"{n} {what}" for n, what in ((gaps, "not embedded yet"), (
+                int((~ok).sum()) - gaps, "unreadable or uncaptioned")) if n]
+            say(f"[{mode}] {int((~ok).sum())} of {len(manifest)} images have no vector and are "
+                f"left out: {', '.join(why)}")
         if sweep and MODES[mode].fuses:
             from eval.fusion import sweep_weights
 
@@ -209,9 +225,13 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
         results = evaluate_pairs(scorer, sub, pairs=pairs, ks=ks, keep_examples=examples,
                                  progress=progress,
                                  **({"query_mask": sub_q} if sub_q is not None else {}))
+        if (norm, rr) == (norms[0], reranks[0]):
+            say(*_na_notes(mode, results, ks))
         title = f"{key}: " + ", ".join(mode_models(mode, cfg)) + f" [split {split}]"
         if RERANKERS[rr].uses_k:
             title += f" ({rr.upper()} k={csls_k})"
+        if any(c.n_missing for c in missing[mode]):
+            title += " — partial: " + "; ".join(c.describe() for c in missing[mode])
         if sub_q is not None:
             title += " (weights swept on one half of the queries; the other half reported)"
         out = out_root / key if len(variants) > 1 else out_root
@@ -229,6 +249,53 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
                f"in {time.perf_counter() - t0:.1f}s; report in {Path(out_root)}")
     return {"report": str(out_root), "split": split, "modes": modes, "ks": ks, "pairs": pairs,
             "settings": settings, "results": tables, "lines": lines, "summary": summary}
+
+
+def _na_notes(mode: str, results: list[dict], ks: tuple[int, ...]) -> list[str]:
+    """Why a pair's row reads n/a: none of its queries has a relevant image in that gallery
+    (within one domain the query itself is left out, so a class with one image per domain has
+    none)."""
+    import math
+
+    out = []
+    for r in results:
+        if r["pair"] == "mean" or not all(
+                isinstance(r.get(f"P@{k}"), float) and math.isnan(r[f"P@{k}"]) for k in ks):
+            continue
+        a, b = r["query_domain"], r["gallery_domain"]
+        why = (f"no query of {a} has another image of its class in {a} (a query is never its "
+               "own match)" if a == b else f"no query of {a} has an image of its class in {b}")
+        out.append(f"[{mode}] {r['pair']}: n/a: {why}; the mean leaves the pair out")
+    return out
+
+
+def _coverage(ws: Workspace, manifest: pd.DataFrame, modes: list[str], cfg: ModeConfig,
+              allow_missing: bool) -> dict[str, list[Coverage]]:
+    """Per mode, the `Coverage` of the evaluated rows by each store it reads, checked before
+    anything is computed: a partial store (an embed limited, killed, running, or a grown
+    gallery) is refused in one line unless ``allow_missing``. Stores not written yet are left
+    to the mode's own "run cdir embed first"."""
+    from cdir.core.caption_store import resolve_source
+    from cdir.core.workspace import caption_spec
+    from cdir.stages.index import fill_commands
+
+    found: dict[str, Coverage] = {}
+    out: dict[str, list[Coverage]] = {}
+    for mode in modes:
+        out[mode] = []
+        for m in [mode] if mode in SINGLE_MODES else (list(cfg.fusion) or configured_modes(cfg)):
+            model = getattr(cfg, MODES[m].model)
+            for kind in dict.fromkeys((MODES[m].query, MODES[m].gallery)):
+                spec = model if kind == "image" else caption_spec(
+                    model, resolve_source(ws, cfg.captions))
+                if spec not in found:
+                    if not ws.embeddings_dir(spec).joinpath("info.json").exists():
+                        continue
+                    found[spec] = coverage(ws, manifest, spec)
+                    require_coverage(found[spec], " && ".join(fill_commands(ws, spec)),
+                                     allow_missing)
+                out[mode].append(found[spec])
+    return out
 
 
 def mean_pair_p1(vectors: Any, labels: Sequence, domains: Sequence[str],

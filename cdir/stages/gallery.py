@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdir.core.errors import CdirError
 from cdir.core.io import write_json, write_text
@@ -27,6 +27,9 @@ from cdir.core.manifest import (
 )
 from cdir.core.workspace import Workspace
 from cdir.galleries import KINDS, DataWarning, recorded_name
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.PathLike | None = None,
@@ -135,3 +138,28 @@ def _check_workspace_outside(ws_root: Path, data_root: str) -> None:
         raise CdirError(f"the workspace {ws_root} is inside the image folder {data_root}: its "
                         "files would be read as images; use a workspace outside it (or a hidden "
                         "folder such as ROOT/.cdir)")
+
+
+def restamp(ws: Workspace, df: pd.DataFrame, save: bool = True) -> tuple[pd.DataFrame, int]:
+    """(the manifest ``df`` with each image file's size and mtime as they are now, how many
+    files were hashed): a file whose size or mtime differ from the record is hashed again
+    (`stamp_files`), so what it holds now is known without `cdir data` having run since it
+    changed. With ``save`` the refreshed records replace the workspace's manifest (and its
+    fingerprint) when any changed: later stages then compare stored vectors with what the files
+    hold. A file that cannot be stat'ed keeps its record (a removed image leaves the manifest
+    when `cdir data` scans the gallery again). A manifest written before files were tracked is
+    returned as it is."""
+    if not all(c in df.columns for c in FILE_COLUMNS):
+        return df, 0
+    now = df.copy()
+    hashed = stamp_files(now, df)
+    cols = list(FILE_COLUMNS)
+    gone = (now["file_size"] < 0).to_numpy()  # removed files are `cdir data`'s to drop
+    now.loc[gone, cols] = df.loc[gone, cols]
+    if now[cols].astype(str).equals(df[cols].astype(str)):
+        return df, hashed
+    if save:
+        save_manifest(now, ws.manifest_path)
+        if ws.info_path.exists():
+            write_json(ws.info_path, {**ws.info(), "fingerprint": fingerprint(now)})
+    return now, hashed

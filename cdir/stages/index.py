@@ -93,26 +93,6 @@ def update_commands(ws: Workspace, spec: str, kind: str, name: str, normalize: s
     return " && ".join([*fill_commands(ws, spec), shlex.join(build)])
 
 
-def _missing(ws: Workspace, manifest: pd.DataFrame, ok: np.ndarray, spec: str) -> int:
-    """Rows without a vector that a cdir run would still fill: images recorded as unreadable (and
-    images an imported caption file does not cover) do not count."""
-    from cdir.core.caption_store import CaptionStore
-    from cdir.core.store import EmbeddingStore
-
-    ids = manifest["id"].astype(str)
-    parts = split_caption_spec(spec)
-    if parts is None:
-        unfillable = {str(r["id"]) for r in EmbeddingStore(ws.embeddings_dir(spec)).failed()}
-    else:
-        store = CaptionStore(ws, parts[1])
-        meta = store.meta()
-        if meta.get("kind") == "model":
-            unfillable = {str(r["id"]) for r in meta.get("failed", [])}
-        else:
-            unfillable = set(ids[store.aligned(manifest).isna().to_numpy()])
-    return int((~ok & ~ids.isin(unfillable).to_numpy()).sum())
-
-
 def _one_builder(build: Callable[..., dict]) -> Callable[..., dict]:
     """Hold the workspace's index lock while ``build`` runs: two builds of one index at once
     could pair one's .faiss file with the other's sidecar."""
@@ -157,7 +137,7 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     import numpy as np
 
     from cdir.core.manifest import fingerprint
-    from cdir.stages.modes import gallery_normalizer
+    from cdir.stages.modes import coverage, gallery_normalizer, require_coverage
     from indexes.build import build_index as new_index
     from indexes.index import load_index
     from indexes.kinds import KINDS, small_data_note
@@ -215,11 +195,9 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
         raise CdirError(f"index {name} was built as {old_meta.kind} over {old_meta.encoder_spec}"
                         f" (normalize {old_meta.normalize}), not {kind} over {spec} (normalize "
                         f"{normalize}): choose another --name, or pass --force to replace it")
-    missing = _missing(ws, manifest, ok, spec)
-    if missing and not allow_missing:
-        raise CdirError(f"{missing} of {len(manifest)} gallery images have no {spec} vector yet: "
-                        f"run `{' && '.join(fill_commands(ws, spec))}` first, or pass "
-                        "--allow-missing to index without them")
+    cov = coverage(ws, manifest, spec, ok)
+    require_coverage(cov, " && ".join(fill_commands(ws, spec)), allow_missing)
+    missing = cov.n_missing
     skipped = int((~ok).sum())
     why = [f"{n} {what}" for n, what in ((missing, "not embedded yet"),
                                          (skipped - missing, "unreadable or without a caption"))
@@ -327,9 +305,10 @@ def list_indexes(workspace: str | os.PathLike) -> list[dict]:
 
 
 def open_index(ws: Workspace, name: str | None = None, encoder: str | None = None,
-               gpu: bool | None = None) -> CdirIndex:
-    """The workspace index to search: by name, by encoder, or the only one there is. Refused when
-    the gallery changed since it was built."""
+               gpu: bool | None = None, named: bool = False
+               ) -> CdirIndex | tuple[CdirIndex, str]:
+    """The workspace index to search: by name, by encoder, or the only one there is (with its
+    name when ``named``). Refused when the gallery changed since it was built."""
     from cdir.core.manifest import fingerprint
     from indexes.index import load_index
     from indexes.meta import load_normalizer
@@ -354,4 +333,4 @@ def open_index(ws: Workspace, name: str | None = None, encoder: str | None = Non
     index = load_index(row["path"], expect_fingerprint=fingerprint(ws.manifest()), gpu=gpu,
                        normalizer=False)
     index.normalizer = load_normalizer(row["path"], index.meta, hint=update)
-    return index
+    return (index, row["name"]) if named else index

@@ -156,6 +156,78 @@ def _checked(store: EmbeddingStore, model: str, ids: list[str], versions: list[s
                         f"(e.g. {stale[0]!r}): re-run `{rerun}`")
 
 
+@dataclass
+class Coverage:
+    """How far the stored vectors of ``spec`` cover the manifest rows: ``missing`` (per domain)
+    are rows a cdir run would still fill (not embedded yet: `cdir embed --limit`, a killed or a
+    running embed, a grown gallery); ``skipped`` rows never get a vector (unreadable images,
+    images a caption source does not cover) and are reported, not missing. ``running``: the lock
+    record of an embed writing the store now."""
+
+    spec: str
+    total: int
+    missing: dict[str, int]
+    skipped: int
+    running: dict | None = None
+
+    @property
+    def n_missing(self) -> int:
+        return sum(self.missing.values())
+
+    def describe(self) -> str:
+        per = ", ".join(f"{d} {n}" for d, n in self.missing.items())
+        return f"{self.n_missing} of {self.total} images have no {self.spec} vector yet ({per})"
+
+
+def coverage(ws: Workspace, manifest: pd.DataFrame, spec: str, ok: np.ndarray | None = None
+             ) -> Coverage:
+    """The `Coverage` of ``manifest`` by the embeddings of ``spec`` (an image encoder or a
+    `caption_spec`); ``ok``: the rows that have a vector where the caller knows them (an index's
+    rows), else those in the store."""
+    import numpy as np
+
+    from cdir.core.caption_store import CaptionStore
+    from cdir.core.lock import beside, running
+    from cdir.core.store import EmbeddingStore
+    from cdir.core.workspace import split_caption_spec
+
+    store = EmbeddingStore(ws.embeddings_dir(spec))
+    ids = manifest["id"].astype(str)
+    if ok is None:
+        ok = ids.isin(store.done_ids()).to_numpy()
+    parts = split_caption_spec(spec)
+    if parts is None:
+        unfillable = {str(r["id"]) for r in store.failed()}
+    else:
+        captions = CaptionStore(ws, parts[1])
+        meta = captions.meta()
+        if meta.get("kind") == "model":
+            unfillable = {str(r["id"]) for r in meta.get("failed", [])}
+        else:
+            unfillable = set(ids[captions.aligned(manifest).isna().to_numpy()])
+    skipped = ~ok & ids.isin(unfillable).to_numpy()
+    gaps = ~ok & ~skipped
+    domains = manifest["domain"].astype(str).to_numpy()[gaps]
+    names, counts = np.unique(domains, return_counts=True)
+    return Coverage(spec, len(manifest), dict(zip(names.tolist(), counts.tolist(), strict=True)),
+                    int(skipped.sum()), running(beside(store.dir)))
+
+
+def require_coverage(cov: Coverage, fill: str, allow_missing: bool) -> None:
+    """Refuse, in one line, vectors that do not cover the gallery (``fill``: the command that
+    completes them), unless ``allow_missing``: a partial store must never pass as a whole one."""
+    if not cov.n_missing or allow_missing:
+        return
+    holder = cov.running
+    if holder is not None:
+        since = f", started {holder['since'].replace('T', ' ')}" if holder.get("since") else ""
+        raise CdirError(f"an embed of {cov.spec} is still running (pid {holder['pid']}{since}): "
+                        f"{cov.describe()} so far; wait for it to finish, or pass "
+                        "--allow-missing to use the rows stored so far")
+    raise CdirError(f"the {cov.spec} embeddings are partial: {cov.describe()}; complete them "
+                    f"with `{fill}`, or pass --allow-missing to go on without them")
+
+
 def image_vectors(ws: Workspace, manifest: pd.DataFrame, spec: str, lazy: bool = False
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(vectors in manifest order, valid rows) of the image embeddings of ``spec``; refused when

@@ -68,15 +68,18 @@ class Searcher:
 
     def __init__(self, workspace: str, index: str | None = None, encoder: str | None = None,
                  mode: str | None = None, captioner: str | None = None,
-                 device: str | None = None, gpu: bool | None = None):
+                 device: str | None = None, gpu: bool | None = None,
+                 allow_missing: bool = False):
         from cdir.stages.index import open_index
 
         self.ws = Workspace(workspace).require()
         self.manifest = self.ws.manifest().set_index("id", drop=False)
         if index and encoder:
             _check_encoder(self.ws, index, encoder)
-        self.index = open_index(self.ws, index, encoder, gpu=gpu)
+        self.index, self.index_name = open_index(self.ws, index, encoder, gpu=gpu,
+                                                 named=True)
         self.spec = self.index.meta.encoder_spec
+        self._check_coverage(allow_missing)
         self.device = device
         self.text_spec, self.caption_source = split_caption_spec(self.spec) or (None, None)
         if mode and mode not in SINGLE_MODES:
@@ -103,6 +106,22 @@ class Searcher:
         self._bn: tuple[dict, dict] | None = None  # per domain: statistics, unit centroid
         if self.domain_bn:
             self._check_domain_bn()
+
+    def _check_coverage(self, allow_missing: bool) -> None:
+        """An index built over a partial store (``index build --allow-missing``) is refused
+        unless ``allow_missing``: its results would silently lack those images."""
+        from cdir.stages.index import update_commands
+        from cdir.stages.modes import coverage, require_coverage
+
+        self.missing = None
+        m = self.index.meta
+        ok = self.manifest["id"].astype(str).isin(set(map(str, self.index.ids))).to_numpy()
+        if ok.all():
+            return
+        cov = coverage(self.ws, self.manifest.reset_index(drop=True), self.spec, ok)
+        self.missing = cov if cov.n_missing else None
+        require_coverage(cov, update_commands(self.ws, self.spec, m.kind, self.index_name,
+                                              m.normalize), allow_missing)
 
     @property
     def infers_domain(self) -> bool:

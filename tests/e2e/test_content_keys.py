@@ -243,6 +243,60 @@ def test_changed_image_is_re_embedded_alone_and_later_stages_see_it(ws, capsys):
     assert cdir("eval", "-w", ws, "--encoder", "pixels") == 0
 
 
+def test_embed_finds_an_image_changed_in_place_without_cdir_data(ws, capsys, monkeypatch):
+    import cdir.core.manifest as manifest_module
+
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 0
+    before = vectors(ws, "pixels")
+    hashed: list[str] = []
+    real = manifest_module.file_sha256
+    monkeypatch.setattr(manifest_module, "file_sha256", lambda p: hashed.append(p) or real(p))
+
+    # size and mtime as recorded: the fast path reads no image
+    capsys.readouterr()
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    assert f"embedded 0 new, {3 * N_CATEGORIES} already done" in capsys.readouterr().out
+    assert hashed == []
+
+    # touched (same bytes, new mtime): hashed, and it keeps its vector
+    touched = image_path(ws, "noto_mono", 1)
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    # rewritten in place, no `cdir data` since
+    img = image_path(ws, "openmoji", 2)
+    Image.open(img).convert("RGB").rotate(90).save(img)
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    out = capsys.readouterr().out
+    assert f"embedded 1 new, {3 * N_CATEGORIES - 1} already done" in out and "1 changed" in out
+    assert sorted(hashed) == sorted([str(touched), str(img)])
+    after = vectors(ws, "pixels")
+    row = pd.read_parquet(ws / "manifest.parquet")["path"].tolist().index(str(img))
+    others = np.arange(len(after)) != row
+    np.testing.assert_array_equal(after[others], before[others])
+    assert not np.allclose(after[row], before[row])
+
+    # later stages see the new content: the old index is stale, the rebuilt one finds the image
+    fails(capsys, "search", "-w", ws, "--image", img, match="stale")
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 0
+    assert "built flat index" in capsys.readouterr().out
+    assert cdir("search", "-w", ws, "--image", img, "-k", "1", "--json") == 0
+    hit = json.loads(capsys.readouterr().out)[0]["results"][0]
+    assert hit["path"] == str(img) and hit["score"] == pytest.approx(1.0, abs=1e-5)
+    assert cdir("eval", "-w", ws, "--encoder", "pixels") == 0
+    hashed.clear()
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    assert "embedded 0 new" in capsys.readouterr().out and hashed == []
+    # a removed image keeps its record: dropping it is `cdir data`'s scan
+    recorded = pd.read_parquet(ws / "manifest.parquet")
+    image_path(ws, "twemoji", 3).unlink()
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    assert "embedded 0 new" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_parquet(ws / "manifest.parquet"), recorded)
+
+
 def test_touched_image_keeps_its_vector_and_data_hashes_only_changed_files(tmp_path, capsys,
                                                                           monkeypatch):
     import cdir.core.manifest as manifest_module

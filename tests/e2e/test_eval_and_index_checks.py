@@ -183,7 +183,7 @@ def test_index_build_refuses_images_not_embedded_yet(indexed_ws, capsys):
     capsys.readouterr()
     assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 2
     line = error_line(capsys.readouterr().err)
-    assert f"{missing} of {total} gallery images" in line
+    assert f"{missing} of {total} images have no pixels vector yet" in line
     assert f"cdir embed -w {shlex.quote(str(ws))} --encoder pixels" in line
     assert "--allow-missing" in line
     # the refused build changed nothing: the index is still the stale one
@@ -347,3 +347,118 @@ def test_eval_takes_no_progress(eval_ws, capsys):
     assert cdir("eval", "-w", eval_ws, "--encoder", "pixels", "--run", "quiet",
                 "--no-progress") == 0
     assert "eval:" not in capsys.readouterr().err  # the tqdm bar of the protocol
+
+
+# ------------------------------------------------------------ partial stores are never whole
+
+def test_partial_store_is_refused_by_eval_index_and_search_unless_allowed(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from cdir.core.lock import beside
+
+    ws = emoji_workspace(tmp_path, 6)  # 18 images, 6 per art set
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0", "--limit", 10) == 0
+    m = Workspace(ws).manifest()
+    done = set(m["id"].iloc[:10])
+    want = m[~m["id"].isin(done)].groupby("domain").size()
+    per = ", ".join(f"{d} {n}" for d, n in want.items())
+    fill = f"cdir embed -w {shlex.quote(str(ws))} --encoder pixels"
+    for args in (("eval", "-w", ws, "--encoder", "pixels"),
+                 ("index", "build", "-w", ws, "--encoder", "pixels")):
+        capsys.readouterr()
+        assert cdir(*args) == 2
+        line = error_line(capsys.readouterr().err)
+        assert f"8 of 18 images have no pixels vector yet ({per})" in line, line
+        assert fill in line and "--allow-missing" in line
+
+    # allowed: evaluated, and the missing counts are in the printed table and the report
+    capsys.readouterr()
+    assert cdir("eval", "-w", ws, "--encoder", "pixels", "--allow-missing", "--run", "part") == 0
+    out = capsys.readouterr().out
+    assert f"partial: 8 of 18 images have no pixels vector yet ({per})" in out
+    assert "8 not embedded yet" in out and "unreadable" not in out
+    md = (ws / "reports" / "part" / "results.md").read_text()
+    assert f"- missing: 8 of 18 images have no pixels vector yet ({per})" in md
+
+    # an index built without them is not searched as a whole one
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels", "--allow-missing") == 0
+    query = m["path"].iloc[0]
+    capsys.readouterr()
+    assert cdir("search", "-w", ws, "--image", query) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "8 of 18" in line and fill in line and "--allow-missing" in line
+    assert cdir("search", "-w", ws, "--image", query, "--allow-missing") == 0
+    assert "8 of 18" in capsys.readouterr().err
+
+    # beside a running embed (its lock held by a live process), the refusal names it
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = beside(Workspace(ws).embeddings_dir("pixels"))
+        lock.write_text(json.dumps({"pid": holder.pid, "since": "2026-01-01T10:00:00",
+                                    "what": "writing the embeddings of pixels"}))
+        capsys.readouterr()
+        assert cdir("eval", "-w", ws, "--encoder", "pixels") == 2
+        line = error_line(capsys.readouterr().err)
+        assert f"an embed of pixels is still running (pid {holder.pid}" in line, line
+        assert "8 of 18" in line and "single domain" not in line
+    finally:
+        holder.kill()
+        holder.wait()
+        os.unlink(lock)
+
+    # completed: every command works without the flag
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    assert cdir("eval", "-w", ws, "--encoder", "pixels") == 0
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 0
+    assert cdir("search", "-w", ws, "--image", query) == 0
+
+
+# -------------------------------------------------------------------------------- rough edges
+
+def test_same_domain_pair_says_why_it_is_n_a(eval_ws, capsys):
+    capsys.readouterr()
+    assert cdir("eval", "-w", eval_ws, "--encoder", "pixels", "--pairs",
+                "twemoji:twemoji,twemoji:openmoji", "--run", "aa") == 0
+    out = capsys.readouterr().out
+    assert "n/a" in out
+    assert ("twemoji→twemoji: n/a: no query of twemoji has another image of its class in "
+            "twemoji") in out
+    assert "twemoji→openmoji: n/a" not in out
+
+
+def test_search_table_footer_bad_queries_and_query_domain(tmp_path, capsys):
+    ws = emoji_workspace(tmp_path, 6)
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0") == 0
+    assert cdir("index", "build", "-w", ws, "--encoder", "pixels") == 0
+    good = Workspace(ws).manifest()["path"].iloc[0]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    capsys.readouterr()
+    # one unreadable query among good ones: listed and skipped, the others searched, exit 1
+    assert cdir("search", "-w", ws, "--image", bad, "--image", good, "-k", 1000) == 1
+    out, err = capsys.readouterr()
+    assert f"query skipped: {bad}" in err and "Traceback" not in err
+    assert f"query {good}" in out
+    header = out.splitlines()[1].split()
+    assert header == ["rank", "score", "domain", "class", "path"]
+    assert "all 18 results (fewer than -k 1000)" in out and "top 1000" not in out
+    assert "1 skipped (unreadable)" in out
+    assert cdir("search", "-w", ws, "--image", bad) == 2
+    # --query-domain on a plain index: said, not silently ignored
+    capsys.readouterr()
+    assert cdir("search", "-w", ws, "--image", good, "--query-domain", "twemoji") == 0
+    out, err = capsys.readouterr()
+    assert "--query-domain twemoji changes nothing" in err
+    assert "top 10," in out
+
+
+def test_empty_domain_folder_is_noted(tmp_path, capsys):
+    root = write_shape_tree(tmp_path / "gallery", domains=("a", "b"),
+                            classes=("circle", "square"), per_class=2)
+    (root / "c" / "circle").mkdir(parents=True)  # a domain folder without any image
+    capsys.readouterr()
+    assert cdir("data", "folder", root, "-w", tmp_path / "ws") == 0
+    err = capsys.readouterr().err
+    assert "1 domain folder(s) hold no image in a class folder and are left out: c" in err
