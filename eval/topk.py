@@ -20,7 +20,7 @@ Scorers must not return NaN (a CdirError is raised); +/-inf scores are ranked li
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -35,6 +35,9 @@ DEFAULT_MEMORY_BUDGET_MB = 256
 # for the rare rows that need tie resolution.
 _BYTES_PER_CELL = 16
 _BYTES_PER_RESULT = 48  # values, indices and the sort temporaries of one returned (query, rank)
+# Extra bytes per cell when each block is also ranked in full (mAP@All): a sorted copy of the
+# scores and the relevance mask.
+_BYTES_PER_CELL_RANKED = 12
 MAX_BLOCK_ROWS = 8192
 
 
@@ -122,9 +125,12 @@ class CosineScorer:
         return q @ self._gallery(_as_rows(gallery_rows)).T
 
 
-def block_rows_for_budget(n_gallery: int, k: int, memory_budget_mb: float) -> int:
-    """How many query rows fit one block in ``memory_budget_mb`` of working memory."""
-    per_row = _BYTES_PER_CELL * max(n_gallery, 1) + _BYTES_PER_RESULT * max(k, 1)
+def block_rows_for_budget(n_gallery: int, k: int, memory_budget_mb: float,
+                          full_ranking: bool = False) -> int:
+    """How many query rows fit one block in ``memory_budget_mb`` of working memory
+    (``full_ranking``: the block is also ranked in full, see :func:`average_precision_all`)."""
+    cell = _BYTES_PER_CELL + (_BYTES_PER_CELL_RANKED if full_ranking else 0)
+    per_row = cell * max(n_gallery, 1) + _BYTES_PER_RESULT * max(k, 1)
     return int(min(MAX_BLOCK_ROWS, max(1, memory_budget_mb * 2**20 // per_row)))
 
 
@@ -182,6 +188,7 @@ def blockwise_topk(
     block_size: int | None = None,
     exclude_self: bool = True,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    on_block: Callable[[int, torch.Tensor, np.ndarray | None], None] | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(start, scores, gallery_positions)`` for consecutive blocks of queries.
 
@@ -189,6 +196,11 @@ def blockwise_topk(
     ``gallery_positions`` (int64, indices into ``gallery_rows``) are (block, min(k, n_gallery))
     arrays ranked by the module's rule. ``block_size=None`` picks the largest block whose working
     memory stays within ``memory_budget_mb``.
+
+    ``on_block(start, s, own)``, when given, sees each block's full score matrix before the
+    block is yielded (own items already at -inf; ``own``: each query's own gallery position,
+    -1 when absent, or None), so that a metric over the whole ranking (mAP@All) reuses the
+    scores instead of scoring twice; the automatic block size then leaves room for a full sort.
     """
     query_rows, gallery_rows = _as_rows(query_rows), _as_rows(gallery_rows)
     n_gallery = len(gallery_rows)
@@ -198,7 +210,8 @@ def blockwise_topk(
         return
     k_eff = min(k, n_gallery)
     if block_size is None:
-        block_size = block_rows_for_budget(n_gallery, k_eff, memory_budget_mb)
+        block_size = block_rows_for_budget(n_gallery, k_eff, memory_budget_mb,
+                                           full_ranking=on_block is not None)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     self_pos = _self_positions(query_rows, gallery_rows) if exclude_self else None
@@ -219,6 +232,8 @@ def blockwise_topk(
                     s = s.clone()  # the scorer may hand out a tensor it still owns
                     s[torch.from_numpy(has).to(s.device),
                       torch.from_numpy(sp[has]).to(s.device)] = float("-inf")
+            if on_block is not None:
+                on_block(start, s, sp)
             vals, idx = select_topk(s, k_eff)
             vals_np = vals.cpu().numpy().astype(np.float32, copy=False)
             idx_np = idx.cpu().numpy().astype(np.int64, copy=False)
@@ -228,6 +243,68 @@ def blockwise_topk(
                     idx_np[own] = -1
                     vals_np[own] = -np.inf
             yield start, vals_np, idx_np
+
+
+def _sorted_rows(s: torch.Tensor) -> torch.Tensor:
+    """Each row of ``s`` sorted ascending (values only). On the CPU numpy's vectorised quicksort
+    is several times faster than ``torch.sort``, which also builds indices; on a GPU torch's."""
+    if s.device.type == "cpu":
+        return torch.from_numpy(np.sort(s.numpy(), axis=1))
+    return torch.sort(s, dim=1).values
+
+
+def average_precision_all(s: torch.Tensor, relevant: torch.Tensor) -> np.ndarray:
+    """Average precision of each row over the *whole* ranking of its columns (mAP@All's term).
+
+    ``s`` is a (queries, gallery) score block, ``relevant`` a bool mask of the same shape (a
+    query's own item already cleared). The ranking is the module's rule (score descending, then
+    the lower column); AP = (1/R) * sum over the R relevant items of (relevant items up to its
+    rank) / its rank. Returns float64 in [0, 1], NaN for a row with no relevant item.
+
+    Only the relevant items' ranks are needed: a relevant score that no other column shares has
+    rank 1 + (columns scoring higher), found by binary search in the sorted row. Rows where a
+    relevant score is tied with another column take the exact stable argsort instead (rare with
+    real scores; ties are then broken by column like the top-k).
+    """
+    if s.shape != relevant.shape:
+        raise ValueError(f"scores {tuple(s.shape)} and relevant {tuple(relevant.shape)} differ")
+    n, n_cols = s.shape
+    rel = relevant.to(device=s.device, dtype=torch.bool)
+    ap = np.full(n, np.nan)
+    rows, cols = rel.nonzero(as_tuple=True)  # row-major
+    if len(rows) == 0:
+        return ap
+    counts = torch.bincount(rows, minlength=n)
+    vals = s[rows, cols]
+    # The relevant scores as a padded (n, R_max) matrix, for a batched binary search.
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(rows), device=s.device) - starts[rows]
+    padded = torch.zeros((n, int(counts.max())), dtype=s.dtype, device=s.device)
+    padded[rows, slot] = vals
+    srt = _sorted_rows(s).to(s.device)
+    above = torch.searchsorted(srt, padded, right=True)[rows, slot]
+    below = torch.searchsorted(srt, padded, right=False)[rows, slot]
+    rank = (n_cols - above + 1).to(torch.int64)  # 1 + columns scoring strictly higher
+    tied_rows = torch.unique(rows[above - below > 1])
+    if len(tied_rows):
+        # stable descending sort = ties to the lower column: the module's ranking rule
+        order = torch.sort(s[tied_rows], dim=1, descending=True, stable=True).indices
+        pos = torch.empty_like(order)
+        pos.scatter_(1, order, torch.arange(n_cols, device=s.device).expand_as(order))
+        local = torch.full((n,), -1, dtype=torch.int64, device=s.device)
+        local[tied_rows] = torch.arange(len(tied_rows), device=s.device)
+        in_tied = local[rows] >= 0
+        rank[in_tied] = pos[local[rows[in_tied]], cols[in_tied]] + 1
+    # m-th relevant item in rank order: sort each row's relevant items by rank
+    # (rows stay grouped and ascending, so after the sort entry i is the (slot[i] + 1)-th
+    # relevant item of rows[i] in rank order)
+    base = rows.to(torch.int64) * (n_cols + 1)
+    rank_sorted = (torch.sort(base + rank).values - base).to(torch.float64)
+    total = torch.zeros(n, dtype=torch.float64, device=s.device)
+    total.index_add_(0, rows, (slot + 1).to(torch.float64) / rank_sorted)
+    has = (counts > 0).cpu().numpy()
+    ap[has] = (total / counts.clamp(min=1).to(torch.float64)).cpu().numpy()[has]
+    return ap
 
 
 def dense_topk(
