@@ -219,9 +219,6 @@ def one_relevant(rows: Sequence[dict[str, Any]]) -> bool:
     return bool(ranged) and all(r["min_relevant"] == r["max_relevant"] == 1 for r in ranged)
 
 
-ONE_RELEVANT_NOTE = ("one relevant item per query: P@k = prec@1 = mAP@R; see recall@k")
-
-
 def _example(manifest: pd.DataFrame, a: str, b: str, q_row: int, n_rel: int, g_rows: np.ndarray,
              pos: np.ndarray, scores: np.ndarray, hits: np.ndarray) -> dict[str, Any]:
     valid = pos >= 0

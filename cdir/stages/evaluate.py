@@ -221,9 +221,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
         comparison = compare_modes(tables, ks)
         from cdir.core.io import write_text
 
-        write_text(out_root / "comparison.md",
-                   f"# Modes compared (UCDIR P@k), split {split}\n\n{comparison}")
-        say(f"## modes compared (UCDIR P@k), split {split}\n", comparison)
+        write_text(out_root / "comparison.md", f"# Modes compared, split {split}\n\n{comparison}")
+        say(f"## modes compared, split {split}\n", comparison)
     summary = (f"evaluated {len(variants)} mode(s) × {len(next(iter(tables.values()))) - 1} pairs "
                f"in {time.perf_counter() - t0:.1f}s; report in {Path(out_root)}")
     return {"report": str(out_root), "split": split, "modes": modes, "ks": ks, "pairs": pairs,
@@ -266,20 +265,33 @@ def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
     return out
 
 
+def comparison_columns(ks: Sequence[int], one: bool) -> list[str]:
+    """The metrics the comparison shows, one table each: P@k for every k and mAP@All; with one
+    relevant item per query every P@k is prec@1 = mAP@R, so P@1, then recall@k for the other k
+    (the columns that still tell the ranks apart), then mAP@All."""
+    if one:
+        return ["P@1"] + [f"recall@{k}" for k in ks if k != 1] + ["mAP@All"]
+    return [f"P@{k}" for k in ks] + ["mAP@All"]
+
+
 def compare_modes(tables: dict[str, list[dict]], ks: tuple[int, ...]) -> str:
-    """One Markdown table: a row per directed pair, the P@k of every mode side by side."""
-    from eval.report import format_value
+    """Markdown, one table per metric of :func:`comparison_columns`: a row per directed pair (and
+    the mean), a column per evaluated variant, so the width grows with the variants only; then
+    the notes defining each metric."""
+    from eval.protocol import one_relevant
+    from eval.report import METRIC_NOTES, ONE_RELEVANT_NOTE, format_value
 
     modes = list(tables)
-    cols = [f"{m} P@{k}" for m in modes for k in ks]
-    lines = ["| pair | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    one = all(one_relevant(rows) for rows in tables.values())
     pairs = [r["pair"] for r in tables[modes[0]]]
     by_mode = {m: {r["pair"]: r for r in rows} for m, rows in tables.items()}
-    for pair in pairs:
-        cells = []
-        for m in modes:
-            row = by_mode[m].get(pair, {})
-            cells += [format_value(row.get(f"P@{k}")) for k in ks]
-        name = f"**{pair}**" if pair == "mean" else pair
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    lines = [ONE_RELEVANT_NOTE, ""] if one else []
+    for col in comparison_columns(ks, one):
+        lines += [f"### {col}", "", "| pair | " + " | ".join(modes) + " |",
+                  "|---|" + "---:|" * len(modes)]
+        for pair in pairs:
+            cells = [format_value(by_mode[m].get(pair, {}).get(col)) for m in modes]
+            name = f"**{pair}**" if pair == "mean" else pair
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + METRIC_NOTES

@@ -101,3 +101,18 @@ def test_results_md_explains_recall_at_k(tmp_path):
             "n_gallery": 3, "recall@5": 40.0}]
     md = " ".join(write_report(res, tmp_path, "recall")["md"].read_text().split())
     assert "recall@k is the fraction of the relevant gallery items found in the top k" in md
+
+
+def test_tables_say_when_every_query_has_one_relevant_item(tmp_path):
+    note = "one relevant item per query: P@k = prec@1 = mAP@R; see recall@k"
+    row = {"pair": "x→y", "query_domain": "x", "gallery_domain": "y", "n_queries": 2,
+           "n_gallery": 3, "min_relevant": 1, "max_relevant": 1, "P@1": 50.0, "P@5": 50.0,
+           "recall@5": 100.0, "mAP@All": 75.0}
+    table = format_table([row])
+    assert table.rstrip().endswith(note)
+    assert "max_relevant" not in table.splitlines()[0]  # the R range is not a metric column
+    md = write_report([row], tmp_path, "r1")["md"].read_text()
+    assert note in md and "- mAP@All is the average precision over the whole ranked gallery" in md
+    # one query with R = 2 (or R = 0) and the note is gone
+    assert note not in format_table([{**row, "max_relevant": 2}])
+    assert note not in format_table([{**row, "min_relevant": 0}])
