@@ -103,6 +103,44 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def aggregate_seeds(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The result rows of one evaluation per seed (same pairs) as one row per pair: every metric
+    column's mean over the seeds under its own key, its sample standard deviation under
+    ``"<column> std"`` (0 with one seed; NaN values left out), and ``seeds`` (how many). The mean
+    row's figures are the mean and spread of the seeds' own pair means."""
+    import statistics
+
+    per_seed = [split_examples(list(rows))[0] for rows in runs]
+    if not per_seed:
+        return []
+    cols = _metric_columns(per_seed[0])
+    out = []
+    for i, first in enumerate(per_seed[0]):
+        row = {k: v for k, v in first.items() if k in META_COLUMNS}
+        row["seeds"] = len(per_seed)
+        for c in cols:
+            vals = [float(rows[i][c]) for rows in per_seed
+                    if rows[i].get(c) is not None and not math.isnan(float(rows[i][c]))]
+            row[c] = statistics.fmean(vals) if vals else float("nan")
+            row[f"{c} std"] = statistics.stdev(vals) if len(vals) > 1 else (
+                0.0 if vals else float("nan"))
+        out.append(row)
+    return out
+
+
+def format_seed_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
+    """A Markdown table of :func:`aggregate_seeds` rows: pair, then "mean ± std" per column."""
+    lines = ["| pair | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            m, sd = r.get(c), r.get(f"{c} std")
+            cells.append("n/a" if m is None or math.isnan(m) else f"{m:.2f} ± {sd:.2f}")
+        name = f"**{r['pair']}**" if r.get("pair") == "mean" else str(r.get("pair"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def jsonable(v: Any) -> Any:
     """``v`` with NaN as None and numpy scalars as Python numbers, for JSON."""
     if isinstance(v, float) and math.isnan(v):

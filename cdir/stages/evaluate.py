@@ -125,7 +125,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
              echo: Callable[[str], None] | None = None,
              normalize: str | Sequence[str] | None = None,
              rerank: str | Sequence[str] | None = None,
-             csls_k: int = DEFAULT_CSLS_K, split: str | None = None) -> dict[str, Any]:
+             csls_k: int = DEFAULT_CSLS_K, split: str | None = None,
+             seeds: Sequence[int] | None = None) -> dict[str, Any]:
     """Evaluate every mode in ``modes`` (default: each mode the models given configure) on the
     directed pairs ``pairs`` (default: all) at ``ks`` (default: the dataset's), and write the
     reports to ``WORKSPACE/reports/RUN/`` (one folder per mode when there are several, and a
@@ -143,7 +144,14 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     line) or lists. Returns the report folder, the modes, ks, pairs, the ``settings``, each mode's
     result rows, the printed ``lines`` (notes and tables, in order) and the one-line ``summary``;
     ``echo`` gets each of those lines as soon as it is known, so a long evaluation shows each
-    mode's table when that mode is done."""
+    mode's table when that mode is done.
+
+    ``seeds`` evaluates one trained model per seed: ``{seed}`` in a model spec (``encoder``,
+    ``text_encoder``, ``clip``) is replaced by each seed in turn, each seed's report goes to
+    ``RUN/seed_<seed>/``, and ``RUN/seeds.md`` / ``seeds.json`` give every figure as mean ± sample
+    standard deviation over the seeds (:func:`evaluate_seeds`)."""
+    if seeds:
+        return evaluate_seeds(**dict(locals()))
     from eval.protocol import default_ks, evaluate_pairs
     from eval.report import format_table, write_report
 
@@ -227,6 +235,79 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
                f"in {time.perf_counter() - t0:.1f}s; report in {Path(out_root)}")
     return {"report": str(out_root), "split": split, "modes": modes, "ks": ks, "pairs": pairs,
             "settings": settings, "results": tables, "lines": lines, "summary": summary}
+
+
+SEED_FIELD = "{seed}"
+SEEDED_MODELS = ("encoder", "text_encoder", "clip")  # the specs {seed} may appear in
+
+
+def evaluate_seeds(workspace: str | os.PathLike, seeds: Sequence[int],
+                   run: str | None = None, echo: Callable[[str], None] | None = None,
+                   **given: Any) -> dict[str, Any]:
+    """:func:`evaluate` once per seed, with ``{seed}`` in the model specs replaced by the seed
+    (e.g. ``ckpt:runs/distill/rrd/seed_{seed}/best.pt``, the folders `cdir distill --seeds`
+    writes), then every metric as mean ± sample standard deviation over the seeds, as the
+    distillation's seed table gives its top-1. Evaluation itself has no randomness: without
+    ``{seed}`` in a spec there is nothing to vary, and that is refused. ``given`` takes the other
+    arguments of :func:`evaluate`."""
+    from cdir.core.io import write_json, write_text
+    from eval.protocol import one_relevant
+    from eval.report import (
+        METRIC_NOTES,
+        ONE_RELEVANT_NOTE,
+        aggregate_seeds,
+        format_seed_table,
+        jsonable,
+    )
+
+    seeds = [int(x) for x in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise CdirError(f"--seeds has repeats: {seeds}")
+    if not any(SEED_FIELD in str(given.get(k) or "") for k in SEEDED_MODELS):
+        raise CdirError("--seeds evaluates one trained model per seed: write {seed} in the model "
+                        "spec, e.g. --encoder 'ckpt:runs/distill/rrd/seed_{seed}/best.pt' "
+                        "(the evaluation itself has no randomness to vary)")
+    if run is None:  # one folder for the seeds, named after every setting like a single run's
+        named = {k: v for k, v in given.items() if k not in ("device", "progress")}
+        run = spec_key("seeds=" + ",".join(map(str, seeds)) + "|"
+                       + "|".join(f"{k}={v}" for k, v in sorted(named.items(), key=str)))
+    lines: list[str] = []
+
+    def say(*texts: str) -> None:
+        for text in texts:
+            lines.append(text)
+            if echo is not None:
+                echo(text)
+
+    runs = []
+    for seed in seeds:
+        specs = {k: str(given[k]).replace(SEED_FIELD, str(seed))
+                 for k in SEEDED_MODELS if given.get(k)}
+        res = evaluate(workspace, **{**given, **specs}, run=f"{run}/seed_{seed}")
+        say(f"seed {seed}: {res['summary']}")
+        runs.append(res)
+    out_root = Path(runs[0]["report"]).parent
+    ks, split = runs[0]["ks"], runs[0]["split"]
+    tables = {v: aggregate_seeds([r["results"][v] for r in runs]) for v in runs[0]["results"]}
+    models = ", ".join(f"{k} {given[k]}" for k in SEEDED_MODELS if given.get(k))
+    md = [f"Mean ± sample standard deviation over {len(seeds)} seeds "
+          f"({', '.join(map(str, seeds))}) of {models}, split {split}; each seed's own report is "
+          "in seed_<seed>/. The mean row: the mean and spread of the seeds' pair means.", ""]
+    for key, rows in tables.items():
+        one = one_relevant(rows)
+        md += [f"## {key}", ""] + ([ONE_RELEVANT_NOTE, ""] if one else [])
+        md += [format_seed_table(rows, comparison_columns(ks, one))]
+    text = "\n".join(md) + METRIC_NOTES
+    write_text(out_root / "seeds.md", f"# Over seeds, split {split}\n\n{text}")
+    write_json(out_root / "seeds.json", jsonable({
+        "seeds": seeds, "models": {k: given[k] for k in SEEDED_MODELS if given.get(k)},
+        "split": split, "ks": list(ks), "results": tables,
+        "runs": {str(sd): r["report"] for sd, r in zip(seeds, runs, strict=True)}}))
+    say(f"\n## over seeds, split {split}\n", text)
+    summary = (f"evaluated {len(seeds)} seeds x {len(tables)} variant(s); mean ± std in "
+               f"{out_root / 'seeds.md'}")
+    return {"report": str(out_root), "split": split, "ks": ks, "seeds": seeds,
+            "runs": runs, "results": tables, "lines": lines, "summary": summary}
 
 
 def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],

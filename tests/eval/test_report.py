@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
@@ -116,3 +117,21 @@ def test_tables_say_when_every_query_has_one_relevant_item(tmp_path):
     # one query with R = 2 (or R = 0) and the note is gone
     assert note not in format_table([{**row, "max_relevant": 2}])
     assert note not in format_table([{**row, "min_relevant": 0}])
+
+
+def test_seeds_are_aggregated_as_mean_and_sample_std():
+    from eval.report import aggregate_seeds, format_seed_table
+
+    def rows(p1: float, m: float) -> list[dict]:
+        return [{"pair": "x→y", "n_queries": 2, "P@1": p1, "mAP@All": m},
+                {"pair": "mean", "n_queries": 2, "P@1": p1, "mAP@All": float("nan")}]
+
+    agg = aggregate_seeds([rows(50.0, 10.0), rows(70.0, 20.0), rows(60.0, 30.0)])
+    assert [r["pair"] for r in agg] == ["x→y", "mean"] and agg[0]["seeds"] == 3
+    assert agg[0]["P@1"] == pytest.approx(60.0) and agg[0]["P@1 std"] == pytest.approx(10.0)
+    assert agg[0]["mAP@All"] == pytest.approx(20.0)
+    assert np.isnan(agg[1]["mAP@All"])
+    table = format_seed_table(agg, ["P@1", "mAP@All"])
+    assert "| x→y | 60.00 ± 10.00 | 20.00 ± 10.00 |" in table
+    assert "| **mean** | 60.00 ± 10.00 | n/a |" in table
+    assert aggregate_seeds([rows(50.0, 10.0)])[0]["P@1 std"] == 0.0  # one seed: no spread
