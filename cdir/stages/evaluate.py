@@ -268,7 +268,8 @@ def evaluate_seeds(workspace: str | os.PathLike, seeds: Sequence[int],
                         "spec, e.g. --encoder 'ckpt:runs/distill/rrd/seed_{seed}/best.pt' "
                         "(the evaluation itself has no randomness to vary)")
     if run is None:  # one folder for the seeds, named after every setting like a single run's
-        named = {k: v for k, v in given.items() if k not in ("device", "progress")}
+        named = {k: v for k, v in given.items()
+                 if v not in (None, "", False) and k not in ("device", "progress")}
         run = spec_key("seeds=" + ",".join(map(str, seeds)) + "|"
                        + "|".join(f"{k}={v}" for k, v in sorted(named.items(), key=str)))
     lines: list[str] = []
@@ -297,7 +298,7 @@ def evaluate_seeds(workspace: str | os.PathLike, seeds: Sequence[int],
         one = one_relevant(rows)
         md += [f"## {key}", ""] + ([ONE_RELEVANT_NOTE, ""] if one else [])
         md += [format_seed_table(rows, comparison_columns(ks, one))]
-    text = "\n".join(md) + METRIC_NOTES
+    text = "\n".join(md) + "\n" + METRIC_NOTES
     write_text(out_root / "seeds.md", f"# Over seeds, split {split}\n\n{text}")
     write_json(out_root / "seeds.json", jsonable({
         "seeds": seeds, "models": {k: given[k] for k in SEEDED_MODELS if given.get(k)},
@@ -375,4 +376,4 @@ def compare_modes(tables: dict[str, list[dict]], ks: tuple[int, ...]) -> str:
             name = f"**{pair}**" if pair == "mean" else pair
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines) + METRIC_NOTES
+    return "\n".join(lines) + "\n" + METRIC_NOTES
