@@ -35,9 +35,13 @@ DEFAULT_MEMORY_BUDGET_MB = 256
 # for the rare rows that need tie resolution.
 _BYTES_PER_CELL = 16
 _BYTES_PER_RESULT = 48  # values, indices and the sort temporaries of one returned (query, rank)
-# Extra bytes per cell when each block is also ranked in full (mAP@All): a sorted copy of the
-# scores and the relevance mask.
-_BYTES_PER_CELL_RANKED = 12
+# Extra bytes per cell when each block is also ranked in full (mAP@All): the relevance mask and
+# its comparison temporaries. The ranking itself works through the block in row chunks whose
+# temporaries stay bounded: a sorted copy and the tie counts of at most _AP_CHUNK_CELLS cells
+# (about 16 MB), and per-relevant-item arrays for at most _AP_CHUNK_RELEVANT items (about 20 MB).
+_BYTES_PER_CELL_RANKED = 4
+_AP_CHUNK_CELLS = 2**21
+_AP_CHUNK_RELEVANT = 2**18
 MAX_BLOCK_ROWS = 8192
 
 
@@ -261,15 +265,33 @@ def average_precision_all(s: torch.Tensor, relevant: torch.Tensor) -> np.ndarray
     the lower column); AP = (1/R) * sum over the R relevant items of (relevant items up to its
     rank) / its rank. Returns float64 in [0, 1], NaN for a row with no relevant item.
 
-    Only the relevant items' ranks are needed: a relevant score that no other column shares has
-    rank 1 + (columns scoring higher), found by binary search in the sorted row. Rows where a
-    relevant score is tied with another column take the exact stable argsort instead (rare with
-    real scores; ties are then broken by column like the top-k).
+    Only the relevant items' ranks are needed: rank = 1 + (columns scoring higher), found by
+    binary search in the sorted row, + (columns scoring the same with a lower index), counted
+    directly for the few relevant items whose score another column shares (ties go to the lower
+    column, as in the top-k).
     """
     if s.shape != relevant.shape:
         raise ValueError(f"scores {tuple(s.shape)} and relevant {tuple(relevant.shape)} differ")
     n, n_cols = s.shape
     rel = relevant.to(device=s.device, dtype=torch.bool)
+    if n == 0:
+        return np.zeros(0)
+    # Row chunks bounded in cells and in relevant items keep the temporaries small.
+    per_row = rel.sum(dim=1).cpu().numpy()
+    max_rows = max(1, _AP_CHUNK_CELLS // max(n_cols, 1))
+    parts, start = [], 0
+    while start < n:
+        stop = min(n, start + max_rows)
+        within = np.cumsum(per_row[start:stop])
+        stop = start + max(1, int(np.searchsorted(within, _AP_CHUNK_RELEVANT, side="right")))
+        parts.append(_ap_rows(s[start:stop], rel[start:stop]))
+        start = stop
+    return np.concatenate(parts)
+
+
+def _ap_rows(s: torch.Tensor, rel: torch.Tensor) -> np.ndarray:
+    """:func:`average_precision_all` on one chunk of rows."""
+    n, n_cols = s.shape
     ap = np.full(n, np.nan)
     rows, cols = rel.nonzero(as_tuple=True)  # row-major
     if len(rows) == 0:
@@ -285,16 +307,16 @@ def average_precision_all(s: torch.Tensor, relevant: torch.Tensor) -> np.ndarray
     above = torch.searchsorted(srt, padded, right=True)[rows, slot]
     below = torch.searchsorted(srt, padded, right=False)[rows, slot]
     rank = (n_cols - above + 1).to(torch.int64)  # 1 + columns scoring strictly higher
-    tied_rows = torch.unique(rows[above - below > 1])
-    if len(tied_rows):
-        # stable descending sort = ties to the lower column: the module's ranking rule
-        order = torch.sort(s[tied_rows], dim=1, descending=True, stable=True).indices
-        pos = torch.empty_like(order)
-        pos.scatter_(1, order, torch.arange(n_cols, device=s.device).expand_as(order))
-        local = torch.full((n,), -1, dtype=torch.int64, device=s.device)
-        local[tied_rows] = torch.arange(len(tied_rows), device=s.device)
-        in_tied = local[rows] >= 0
-        rank[in_tied] = pos[local[rows[in_tied]], cols[in_tied]] + 1
+    tied = (above - below > 1).nonzero().squeeze(1)
+    if len(tied):
+        # Ties go to the lower column: add the columns left of the item that score the same.
+        # (T x N comparisons for T tied items, in groups of bounded size.)
+        col_ids = torch.arange(n_cols, device=s.device)
+        step = max(1, _AP_CHUNK_CELLS // max(n_cols, 1))
+        for i in range(0, len(tied), step):
+            ti = tied[i:i + step]
+            same = s[rows[ti]] == vals[ti, None]
+            rank[ti] += (same & (col_ids[None, :] < cols[ti, None])).sum(dim=1)
     # m-th relevant item in rank order: sort each row's relevant items by rank
     # (rows stay grouped and ascending, so after the sort entry i is the (slot[i] + 1)-th
     # relevant item of rows[i] in rank order)
