@@ -249,12 +249,11 @@ def blockwise_topk(
             yield start, vals_np, idx_np
 
 
-def _sorted_rows(s: torch.Tensor) -> torch.Tensor:
-    """Each row of ``s`` sorted ascending (values only). On the CPU numpy's vectorised quicksort
-    is several times faster than ``torch.sort``, which also builds indices; on a GPU torch's."""
-    if s.device.type == "cpu":
-        return torch.from_numpy(np.sort(s.numpy(), axis=1))
-    return torch.sort(s, dim=1).values
+def _order_keys(x: np.ndarray) -> np.ndarray:
+    """int64 keys in the order of the float32 values ``x`` (equal floats, equal keys; -0.0 is
+    made +0.0 first): the sign-magnitude bits turned into two's complement."""
+    bits = (np.asarray(x, dtype=np.float32) + np.float32(0.0)).view(np.int32)
+    return (bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64)
 
 
 def average_precision_all(s: torch.Tensor, relevant: torch.Tensor) -> np.ndarray:
@@ -268,64 +267,64 @@ def average_precision_all(s: torch.Tensor, relevant: torch.Tensor) -> np.ndarray
     Only the relevant items' ranks are needed: rank = 1 + (columns scoring higher), found by
     binary search in the sorted row, + (columns scoring the same with a lower index), counted
     directly for the few relevant items whose score another column shares (ties go to the lower
-    column, as in the top-k).
+    column, as in the top-k). The work runs on the CPU (numpy's vectorised sort and indexing are
+    much faster there than torch's), in row chunks whose temporaries stay bounded.
     """
     if s.shape != relevant.shape:
         raise ValueError(f"scores {tuple(s.shape)} and relevant {tuple(relevant.shape)} differ")
     n, n_cols = s.shape
-    rel = relevant.to(device=s.device, dtype=torch.bool)
     if n == 0:
         return np.zeros(0)
-    # Row chunks bounded in cells and in relevant items keep the temporaries small.
-    per_row = rel.sum(dim=1).cpu().numpy()
+    rel = relevant.detach().to("cpu", torch.bool).numpy()
+    per_row = np.count_nonzero(rel, axis=1)
     max_rows = max(1, _AP_CHUNK_CELLS // max(n_cols, 1))
     parts, start = [], 0
     while start < n:
         stop = min(n, start + max_rows)
         within = np.cumsum(per_row[start:stop])
         stop = start + max(1, int(np.searchsorted(within, _AP_CHUNK_RELEVANT, side="right")))
-        parts.append(_ap_rows(s[start:stop], rel[start:stop]))
+        chunk = s[start:stop].detach().to("cpu", torch.float32).numpy()
+        parts.append(_ap_rows(chunk, rel[start:stop]))
         start = stop
     return np.concatenate(parts)
 
 
-def _ap_rows(s: torch.Tensor, rel: torch.Tensor) -> np.ndarray:
-    """:func:`average_precision_all` on one chunk of rows."""
+def _ap_rows(s: np.ndarray, rel: np.ndarray) -> np.ndarray:
+    """:func:`average_precision_all` on one chunk of rows (numpy)."""
     n, n_cols = s.shape
     ap = np.full(n, np.nan)
-    rows, cols = rel.nonzero(as_tuple=True)  # row-major
+    rows, cols = np.nonzero(rel)  # row-major: each row's items in column order
     if len(rows) == 0:
         return ap
-    counts = torch.bincount(rows, minlength=n)
-    vals = s[rows, cols]
-    # The relevant scores as a padded (n, R_max) matrix, for a batched binary search.
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(len(rows), device=s.device) - starts[rows]
-    padded = torch.zeros((n, int(counts.max())), dtype=s.dtype, device=s.device)
-    padded[rows, slot] = vals
-    srt = _sorted_rows(s).to(s.device)
-    above = torch.searchsorted(srt, padded, right=True)[rows, slot]
-    below = torch.searchsorted(srt, padded, right=False)[rows, slot]
-    rank = (n_cols - above + 1).to(torch.int64)  # 1 + columns scoring strictly higher
-    tied = (above - below > 1).nonzero().squeeze(1)
+    # Every row sorted ascending and keyed by (row, value): one flat sorted array, so a single
+    # 1-d binary search serves every row.
+    span = np.int64(1) << 33  # wider than the 2^32 keys of one row's values
+    flat = (_order_keys(np.sort(s, axis=1)) + (np.arange(n, dtype=np.int64) * span)[:, None]
+            ).ravel()
+    base = rows.astype(np.int64)
+    probe = _order_keys(s[rows, cols]) + base * span
+    above = np.searchsorted(flat, probe, side="right") - base * n_cols
+    below = np.searchsorted(flat, probe, side="left") - base * n_cols
+    rank = n_cols - above + 1  # 1 + columns scoring strictly higher
+    tied = np.flatnonzero(above - below > 1)
     if len(tied):
-        # Ties go to the lower column: add the columns left of the item that score the same.
-        # (T x N comparisons for T tied items, in groups of bounded size.)
-        col_ids = torch.arange(n_cols, device=s.device)
+        # Ties go to the lower column: add the columns left of the item that score the same
+        # (T x N comparisons for T tied items, in groups of bounded size).
+        col_ids = np.arange(n_cols)
         step = max(1, _AP_CHUNK_CELLS // max(n_cols, 1))
         for i in range(0, len(tied), step):
             ti = tied[i:i + step]
-            same = s[rows[ti]] == vals[ti, None]
-            rank[ti] += (same & (col_ids[None, :] < cols[ti, None])).sum(dim=1)
-    # m-th relevant item in rank order: sort each row's relevant items by rank
-    # (rows stay grouped and ascending, so after the sort entry i is the (slot[i] + 1)-th
-    # relevant item of rows[i] in rank order)
-    base = rows.to(torch.int64) * (n_cols + 1)
-    rank_sorted = (torch.sort(base + rank).values - base).to(torch.float64)
-    total = torch.zeros(n, dtype=torch.float64, device=s.device)
-    total.index_add_(0, rows, (slot + 1).to(torch.float64) / rank_sorted)
-    has = (counts > 0).cpu().numpy()
-    ap[has] = (total / counts.clamp(min=1).to(torch.float64)).cpu().numpy()[has]
+            same = s[rows[ti]] == s[rows[ti], cols[ti]][:, None]
+            rank[ti] += np.count_nonzero(same & (col_ids[None, :] < cols[ti, None]), axis=1)
+    # The m-th relevant item of a row in rank order scores m / rank; rows stay grouped after
+    # sorting by (row, rank), so m is the position within the row's group.
+    order = np.argsort(base * (n_cols + 1) + rank, kind="stable")
+    counts = np.bincount(rows, minlength=n)
+    starts = np.cumsum(counts) - counts
+    m = np.arange(len(rows)) - starts[rows] + 1  # rows are already grouped and ascending
+    total = np.bincount(rows, weights=m / rank[order], minlength=n)
+    has = counts > 0
+    ap[has] = total[has] / counts[has]
     return ap
 
 
