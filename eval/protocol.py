@@ -29,6 +29,7 @@ from eval.metrics import (
 
 if TYPE_CHECKING:
     import pandas as pd
+    import torch
 
     from eval.topk import Scorer
 
@@ -107,7 +108,6 @@ def evaluate_pairs(
     ``query_mask`` (bool per manifest row) restricts the queries, never the gallery: e.g. to tune
     fusion weights on one half of the queries and report on the other.
     """
-    import torch
     from tqdm.auto import tqdm
 
     from eval.topk import average_precision_all, blockwise_topk
@@ -158,21 +158,14 @@ def evaluate_pairs(
             picks = _example_picks(len(q_rows), keep_examples)
             examples: list[dict[str, Any]] = []
             ap_all: dict[int, np.ndarray] = {}
-            g_lab_t: dict[str, torch.Tensor] = {}  # the gallery labels, once per device
 
             def rank_all(start: int, s: torch.Tensor, own: np.ndarray | None,
                          q_lab: np.ndarray = q_lab, g_lab: np.ndarray = g_lab,
-                         ap_all: dict[int, np.ndarray] = ap_all,
-                         g_lab_t: dict[str, torch.Tensor] = g_lab_t) -> None:
-                dev = str(s.device)
-                if dev not in g_lab_t:
-                    g_lab_t[dev] = torch.from_numpy(g_lab).to(s.device)
-                q = torch.from_numpy(q_lab[start:start + s.shape[0]]).to(s.device)
-                rel = g_lab_t[dev][None, :] == q[:, None]
+                         ap_all: dict[int, np.ndarray] = ap_all) -> None:
+                rel = g_lab[None, :] == q_lab[start:start + s.shape[0], None]
                 if own is not None:  # the query's own item is not relevant to it
                     has = np.flatnonzero(own >= 0)
-                    rel[torch.from_numpy(has).to(s.device),
-                        torch.from_numpy(own[has]).to(s.device)] = False
+                    rel[has, own[has]] = False
                 ap_all[start] = average_precision_all(s, rel)
 
             full = rank_all if "map_all" in metrics else None
@@ -205,8 +198,9 @@ def evaluate_pairs(
     for c in cols:
         vals = [r[c] for r in results if not np.isnan(r[c])]
         mean[c] = float(np.mean(vals)) if vals else float("nan")
-    mean["min_relevant"] = min((r["min_relevant"] for r in results), default=0)
-    mean["max_relevant"] = max((r["max_relevant"] for r in results), default=0)
+    asked = [r for r in results if r["n_queries"]] or results  # a pair without queries has no R
+    mean["min_relevant"] = min((r["min_relevant"] for r in asked), default=0)
+    mean["max_relevant"] = max((r["max_relevant"] for r in asked), default=0)
     results.append(mean)
     return results
 

@@ -256,7 +256,7 @@ def _order_keys(x: np.ndarray) -> np.ndarray:
     return (bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64)
 
 
-def average_precision_all(s: torch.Tensor, relevant: torch.Tensor) -> np.ndarray:
+def average_precision_all(s: torch.Tensor, relevant: torch.Tensor | np.ndarray) -> np.ndarray:
     """Average precision of each row over the *whole* ranking of its columns (mAP@All's term).
 
     ``s`` is a (queries, gallery) score block, ``relevant`` a bool mask of the same shape (a
@@ -270,12 +270,13 @@ def average_precision_all(s: torch.Tensor, relevant: torch.Tensor) -> np.ndarray
     column, as in the top-k). The work runs on the CPU (numpy's vectorised sort and indexing are
     much faster there than torch's), in row chunks whose temporaries stay bounded.
     """
-    if s.shape != relevant.shape:
-        raise ValueError(f"scores {tuple(s.shape)} and relevant {tuple(relevant.shape)} differ")
+    rel = (relevant.detach().to("cpu", torch.bool).numpy() if isinstance(relevant, torch.Tensor)
+           else np.asarray(relevant, dtype=bool))
+    if tuple(s.shape) != rel.shape:
+        raise ValueError(f"scores {tuple(s.shape)} and relevant {rel.shape} differ")
     n, n_cols = s.shape
     if n == 0:
         return np.zeros(0)
-    rel = relevant.detach().to("cpu", torch.bool).numpy()
     per_row = np.count_nonzero(rel, axis=1)
     max_rows = max(1, _AP_CHUNK_CELLS // max(n_cols, 1))
     parts, start = [], 0
