@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CSLS neighbourhood size")
     p.add_argument("--protocol", choices=("ucdir",), default="ucdir",
                    help="ucdir: the UCDIR-family protocol (P@k with t=min(k,R)), beside standard "
-                        "precision@k, recall@k and mAP@R")
+                        "precision@k, recall@k, mAP@R and mAP@All")
     p.add_argument("--ks", help="comma-separated k values, sorted and repeats dropped (default: "
                                 "1,5,15 for Office-Home and folders, 50,100,200 for DomainNet)")
     p.add_argument("--pairs", help="directed pairs to evaluate, e.g. Art:Clipart,Clipart:Art "

@@ -292,7 +292,8 @@ class Runner:
                               "n_used": n_used, "n_total": n_total}
         k0 = self.ks[0]
         mean = rows[-1].get(f"P@{k0}", float("nan"))
-        return "ran", f"mean P@{k0} {mean:.2f}; {out / 'results.md'}"
+        mean_all = rows[-1].get("mAP@All", float("nan"))
+        return "ran", f"mean P@{k0} {mean:.2f}, mAP@All {mean_all:.2f}; {out / 'results.md'}"
 
 
 def _under(path: str, root: str | None) -> bool:
