@@ -205,8 +205,14 @@ def main(argv: list[str] | None = None) -> int:
           f"time (c) / (d) {small['eval_s'] / topk['eval_s']:.2f}x")
     print(f"blockwise throughput at {args.n:,} x {args.n:,}: "
           f"{args.n / big['eval_s']:.0f} queries/s")
-    same = max_diff <= 1e-9  # equal rankings; the float sums may differ in the last bit
-    print(f"metrics naive vs blockwise at {args.naive_n:,}: max |diff| = {max_diff:.3g} "
+    # Equal rankings: the float sums may differ in the last bit. mAP@All reads the whole ranking,
+    # where numpy's and torch's float32 matmuls (rounding apart by ~3e-7) order a few near-equal
+    # scores differently: it agrees to 1e-6 here, exactly on the same scores (tests/eval).
+    tol = {k: 1e-6 if k == "mAP@All" else 1e-9 for k in diffs}
+    same = all(diffs[k] <= tol[k] for k in diffs)
+    print(f"metrics naive vs blockwise at {args.naive_n:,}: max |diff| = {max_diff:.3g}, "
+          f"mAP@All {diffs.get('mAP@All', float('nan')):.3g}, the rest "
+          f"{max((v for k, v in diffs.items() if k != 'mAP@All'), default=0.0):.3g} "
           f"({'identical up to float rounding' if same else 'DIFFERENT'})")
     print("metrics (a): " + ", ".join(f"{k}={v:.3f}" for k, v in big["metrics"].items()))
     if args.json:
