@@ -238,7 +238,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
 
 
 SEED_FIELD = "{seed}"
-SEEDED_MODELS = ("encoder", "text_encoder", "clip")  # the specs {seed} may appear in
+# the model specs {seed} may appear in: the ModeConfig fields of the single modes' models
+SEEDED_MODELS = tuple(dict.fromkeys(MODES[m].model for m in SINGLE_MODES))
 
 
 def evaluate_seeds(workspace: str | os.PathLike, seeds: Sequence[int],
