@@ -19,6 +19,11 @@ All values are percentages (0-100), so they share one table and one colour scale
     fraction of relevant items found, not "at least one hit").
 ``mAP@R`` (``map_r``) -- Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020):
     per query 1/R * sum_{i<=R} P@i * rel_i, mean over queries with R > 0.
+``mAP@All`` (``map_all``) -- the mean average precision over the whole ranked gallery, as the newer
+    CDIR papers (CoDA, UEM) report it: per query 1/R * sum_{i<=N} P@i * rel_i, mean over queries
+    with R > 0. It needs every relevant item's rank: either a hit matrix holding all R hits of each
+    query, or the per-query AP of the full ranking passed as ``ap_all``
+    (:func:`eval.topk.average_precision_all`, which the protocol computes block by block).
 Metrics over an empty set of queries are NaN.
 """
 
@@ -28,7 +33,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-METRICS = ("ucdir_p", "precision", "recall", "map_r")
+METRICS = ("ucdir_p", "precision", "recall", "map_r", "map_all")
+_WHOLE = {"map_r": "mAP@R", "map_all": "mAP@All"}  # one column each, not one per k
 _PREFIX = {"ucdir_p": "P", "precision": "prec", "recall": "recall"}
 
 
@@ -56,15 +62,17 @@ def normalize_ks(ks: Sequence[int]) -> tuple[int, ...]:
 
 
 def metric_columns(ks: Sequence[int], metrics: Sequence[str] = METRICS) -> list[str]:
-    """Result keys in table order: P@k..., prec@k..., recall@k..., mAP@R (ks normalised)."""
+    """Result keys in table order: P@k..., prec@k..., recall@k..., mAP@R, mAP@All (ks
+    normalised)."""
     cols: list[str] = []
     for m in check_metrics(metrics):
-        cols += ["mAP@R"] if m == "map_r" else [f"{_PREFIX[m]}@{k}" for k in normalize_ks(ks)]
+        cols += [_WHOLE[m]] if m in _WHOLE else [f"{_PREFIX[m]}@{k}" for k in normalize_ks(ks)]
     return cols
 
 
 def required_depth(ks: Sequence[int], metrics: Sequence[str], max_relevant: int) -> int:
-    """How many ranks the hit matrix must hold (before capping at the gallery size)."""
+    """How many ranks the hit matrix must hold (before capping at the gallery size); mAP@All
+    takes its terms from the full ranking instead (``ap_all``)."""
     depth = max(normalize_ks(ks))
     if "map_r" in metrics:
         depth = max(depth, int(max_relevant))
@@ -104,8 +112,13 @@ class MetricAccumulator:
         self._recall = dict.fromkeys(self.ks, 0.0)
         self._n_with_relevant = 0
         self._ap = 0.0
+        self._ap_all = 0.0
 
-    def update(self, hits: np.ndarray, n_relevant: np.ndarray) -> None:
+    def update(self, hits: np.ndarray, n_relevant: np.ndarray,
+               ap_all: np.ndarray | None = None) -> None:
+        """Add a block of queries. ``ap_all``: each query's AP over the full ranking, in [0, 1]
+        (NaN or anything for R = 0); without it mAP@All is taken from ``hits``, which must then
+        hold every relevant item of each query."""
         hits, n_relevant = _check(hits, n_relevant)
         n = hits.shape[0]
         if n == 0:
@@ -133,14 +146,30 @@ class MetricAccumulator:
             prec_at_i = cum / ranks[None, :]
             ap_sum = (prec_at_i * (hits & within_r)).sum(axis=1)
             self._ap += float((ap_sum[has_rel] / n_relevant[has_rel]).sum())
+        if "map_all" in self.metrics and has_rel.any():
+            if ap_all is None:
+                found = cum[:, -1] if depth else np.zeros(n, dtype=np.int64)
+                short = has_rel & (found != n_relevant)
+                if short.any():
+                    raise ValueError(
+                        f"mAP@All needs every relevant item's rank: {int(short.sum())} queries "
+                        "have R different from their hits; pass ap_all (the full ranking's AP, "
+                        "eval.topk.average_precision_all)")
+                ranks = np.arange(1, depth + 1)
+                ap_all = (cum / ranks[None, :] * hits).sum(axis=1) / np.maximum(n_relevant, 1)
+            ap_all = np.asarray(ap_all, dtype=np.float64)
+            if ap_all.shape != (n,):
+                raise ValueError(f"ap_all must have one value per query ({n}), got {ap_all.shape}")
+            self._ap_all += float(ap_all[has_rel].sum())
 
     def result(self) -> dict[str, float]:
         out: dict[str, float] = {}
         nan = float("nan")
         for m in self.metrics:
-            if m == "map_r":
-                out["mAP@R"] = 100.0 * self._ap / self._n_with_relevant if self._n_with_relevant \
-                    else nan
+            if m in _WHOLE:
+                total = self._ap if m == "map_r" else self._ap_all
+                out[_WHOLE[m]] = 100.0 * total / self._n_with_relevant \
+                    if self._n_with_relevant else nan
                 continue
             for k in self.ks:
                 if m == "ucdir_p":
@@ -160,10 +189,11 @@ def compute_metrics(
     n_relevant: np.ndarray,
     ks: Sequence[int] = (1, 5, 15),
     metrics: Sequence[str] = METRICS,
+    ap_all: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All requested metrics in one go (one block holding every query)."""
     acc = MetricAccumulator(ks, metrics)
-    acc.update(hits, n_relevant)
+    acc.update(hits, n_relevant, ap_all)
     return acc.result()
 
 
@@ -187,6 +217,12 @@ def recall_at_k(hits: np.ndarray, n_relevant: np.ndarray, k: int) -> float:
 def map_at_r(hits: np.ndarray, n_relevant: np.ndarray) -> float:
     """mAP@R in percent, over queries with R > 0."""
     return compute_metrics(hits, n_relevant, (1,), ("map_r",))["mAP@R"]
+
+
+def map_at_all(hits: np.ndarray, n_relevant: np.ndarray) -> float:
+    """mAP@All in percent from a hit matrix holding every relevant item (e.g. the whole
+    ranking), over queries with R > 0."""
+    return compute_metrics(hits, n_relevant, (1,), ("map_all",))["mAP@All"]
 
 
 def hits_from_positions(

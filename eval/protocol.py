@@ -29,10 +29,12 @@ from eval.metrics import (
 
 if TYPE_CHECKING:
     import pandas as pd
+    import torch
 
     from eval.topk import Scorer
 
-META_COLUMNS = ("pair", "query_domain", "gallery_domain", "n_queries", "n_gallery")
+META_COLUMNS = ("pair", "query_domain", "gallery_domain", "n_queries", "n_gallery",
+                "min_relevant", "max_relevant")
 DEFAULT_EXAMPLE_K = 10
 # the manifest columns an example names its query and each result by
 EXAMPLE_COLUMNS = ("id", "path", "class_name")
@@ -93,9 +95,14 @@ def evaluate_pairs(
     """Evaluate every directed domain pair; one result row per pair plus a final ``mean`` row.
 
     Row keys: pair ("A→B"), query_domain, gallery_domain, n_queries, n_gallery, then the metric
-    columns (``P@k``, ``prec@k``, ``recall@k``, ``mAP@R``; ``ks`` sorted, repeats dropped). The
-    mean row averages each metric over the pairs (unweighted, as papers average pairs); its
-    n_queries is the total and n_gallery None.
+    columns (``P@k``, ``prec@k``, ``recall@k``, ``mAP@R``, ``mAP@All``; ``ks`` sorted, repeats
+    dropped), then ``min_relevant`` and ``max_relevant`` (the range of R over the pair's queries:
+    both 1 when every query has one relevant item, where P@k = prec@1 = mAP@R and recall@k is the
+    informative column; see :func:`one_relevant`). The mean row averages each metric over the
+    pairs (unweighted, as papers average pairs); its n_queries is the total, n_gallery None and
+    its R range spans the pairs'.
+    mAP@All ranks the whole gallery of each query block (the block's scores are sorted once,
+    in memory bounded like the top-k's), never the full query x gallery matrix.
     With ``keep_examples > 0`` each pair row also holds ``examples``: that many sample queries with
     their top ``example_k`` results (default min(max(ks), 10)) for the retrieval gallery.
     ``query_mask`` (bool per manifest row) restricts the queries, never the gallery: e.g. to tune
@@ -103,7 +110,7 @@ def evaluate_pairs(
     """
     from tqdm.auto import tqdm
 
-    from eval.topk import blockwise_topk
+    from eval.topk import average_precision_all, blockwise_topk
 
     _check_manifest(manifest)
     ks = normalize_ks(ks)  # a repeated k would count its hits twice
@@ -150,11 +157,24 @@ def evaluate_pairs(
             acc = MetricAccumulator(ks, metrics)
             picks = _example_picks(len(q_rows), keep_examples)
             examples: list[dict[str, Any]] = []
+            ap_all: dict[int, np.ndarray] = {}
+
+            def rank_all(start: int, s: torch.Tensor, own: np.ndarray | None,
+                         q_lab: np.ndarray = q_lab, g_lab: np.ndarray = g_lab,
+                         ap_all: dict[int, np.ndarray] = ap_all) -> None:
+                rel = g_lab[None, :] == q_lab[start:start + s.shape[0], None]
+                if own is not None:  # the query's own item is not relevant to it
+                    has = np.flatnonzero(own >= 0)
+                    rel[has, own[has]] = False
+                ap_all[start] = average_precision_all(s, rel)
+
+            full = rank_all if "map_all" in metrics else None
             for start, scores, pos in blockwise_topk(scorer, q_rows, g_rows, depth,
-                                                     block_size=block_size, exclude_self=True):
+                                                     block_size=block_size, exclude_self=True,
+                                                     on_block=full):
                 n = len(pos)
                 hits = hits_from_positions(pos, q_lab[start:start + n], g_lab)
-                acc.update(hits, n_rel[start:start + n])
+                acc.update(hits, n_rel[start:start + n], ap_all.pop(start, None))
                 for p in picks[(picks >= start) & (picks < start + n)]:
                     i = int(p - start)
                     examples.append(_example(manifest, a, b, int(q_rows[p]), int(n_rel[p]),
@@ -164,6 +184,8 @@ def evaluate_pairs(
             row: dict[str, Any] = {"pair": pair_name(a, b), "query_domain": a, "gallery_domain": b,
                                    "n_queries": int(len(q_rows)), "n_gallery": int(len(g_rows))}
             row.update(acc.result())
+            row["min_relevant"] = int(n_rel.min()) if len(n_rel) else 0
+            row["max_relevant"] = int(n_rel.max()) if len(n_rel) else 0
             if keep_examples:
                 row["examples"] = examples
             results.append(row)
@@ -176,8 +198,19 @@ def evaluate_pairs(
     for c in cols:
         vals = [r[c] for r in results if not np.isnan(r[c])]
         mean[c] = float(np.mean(vals)) if vals else float("nan")
+    asked = [r for r in results if r["n_queries"]] or results  # a pair without queries has no R
+    mean["min_relevant"] = min((r["min_relevant"] for r in asked), default=0)
+    mean["max_relevant"] = max((r["max_relevant"] for r in asked), default=0)
     results.append(mean)
     return results
+
+
+def one_relevant(rows: Sequence[dict[str, Any]]) -> bool:
+    """Does every query of these result rows have exactly one relevant gallery item (R = 1)?
+    Then t = min(k, R) = 1 for every k, so every P@k, prec@1 and mAP@R are one number and only
+    recall@k (and mAP@All) tell the ranks apart."""
+    ranged = [r for r in rows if "min_relevant" in r and r.get("n_queries")]
+    return bool(ranged) and all(r["min_relevant"] == r["max_relevant"] == 1 for r in ranged)
 
 
 def _example(manifest: pd.DataFrame, a: str, b: str, q_row: int, n_rel: int, g_rows: np.ndarray,

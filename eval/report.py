@@ -4,7 +4,7 @@
 and writes, atomically (via :mod:`cdir.core.io`):
 
     results.md     title, the settings, the table (one row per directed pair, metric columns, the
-                   mean row), notes
+                   mean row), notes defining each metric
     results.csv    the same rows, one column per key
     results.json   {"title", "settings", "columns", "results", "examples"}; NaN is written as null
     heatmap.png    pairs (and mean) x metrics, values annotated, colour scale 0-100
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdir.core.io import atomic_path, atomic_write, write_json, write_text
-from eval.protocol import EXAMPLE_COLUMNS, META_COLUMNS, split_examples
+from eval.protocol import EXAMPLE_COLUMNS, META_COLUMNS, one_relevant, split_examples
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,15 +39,29 @@ QUERY_COLOUR = (31, 111, 235)
 THUMB = 112
 MAX_GALLERY_PNG_QUERIES = 120  # the PNG stays a reasonable size; the HTML shows every example
 
-NOTES = """\
-All values are percentages. P@k is the UCDIR precision: t = min(k, R) with R
-the number of relevant gallery items, micro-averaged as sum(correct in top t) / sum(t); queries with
-R = 0 add nothing. prec@k is standard precision (hits in top k / k, mean over queries); recall@k is
-the fraction of the relevant gallery items found in the top k (hits in top k / R, mean over queries
-with R > 0); mAP@R follows Musgrave et al. 2020. Every image of
-the query domain is a query against every image of the gallery domain; ties go to the lower
-manifest row. The mean row averages the pairs.
+# What each column means: under every results.md and every comparison.md.
+METRIC_NOTES = """\
+Columns, all in percent. R is the number of gallery items of the query's class (the query itself
+never counts); N the gallery size.
+- P@k is the UCDIR precision: t = min(k, R); sum over the queries of the hits in the top t, divided
+  by the sum of t (a micro-average, truncated by R: not standard precision; queries with R = 0 add
+  nothing).
+- prec@k is standard precision: hits in the top k / k, mean over all queries.
+- recall@k is the fraction of the relevant gallery items found in the top k (hits in top k / R),
+  mean over queries with R > 0.
+- mAP@R (Musgrave et al. 2020) is (1/R) x the sum, over the hits among the top R ranks, of the
+  precision at that rank; mean over queries with R > 0.
+- mAP@All is the average precision over the whole ranked gallery (all N ranks): (1/R) x the
+  sum, over every relevant item, of the precision at its rank; mean over queries with R > 0 (the
+  mAP of CoDA and UEM). With R = 1 it is the mean reciprocal rank.
 """
+
+NOTES = METRIC_NOTES + """\
+Every image of the query domain is a query against every image of the gallery domain; ties go to
+the lower manifest row. The mean row averages the pairs.
+"""
+
+ONE_RELEVANT_NOTE = "one relevant item per query: P@k = prec@1 = mAP@R; see recall@k"
 
 
 def _metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -73,7 +87,8 @@ def _md_cell(v: Any) -> str:
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
-    """The Markdown table: pair, n_queries, n_gallery, then every metric column."""
+    """The Markdown table: pair, n_queries, n_gallery, then every metric column; below it, when
+    every query has one relevant item, the line saying which columns are then one number."""
     rows, _ = split_examples(list(results))
     cols = ["pair", "n_queries", "n_gallery"] + _metric_columns(rows)
     lines = ["| " + " | ".join(cols) + " |",
@@ -83,6 +98,46 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         if r.get("pair") == "mean":
             cells = [f"**{c}**" if c else c for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
+    if one_relevant(rows):
+        lines += ["", ONE_RELEVANT_NOTE]
+    return "\n".join(lines) + "\n"
+
+
+def aggregate_seeds(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The result rows of one evaluation per seed (same pairs) as one row per pair: every metric
+    column's mean over the seeds under its own key, its sample standard deviation under
+    ``"<column> std"`` (0 with one seed; NaN values left out), and ``seeds`` (how many). The mean
+    row's figures are the mean and spread of the seeds' own pair means."""
+    import statistics
+
+    per_seed = [split_examples(list(rows))[0] for rows in runs]
+    if not per_seed:
+        return []
+    cols = _metric_columns(per_seed[0])
+    out = []
+    for i, first in enumerate(per_seed[0]):
+        row = {k: v for k, v in first.items() if k in META_COLUMNS}
+        row["seeds"] = len(per_seed)
+        for c in cols:
+            vals = [float(rows[i][c]) for rows in per_seed
+                    if rows[i].get(c) is not None and not math.isnan(float(rows[i][c]))]
+            row[c] = statistics.fmean(vals) if vals else float("nan")
+            row[f"{c} std"] = statistics.stdev(vals) if len(vals) > 1 else (
+                0.0 if vals else float("nan"))
+        out.append(row)
+    return out
+
+
+def format_seed_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
+    """A Markdown table of :func:`aggregate_seeds` rows: pair, then "mean ± std" per column."""
+    lines = ["| pair | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            m, sd = r.get(c), r.get(f"{c} std")
+            cells.append("n/a" if m is None or math.isnan(m) else f"{m:.2f} ± {sd:.2f}")
+        name = f"**{r['pair']}**" if r.get("pair") == "mean" else str(r.get("pair"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

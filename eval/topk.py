@@ -20,7 +20,7 @@ Scorers must not return NaN (a CdirError is raised); +/-inf scores are ranked li
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -35,6 +35,13 @@ DEFAULT_MEMORY_BUDGET_MB = 256
 # for the rare rows that need tie resolution.
 _BYTES_PER_CELL = 16
 _BYTES_PER_RESULT = 48  # values, indices and the sort temporaries of one returned (query, rank)
+# Extra bytes per cell when each block is also ranked in full (mAP@All): the relevance mask and
+# its comparison temporaries. The ranking itself works through the block in row chunks whose
+# temporaries stay bounded: a sorted copy and the tie counts of at most _AP_CHUNK_CELLS cells
+# (about 16 MB), and per-relevant-item arrays for at most _AP_CHUNK_RELEVANT items (about 20 MB).
+_BYTES_PER_CELL_RANKED = 4
+_AP_CHUNK_CELLS = 2**21
+_AP_CHUNK_RELEVANT = 2**18
 MAX_BLOCK_ROWS = 8192
 
 
@@ -122,9 +129,12 @@ class CosineScorer:
         return q @ self._gallery(_as_rows(gallery_rows)).T
 
 
-def block_rows_for_budget(n_gallery: int, k: int, memory_budget_mb: float) -> int:
-    """How many query rows fit one block in ``memory_budget_mb`` of working memory."""
-    per_row = _BYTES_PER_CELL * max(n_gallery, 1) + _BYTES_PER_RESULT * max(k, 1)
+def block_rows_for_budget(n_gallery: int, k: int, memory_budget_mb: float,
+                          full_ranking: bool = False) -> int:
+    """How many query rows fit one block in ``memory_budget_mb`` of working memory
+    (``full_ranking``: the block is also ranked in full, see :func:`average_precision_all`)."""
+    cell = _BYTES_PER_CELL + (_BYTES_PER_CELL_RANKED if full_ranking else 0)
+    per_row = cell * max(n_gallery, 1) + _BYTES_PER_RESULT * max(k, 1)
     return int(min(MAX_BLOCK_ROWS, max(1, memory_budget_mb * 2**20 // per_row)))
 
 
@@ -182,6 +192,7 @@ def blockwise_topk(
     block_size: int | None = None,
     exclude_self: bool = True,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    on_block: Callable[[int, torch.Tensor, np.ndarray | None], None] | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(start, scores, gallery_positions)`` for consecutive blocks of queries.
 
@@ -189,6 +200,11 @@ def blockwise_topk(
     ``gallery_positions`` (int64, indices into ``gallery_rows``) are (block, min(k, n_gallery))
     arrays ranked by the module's rule. ``block_size=None`` picks the largest block whose working
     memory stays within ``memory_budget_mb``.
+
+    ``on_block(start, s, own)``, when given, sees each block's full score matrix before the
+    block is yielded (own items already at -inf; ``own``: each query's own gallery position,
+    -1 when absent, or None), so that a metric over the whole ranking (mAP@All) reuses the
+    scores instead of scoring twice; the automatic block size then leaves room for a full sort.
     """
     query_rows, gallery_rows = _as_rows(query_rows), _as_rows(gallery_rows)
     n_gallery = len(gallery_rows)
@@ -198,7 +214,8 @@ def blockwise_topk(
         return
     k_eff = min(k, n_gallery)
     if block_size is None:
-        block_size = block_rows_for_budget(n_gallery, k_eff, memory_budget_mb)
+        block_size = block_rows_for_budget(n_gallery, k_eff, memory_budget_mb,
+                                           full_ranking=on_block is not None)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     self_pos = _self_positions(query_rows, gallery_rows) if exclude_self else None
@@ -219,6 +236,8 @@ def blockwise_topk(
                     s = s.clone()  # the scorer may hand out a tensor it still owns
                     s[torch.from_numpy(has).to(s.device),
                       torch.from_numpy(sp[has]).to(s.device)] = float("-inf")
+            if on_block is not None:
+                on_block(start, s, sp)
             vals, idx = select_topk(s, k_eff)
             vals_np = vals.cpu().numpy().astype(np.float32, copy=False)
             idx_np = idx.cpu().numpy().astype(np.int64, copy=False)
@@ -228,6 +247,86 @@ def blockwise_topk(
                     idx_np[own] = -1
                     vals_np[own] = -np.inf
             yield start, vals_np, idx_np
+
+
+def _order_keys(x: np.ndarray) -> np.ndarray:
+    """int64 keys in the order of the float32 values ``x`` (equal floats, equal keys; -0.0 is
+    made +0.0 first): the sign-magnitude bits turned into two's complement."""
+    bits = (np.asarray(x, dtype=np.float32) + np.float32(0.0)).view(np.int32)
+    return (bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64)
+
+
+def average_precision_all(s: torch.Tensor, relevant: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Average precision of each row over the *whole* ranking of its columns (mAP@All's term).
+
+    ``s`` is a (queries, gallery) score block, ``relevant`` a bool mask of the same shape (a
+    query's own item already cleared). The ranking is the module's rule (score descending, then
+    the lower column); AP = (1/R) * sum over the R relevant items of (relevant items up to its
+    rank) / its rank. Returns float64 in [0, 1], NaN for a row with no relevant item.
+
+    Only the relevant items' ranks are needed: rank = 1 + (columns scoring higher), found by
+    binary search in the sorted row, + (columns scoring the same with a lower index), counted
+    directly for the few relevant items whose score another column shares (ties go to the lower
+    column, as in the top-k). The work runs on the CPU (numpy's vectorised sort and indexing are
+    much faster there than torch's), in row chunks whose temporaries stay bounded.
+    """
+    rel = (relevant.detach().to("cpu", torch.bool).numpy() if isinstance(relevant, torch.Tensor)
+           else np.asarray(relevant, dtype=bool))
+    if tuple(s.shape) != rel.shape:
+        raise ValueError(f"scores {tuple(s.shape)} and relevant {rel.shape} differ")
+    n, n_cols = s.shape
+    if n == 0:
+        return np.zeros(0)
+    per_row = np.count_nonzero(rel, axis=1)
+    max_rows = max(1, _AP_CHUNK_CELLS // max(n_cols, 1))
+    parts, start = [], 0
+    while start < n:
+        stop = min(n, start + max_rows)
+        within = np.cumsum(per_row[start:stop])
+        stop = start + max(1, int(np.searchsorted(within, _AP_CHUNK_RELEVANT, side="right")))
+        chunk = s[start:stop].detach().to("cpu", torch.float32).numpy()
+        parts.append(_ap_rows(chunk, rel[start:stop]))
+        start = stop
+    return np.concatenate(parts)
+
+
+def _ap_rows(s: np.ndarray, rel: np.ndarray) -> np.ndarray:
+    """:func:`average_precision_all` on one chunk of rows (numpy)."""
+    n, n_cols = s.shape
+    ap = np.full(n, np.nan)
+    rows, cols = np.nonzero(rel)  # row-major: each row's items in column order
+    if len(rows) == 0:
+        return ap
+    # Every row sorted ascending and keyed by (row, value): one flat sorted array, so a single
+    # 1-d binary search serves every row.
+    span = np.int64(1) << 33  # wider than the 2^32 keys of one row's values
+    flat = (_order_keys(np.sort(s, axis=1)) + (np.arange(n, dtype=np.int64) * span)[:, None]
+            ).ravel()
+    base = rows.astype(np.int64)
+    probe = _order_keys(s[rows, cols]) + base * span
+    above = np.searchsorted(flat, probe, side="right") - base * n_cols
+    below = np.searchsorted(flat, probe, side="left") - base * n_cols
+    rank = n_cols - above + 1  # 1 + columns scoring strictly higher
+    tied = np.flatnonzero(above - below > 1)
+    if len(tied):
+        # Ties go to the lower column: add the columns left of the item that score the same
+        # (T x N comparisons for T tied items, in groups of bounded size).
+        col_ids = np.arange(n_cols)
+        step = max(1, _AP_CHUNK_CELLS // max(n_cols, 1))
+        for i in range(0, len(tied), step):
+            ti = tied[i:i + step]
+            same = s[rows[ti]] == s[rows[ti], cols[ti]][:, None]
+            rank[ti] += np.count_nonzero(same & (col_ids[None, :] < cols[ti, None]), axis=1)
+    # The m-th relevant item of a row in rank order scores m / rank; rows stay grouped after
+    # sorting by (row, rank), so m is the position within the row's group.
+    order = np.argsort(base * (n_cols + 1) + rank, kind="stable")
+    counts = np.bincount(rows, minlength=n)
+    starts = np.cumsum(counts) - counts
+    m = np.arange(len(rows)) - starts[rows] + 1  # rows are already grouped and ascending
+    total = np.bincount(rows, weights=m / rank[order], minlength=n)
+    has = counts > 0
+    ap[has] = total[has] / counts[has]
+    return ap
 
 
 def dense_topk(

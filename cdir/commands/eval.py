@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CSLS neighbourhood size")
     p.add_argument("--protocol", choices=("ucdir",), default="ucdir",
                    help="ucdir: the UCDIR-family protocol (P@k with t=min(k,R)), beside standard "
-                        "precision@k, recall@k and mAP@R")
+                        "precision@k, recall@k, mAP@R and mAP@All")
     p.add_argument("--ks", help="comma-separated k values, sorted and repeats dropped (default: "
                                 "1,5,15 for Office-Home and folders, 50,100,200 for DomainNet)")
     p.add_argument("--pairs", help="directed pairs to evaluate, e.g. Art:Clipart,Clipart:Art "
@@ -75,6 +75,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", help="report name under WORKSPACE/reports/ (default: from every "
                                  "setting that changes the report, so runs never overwrite "
                                  "each other)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="evaluate one trained model per seed: {seed} in --encoder/--text-encoder/"
+                        "--clip is replaced by each seed (e.g. ckpt:runs/distill/rrd/"
+                        "seed_{seed}/best.pt, as `cdir distill --seeds` writes); each seed's "
+                        "report in RUN/seed_<seed>/, every figure as mean ± std in RUN/seeds.md")
     p.add_argument("--examples", type=int, default=4,
                    help="sample queries per pair shown in the retrieval gallery")
     add_device(p)
@@ -98,6 +103,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.kind != "retrieval":
+        if args.seeds:
+            from cdir.core.errors import CdirError
+
+            raise CdirError(f"--seeds is for retrieval evaluation, not `cdir eval {args.kind}`")
         return run_ssl_eval(args)
     from cdir.core.errors import CdirError
     from cdir.stages.evaluate import evaluate
@@ -111,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         run=args.run, examples=args.examples, device=args.device,
         progress=not args.no_progress, echo=print, normalize=args.normalize,
         rerank=args.rerank, csls_k=args.csls_k, split=args.split,
-        allow_missing=args.allow_missing)
+        allow_missing=args.allow_missing, seeds=args.seeds)
     print(summary["summary"])
     return 0
 

@@ -24,7 +24,7 @@ stages (each skipped when its output is complete; re-run to continue an interrup
   caption         caption every image with each captioner (cdir caption)
   embed-captions  caption embeddings per text encoder / CLIP text tower (cdir embed --captions)
   embed-images    image embeddings per image encoder / CLIP image tower (cdir embed)
-  eval            UCDIR P@k of every method on every directed pair (cdir eval)
+  eval            UCDIR P@k, mAP@All (and the rest) of every method on every pair (cdir eval)
   report          WORKSPACE/reports/<name>/reproduction.md and .json, beside the literature
 
 Before any stage runs, a preflight checks the dataset folder and that every model is in the local

@@ -14,8 +14,8 @@ import yaml
 from cdir.core.io import write_json, write_text
 from cdir.recipe.config import LiteratureEntry
 from cdir.stages.modes import MODES
-from eval.protocol import pair_name
-from eval.report import format_value, jsonable
+from eval.protocol import one_relevant, pair_name
+from eval.report import METRIC_NOTES, ONE_RELEVANT_NOTE, format_value, jsonable
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -54,7 +54,9 @@ OUR_METRIC = (
     "similarity; ties go to the lower manifest row. The mean column is the unweighted mean over "
     "the directed pairs. At k = 1, UCDIR P@1 equals top-1 accuracy (standard precision@1) "
     "whenever every query has a relevant gallery image, so a reported \"Precision@1\" compares "
-    "directly.")
+    "directly. Beside P@k: mAP@All (average precision over the whole ranked gallery, the mAP of "
+    "the newer papers), and recall@k where every query has one relevant item. Each metric is "
+    "defined below.")
 LIT_METRIC = (
     "**Literature: values and metric names exactly as reported.** For CM (arXiv 2403.15152) and "
     "CoDA (arXiv 2302.06081) only the wizwand.com extracted-benchmark pages were accessible, not "
@@ -199,6 +201,19 @@ def _precision_tables(runner: Run, methods: list[Method], pairs: list[str]) -> l
             cells = [" / ".join(values.get(p, [])) for p in cols]
             md.append(f"| *{method} (reported)* | " + " | ".join(cells) + " |")
         md.append("")
+    rows = [row for m in methods for row in runner.results[m.id]["rows"]]
+    one = one_relevant(rows)
+    extra = ([f"recall@{k}" for k in runner.ks if k != 1] if one else []) + ["mAP@All"]
+    for col in extra:  # ours only: the literature entries above are all P@k
+        md += [f"## {col} (%), every directed pair", ""]
+        if one:
+            md += [ONE_RELEVANT_NOTE + ".", ""]
+        md += ["| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        for m in methods:
+            by_pair = {row["pair"]: row for row in runner.results[m.id]["rows"]}
+            md.append(f"| {m.short} | " + " | ".join(
+                format_value(by_pair.get(p, {}).get(col)) for p in cols) + " |")
+        md.append("")
     return md + ([_DAGGER_NOTE, ""] if dagger else [])
 
 
@@ -266,7 +281,7 @@ def write_reproduction(runner: Run, stages: list[Stage]) -> None:
           f"Workspace `{runner.ws_root}`; the resolved config is `recipe.yaml` beside this file.",
           ""]
     md += _setup(runner, methods, info, len(manifest), n_classes)
-    md += ["", "## Metrics: what is compared", "", OUR_METRIC, "", LIT_METRIC, ""]
+    md += ["", "## Metrics: what is compared", "", OUR_METRIC, "", METRIC_NOTES, LIT_METRIC, ""]
     md += _precision_tables(runner, methods, pairs)
     md += _literature_table(runner, methods, lit_rows)
     if r.notes:

@@ -48,6 +48,7 @@ from cdir.stages.modes import (
     vectors_fingerprint,
 )
 from encoders.captioners import resolve_captioner
+from eval.metrics import metric_columns
 from eval.protocol import default_ks, evaluate_pairs, split_examples
 from eval.report import jsonable, write_report
 
@@ -264,6 +265,7 @@ class Runner:
             "mode": m.mode, "encoder": m.encoder, "text_encoder": m.text_encoder, "clip": m.clip,
             "captions": key, "fusion": list(m.fusion), "weights": dict(ev.fusion.weights),
             "fusion_method": ev.fusion.method, "ks": list(self.ks),
+            "columns": metric_columns(self.ks),  # a report without a newer metric is redone
             "pairs": [list(p) for p in pairs] if pairs else "all", "examples": ev.examples,
             "manifest": fingerprint(manifest),
             "vectors": {s: vectors_fingerprint(ws, s, ids)[0] for s in specs}}
@@ -290,7 +292,8 @@ class Runner:
                               "n_used": n_used, "n_total": n_total}
         k0 = self.ks[0]
         mean = rows[-1].get(f"P@{k0}", float("nan"))
-        return "ran", f"mean P@{k0} {mean:.2f}; {out / 'results.md'}"
+        mean_all = rows[-1].get("mAP@All", float("nan"))
+        return "ran", f"mean P@{k0} {mean:.2f}, mAP@All {mean_all:.2f}; {out / 'results.md'}"
 
 
 def _under(path: str, root: str | None) -> bool:

@@ -130,7 +130,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
              normalize: str | Sequence[str] | None = None,
              rerank: str | Sequence[str] | None = None,
              csls_k: int = DEFAULT_CSLS_K, split: str | None = None,
-             allow_missing: bool = False) -> dict[str, Any]:
+             allow_missing: bool = False, seeds: Sequence[int] | None = None
+             ) -> dict[str, Any]:
     """Evaluate every mode in ``modes`` (default: each mode the models given configure) on the
     directed pairs ``pairs`` (default: all) at ``ks`` (default: the dataset's), and write the
     reports to ``WORKSPACE/reports/RUN/`` (one folder per mode when there are several, and a
@@ -151,7 +152,14 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     line) or lists. Returns the report folder, the modes, ks, pairs, the ``settings``, each mode's
     result rows, the printed ``lines`` (notes and tables, in order) and the one-line ``summary``;
     ``echo`` gets each of those lines as soon as it is known, so a long evaluation shows each
-    mode's table when that mode is done."""
+    mode's table when that mode is done.
+
+    ``seeds`` evaluates one trained model per seed: ``{seed}`` in a model spec (``encoder``,
+    ``text_encoder``, ``clip``) is replaced by each seed in turn, each seed's report goes to
+    ``RUN/seed_<seed>/``, and ``RUN/seeds.md`` / ``seeds.json`` give every figure as mean ± sample
+    standard deviation over the seeds (:func:`evaluate_seeds`)."""
+    if seeds:
+        return evaluate_seeds(**dict(locals()))
     from eval.protocol import default_ks, evaluate_pairs
     from eval.report import format_table, write_report
 
@@ -242,9 +250,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
         comparison = compare_modes(tables, ks)
         from cdir.core.io import write_text
 
-        write_text(out_root / "comparison.md",
-                   f"# Modes compared (UCDIR P@k), split {split}\n\n{comparison}")
-        say(f"## modes compared (UCDIR P@k), split {split}\n", comparison)
+        write_text(out_root / "comparison.md", f"# Modes compared, split {split}\n\n{comparison}")
+        say(f"## modes compared, split {split}\n", comparison)
     summary = (f"evaluated {len(variants)} mode(s) × {len(next(iter(tables.values()))) - 1} pairs "
                f"in {time.perf_counter() - t0:.1f}s; report in {Path(out_root)}")
     return {"report": str(out_root), "split": split, "modes": modes, "ks": ks, "pairs": pairs,
@@ -317,6 +324,81 @@ def mean_pair_p1(vectors: Any, labels: Sequence, domains: Sequence[str],
     return float(mean["P@1"])
 
 
+SEED_FIELD = "{seed}"
+# the model specs {seed} may appear in: the ModeConfig fields of the single modes' models
+SEEDED_MODELS = tuple(dict.fromkeys(MODES[m].model for m in SINGLE_MODES))
+
+
+def evaluate_seeds(workspace: str | os.PathLike, seeds: Sequence[int],
+                   run: str | None = None, echo: Callable[[str], None] | None = None,
+                   **given: Any) -> dict[str, Any]:
+    """:func:`evaluate` once per seed, with ``{seed}`` in the model specs replaced by the seed
+    (e.g. ``ckpt:runs/distill/rrd/seed_{seed}/best.pt``, the folders `cdir distill --seeds`
+    writes), then every metric as mean ± sample standard deviation over the seeds, as the
+    distillation's seed table gives its top-1. Evaluation itself has no randomness: without
+    ``{seed}`` in a spec there is nothing to vary, and that is refused. ``given`` takes the other
+    arguments of :func:`evaluate`."""
+    from cdir.core.io import write_json, write_text
+    from eval.protocol import one_relevant
+    from eval.report import (
+        METRIC_NOTES,
+        ONE_RELEVANT_NOTE,
+        aggregate_seeds,
+        format_seed_table,
+        jsonable,
+    )
+
+    seeds = [int(x) for x in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise CdirError(f"--seeds has repeats: {seeds}")
+    if not any(SEED_FIELD in str(given.get(k) or "") for k in SEEDED_MODELS):
+        raise CdirError("--seeds evaluates one trained model per seed: write {seed} in the model "
+                        "spec, e.g. --encoder 'ckpt:runs/distill/rrd/seed_{seed}/best.pt' "
+                        "(the evaluation itself has no randomness to vary)")
+    if run is None:  # one folder for the seeds, named after every setting like a single run's
+        named = {k: v for k, v in given.items()
+                 if v not in (None, "", False) and k not in ("device", "progress")}
+        run = spec_key("seeds=" + ",".join(map(str, seeds)) + "|"
+                       + "|".join(f"{k}={v}" for k, v in sorted(named.items(), key=str)))
+    lines: list[str] = []
+
+    def say(*texts: str) -> None:
+        for text in texts:
+            lines.append(text)
+            if echo is not None:
+                echo(text)
+
+    runs = []
+    for seed in seeds:
+        specs = {k: str(given[k]).replace(SEED_FIELD, str(seed))
+                 for k in SEEDED_MODELS if given.get(k)}
+        res = evaluate(workspace, **{**given, **specs}, run=f"{run}/seed_{seed}")
+        say(f"seed {seed}: {res['summary']}")
+        runs.append(res)
+    out_root = Path(runs[0]["report"]).parent
+    ks, split = runs[0]["ks"], runs[0]["split"]
+    tables = {v: aggregate_seeds([r["results"][v] for r in runs]) for v in runs[0]["results"]}
+    models = ", ".join(f"{k} {given[k]}" for k in SEEDED_MODELS if given.get(k))
+    md = [f"Mean ± sample standard deviation over {len(seeds)} seeds "
+          f"({', '.join(map(str, seeds))}) of {models}, split {split}; each seed's own report is "
+          "in seed_<seed>/. The mean row: the mean and spread of the seeds' pair means.", ""]
+    for key, rows in tables.items():
+        one = one_relevant(rows)
+        md += [f"## {key}", ""] + ([ONE_RELEVANT_NOTE, ""] if one else [])
+        md += [format_seed_table(rows, comparison_columns(ks, one))]
+    text = "\n".join(md) + "\n" + METRIC_NOTES
+    write_text(out_root / "seeds.md", f"# Over seeds, split {split}\n\n{text}")
+    write_json(out_root / "seeds.json", jsonable({
+        "seeds": seeds, "models": {k: given[k] for k in SEEDED_MODELS if given.get(k)},
+        "split": split, "ks": list(ks), "results": tables,
+        "runs": {str(sd): r["report"] for sd, r in zip(seeds, runs, strict=True)}}))
+    say(f"\n## over seeds, split {split}\n", text)
+    summary = (f"evaluated {len(seeds)} seeds x {len(tables)} variant(s); mean ± std in "
+               f"{out_root / 'seeds.md'}")
+    return {"report": str(out_root), "split": split, "ks": ks, "seeds": seeds,
+            "runs": runs, "results": tables, "lines": lines, "summary": summary}
+
+
 def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
                     pairs: list[tuple[str, str]] | None, sweep: bool, examples: int,
                     normalize: Sequence[str] = ("none",), rerank: Sequence[str] = ("none",),
@@ -353,20 +435,33 @@ def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
     return out
 
 
+def comparison_columns(ks: Sequence[int], one: bool) -> list[str]:
+    """The metrics the comparison shows, one table each: P@k for every k and mAP@All; with one
+    relevant item per query every P@k is prec@1 = mAP@R, so P@1, then recall@k for the other k
+    (the columns that still tell the ranks apart), then mAP@All."""
+    if one:
+        return ["P@1"] + [f"recall@{k}" for k in ks if k != 1] + ["mAP@All"]
+    return [f"P@{k}" for k in ks] + ["mAP@All"]
+
+
 def compare_modes(tables: dict[str, list[dict]], ks: tuple[int, ...]) -> str:
-    """One Markdown table: a row per directed pair, the P@k of every mode side by side."""
-    from eval.report import format_value
+    """Markdown, one table per metric of :func:`comparison_columns`: a row per directed pair (and
+    the mean), a column per evaluated variant, so the width grows with the variants only; then
+    the notes defining each metric."""
+    from eval.protocol import one_relevant
+    from eval.report import METRIC_NOTES, ONE_RELEVANT_NOTE, format_value
 
     modes = list(tables)
-    cols = [f"{m} P@{k}" for m in modes for k in ks]
-    lines = ["| pair | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    one = all(one_relevant(rows) for rows in tables.values())
     pairs = [r["pair"] for r in tables[modes[0]]]
     by_mode = {m: {r["pair"]: r for r in rows} for m, rows in tables.items()}
-    for pair in pairs:
-        cells = []
-        for m in modes:
-            row = by_mode[m].get(pair, {})
-            cells += [format_value(row.get(f"P@{k}")) for k in ks]
-        name = f"**{pair}**" if pair == "mean" else pair
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    lines = [ONE_RELEVANT_NOTE, ""] if one else []
+    for col in comparison_columns(ks, one):
+        lines += [f"### {col}", "", "| pair | " + " | ".join(modes) + " |",
+                  "|---|" + "---:|" * len(modes)]
+        for pair in pairs:
+            cells = [format_value(by_mode[m].get(pair, {}).get(col)) for m in modes]
+            name = f"**{pair}**" if pair == "mean" else pair
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n" + METRIC_NOTES

@@ -12,13 +12,20 @@ from eval.metrics import (
     MetricAccumulator,
     compute_metrics,
     hits_from_positions,
+    map_at_all,
     map_at_r,
     metric_columns,
     precision_at_k,
     recall_at_k,
     ucdir_precision_at_k,
 )
-from eval.topk import CosineScorer, blockwise_topk, dense_topk, select_topk
+from eval.topk import (
+    CosineScorer,
+    average_precision_all,
+    blockwise_topk,
+    dense_topk,
+    select_topk,
+)
 
 torch.set_num_threads(1)
 
@@ -84,12 +91,81 @@ def test_accumulating_blocks_equals_one_shot():
     rng = np.random.default_rng(0)
     hits = rng.random((103, 40)) < 0.3
     R = rng.integers(0, 41, size=103)
-    one = compute_metrics(hits, R, ks=(1, 5, 15))
-    acc = MetricAccumulator((1, 5, 15))
+    top_k_only = ("ucdir_p", "precision", "recall", "map_r")  # R is not the hits' count here
+    one = compute_metrics(hits, R, ks=(1, 5, 15), metrics=top_k_only)
+    acc = MetricAccumulator((1, 5, 15), top_k_only)
     for s in range(0, 103, 17):
         acc.update(hits[s:s + 17], R[s:s + 17])
     assert acc.n_queries == 103
     assert acc.result() == pytest.approx(one)
+    # the whole ranking (every hit of each row is one of its R relevant items): mAP@All too
+    R = hits.sum(axis=1)
+    one = compute_metrics(hits, R, ks=(1, 5, 15))
+    acc = MetricAccumulator((1, 5, 15))
+    for s in range(0, 103, 17):
+        acc.update(hits[s:s + 17], R[s:s + 17])
+    assert acc.result() == pytest.approx(one)
+    assert not math.isnan(one["mAP@All"]) and list(one)[-2:] == ["mAP@R", "mAP@All"]
+
+
+def test_map_at_all_ranks_every_relevant_item():
+    # R = 3 over the whole ranking: hits at ranks 1, 3 and 6 (mAP@R sees only the first 3 ranks)
+    hits, R = H("101001"), np.array([3])
+    assert map_at_all(hits, R) == pytest.approx(100 * (1 + 2 / 3 + 3 / 6) / 3)
+    assert map_at_r(hits, R) == pytest.approx(100 * (1 + 2 / 3) / 3)
+    # a query with R = 0 is left out, like mAP@R
+    assert map_at_all(H("101001", "000000"), np.array([3, 0])) == pytest.approx(
+        100 * (1 + 2 / 3 + 3 / 6) / 3)
+
+
+def test_map_at_all_refuses_a_truncated_ranking_without_ap_all():
+    with pytest.raises(ValueError, match="mAP@All"):
+        map_at_all(H("10"), np.array([2]))  # the second relevant item is beyond the ranks held
+    got = compute_metrics(H("10"), np.array([2]), ks=(1,), metrics=("map_all",),
+                          ap_all=np.array([0.75]))
+    assert got == {"mAP@All": pytest.approx(75.0)}
+
+
+def _brute_ap(s: np.ndarray, rel: np.ndarray) -> np.ndarray:
+    """AP of each row over the full stable ranking (score desc, then the lower column)."""
+    order = np.argsort(-s, axis=1, kind="stable")
+    out = np.full(len(s), np.nan)
+    for i in range(len(s)):
+        h = rel[i][order[i]]
+        if h.any():
+            out[i] = (np.cumsum(h) / np.arange(1, len(h) + 1))[h].sum() / h.sum()
+    return out
+
+
+def test_average_precision_all_in_small_row_chunks(monkeypatch):
+    # chunks of a few rows (by cells and by relevant items) give the same APs as one chunk
+    import eval.topk as topk
+
+    rng = np.random.default_rng(9)
+    s = rng.integers(0, 6, size=(37, 50)).astype(np.float32)
+    rel = rng.random((37, 50)) < 0.4
+    whole = average_precision_all(torch.from_numpy(s), torch.from_numpy(rel))
+    monkeypatch.setattr(topk, "_AP_CHUNK_CELLS", 150)  # 3 rows
+    monkeypatch.setattr(topk, "_AP_CHUNK_RELEVANT", 30)  # about 1-2 rows
+    chunked = average_precision_all(torch.from_numpy(s), torch.from_numpy(rel))
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(chunked, _brute_ap(s, rel), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_average_precision_all_equals_brute_force_numpy(tied):
+    rng = np.random.default_rng(5 + tied)
+    for _ in range(20):
+        n, n_cols = int(rng.integers(1, 30)), int(rng.integers(1, 80))
+        # a few score levels make most relevant items tie with other columns
+        s = (rng.integers(0, 4, size=(n, n_cols)) if tied
+             else rng.standard_normal((n, n_cols))).astype(np.float32)
+        s[rng.random((n, n_cols)) < 0.05] = -np.inf  # like an excluded own item
+        rel = rng.random((n, n_cols)) < 0.3
+        rel[0] = False  # a query with no relevant item: NaN
+        got = average_precision_all(torch.from_numpy(s), torch.from_numpy(rel))
+        np.testing.assert_allclose(got, _brute_ap(s, rel), rtol=0, atol=1e-12)
+        assert np.isnan(got[0])
 
 
 def test_hits_from_positions_treats_missing_items_as_misses():
@@ -171,6 +247,9 @@ def test_block_size_from_memory_budget_is_bounded():
 
     assert block_rows_for_budget(100_000, 200, 256) == 256 * 2**20 // (16 * 100_000 + 48 * 200)
     assert block_rows_for_budget(10**9, 10, 1) == 1
+    # ranking the whole block (mAP@All) keeps a relevance mask per cell: smaller blocks
+    assert block_rows_for_budget(100_000, 200, 256, full_ranking=True) == 256 * 2**20 // (
+        20 * 100_000 + 48 * 200)
 
 
 def test_cosine_scorer_rejects_mismatched_towers():

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from cdir.core.errors import CdirError
-from eval.protocol import default_ks, default_pairs, evaluate_pairs, split_examples
+from eval.protocol import (
+    default_ks,
+    default_pairs,
+    evaluate_pairs,
+    one_relevant,
+    split_examples,
+)
 from eval.topk import CosineScorer
 
 torch.set_num_threads(1)
@@ -54,19 +60,74 @@ def test_every_directed_pair_with_hand_computed_metrics():
     expected_ab = {"P@1": 200 / 3, "P@2": 400 / 6, "P@3": 400 / 6,
                    "prec@1": 50.0, "prec@2": 50.0, "prec@3": 100 * (5 / 3) / 4,
                    "recall@1": 100 / 3, "recall@2": 200 / 3, "recall@3": 250 / 3,
-                   "mAP@R": 200 / 3}
+                   "mAP@R": 200 / 3,
+                   # whole rankings 1100, 1100, 0011: APs 1, 1, (1/3 + 2/4) / 2
+                   "mAP@All": 100 * (2 + 5 / 12) / 3}
     # b→a rankings (gallery rows 0..3), exact ties going to the lower row:
     # q4 1001 R=2; q5 0101 R=2; q6 1000 R=1; q7 0100 R=1.
     expected_ba = {"P@1": 50.0, "P@2": 50.0, "P@3": 50.0,
                    "prec@1": 50.0, "prec@2": 50.0, "prec@3": 100 / 3,
                    "recall@1": 37.5, "recall@2": 75.0, "recall@3": 75.0,
-                   "mAP@R": 43.75}
+                   "mAP@R": 43.75,
+                   "mAP@All": 100 * (0.75 + 0.5 + 1 + 0.5) / 4}
     for key, val in expected_ab.items():
         assert ab[key] == pytest.approx(val), key
     for key, val in expected_ba.items():
         assert ba[key] == pytest.approx(val), key
         assert mean[key] == pytest.approx((val + expected_ab[key]) / 2), key
     assert mean["n_queries"] == 8 and mean["n_gallery"] is None
+    assert (ab["min_relevant"], ab["max_relevant"]) == (0, 2)
+    assert (ba["min_relevant"], ba["max_relevant"]) == (1, 2)
+    assert (mean["min_relevant"], mean["max_relevant"]) == (0, 2)
+    assert not one_relevant(res)
+
+
+def _brute_map_all(x: np.ndarray, labels: np.ndarray, q: np.ndarray, g: np.ndarray) -> float:
+    """mAP@All of queries ``q`` against gallery ``g`` from the full score matrix: stable argsort
+    (ties to the lower row), the query's own row last and never relevant."""
+    s = x[q] @ x[g].T
+    own = q[:, None] == g[None, :]
+    s[own] = -np.inf
+    rel = (labels[q][:, None] == labels[g][None, :]) & ~own
+    order = np.argsort(-s, axis=1, kind="stable")
+    aps = []
+    for i in range(len(q)):
+        h = rel[i][order[i]]
+        if h.any():
+            aps.append((np.cumsum(h) / np.arange(1, len(h) + 1))[h].sum() / h.sum())
+    return 100 * float(np.mean(aps))
+
+
+@pytest.mark.parametrize("block_size", [1, 13, None])
+def test_map_all_blockwise_equals_brute_force_with_ties(block_size):
+    rng = np.random.default_rng(4)
+    n = 90
+    # coarse vectors: many exact score ties, decided by the lower row as in the top-k
+    x = rng.integers(-1, 2, size=(n, 3)).astype(np.float32)
+    labels = rng.integers(0, 4, size=n)
+    domains = np.array(["a"] * 40 + ["b"] * 50)
+    df = pd.DataFrame({"id": [str(i) for i in range(n)], "path": "", "domain": domains,
+                       "label": labels, "class_name": [str(c) for c in labels]})
+    res = evaluate_pairs(CosineScorer(x, device="cpu"), df, pairs=[("a", "b"), ("b", "a"),
+                         ("b", "b")], ks=(1, 5), block_size=block_size, progress=False)
+    a, b = np.flatnonzero(domains == "a"), np.flatnonzero(domains == "b")
+    for row, (q, g) in zip(res, [(a, b), (b, a), (b, b)], strict=False):
+        assert row["mAP@All"] == pytest.approx(_brute_map_all(x, labels, q, g), abs=1e-9)
+    assert res[-1]["mAP@All"] == pytest.approx(np.mean([r["mAP@All"] for r in res[:3]]))
+
+
+def test_one_relevant_item_per_query_is_recognised():
+    # every class once per domain: R = 1 for every query, so P@k = prec@1 = mAP@R for every k
+    x = np.random.default_rng(1).standard_normal((8, 4)).astype(np.float32)
+    df = pd.DataFrame({"id": [str(i) for i in range(8)], "path": "",
+                       "domain": ["a"] * 4 + ["b"] * 4, "label": [0, 1, 2, 3] * 2})
+    res = evaluate_pairs(CosineScorer(x, device="cpu", normalize=True), df, ks=(1, 2, 3),
+                         progress=False)
+    assert one_relevant(res)
+    for r in res:
+        assert r["P@1"] == r["P@2"] == r["P@3"] == r["prec@1"] == pytest.approx(r["mAP@R"])
+        assert r["recall@3"] >= r["recall@1"]
+    assert not one_relevant([])
 
 
 def test_same_domain_pair_excludes_the_query_itself():

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
@@ -101,3 +102,36 @@ def test_results_md_explains_recall_at_k(tmp_path):
             "n_gallery": 3, "recall@5": 40.0}]
     md = " ".join(write_report(res, tmp_path, "recall")["md"].read_text().split())
     assert "recall@k is the fraction of the relevant gallery items found in the top k" in md
+
+
+def test_tables_say_when_every_query_has_one_relevant_item(tmp_path):
+    note = "one relevant item per query: P@k = prec@1 = mAP@R; see recall@k"
+    row = {"pair": "x→y", "query_domain": "x", "gallery_domain": "y", "n_queries": 2,
+           "n_gallery": 3, "min_relevant": 1, "max_relevant": 1, "P@1": 50.0, "P@5": 50.0,
+           "recall@5": 100.0, "mAP@All": 75.0}
+    table = format_table([row])
+    assert table.rstrip().endswith(note)
+    assert "max_relevant" not in table.splitlines()[0]  # the R range is not a metric column
+    md = write_report([row], tmp_path, "r1")["md"].read_text()
+    assert note in md and "- mAP@All is the average precision over the whole ranked gallery" in md
+    # one query with R = 2 (or R = 0) and the note is gone
+    assert note not in format_table([{**row, "max_relevant": 2}])
+    assert note not in format_table([{**row, "min_relevant": 0}])
+
+
+def test_seeds_are_aggregated_as_mean_and_sample_std():
+    from eval.report import aggregate_seeds, format_seed_table
+
+    def rows(p1: float, m: float) -> list[dict]:
+        return [{"pair": "x→y", "n_queries": 2, "P@1": p1, "mAP@All": m},
+                {"pair": "mean", "n_queries": 2, "P@1": p1, "mAP@All": float("nan")}]
+
+    agg = aggregate_seeds([rows(50.0, 10.0), rows(70.0, 20.0), rows(60.0, 30.0)])
+    assert [r["pair"] for r in agg] == ["x→y", "mean"] and agg[0]["seeds"] == 3
+    assert agg[0]["P@1"] == pytest.approx(60.0) and agg[0]["P@1 std"] == pytest.approx(10.0)
+    assert agg[0]["mAP@All"] == pytest.approx(20.0)
+    assert np.isnan(agg[1]["mAP@All"])
+    table = format_seed_table(agg, ["P@1", "mAP@All"])
+    assert "| x→y | 60.00 ± 10.00 | 20.00 ± 10.00 |" in table
+    assert "| **mean** | 60.00 ± 10.00 | n/a |" in table
+    assert aggregate_seeds([rows(50.0, 10.0)])[0]["P@1 std"] == 0.0  # one seed: no spread

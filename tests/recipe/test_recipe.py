@@ -183,6 +183,14 @@ def test_emoji_recipe_end_to_end_then_rerun_skips(tmp_path, capsys):
     assert "## Literature (as reported) beside ours" in md
     assert "| Made-up Score (Tw → Op) | 42.5 |" in md
     assert "UCDIR P@k" in md and "not standard precision@k" in md.replace("*", "")
+    # mAP@All beside P@k, per pair and mean; one emoji per class and domain: R = 1, so recall@k
+    table = md.split("## mAP@All (%)")[1].split("\n## ")[0]
+    assert "| mean |" in table and all(f"| {m['short']} |" in table for m in doc["methods"])
+    for m in doc["methods"]:
+        assert all(0 <= r["mAP@All"] <= 100 and r["max_relevant"] == 1 for r in m["rows"])
+    recall = md.split("## recall@15 (%)")[1].split("\n## ")[0]
+    assert "one relevant item per query: P@k = prec@1 = mAP@R; see recall@k" in recall
+    assert "- mAP@All is the average precision over the whole ranked gallery" in md
     # the resolved config is written beside the report and loads back as a recipe
     again = recipe_from_dict(yaml.safe_load((report / "recipe.yaml").read_text()))
     assert again.dataset.limit == 12 and len(again.literature) == 2

@@ -74,3 +74,25 @@ def test_eval_unknown_split_is_one_line(emoji_ws: Path, capsys):
     assert cdir("eval", "-w", emoji_ws, "--encoder", "pixels", "--split", "val") != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dev" in err[0] and "test" in err[0], err
+
+
+def test_one_relevant_item_per_query_is_said_and_recall_shown(emoji_ws: Path, capsys):
+    # each emoji once per art set: every query has R = 1
+    assert cdir("eval", "-w", emoji_ws, "--encoder", "pixels", "--split", "test", "--rerank",
+                "none,csls", "--run", "r1", "--no-progress", "--examples", "0") == 0
+    printed = capsys.readouterr().out
+    note = "one relevant item per query: P@k = prec@1 = mAP@R; see recall@k"
+    report = emoji_ws / "reports" / "r1"
+    comparison = (report / "comparison.md").read_text()
+    for text in (printed, comparison, (report / "visual" / "results.md").read_text()):
+        assert note in text
+    # the comparison shows P@1 once, then recall@k and mAP@All, not the equal P@5 and P@15
+    heads = [line for line in comparison.splitlines() if line.startswith("### ")]
+    assert heads == ["### P@1", "### recall@5", "### recall@15", "### mAP@All"]
+    rows = _rows(json.loads((report / "visual" / "results.json").read_text()))
+    mean = rows[-1]
+    assert mean["P@1"] == mean["P@15"] == mean["prec@1"] == mean["mAP@R"]
+    recall15 = comparison.split("### recall@15")[1].split("###")[0]
+    assert f"| **mean** | {mean['recall@15']:.2f} |" in recall15
+    assert mean["recall@15"] > mean["recall@1"]  # the column that still tells ranks apart
+    assert "- recall@k is the fraction" in comparison
