@@ -56,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
             queries.append(path)
         except BadImage as e:
             bad.append((path, str(e)))
+    if not images:  # nothing to search: one line, naming the (first) reason
+        more = f" (and {len(bad) - 1} more unreadable)" if len(bad) > 1 else ""
+        raise CdirError(f"no query image could be read: {bad[0][1]}{more}")
     for _, reason in bad:
         print(f"cdir search: error: query skipped: {reason}", file=sys.stderr)
-    if not images:
-        raise CdirError(f"no query image could be read ({len(bad)} skipped)")
     searcher = Searcher(args.workspace, index=args.index, encoder=args.encoder, mode=args.mode,
                         captioner=args.captioner, device=args.device,
                         allow_missing=args.allow_missing)
