@@ -75,6 +75,20 @@ def parse_pairs(text: str | Sequence[str] | None, domains: list[str]
     return pairs
 
 
+def _recorder(echo: Callable[[str], None] | None) -> tuple[list[str], Callable[..., None]]:
+    """The printed lines of an evaluation, and ``say``, which adds lines and hands each to
+    ``echo`` at once (a long evaluation shows each table when it is done)."""
+    lines: list[str] = []
+
+    def say(*texts: str) -> None:
+        for text in texts:
+            lines.append(text)
+            if echo is not None:
+                echo(text)
+
+    return lines, say
+
+
 def select_split(manifest: pd.DataFrame, split: str | None) -> pd.DataFrame:
     """The rows of the manifest's ``split`` (``all`` or None: every row), renumbered from 0.
     Queries and gallery alike come from these rows: a split of categories is evaluated as a
@@ -163,13 +177,7 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     from eval.protocol import default_ks, evaluate_pairs
     from eval.report import format_table, write_report
 
-    lines: list[str] = []
-
-    def say(*texts: str) -> None:
-        for text in texts:
-            lines.append(text)
-            if echo is not None:
-                echo(text)
+    lines, say = _recorder(echo)
 
     ws = Workspace(workspace).require()
     split = split or "all"
@@ -360,13 +368,7 @@ def evaluate_seeds(workspace: str | os.PathLike, seeds: Sequence[int],
                  if v not in (None, "", False) and k not in ("device", "progress")}
         run = spec_key("seeds=" + ",".join(map(str, seeds)) + "|"
                        + "|".join(f"{k}={v}" for k, v in sorted(named.items(), key=str)))
-    lines: list[str] = []
-
-    def say(*texts: str) -> None:
-        for text in texts:
-            lines.append(text)
-            if echo is not None:
-                echo(text)
+    lines, say = _recorder(echo)
 
     runs = []
     for seed in seeds:
