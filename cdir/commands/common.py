@@ -72,6 +72,17 @@ def recipe_sets(args: argparse.Namespace) -> list[str]:
     return [*args.set, *(["train.progress=false"] if args.no_progress else [])]
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 0 (refused at the flag, before any work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type``: an integer >= 1 (refused at the flag, before any work)."""
     try:

@@ -126,7 +126,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
              echo: Callable[[str], None] | None = None,
              normalize: str | Sequence[str] | None = None,
              rerank: str | Sequence[str] | None = None,
-             csls_k: int = DEFAULT_CSLS_K, split: str | None = None) -> dict[str, Any]:
+             csls_k: int = DEFAULT_CSLS_K, split: str | None = None,
+             normalize_dim: int | None = None) -> dict[str, Any]:
     """Evaluate every mode in ``modes`` (default: each mode the models given configure) on the
     directed pairs ``pairs`` (default: all) at ``ks`` (default: the dataset's), and write the
     reports to ``WORKSPACE/reports/RUN/`` (one folder per mode when there are several, and a
@@ -134,7 +135,9 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     chooses its weights on a held-out half of the queries. ``normalize`` (names of
     `indexes.normalize.NORMALIZERS`) and ``rerank`` (names of `eval.rerank.RERANKERS`, ``csls``
     with neighbourhood ``csls_k``) each give one evaluation per name and mode, side by side in
-    the comparison; the statistics are fitted on all the evaluated rows, without labels.
+    the comparison; the statistics are fitted on all the evaluated rows, without labels, after
+    a shared PCA to ``normalize_dim`` dims (None: the default `cdir index build` uses, 0: none),
+    so the figure is the one a normalised index serves.
     ``split`` evaluates only the manifest rows of that split (``dev``/``test`` categories of a
     gallery with a category split; default ``all``): queries and gallery alike.
 
@@ -179,9 +182,14 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     reranks = _choices(rerank, RERANKERS, "--rerank")
     if isinstance(csls_k, bool) or not isinstance(csls_k, int) or csls_k < 1:
         raise CdirError(f"--csls-k must be a positive integer, got {csls_k!r}")
+    if normalize_dim is not None and (isinstance(normalize_dim, bool)
+                                      or not isinstance(normalize_dim, int) or normalize_dim < 0):
+        raise CdirError(f"--normalize-dim must be a non-negative integer, got {normalize_dim!r}")
     variants = [(m, n, r) for m in modes for n in norms for r in reranks]
     settings = report_settings(modes, cfg, ks, pairs, sweep, examples, norms, reranks, csls_k,
                                split)
+    if normalize_dim is not None and norms != ["none"]:
+        settings["normalize_dim"] = str(normalize_dim)
     if split != "all":
         say(f"split {split}: {manifest['class_name'].nunique()} categories, "
             f"{len(manifest)} images")
@@ -193,7 +201,7 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     for mode, norm, rr in variants:
         key = variant_name(mode, norm, rr)
         scorer, ok = build_scorer(ws, manifest, mode, cfg, device=device, normalize=norm,
-                                  rerank=rr, csls_k=csls_k)
+                                  rerank=rr, csls_k=csls_k, normalize_dim=normalize_dim)
         sub = manifest[ok].reset_index(drop=True)
         if (~ok).any() and (norm, rr) == (norms[0], reranks[0]):  # once per mode
             say(f"[{mode}] {int((~ok).sum())} of {len(manifest)} images have no vector "
