@@ -242,7 +242,8 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
             notes.append(f"the {normalize} statistics of {name} are missing or changed: refit")
             rebuild = True
         else:
-            old_pca = old_norm.out_dim if old_norm.out_dim < old_norm.dim else 0
+            # as asked (the rows' rank may have capped the dims it got)
+            old_pca = old_norm.pca_dim if old_norm.out_dim < old_norm.dim else 0
             if old_pca != pca_dim:  # another --normalize-dim: other statistics, other vectors
                 notes.append(f"{name} was built with a shared PCA to "
                              f"{old_pca or 'no'} dims, not {pca_dim or 'none'}: rebuilt")
