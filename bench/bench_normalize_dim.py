@@ -2,7 +2,7 @@
 what it costs in P@1, and what it does to query latency.
 
     python bench/bench_normalize_dim.py [-w runs/emoji] [--encoder SPEC] [--dims 0,1024,512,256]
-                                        [--split dev] [--queries 200]
+                                        [--split dev] [--queries 200] [--skip-eval]
 
 For every dim (0: the full dimension, the baseline of the ratios):
 
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dims", default="0,1024,512,256")
     p.add_argument("--split", default="dev")
     p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--skip-eval", action="store_true",
+                   help="sizes and latency only (a re-measure on a quieter machine)")
     args = p.parse_args(argv)
 
     from cdir.core.store import EmbeddingStore
@@ -58,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     picks = rng.choice(np.flatnonzero(ok), size=min(args.queries, int(ok.sum())), replace=False)
     rows = []
     for dim in dims:
-        res = evaluate(ws.root, encoder=args.encoder, modes="visual", split=args.split,
-                       normalize="domain-whiten", rerank="none,csls", normalize_dim=dim,
-                       run=f"bench-normdim-{dim}", progress=False)
-        p1 = {k: float(v[-1]["P@1"]) for k, v in res["results"].items()}
+        p1 = {"visual+domain-whiten": np.nan, "visual+domain-whiten+csls": np.nan}
+        if not args.skip_eval:
+            res = evaluate(ws.root, encoder=args.encoder, modes="visual", split=args.split,
+                           normalize="domain-whiten", rerank="none,csls", normalize_dim=dim,
+                           run=f"bench-normdim-{dim}", progress=False)
+            p1 = {k: float(v[-1]["P@1"]) for k, v in res["results"].items()}
         name = f"bench-normdim-{dim}"
         t0 = time.perf_counter()
         built = build_index(ws.root, encoder=args.encoder, normalize="domain-whiten",
