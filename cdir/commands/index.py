@@ -101,10 +101,13 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         norm = r.get("normalize", "none")
+        update = update_commands(ws, r["encoder_spec"], r["kind"], r["name"], norm,
+                                 r.get("normalize_dim", 0))
         stale = "" if r["current"] else (
-            "  [stale: the gallery changed; update with "
-            f"`{update_commands(ws, r['encoder_spec'], r['kind'], r['name'], norm)}`]")
+            f"  [stale: the gallery changed; update with `{update}`]")
         normalized = f", {norm}" if norm != "none" else ""
+        if r.get("normalize_dim"):
+            normalized += f" after a shared PCA to {r['normalize_dim']}"
         if r.get("stats_bytes") is not None:  # the statistics file beside the index
             normalized += f", statistics {r['stats_bytes'] / 1e6:.1f} MB"
         print(f"{r['name']}: {r['kind']} over {r['count']} vectors of {r['encoder_spec']} "

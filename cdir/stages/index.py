@@ -85,11 +85,14 @@ def fill_commands(ws: Workspace, spec: str) -> list[str]:
     return [shlex.join(c) for c in cmds]
 
 
-def update_commands(ws: Workspace, spec: str, kind: str, name: str, normalize: str = "none"
-                    ) -> str:
-    """The command line, ready to paste, that brings index ``name`` up to date with the gallery."""
+def update_commands(ws: Workspace, spec: str, kind: str, name: str, normalize: str = "none",
+                    normalize_dim: int | None = None) -> str:
+    """The command line, ready to paste, that brings index ``name`` up to date with the gallery
+    (``normalize_dim``: its shared PCA, named so that a rebuild keeps it)."""
     build = ["cdir", "index", "build", "-w", str(ws.root), *_source_flags(spec), "--type", kind,
-             *(["--normalize", normalize] if normalize != "none" else []), "--name", name]
+             *(["--normalize", normalize] if normalize != "none" else []),
+             *(["--normalize-dim", str(normalize_dim)]
+               if normalize != "none" and normalize_dim is not None else []), "--name", name]
     return " && ".join([*fill_commands(ws, spec), shlex.join(build)])
 
 
@@ -380,7 +383,7 @@ def open_index(ws: Workspace, name: str | None = None, encoder: str | None = Non
         raise CdirError(f"several indexes match ({names}): choose one with --index NAME")
     row = rows[0]
     update = update_commands(ws, row["encoder_spec"], row["kind"], row["name"],
-                             row.get("normalize", "none"))
+                             row.get("normalize", "none"), row.get("normalize_dim", 0))
     if not row["current"]:
         raise CdirError(f"index {row['name']} is stale: the gallery changed since it was built "
                         f"(images added, removed or changed); update it with `{update}`")

@@ -260,7 +260,8 @@ def test_normalize_dim_build_search_info_and_refit(ws, capsys, tmp_path):
     capsys.readouterr()
     assert cdir("index", "info", "-w", ws) == 0
     info = capsys.readouterr().out
-    assert f"(dim 8, {WHITE}, statistics {size / 1e6:.1f} MB)" in info
+    assert f"(dim 8, {WHITE} after a shared PCA to 8, statistics {size / 1e6:.1f} MB)" in info
+    assert read_meta(path).normalize_dim == 8
 
     query = sorted((ws / "gallery" / "twemoji").rglob("*.png"))[3]
     res, _ = _search(ws, capsys, query, "--query-domain", "twemoji")
@@ -278,7 +279,8 @@ def test_normalize_dim_build_search_info_and_refit(ws, capsys, tmp_path):
     stats.unlink()
     capsys.readouterr()
     assert cdir("search", "-w", ws, "--index", _name(ws), "--image", query) == 2
-    assert "missing" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the rebuild it names keeps the PCA
+    assert "missing" in err and f"--normalize {WHITE} --normalize-dim 16" in err
     out = _build(ws, capsys, "--normalize", WHITE, "--normalize-dim", "16")
     assert "missing or changed: refit" in out and read_meta(path).dim == 16
     # the default on 1,024-d pixels: the shared PCA, named at build time
