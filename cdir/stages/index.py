@@ -260,7 +260,11 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
             old.meta.manifest_fingerprint = fp  # same rows: only the bookkeeping may differ
             _stamp(ws, spec, old)
             old.save(path)
-            return {**result, "count": len(old), "action": "up-to-date",
+            stats = _stats_size(path)
+            if stats is not None:
+                notes.append(f"{normalize} statistics: {_megabytes(stats)} in "
+                             f"{normalizer_file(path).name}")
+            return {**result, "count": len(old), "action": "up-to-date", "stats_bytes": stats,
                     "summary": f"index {name} is up to date ({len(old)} vectors){left_out}"}
         grew = fresh and known.issubset(ids) and len(known) < len(ids)
         if grew and old.normalizer is not None:
