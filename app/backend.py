@@ -388,15 +388,19 @@ class DemoBackend:
         if kept is None:
             stored = []
         fresh = sorted(set(range(len(works))) - set(stored))
-        q = np.zeros((len(works), s.index.dim), np.float32)
+        # fresh queries are encoder vectors (wider than the index's under a shared PCA) until
+        # normalised; stored ones are already as indexed
+        width = s.normalizer.dim if s.normalizer is not None else s.index.dim
+        raw = np.zeros((len(works), width), np.float32)
         captions: list[str | None] = [None] * len(works)
         if fresh and key[1] == TEXT:
-            q[fresh] = s.text_vectors([works[i].text.strip() for i in fresh])
+            raw[fresh] = s.text_vectors([works[i].text.strip() for i in fresh])
         elif fresh:
             vecs, caps = s.query_vectors([works[i].image for i in fresh])
-            q[fresh] = vecs
+            raw[fresh] = vecs
             for i, c in zip(fresh, caps or [None] * len(fresh), strict=True):
                 captions[i] = c
+        q = raw if width == s.index.dim else np.zeros((len(works), s.index.dim), np.float32)
         if stored:
             q[stored] = kept
             source = split_caption_spec(s.spec)[1] if _captions_query(key[1]) else None
@@ -408,7 +412,7 @@ class DemoBackend:
                          [i for i in fresh if domains[i] is None]):
                 if rows:
                     given = [domains[i] for i in rows] if domains[rows[0]] else None
-                    q[rows], used = s.normalizer.transform_query(q[rows], given)
+                    q[rows], used = s.normalizer.transform_query(raw[rows], given)
                     for i, d in zip(rows, used, strict=True):
                         domains[i] = str(d)
         unknown = [i for i, (w, d) in enumerate(zip(works, domains, strict=True))

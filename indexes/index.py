@@ -379,8 +379,10 @@ class CdirIndex:
             self.normalizer.save(normalizer_file(path))
             meta.normalize = self.normalizer.method
             meta.normalize_fingerprint = self.normalizer.fingerprint
+            meta.normalize_dim = (self.normalizer.pca_dim
+                                  if self.normalizer.out_dim < self.normalizer.dim else 0)
         else:
-            meta.normalize, meta.normalize_fingerprint = "none", ""
+            meta.normalize, meta.normalize_fingerprint, meta.normalize_dim = "none", "", 0
         with ExitStack() as stack:
             # entered sidecar-first so the renames run faiss, rows, then the sidecar: until the
             # sidecar lands, a reader still sees the old sidecar (and a checksum mismatch)
@@ -397,6 +399,7 @@ class CdirIndex:
         self.meta.files = meta.files
         self.meta.normalize = meta.normalize
         self.meta.normalize_fingerprint = meta.normalize_fingerprint
+        self.meta.normalize_dim = meta.normalize_dim
         if self.normalizer is None:  # a plain index replacing a normalised one of this name
             normalizer_file(path).unlink(missing_ok=True)
         keep = self.meta.params.get("ivfdata")

@@ -60,6 +60,9 @@ class IndexMeta:
     # of its statistics file; absent in older sidecars, which are plain
     normalize: str = "none"
     normalize_fingerprint: str = ""
+    # the shared PCA dimension asked for before the per-domain statistics (0: none; absent in
+    # older sidecars, whose statistics are at full size)
+    normalize_dim: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

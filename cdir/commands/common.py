@@ -5,6 +5,7 @@ helpers."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from cdir.cli import HelpFormatter
 
@@ -72,12 +73,21 @@ def recipe_sets(args: argparse.Namespace) -> list[str]:
     return [*args.set, *(["train.progress=false"] if args.no_progress else [])]
 
 
-def positive_int(text: str) -> int:
-    """An argparse ``type``: an integer >= 1 (refused at the flag, before any work)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type`` for whole numbers of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+# argparse ``type``s, refused at the flag, before any work
+non_negative_int = _int_at_least(0)
+positive_int = _int_at_least(1)

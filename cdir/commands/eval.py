@@ -10,6 +10,7 @@ from cdir.commands.common import (
     add_device,
     add_progress,
     add_workspace,
+    non_negative_int,
     positive_int,
 )
 
@@ -51,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated per-domain normalisations: {', '.join(NORMALIZERS)}; "
                         "each is evaluated, side by side in the comparison (statistics fitted "
                         "on the evaluated gallery without labels; default: none)")
+    p.add_argument("--normalize-dim", type=non_negative_int, default=None, metavar="N",
+                   help="with --normalize: a shared PCA to N dims before the per-domain "
+                        "statistics, as `cdir index build --normalize-dim` (default: the same "
+                        "default as there; 0: the full dimension)")
     p.add_argument("--rerank", metavar="NAMES",
                    help=f"comma-separated scoring: {', '.join(RERANKERS)} (csls: hubness-"
                         "corrected CSLS per directed pair; default: none)")
@@ -120,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         run=args.run, examples=args.examples, device=args.device,
         progress=not args.no_progress, echo=print, normalize=args.normalize,
         rerank=args.rerank, csls_k=args.csls_k, split=args.split,
-        allow_missing=args.allow_missing, seeds=args.seeds)
+        allow_missing=args.allow_missing, seeds=args.seeds, normalize_dim=args.normalize_dim)
     print(summary["summary"])
     return 0
 

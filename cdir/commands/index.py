@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 
 from cdir.cli import HelpFormatter
-from cdir.commands.common import add_workspace, positive_int
+from cdir.commands.common import add_workspace, non_negative_int, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from indexes.kinds import KINDS
-    from indexes.normalize import NORMALIZERS
+    from indexes.normalize import DEFAULT_PCA_DIM, NORMALIZERS
 
     p = sub.add_parser("index", help="build or inspect FAISS indexes over embeddings",
                        description="Build a FAISS index over the embeddings of a workspace, or "
@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "without labels (statistics saved beside the index; queries get their "
                         "domain's transform): " + "; ".join(
                             f"{k}: {v.help}" for k, v in NORMALIZERS.items()))
+    b.add_argument("--normalize-dim", type=non_negative_int, default=None, metavar="N",
+                   help="with --normalize: a shared PCA to N dims (fitted on every gallery row, "
+                        "no labels) before the per-domain statistics, so they stay small; 0 "
+                        f"keeps the full dimension (default: {DEFAULT_PCA_DIM} for domain-whiten "
+                        "over wider vectors, else 0)")
     b.add_argument("--name", help="index name: letters, digits, . _ - (default: from the "
                                   "encoder and type)")
     b.add_argument("--force", action="store_true",
@@ -76,6 +81,7 @@ def run_build(args: argparse.Namespace) -> int:
                           captions=args.captions, kind=args.type, name=args.name, gpu=args.gpu,
                           nlist=args.nlist, m=args.m, rebuild=args.rebuild, force=args.force,
                           allow_missing=args.allow_missing, normalize=args.normalize,
+                          normalize_dim=args.normalize_dim,
                           memory=args.memory, recall=args.recall, refine=args.refine,
                           shards=args.shards)
     for note in summary["notes"]:
@@ -95,10 +101,15 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         norm = r.get("normalize", "none")
+        update = update_commands(ws, r["encoder_spec"], r["kind"], r["name"], norm,
+                                 r.get("normalize_dim", 0))
         stale = "" if r["current"] else (
-            "  [stale: the gallery changed; update with "
-            f"`{update_commands(ws, r['encoder_spec'], r['kind'], r['name'], norm)}`]")
+            f"  [stale: the gallery changed; update with `{update}`]")
         normalized = f", {norm}" if norm != "none" else ""
+        if r.get("normalize_dim"):
+            normalized += f" after a shared PCA to {r['normalize_dim']}"
+        if r.get("stats_bytes") is not None:  # the statistics file beside the index
+            normalized += f", statistics {r['stats_bytes'] / 1e6:.1f} MB"
         print(f"{r['name']}: {r['kind']} over {r['count']} vectors of {r['encoder_spec']} "
               f"(dim {r['dim']}{normalized}){stale}")
     return 0

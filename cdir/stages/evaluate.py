@@ -25,7 +25,7 @@ from cdir.stages.modes import (
     vectors_scorer,
 )
 from eval.rerank import DEFAULT_CSLS_K, RERANKERS
-from indexes.normalize import NORMALIZERS
+from indexes.normalize import DEFAULT_PCA_DIM, NORMALIZERS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -144,8 +144,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
              normalize: str | Sequence[str] | None = None,
              rerank: str | Sequence[str] | None = None,
              csls_k: int = DEFAULT_CSLS_K, split: str | None = None,
-             allow_missing: bool = False, seeds: Sequence[int] | None = None
-             ) -> dict[str, Any]:
+             allow_missing: bool = False, seeds: Sequence[int] | None = None,
+             normalize_dim: int | None = None) -> dict[str, Any]:
     """Evaluate every mode in ``modes`` (default: each mode the models given configure) on the
     directed pairs ``pairs`` (default: all) at ``ks`` (default: the dataset's), and write the
     reports to ``WORKSPACE/reports/RUN/`` (one folder per mode when there are several, and a
@@ -153,7 +153,9 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     chooses its weights on a held-out half of the queries. ``normalize`` (names of
     `indexes.normalize.NORMALIZERS`) and ``rerank`` (names of `eval.rerank.RERANKERS`, ``csls``
     with neighbourhood ``csls_k``) each give one evaluation per name and mode, side by side in
-    the comparison; the statistics are fitted on all the evaluated rows, without labels.
+    the comparison; the statistics are fitted on all the evaluated rows, without labels, after
+    a shared PCA to ``normalize_dim`` dims (None: the default `cdir index build` uses, 0: none),
+    so the figure is the one a normalised index serves.
     ``split`` evaluates only the manifest rows of that split (``dev``/``test`` categories of a
     gallery with a category split; default ``all``): queries and gallery alike. Stored vectors
     that do not cover the evaluated rows (images not embedded yet; unreadable ones do not count)
@@ -202,6 +204,9 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     reranks = _choices(rerank, RERANKERS, "--rerank")
     if isinstance(csls_k, bool) or not isinstance(csls_k, int) or csls_k < 1:
         raise CdirError(f"--csls-k must be a positive integer, got {csls_k!r}")
+    if normalize_dim is not None and (isinstance(normalize_dim, bool)
+                                      or not isinstance(normalize_dim, int) or normalize_dim < 0):
+        raise CdirError(f"--normalize-dim must be a non-negative integer, got {normalize_dim!r}")
     variants = [(m, n, r) for m in modes for n in norms for r in reranks]
     settings = report_settings(modes, cfg, ks, pairs, sweep, examples, norms, reranks, csls_k,
                                split)
@@ -211,6 +216,13 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     if partial:  # a partial evaluation says so, and never takes a whole one's report name
         settings["missing"] = partial
         say(f"evaluating without the images not embedded yet (--allow-missing): {partial}")
+    if norms != ["none"]:
+        if normalize_dim is not None:
+            settings["normalize_dim"] = str(normalize_dim)
+        elif any(NORMALIZERS[n].whiten for n in norms):
+            settings["normalize_dim"] = f"default ({DEFAULT_PCA_DIM} where wider)"
+            say(f"whitening after a shared PCA to {DEFAULT_PCA_DIM} dims where the vectors are "
+                "wider (the default, as `cdir index build`; --normalize-dim 0 keeps them whole)")
     if split != "all":
         say(f"split {split}: {manifest['class_name'].nunique()} categories, "
             f"{len(manifest)} images")
@@ -222,7 +234,7 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     for mode, norm, rr in variants:
         key = variant_name(mode, norm, rr)
         scorer, ok = build_scorer(ws, manifest, mode, cfg, device=device, normalize=norm,
-                                  rerank=rr, csls_k=csls_k)
+                                  rerank=rr, csls_k=csls_k, normalize_dim=normalize_dim)
         sub = manifest[ok].reset_index(drop=True)
         if (~ok).any() and (norm, rr) == (norms[0], reranks[0]):  # once per mode
             gaps = min(int((~ok).sum()), max((c.n_missing for c in missing[mode]), default=0))

@@ -85,11 +85,14 @@ def fill_commands(ws: Workspace, spec: str) -> list[str]:
     return [shlex.join(c) for c in cmds]
 
 
-def update_commands(ws: Workspace, spec: str, kind: str, name: str, normalize: str = "none"
-                    ) -> str:
-    """The command line, ready to paste, that brings index ``name`` up to date with the gallery."""
+def update_commands(ws: Workspace, spec: str, kind: str, name: str, normalize: str = "none",
+                    normalize_dim: int | None = None) -> str:
+    """The command line, ready to paste, that brings index ``name`` up to date with the gallery
+    (``normalize_dim``: its shared PCA, named so that a rebuild keeps it)."""
     build = ["cdir", "index", "build", "-w", str(ws.root), *_source_flags(spec), "--type", kind,
-             *(["--normalize", normalize] if normalize != "none" else []), "--name", name]
+             *(["--normalize", normalize] if normalize != "none" else []),
+             *(["--normalize-dim", str(normalize_dim)]
+               if normalize != "none" and normalize_dim is not None else []), "--name", name]
     return " && ".join([*fill_commands(ws, spec), shlex.join(build)])
 
 
@@ -111,7 +114,7 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
                 nlist: int | None = None, m: int | None = None,
                 rebuild: bool = False, force: bool = False,
                 allow_missing: bool = False, normalize: str = "none",
-                memory: str | None = None, recall: float = 0.95,
+                normalize_dim: int | None = None, memory: str | None = None, recall: float = 0.95,
                 refine: int | None = None, shards: int | None = None) -> dict[str, Any]:
     """Build a cosine index of ``kind`` over the image embeddings of ``encoder`` or the caption
     embeddings of ``captions`` by ``text_encoder``, in ``WORKSPACE/indexes/NAME.faiss``.
@@ -123,7 +126,10 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     sub-quantizers (ivfpq) or graph degree (hnsw); ``nlist``: IVF lists. ``normalize`` (a key of
     `indexes.normalize.NORMALIZERS`): the vectors are normalised per domain with statistics
     fitted on the indexed rows, saved as ``NAME.normalize.npz`` (fingerprint in the sidecar);
-    such an index is refit and rebuilt, never extended, when the gallery grows. ``shards``
+    such an index is refit and rebuilt, never extended, when the gallery grows.
+    ``normalize_dim``: a shared PCA to that many dims before the per-domain statistics (None: the
+    default of `indexes.normalize.resolve_pca_dim`, 0: none); the choice and the statistics
+    file's size are in the notes. ``shards``
     (ivf, ivfpq): built shard by shard from vectors read off the store a chunk at a time (never
     all in memory; with ``normalize``, one domain at a time while its statistics are fitted),
     merged into inverted lists on disk (`indexes.build.build_sharded`), rebuilt rather
@@ -141,8 +147,8 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     from indexes.build import build_index as new_index
     from indexes.index import load_index
     from indexes.kinds import KINDS, small_data_note
-    from indexes.meta import index_files, load_normalizer, read_meta
-    from indexes.normalize import NORMALIZERS
+    from indexes.meta import index_files, load_normalizer, normalizer_file, read_meta
+    from indexes.normalize import NORMALIZERS, resolve_pca_dim
 
     for flag, value in (("--nlist", nlist), ("--m", m)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -156,6 +162,7 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     manifest = ws.manifest()
     fp = fingerprint(manifest)
     x, ok, spec = index_vectors(ws, manifest, encoder, text_encoder, captions)
+    pca_dim, pca_note = resolve_pca_dim(normalize, int(x.shape[1]), normalize_dim)
     # a normalised index has a name of its own, so the plain one can stay beside it
     name = name or f"{spec_key(spec)}.{kind}" + (f".{normalize}" if normalize != "none" else "")
     choice = None
@@ -203,16 +210,25 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
                                          (skipped - missing, "unreadable or without a caption"))
            if n]
     notes = [f"{skipped} of {len(manifest)} images left out: {', '.join(why)}"] if skipped else []
+    if pca_note:
+        notes.append(pca_note)
     result = {"name": name, "path": str(path), "spec": spec, "kind": kind,
               "normalize": normalize, "notes": notes}
     left_out = f" ({skipped} images left out)" if skipped else ""
     t0 = time.perf_counter()
     if same and normalize != "none" and not rebuild:
         try:
-            load_normalizer(path, old_meta)
+            old_norm = load_normalizer(path, old_meta)
         except CdirError:  # statistics removed, edited or not the sidecar's: refit them
             notes.append(f"the {normalize} statistics of {name} are missing or changed: refit")
             rebuild = True
+        else:
+            # as asked (the rows' rank may have capped the dims it got)
+            old_pca = old_norm.pca_dim if old_norm.out_dim < old_norm.dim else 0
+            if old_pca != pca_dim:  # another --normalize-dim: other statistics, other vectors
+                notes.append(f"{name} was built with a shared PCA to "
+                             f"{old_pca or 'no'} dims, not {pca_dim or 'none'}: rebuilt")
+                rebuild = True
     if same and not rebuild:
         old = load_index(path, gpu=gpu)
         known = set(old.ids)
@@ -222,7 +238,11 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
             old.meta.manifest_fingerprint = fp  # same rows: only the bookkeeping may differ
             _stamp(ws, spec, old)
             old.save(path)
-            return {**result, "count": len(old), "action": "up-to-date",
+            stats = _stats_size(path)
+            if stats is not None:
+                notes.append(f"{normalize} statistics: {_megabytes(stats)} in "
+                             f"{normalizer_file(path).name}")
+            return {**result, "count": len(old), "action": "up-to-date", "stats_bytes": stats,
                     "summary": f"index {name} is up to date ({len(old)} vectors){left_out}"}
         grew = fresh and known.issubset(ids) and len(known) < len(ids)
         if grew and old.normalizer is not None:
@@ -242,7 +262,7 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     sharded = bool(shards and shards > 1)
     # a sharded build reads the vectors from the store a shard at a time, never all at once
     vecs = x if sharded else np.asarray(x)
-    norm = gallery_normalizer(vecs, domains, normalize)
+    norm = gallery_normalizer(vecs, domains, normalize, pca_dim)
     if norm is not None:
         vecs = norm.transform_rows(vecs, domains) if sharded else norm.transform(vecs, domains)
     if sharded:
@@ -265,10 +285,27 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     small = small_data_note(kind, len(index), index.meta.params, params)
     if small:
         notes.append(small)
-    return {**result, "count": len(index), "action": "built",
+    stats = _stats_size(path)
+    if stats is not None:
+        notes.append(f"{normalize} statistics: {_megabytes(stats)} ({norm.dim} -> "
+                     f"{norm.out_dim} dims, {len(norm.domains)} domains) in "
+                     f"{normalizer_file(path).name}")
+    return {**result, "count": len(index), "action": "built", "stats_bytes": stats,
             "summary": f"built {kind} index {name}: {len(index)} vectors × {index.dim} on "
                        f"{index.device} in {time.perf_counter() - t0:.1f}s → {path}{left_out}"
                        + (" (parameters lowered for small data)" if small else "")}
+
+
+def _stats_size(path: str | os.PathLike) -> int | None:
+    """The size in bytes of the normalisation statistics of the index at ``path`` (None: none)."""
+    from indexes.meta import normalizer_file
+
+    f = normalizer_file(path)
+    return f.stat().st_size if f.exists() else None
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def _stamp(ws: Workspace, spec: str, index: CdirIndex, dry: bool = False) -> str:
@@ -300,7 +337,10 @@ def list_indexes(workspace: str | os.PathLike) -> list[dict]:
             continue
         meta = read_json(sidecar)
         rows.append({"name": faiss_file.stem, "path": faiss_file,
-                     "current": meta.get("manifest_fingerprint") == fp, **meta})
+                     "current": meta.get("manifest_fingerprint") == fp,
+                     "stats_bytes": (_stats_size(faiss_file)
+                                     if meta.get("normalize", "none") != "none" else None),
+                     **meta})
     return rows
 
 
@@ -326,7 +366,7 @@ def open_index(ws: Workspace, name: str | None = None, encoder: str | None = Non
         raise CdirError(f"several indexes match ({names}): choose one with --index NAME")
     row = rows[0]
     update = update_commands(ws, row["encoder_spec"], row["kind"], row["name"],
-                             row.get("normalize", "none"))
+                             row.get("normalize", "none"), row.get("normalize_dim", 0))
     if not row["current"]:
         raise CdirError(f"index {row['name']} is stale: the gallery changed since it was built "
                         f"(images added, removed or changed); update it with `{update}`")

@@ -326,20 +326,24 @@ def mode_vectors(ws: Workspace, manifest: pd.DataFrame, mode: str, cfg: ModeConf
     return q, g, ok & ok_g
 
 
-def gallery_normalizer(x: np.ndarray, domains: np.ndarray, method: str
-                       ) -> DomainNormalizer | None:
+def gallery_normalizer(x: np.ndarray, domains: np.ndarray, method: str,
+                       dim: int | None = None) -> DomainNormalizer | None:
     """The normaliser of a workspace's vectors, the one place it is built (index build, eval):
     ``method`` (a key of `indexes.normalize.NORMALIZERS`) fitted without labels on the gallery
-    rows ``x`` and their manifest ``domains``; None for "none" (the stored unit vectors stay)."""
-    from indexes.normalize import DomainNormalizer
+    rows ``x`` and their manifest ``domains``, after a shared PCA to ``dim`` dims (None: the
+    default of `indexes.normalize.resolve_pca_dim`, 0: none); None for "none" (the stored unit
+    vectors stay)."""
+    from indexes.normalize import DomainNormalizer, resolve_pca_dim
 
-    norm = DomainNormalizer(method)  # refuses an unknown name, "none" included in the check
+    pca = resolve_pca_dim(method, int(x.shape[1]), dim)[0]
+    norm = DomainNormalizer(method, pca_dim=pca)  # refuses an unknown name ("none" included)
     return None if method == "none" else norm.fit(x, domains)
 
 
 def vectors_scorer(q: np.ndarray, g: np.ndarray | None, domains: np.ndarray,
                    normalize: str = "none", rerank: str = "none", csls_k: int = DEFAULT_CSLS_K,
-                   device: str | None = None):  # noqa: ANN201 - a scorer of eval.topk
+                   device: str | None = None, normalize_dim: int | None = None
+                   ):  # noqa: ANN201 - a scorer of eval.topk
     """The scorer of unit query vectors ``q`` against gallery vectors ``g`` (None: ``q`` itself)
     of the same rows, whose manifest domains are ``domains``: per-domain ``normalize`` fitted on
     those rows, then cosine, then ``rerank``. Every single mode is scored through here (the
@@ -350,23 +354,25 @@ def vectors_scorer(q: np.ndarray, g: np.ndarray | None, domains: np.ndarray,
     if rerank not in RERANKERS:
         raise CdirError(f"unknown rerank {rerank!r}: choose from {', '.join(RERANKERS)}")
     gallery = q if g is None else g
-    norm = gallery_normalizer(gallery, domains, normalize)
+    norm = gallery_normalizer(gallery, domains, normalize, normalize_dim)
     if norm is not None:
         gallery = norm.transform(gallery, domains)
         # query vectors of another tower (cm-image) get statistics of their own
-        q = gallery if g is None else gallery_normalizer(q, domains, normalize).transform(
-            q, domains)
+        q = gallery if g is None else gallery_normalizer(
+            q, domains, normalize, normalize_dim).transform(q, domains)
     return RERANKERS[rerank].build(
         CosineScorer(q, None if g is None else gallery, device=device), domains, csls_k)
 
 
 def build_scorer(ws: Workspace, manifest: pd.DataFrame, mode: str, cfg: ModeConfig,
                  device: str | None = None, normalize: str = "none", rerank: str = "none",
-                 csls_k: int = DEFAULT_CSLS_K) -> tuple[CosineScorer | FusionScorer, np.ndarray]:
+                 csls_k: int = DEFAULT_CSLS_K, normalize_dim: int | None = None
+                 ) -> tuple[CosineScorer | FusionScorer, np.ndarray]:
     """A scorer for ``mode`` over the rows that have every vector it needs.
 
     ``normalize``: the vectors are first normalised per domain with statistics fitted on all
-    the scored rows (transductive, no labels); ``rerank``: a key of `eval.rerank.RERANKERS`
+    the scored rows (transductive, no labels), after a shared PCA to ``normalize_dim`` (see
+    `gallery_normalizer`); ``rerank``: a key of `eval.rerank.RERANKERS`
     (``csls`` with neighbourhood ``csls_k``), applied to each single mode's cosine scores.
     Returns (scorer, valid): rows without vectors (unreadable images, missing captions) are left
     out; the scorer is indexed by positions in ``manifest[valid]``.
@@ -377,7 +383,7 @@ def build_scorer(ws: Workspace, manifest: pd.DataFrame, mode: str, cfg: ModeConf
 
     def scorer(q: np.ndarray, g: np.ndarray, ok: np.ndarray):
         return vectors_scorer(q[ok], None if q is g else g[ok], all_domains[ok], normalize,
-                              rerank, csls_k, device)
+                              rerank, csls_k, device, normalize_dim)
 
     if mode != "fusion":
         q, g, ok = mode_vectors(ws, manifest, mode, cfg)

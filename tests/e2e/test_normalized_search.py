@@ -203,6 +203,9 @@ def test_csls_scorer_matches_the_dense_formula():
     (("eval", "-w", "WS", "--encoder", "pixels", "--normalize", "none,magic"), "--normalize"),
     (("eval", "-w", "WS", "--encoder", "pixels", "--rerank", "foo"), "--rerank"),
     (("eval", "-w", "WS", "--encoder", "pixels", "--csls-k", "0"), "--csls-k"),
+    (("eval", "-w", "WS", "--encoder", "pixels", "--normalize-dim", "-1"), "--normalize-dim"),
+    (("index", "build", "-w", "WS", "--encoder", "pixels", "--normalize-dim", "8"),
+     "--normalize-dim"),
 ])
 def test_bad_values_one_line_exit_2(ws, capsys, args, match):
     capsys.readouterr()
@@ -239,3 +242,68 @@ def test_demo_query_domain(ws, capsys, tmp_path):
     assert not a.error and a.query_domain == "twemoji" and "(given)" in a.message, a.message
     b = backend.search(Query(path=str(query)), "visual", _name(ws), None, ALL_DOMAINS, 3, DETECT)
     assert "(nearest centroid)" in b.message and WHITE in b.message, b.message
+
+
+def test_normalize_dim_build_search_info_and_refit(ws, capsys, tmp_path):
+    """--normalize-dim: a shared PCA before the per-domain whitening; the choice and the
+    statistics' size printed at build time and by `index info`; a search (command line and
+    demo) of encoder-width queries against the narrower index; another dim is a rebuild."""
+    from app.backend import ALL_DOMAINS, DemoBackend, Query
+
+    out = _build(ws, capsys, "--normalize", WHITE, "--normalize-dim", "8", "--rebuild")
+    assert "shared PCA 1024 -> 8 dims before domain-whiten" in out
+    path = ws / "indexes" / _name(ws)
+    stats = normalizer_file(path)
+    size = stats.stat().st_size
+    assert f"statistics: {size / 1e3:.1f} kB (1024 -> 8 dims, 3 domains)" in out
+    assert read_meta(path).dim == 8 and DomainNormalizer.load(stats).out_dim == 8
+    capsys.readouterr()
+    assert cdir("index", "info", "-w", ws) == 0
+    info = capsys.readouterr().out
+    assert f"(dim 8, {WHITE} after a shared PCA to 8, statistics {size / 1e6:.1f} MB)" in info
+    assert read_meta(path).normalize_dim == 8
+
+    query = sorted((ws / "gallery" / "twemoji").rglob("*.png"))[3]
+    res, _ = _search(ws, capsys, query, "--query-domain", "twemoji")
+    assert [h["id"] for h in res["results"]] == _expected(ws, query, "twemoji")
+    new = tmp_path / "new.png"
+    load_image(query).rotate(5).save(new)
+    got = DemoBackend(ws).search(Query(path=str(new)), "visual", _name(ws), None, ALL_DOMAINS,
+                                 3, "twemoji")
+    assert not got.error, got.message
+
+    out = _build(ws, capsys, "--normalize", WHITE, "--normalize-dim", "8")
+    assert "up to date" in out and f"statistics: {size / 1e3:.1f} kB" in out
+    out = _build(ws, capsys, "--normalize", WHITE, "--normalize-dim", "16")
+    assert "built flat index" in out and "not 16: rebuilt" in out
+    assert read_meta(path).dim == 16
+    stats.unlink()
+    capsys.readouterr()
+    assert cdir("search", "-w", ws, "--index", _name(ws), "--image", query) == 2
+    err = capsys.readouterr().err  # the rebuild it names keeps the PCA
+    assert "missing" in err and f"--normalize {WHITE} --normalize-dim 16" in err
+    out = _build(ws, capsys, "--normalize", WHITE, "--normalize-dim", "16")
+    assert "missing or changed: refit" in out and read_meta(path).dim == 16
+    # the default on 1,024-d pixels: the shared PCA, named at build time
+    out = _build(ws, capsys, "--normalize", WHITE)
+    assert "(the default; --normalize-dim 0 keeps all 1024)" in out
+    assert "shared PCA 1024 -> 512" in out
+
+
+def test_eval_normalize_dim_scores_the_projected_whitening(ws, capsys):
+    """`cdir eval --normalize-dim N` scores what an index built with the same N serves: the
+    shared PCA fitted on the evaluated rows, then the per-domain whitening."""
+    from cdir.stages.evaluate import mean_pair_p1
+
+    capsys.readouterr()
+    assert cdir("eval", "-w", ws, "--encoder", "pixels", "--examples", "0", "--no-progress",
+                "--ks", "1", "--normalize", WHITE, "--normalize-dim", "8") == 0
+    report = _report(capsys.readouterr().out)
+    got = json.loads((report / "results.json").read_text())
+    assert got["settings"]["normalize_dim"] == "8"
+    m = Workspace(ws).manifest()
+    x, ok = EmbeddingStore(next((ws / "embeddings").iterdir())).load(m)
+    dom = m["domain"].astype(str).to_numpy()[ok]
+    z = DomainNormalizer(WHITE, pca_dim=8).fit(x[ok], dom).transform(x[ok], dom)
+    want = mean_pair_p1(z, m["label"].to_numpy()[ok], dom, "none")
+    assert got["results"][-1]["P@1"] == pytest.approx(want)

@@ -288,7 +288,7 @@ def test_cli_shards_with_normalize_equals_a_single_build(tmp_path, capsys):
     three = load_index(ws / "indexes" / "three", gpu=False)
     assert three.meta.params["shards"] == 3 and three.ids == one.ids
     assert three.meta.normalize_fingerprint == one.meta.normalize_fingerprint
-    q = one.normalizer.transform(np.eye(one.dim, dtype=np.float32)[:5] + 0.1,
+    q = one.normalizer.transform(np.eye(one.normalizer.dim, dtype=np.float32)[:5] + 0.1,
                                  [one.domains[0]] * 5)
     a, b = one.search(q, k=5, nprobe=4), three.search(q, k=5, nprobe=4)
     np.testing.assert_array_equal(a.positions, b.positions)

@@ -9,6 +9,7 @@ import pytest
 from cdir.core.errors import CdirError
 from cdir.core.knn import neighbourhood_mean
 from indexes.normalize import (
+    DEFAULT_PCA_DIM,
     NORMALIZERS,
     DomainNormalizer,
     csls_scores,
@@ -16,6 +17,8 @@ from indexes.normalize import (
     inverted_softmax_log_norm,
     inverted_softmax_scores,
     ledoit_wolf_shrinkage,
+    resolve_pca_dim,
+    stats_bytes,
 )
 from tests.helpers.vectors import l2
 
@@ -211,3 +214,79 @@ def test_blockwise_terms_equal_dense() -> None:
     beta = 20.0
     want = np.log(np.exp(beta * (b @ a.T).astype(np.float64)).sum(1))
     np.testing.assert_allclose(inverted_softmax_log_norm(b, a, beta, block=5), want, rtol=1e-6)
+
+
+# -- shared PCA before the per-domain statistics -------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [20, 200])  # fewer rows than dims (Gram route), and more
+def test_shared_pca_projects_on_the_top_principal_directions(n: int) -> None:
+    x, dom = _gallery(n=n, d=48)
+    norm = DomainNormalizer("domain-whiten", pca_dim=6).fit(x, dom)
+    assert (norm.dim, norm.out_dim) == (48, 6)
+    z = norm.transform(x, dom)
+    assert z.shape == (len(x), 6)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    # the same subspace as the top right singular vectors of the centred rows (all domains)
+    top = np.linalg.svd(x - x.mean(0), full_matrices=False)[2][:6].T
+    cosines = np.linalg.svd(top.T @ norm.pca_components, compute_uv=False)
+    np.testing.assert_allclose(cosines, 1.0, atol=1e-3)
+    # queries: raw (encoder-width) vectors in, index-width vectors out, domain inferred raw
+    q, used = norm.transform_query(x[:3])
+    assert q.shape == (3, 6) and list(used) == list(norm.infer_domain(x[:3]))
+    with pytest.raises(CdirError, match="dim 6"):
+        norm.transform(z, dom)
+
+
+def test_shared_pca_uses_no_labels_and_is_one_projection() -> None:
+    x, dom = _gallery(n=100, d=32)
+    a = DomainNormalizer(pca_dim=5).fit(x, dom)
+    b = DomainNormalizer(pca_dim=5).fit(x, dom[::-1])  # domains swapped: same shared PCA
+    np.testing.assert_array_equal(a.pca_components, b.pca_components)
+    np.testing.assert_array_equal(a.pca_mean, b.pca_mean)
+
+
+def test_pca_state_round_trip_and_older_states_load(tmp_path) -> None:
+    x, dom = _gallery(n=60, d=40)
+    norm = DomainNormalizer(pca_dim=7).fit(x, dom)
+    back = DomainNormalizer.load(norm.save(tmp_path / "s.npz"))
+    assert back.fingerprint == norm.fingerprint and back.out_dim == 7
+    np.testing.assert_array_equal(back.transform(x, dom), norm.transform(x, dom))
+    # another projection under the same fingerprint is refused
+    state = norm.to_state()
+    state["pca_components"] = state["pca_components"][:, ::-1].copy()
+    with pytest.raises(CdirError, match="fingerprint"):
+        DomainNormalizer.from_state(state)
+    # a state written before the option (no PCA keys) still loads, at full width
+    plain = DomainNormalizer().fit(x, dom).to_state()
+    assert not any(k.startswith("pca") for k in plain)
+    assert DomainNormalizer.from_state(plain).out_dim == 40
+
+
+def test_statistics_size_formula_and_rows_do_not_count(tmp_path) -> None:
+    """The file holds about 4 (k D + D + D N + k N + k N^2) bytes, whatever the number of rows:
+    the formula checked on a small case, then applied to 1 M x 6,144-d in 6 domains."""
+    for n in (60, 600):
+        x, dom = _gallery(n=n, d=96)
+        for pca in (0, 12):
+            f = DomainNormalizer(pca_dim=pca).fit(x, dom).save(tmp_path / f"{n}-{pca}.npz")
+            want = stats_bytes(2, 96, pca)
+            assert want <= f.stat().st_size <= want + 8192, (n, pca)
+    assert stats_bytes(2, 96, 12) == 4 * (2 * 96 + 96 + 96 * 12 + 2 * 12 + 2 * 144)
+    assert stats_bytes(6, 6144, 0) > 900e6  # full-size whitening: about 0.9 GB
+    assert stats_bytes(6, 6144, DEFAULT_PCA_DIM) < 25e6  # the default: tens of MB at most
+
+
+def test_default_pca_dim_is_resolved_and_printed() -> None:
+    assert resolve_pca_dim("domain-whiten", 6144, None)[0] == DEFAULT_PCA_DIM
+    assert "--normalize-dim 0" in resolve_pca_dim("domain-whiten", 6144, None)[1]
+    assert resolve_pca_dim("domain-whiten", 64, None) == (0, "")  # narrower than the default
+    assert resolve_pca_dim("domain-center", 6144, None) == (0, "")
+    assert resolve_pca_dim("domain-whiten", 6144, 0)[0] == 0
+    assert resolve_pca_dim("domain-whiten", 6144, 9000)[0] == 0
+    assert resolve_pca_dim("domain-whiten", 6144, 256) == (
+        256, "shared PCA 6144 -> 256 dims before domain-whiten")
+    with pytest.raises(CdirError, match="--normalize"):
+        resolve_pca_dim("none", 6144, 256)
+    with pytest.raises(CdirError):
+        DomainNormalizer(pca_dim=-1)
