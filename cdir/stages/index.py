@@ -226,8 +226,11 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
             # as asked (the rows' rank may have capped the dims it got)
             old_pca = old_norm.pca_dim if old_norm.out_dim < old_norm.dim else 0
             if old_pca != pca_dim:  # another --normalize-dim: other statistics, other vectors
-                notes.append(f"{name} was built with a shared PCA to "
-                             f"{old_pca or 'no'} dims, not {pca_dim or 'none'}: rebuilt")
+                def pca(n: int) -> str:
+                    return f"a shared PCA to {n} dims" if n else "the full dims (no shared PCA)"
+
+                notes.append(f"{name} was built with {pca(old_pca)}, not {pca(pca_dim)}: "
+                             "rebuilt")
                 rebuild = True
     if same and not rebuild:
         old = load_index(path, gpu=gpu)
