@@ -275,7 +275,7 @@ def test_normalize_dim_build_search_info_and_refit(ws, capsys, tmp_path):
     out = _build(ws, capsys, "--normalize", WHITE, "--normalize-dim", "8")
     assert "up to date" in out and f"statistics: {size / 1e3:.1f} kB" in out
     out = _build(ws, capsys, "--normalize", WHITE, "--normalize-dim", "16")
-    assert "built flat index" in out and "not 16: rebuilt" in out
+    assert "built flat index" in out and "not a shared PCA to 16 dims: rebuilt" in out
     assert read_meta(path).dim == 16
     stats.unlink()
     capsys.readouterr()
