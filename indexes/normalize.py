@@ -398,6 +398,18 @@ class DomainNormalizer:
         arrays = self._arrays()
         return {**arrays, "fingerprint": np.array(self._fingerprint(arrays))}
 
+    def pooled_note(self) -> str | None:
+        """A line naming the domains too small for statistics of their own (they use the whole
+        gallery's), or None when every domain has its own."""
+        self._require()
+        small = [f"{name} ({int(self.counts[i])} image{'s' if self.counts[i] != 1 else ''})"
+                 for i, name in enumerate(self.domains) if self.pooled[i]]
+        if not small:
+            return None
+        return (f"warning: fewer than {self.min_count} images for {self.method} statistics of "
+                f"their own: {', '.join(small)}; the statistics pooled over the whole gallery "
+                "are used instead")
+
     def summary(self) -> dict:
         """Plain metadata for a sidecar or a report: method, settings, per-domain n and a."""
         self._require()

@@ -266,6 +266,8 @@ def build_index(workspace: str | os.PathLike, encoder: str | None = None,
     # a sharded build reads the vectors from the store a shard at a time, never all at once
     vecs = x if sharded else np.asarray(x)
     norm = gallery_normalizer(vecs, domains, normalize, pca_dim)
+    if norm is not None and norm.pooled_note():
+        notes.append(norm.pooled_note())
     if norm is not None:
         vecs = norm.transform_rows(vecs, domains) if sharded else norm.transform(vecs, domains)
     if sharded:

@@ -145,6 +145,19 @@ def test_grown_gallery_is_refit_not_extended(tmp_path, capsys):
     assert "added 12 vectors" in _build(ws, capsys)  # the plain index still grows in place
 
 
+def test_a_domain_too_small_for_its_own_statistics_is_named(tmp_path, capsys):
+    root = write_shape_tree(tmp_path / "g", domains=("a", "b"), classes=("circle", "square"),
+                            per_class=6)
+    for f in sorted((root / "b").rglob("*.jpg"))[1:]:
+        f.unlink()  # domain b keeps one image
+    ws = tmp_path / "ws"
+    assert cdir("data", "folder", root, "-w", ws) == 0
+    assert cdir("embed", "-w", ws, "--encoder", "pixels", "--workers", "0", "--no-progress") == 0
+    out = _build(ws, capsys, "--normalize", "domain-whiten")
+    assert "statistics of their own: b (1 image); the statistics pooled" in out
+    assert "a (12" not in out and "built flat index" in out  # a has its own
+
+
 def _report(out: str) -> Path:
     return Path(re.search(r"report in (\S+)", out).group(1))
 

@@ -97,7 +97,7 @@ def test_shrinkage_keeps_small_domains_finite() -> None:
     # min_count 2: "tiny" keeps its own statistics, and Ledoit-Wolf shrinks them hard
     norm = DomainNormalizer("domain-whiten", min_count=2).fit(x, dom)
     i = norm.domains.index("tiny")
-    assert not norm.pooled[i] and norm.alphas[i] > 0.3
+    assert not norm.pooled[i] and norm.alphas[i] > 0.3 and norm.pooled_note() is None
     assert norm.alphas[i] > norm.alphas[norm.domains.index("photo")]
     assert np.isfinite(norm.matrices).all()
     vals = np.linalg.eigvalsh(norm.matrices[i].astype(np.float64))
@@ -108,6 +108,7 @@ def test_shrinkage_keeps_small_domains_finite() -> None:
     # the default min_count: "tiny" uses the pooled statistics, its own centroid is kept
     pooled = DomainNormalizer("domain-whiten").fit(x, dom)
     assert pooled.pooled[i] and not pooled.pooled[:i].any()
+    assert "their own: tiny (3 images); the statistics pooled" in pooled.pooled_note()
     np.testing.assert_allclose(pooled.centroids[i], x[-3:].mean(0), atol=1e-5)
     np.testing.assert_allclose(pooled.means[i], x.mean(0), atol=1e-4)
     assert np.isfinite(pooled.transform(x, dom)).all()
