@@ -77,7 +77,7 @@ def scores(workspace: str, encoder: str, features: str,
     emb = embed_images(workspace, spec, progress=False)
     res = evaluate(workspace, encoder=spec, normalize="none,domain-whiten", rerank="none,csls",
                    pairs=[f"{a}:{b}" for a, b in pairs] if pairs else None, examples=0,
-                   progress=False, split=split)
+                   progress=False, split=split, normalize_dim=0)  # full width, as recorded
     out = {}
     for name, key in VARIANTS.items():
         rows = json.loads((Path(res["report"]) / key / "results.json").read_text())["results"]

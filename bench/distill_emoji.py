@@ -63,8 +63,10 @@ def mean_p1(workspace: str, spec: str) -> dict[str, float]:
     from cdir.stages.evaluate import evaluate
 
     embed_images(workspace, spec, progress=False)
+    # whitening at each encoder's full width: a shared PCA to one size for a teacher and a student
+    # of other widths would not compare like for like (and the recorded figures are full width)
     res = evaluate(workspace, encoder=spec, normalize="none,domain-whiten",
-                   rerank="none,csls", progress=False, examples=0)
+                   rerank="none,csls", progress=False, examples=0, normalize_dim=0)
     out = {}
     for key, rows in res["results"].items():
         mean = next(r for r in rows if r["pair"] == "mean")
