@@ -126,7 +126,6 @@ def _render(path: Path, size: int, max_pixels: int) -> tuple[bytes | None, str]:
                 w, h = im.size
                 if w * h > max_pixels:
                     return None, f"too large ({w}x{h}, over {max_pixels:,} pixels)"
-                im.draft("RGBA", (2 * size, 2 * size))
                 rgba = im.convert("RGBA")
         if max(rgba.size) > 4 * size:  # frame from a smaller copy: same result, far faster
             rgba.thumbnail((4 * size, 4 * size), Image.Resampling.LANCZOS)
