@@ -431,3 +431,30 @@ def pair_precision(pairs: Pairs, labels: Sequence | np.ndarray,
     la = np.asarray(labels)
     lb = la if labels_b is None else np.asarray(labels_b)
     return float((la[pairs.a] == lb[pairs.b]).mean()) if len(pairs) else float("nan")
+
+
+def soft_neighbours(x: np.ndarray, domains: Sequence[str] | np.ndarray, k: int = 10,
+                    temperature: float = 0.05, block: int = DEFAULT_BLOCK
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest rows in every other domain of ``x`` (normalised, L2 rows) with
+    softmax weights at ``temperature``: (indices [n, k * (D - 1)] global rows, weights, each
+    domain's block summing to 1 / (D - 1), so a row's weights sum to 1). A target distribution
+    over the other domains' items for every image, not only for the mined pairs."""
+    names, rows, parts = _split(x, domains)
+    others = len(names) - 1
+    n = len(np.asarray(domains))
+    idx = np.zeros((n, k * max(others, 1)), np.int64)
+    w = np.zeros((n, k * max(others, 1)), np.float32)
+    for s in names:
+        col = 0
+        for t in names:
+            if t == s:
+                continue
+            near, sim = nearest(parts[s], parts[t], k, block)
+            z = np.where(np.isfinite(sim), sim / np.float32(temperature), -np.inf)
+            p = np.exp(z - z[:, :1])
+            p /= p.sum(1, keepdims=True) * others
+            idx[rows[s], col:col + k] = rows[t][np.maximum(near, 0)]
+            w[rows[s], col:col + k] = p
+            col += k
+    return idx, w

@@ -281,6 +281,8 @@ class _AdaptRun(SSLRun):
         groups = components(len(self.paths), pairs.a, pairs.b)
         self.model.set_groups(torch.from_numpy(groups))
         self.dataset.set_groups(groups)
+        if getattr(cfg, "soft_weight", 0):
+            self._set_soft(feats, rows, x, names)
         rec = {f"mine_{k}": v for k, v in res.stats.items() if k != "per_pair"}
         rec.update({f"mine_{k}": v for k, v in group_stats(groups, self.codes).items()})
         if self.report is not None and self.d.main:
@@ -293,6 +295,23 @@ class _AdaptRun(SSLRun):
             rep = " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k.startswith("report_"))
             print(f"{self.cfg.method} round at epoch {epoch}: {shown}"
                   + (f" [labels, report only: {rep}]" if rep else ""), file=sys.stderr)
+
+    def _set_soft(self, feats: np.ndarray, rows: np.ndarray, x: np.ndarray,
+                  names: np.ndarray) -> None:
+        """The round's neighbour targets (on the normalised rows ``x`` of the readable images
+        ``rows``) and plain feature bank, for xdomain's soft loss."""
+        from encoders.adapt.mining import soft_neighbours
+
+        cfg = self.model.cfg
+        near, w = soft_neighbours(x, names, cfg.soft_k, cfg.soft_teacher_t)
+        idx = np.zeros((len(self.paths), near.shape[1]), np.int64)
+        weight = np.zeros((len(self.paths), near.shape[1]), np.float32)
+        idx[rows], weight[rows] = rows[near], w
+        bank = np.zeros((len(self.paths), feats.shape[1]), np.float32)
+        good = feats[rows]
+        bank[rows] = good / np.maximum(np.linalg.norm(good, axis=1, keepdims=True), 1e-12)
+        self.model.set_soft(torch.from_numpy(idx), torch.from_numpy(weight),
+                            torch.from_numpy(bank).half())
 
     def _select(self, epoch: int, feats: np.ndarray) -> None:
         """Keep the encoder as ``best_encoder.pt`` when its criterion is the best so far. The

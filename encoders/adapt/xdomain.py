@@ -19,6 +19,14 @@ BatchNorm normalises with per-domain statistics in training.
 ``grid`` x ``grid`` cells (the features of ``ckpt:PATH?grid=N&layers=...``), so training moves
 what retrieval with that option reads.
 
+``soft_weight`` > 0 adds a second loss that every image feeds, not only the mined pairs: at each
+round the images' ``soft_k`` nearest neighbours in every other domain under the run's
+normalisation (per-domain whitening) become a target distribution (softmax at
+``soft_teacher_t``), and the plain cosine of an image's features (the ones retrieval reads) to
+the round's plain features of the other domains' images (a fixed bank, softmax per domain at
+``soft_student_t``) is trained towards it. So the plain features learn the neighbourhoods that
+only search-time whitening found, and the next round's whitening starts from there.
+
 ``freeze``: the stages up to ``freeze`` keep the starting weights and training runs on their
 cached outputs (:mod:`encoders.adapt.cache`): many more steps per CPU hour.
 
@@ -65,6 +73,11 @@ class XDomainConfig:
     both_ways: bool = True
     quantile: float = 0.0  # drop the least confident share of each domain pair's pairs
     min_confidence: float | None = None
+    # the cross-domain neighbour targets (module docstring); 0 turns them off
+    soft_weight: float = 0.0
+    soft_k: int = 10
+    soft_teacher_t: float = 0.05
+    soft_student_t: float = 0.1
 
     def validate(self) -> None:
         if self.negatives not in NEGATIVES:
@@ -81,6 +94,12 @@ class XDomainConfig:
             raise CdirError(f"xdomain: grid must be >= 0, not {self.grid}")
         if self.grid and self.freeze != "none":
             raise CdirError("xdomain: grid needs freeze=none (cached maps are pooled globally)")
+        if self.soft_weight < 0 or self.soft_k < 1:
+            raise CdirError("xdomain: soft_weight must be >= 0 and soft_k >= 1")
+        if self.soft_teacher_t <= 0 or self.soft_student_t <= 0:
+            raise CdirError("xdomain: soft_teacher_t and soft_student_t must be positive")
+        if self.soft_weight and self.freeze != "none":
+            raise CdirError("xdomain: soft_weight needs freeze=none")
         if self.round_epochs < 1:
             raise CdirError(f"xdomain: round_epochs must be >= 1, not {self.round_epochs}")
 
@@ -135,8 +154,13 @@ class XDomain(SSLMethod):
             self.split = split_backbone(backbone, self.cfg.freeze)
             for param in self.split[0].parameters():
                 param.requires_grad_(False)
+        self.feat_dim = feat_dim
         self.register_buffer("domain_of", torch.zeros(0, dtype=torch.long))
         self.register_buffer("group_of", torch.zeros(0, dtype=torch.long))
+        # the round's neighbour targets and plain feature bank (soft_weight > 0)
+        self.register_buffer("soft_idx", torch.zeros(0, 0, dtype=torch.long))
+        self.register_buffer("soft_w", torch.zeros(0, 0))
+        self.register_buffer("bank", torch.zeros(0, 0, dtype=torch.float16))
 
     def retrieval(self) -> nn.Module:
         """The features that mining reads and the loss trains: pooled, or grid-pooled."""
@@ -155,34 +179,63 @@ class XDomain(SSLMethod):
         codes = torch.as_tensor(codes, dtype=torch.long, device=self.domain_of.device)
         self.domain_of = codes.clone()
         self.group_of = torch.arange(len(codes), device=codes.device)
+        if self.cfg.soft_weight:
+            n, width = len(codes), self.cfg.soft_k * max(int(codes.max()), 1)
+            self.soft_idx = torch.zeros(n, width, dtype=torch.long, device=codes.device)
+            self.soft_w = torch.zeros(n, width, device=codes.device)
+            self.bank = torch.zeros(n, self.feat_dim, dtype=torch.float16, device=codes.device)
 
     def set_groups(self, groups: torch.Tensor) -> None:
         self.group_of.copy_(torch.as_tensor(groups, dtype=torch.long))
 
-    def _embed(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        """Head outputs of images, or of cached maps when the lower stages are frozen."""
+    def set_soft(self, idx: torch.Tensor, w: torch.Tensor, bank: torch.Tensor) -> None:
+        """The round's targets (:func:`encoders.adapt.mining.soft_neighbours`, global rows) and
+        the plain features of every image (L2 rows; zeros for unreadable images)."""
+        self.soft_idx.copy_(torch.as_tensor(idx))
+        self.soft_w.copy_(torch.as_tensor(w))
+        self.bank.copy_(torch.as_tensor(bank))
+
+    def _embed(self, x: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head outputs, retrieval features) of images, or of cached maps when the lower
+        stages are frozen."""
         trunk = self.retrieval() if self.split is None else self.split[1]
+        if self.cfg.domain_bn:
+            feats = embed_by_domain(trunk, x, domain)
+            return embed_by_domain(self.head_q, feats, domain), feats
+        feats = trunk(x)
+        return self.head_q(feats), feats
 
-        def f(v: torch.Tensor) -> torch.Tensor:
-            return self.head_q(trunk(v))
-
-        return embed_by_domain(f, x, domain) if self.cfg.domain_bn else f(x)
+    def soft_loss(self, feats: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the targets of images ``rows`` against the softmax, per other
+        domain, of their features' cosine to the bank (module docstring)."""
+        logits = F.normalize(feats.float(), dim=1) @ self.bank.float().T / self.cfg.soft_student_t
+        n_dom = int(self.domain_of.max()) + 1
+        lse = torch.stack([torch.logsumexp(logits[:, self.domain_of == d], 1)
+                           for d in range(n_dom)], 1)
+        idx = self.soft_idx[rows]
+        logp = logits.gather(1, idx) - lse.gather(1, self.domain_of[idx])
+        return -(self.soft_w[rows] * logp).sum(1).mean()
 
     def forward(self, views: list[torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
         x_a, x_p = views
         idx = idx.to(self.domain_of.device)
         a, p = idx[:, 0], idx[:, 1]
         dom_a, dom_p = self.domain_of[a], self.domain_of[p]
-        q = self._embed(x_a, dom_a)
-        k = self._embed(x_p, dom_p)
+        q, f_a = self._embed(x_a, dom_a)
+        k, f_p = self._embed(x_p, dom_p)
         with no_autocast(q.device):
             q = F.normalize(q.float(), dim=1)
             k = F.normalize(k.float(), dim=1)
             rows_qk, rows_kq, hit = pair_losses(q, k, dom_a, dom_p, self.group_of[a],
                                                 self.cfg.temperature, self.cfg.negatives)
             loss = 0.5 * (rows_qk.mean() + rows_kq.mean())
+            out = {}
+            if self.cfg.soft_weight:
+                soft = 0.5 * (self.soft_loss(f_a, a) + self.soft_loss(f_p, p))
+                loss = loss + self.cfg.soft_weight * soft
+                out["soft"] = soft.detach()
         with torch.no_grad():
-            return {"loss": loss, "acc1": hit.float().mean(),
+            return {"loss": loss, **out, "acc1": hit.float().mean(),
                     "cross_share": (dom_a != dom_p).float().mean(),
                     "pos_sim": (q * k).sum(1).mean()}
 
