@@ -486,3 +486,47 @@ def test_several_data_sources_are_joined(tmp_path: Path, tiny_images: Path) -> N
     assert runs["one"]["config"]["data"]["path"] == str(a)
     assert runs["two"]["config"]["data"]["path"] == [str(a), str(b)]
     assert (runs["one"]["step"], runs["two"]["step"]) == (12 // 8, 24 // 8)  # full batches
+
+
+def test_labels_cannot_influence_training(tmp_path: Path, tiny_images: Path) -> None:
+    """`cdir train` on a workspace whose labels are permuted over the rows, monitored on that
+    manifest: the same losses, weights and checkpoint as with the true labels; only the
+    monitor's label-based figures differ (so the comparison can fail)."""
+    import shutil
+
+    import pandas as pd
+
+    from cdir.cli import main
+    from encoders.engine.checkpoint import load_checkpoint
+
+    gallery = tmp_path / "gallery"
+    for domain, classes in (("d1", ("c0", "c1")), ("d2", ("c2", "c3"))):
+        for k, c in enumerate(classes):
+            shutil.copytree(tiny_images / c, gallery / domain / f"k{k}")
+    runs = {}
+    for name in ("true", "permuted"):
+        ws = tmp_path / f"ws-{name}"
+        assert main(["data", "folder", str(gallery), "-w", str(ws), "--no-progress"]) == 0
+        manifest = ws / "manifest.parquet"
+        if name == "permuted":
+            df = pd.read_parquet(manifest)
+            order = np.random.default_rng(0).permutation(len(df))
+            for col in ("label", "class_name"):
+                df[col] = df[col].to_numpy()[order]
+            df.to_parquet(manifest)
+        (tmp_path / name).mkdir()
+        recipe = _write_recipe(tmp_path / name, tiny_images, epochs=2)
+        out = tmp_path / f"run-{name}"
+        assert main(["train", "moco", "--config", str(recipe), "--out", str(out),
+                     "--data", str(ws), "--monitor", str(manifest), "--batch-size", "8",
+                     "--set", "monitor.every=1"]) == 0
+        runs[name] = (load_checkpoint(out / "latest.pt"),
+                      [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()])
+    (a, log_a), (b, log_b) = runs["true"], runs["permuted"]
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    monitor = [{k: v for k, v in r.items() if k.startswith("monitor_")} for r in log_a]
+    assert any(monitor) and monitor != [{k: v for k, v in r.items() if k.startswith("monitor_")}
+                                        for r in log_b]
