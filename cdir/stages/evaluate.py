@@ -163,12 +163,13 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     and titles.
 
     ``run`` names the report folder; by default the name covers every setting that changes the
-    report (modes, models, ks, pairs, fusion settings, examples), so runs with other settings
-    never overwrite each other. Names and lists may be comma-separated text (as on the command
-    line) or lists. Returns the report folder, the modes, ks, pairs, the ``settings``, each mode's
-    result rows, the printed ``lines`` (notes and tables, in order) and the one-line ``summary``;
-    ``echo`` gets each of those lines as soon as it is known, so a long evaluation shows each
-    mode's table when that mode is done.
+    report (modes, models and the content hash of their weights, ks, pairs, fusion settings,
+    examples), so runs with other settings or retrained weights never overwrite each other.
+    Names and lists may be comma-separated text (as on the command line) or lists. Returns the
+    report folder, the modes, ks, pairs, the ``settings``, each mode's result rows, the printed
+    ``lines`` (notes and tables, in order) and the one-line ``summary``; ``echo`` gets each of
+    those lines as soon as it is known, so a long evaluation shows each mode's table when that
+    mode is done.
 
     ``seeds`` evaluates one trained model per seed: ``{seed}`` in a model spec (``encoder``,
     ``text_encoder``, ``clip``) is replaced by each seed in turn, each seed's report goes to
@@ -210,6 +211,7 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     variants = [(m, n, r) for m in modes for n in norms for r in reranks]
     settings = report_settings(modes, cfg, ks, pairs, sweep, examples, norms, reranks, csls_k,
                                split)
+    settings.update(weights_settings(settings))
     missing = _coverage(ws, manifest, modes, cfg, allow_missing)
     partial = "; ".join(cov.describe() for covs in missing.values() for cov in covs
                         if cov.n_missing)
@@ -378,6 +380,10 @@ def evaluate_seeds(workspace: str | os.PathLike, seeds: Sequence[int],
     if run is None:  # one folder for the seeds, named after every setting like a single run's
         named = {k: v for k, v in given.items()
                  if v not in (None, "", False) and k not in ("device", "progress")}
+        for seed in seeds:  # and after each seed's weights: retrained ones get another folder
+            named.update({f"{k}_{seed}": v for k, v in weights_settings(
+                {k: str(given[k]).replace(SEED_FIELD, str(seed))
+                 for k in SEEDED_MODELS if given.get(k)}).items()})
         run = spec_key("seeds=" + ",".join(map(str, seeds)) + "|"
                        + "|".join(f"{k}={v}" for k, v in sorted(named.items(), key=str)))
     lines, say = _recorder(echo)
@@ -446,6 +452,21 @@ def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
         if any(RERANKERS[r].uses_k for r in rerank):
             out["csls_k"] = str(csls_k)
     out["examples"] = str(examples)
+    return out
+
+
+def weights_settings(settings: dict[str, str]) -> dict[str, str]:
+    """``<model>_weights``: the content hash of the weights of each model ``settings`` names
+    (where it has weights to hash): a checkpoint retrained at the same path is another model,
+    so its report records another hash and, by default, goes to another folder."""
+    from encoders.hub import model_identity
+
+    out = {}
+    for key in (MODES[m].model for m in SINGLE_MODES):
+        if key in settings:
+            ident = model_identity(settings[key]).id
+            if ident is not None:
+                out[f"{key}_weights"] = ident
     return out
 
 

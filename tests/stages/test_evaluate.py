@@ -49,7 +49,7 @@ def _checkpoint(path: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     net, _ = build_backbone("cifar_resnet18", width=0.25)
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"version": 1, "method": "moco", "encoder": net.state_dict(),
                 "encoder_arch": {"name": "cifar_resnet18", "kwargs": {"width": 0.25}},
                 "config": {"aug": {"size": 32, "eval_resize": 1.0}}}, path)
@@ -87,3 +87,33 @@ def test_eval_over_seeds_gives_mean_and_std(tmp_path: Path, capsys):
         capsys.readouterr()
         assert cdir("eval", "-w", ws, *args, "--no-progress") == 2
         assert match in capsys.readouterr().err
+
+
+def test_a_retrained_checkpoint_gets_its_own_report_with_its_weights_hash(tmp_path: Path,
+                                                                          capsys):
+    from cdir.core.io import sha256_file
+
+    ws = emoji_workspace(tmp_path, 6)
+    ckpt = tmp_path / "run" / "enc.pt"
+
+    def evaluate() -> tuple[Path, str]:
+        assert cdir("embed", "-w", ws, "--encoder", f"ckpt:{ckpt}", "--no-progress") == 0
+        capsys.readouterr()
+        assert cdir("eval", "-w", ws, "--encoder", f"ckpt:{ckpt}", "--examples", "0",
+                    "--no-progress") == 0
+        report = Path(capsys.readouterr().out.strip().splitlines()[-1].rsplit("report in ", 1)[1])
+        return report, (report / "results.md").read_text()
+
+    _checkpoint(ckpt, 0)
+    first, first_md = evaluate()
+    digest = f"sha256:{sha256_file(ckpt)[:16]}"
+    assert f"- encoder_weights: {digest}\n" in first_md
+    settings = json.loads((first / "results.json").read_text())["settings"]
+    assert settings["encoder_weights"] == digest
+
+    ckpt.unlink()  # retrained at the same path
+    _checkpoint(ckpt, 1)
+    second, second_md = evaluate()
+    assert second != first
+    assert f"- encoder_weights: sha256:{sha256_file(ckpt)[:16]}\n" in second_md
+    assert (first / "results.md").read_text() == first_md  # the old report is kept
