@@ -368,8 +368,11 @@ def _write_gallery_html(examples: list[dict[str, Any]], path: Path, title: str,
         f"<title>{esc(title)} — retrieval gallery</title>",
         "<style>",
         "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}",
-        ".row{display:flex;gap:8px;align-items:flex-start;margin:0 0 1.2em 0;flex-wrap:wrap}",
-        f"figure{{margin:0;width:{THUMB + 8}px;font-size:11px;text-align:center}}",
+        # a query and its results stay on one row (scrolled sideways where the window is
+        # narrower): a result wrapped under the query reads as the next query's
+        ".row{display:flex;gap:8px;align-items:flex-start;margin:0 0 1.2em 0;flex-wrap:nowrap;"
+        "overflow-x:auto;padding-bottom:4px}",
+        f"figure{{margin:0;width:{THUMB + 8}px;flex:none;font-size:11px;text-align:center}}",
         f"figure img{{border:4px solid;display:block;width:{THUMB}px;height:{THUMB}px}}",
         f".hit img{{border-color:{hit}}} .miss img{{border-color:{miss}}}",
         f".query img{{border-color:{query}}} .query{{margin-right:16px}}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -135,3 +136,45 @@ def test_seeds_are_aggregated_as_mean_and_sample_std():
     assert "| x→y | 60.00 ± 10.00 | 20.00 ± 10.00 |" in table
     assert "| **mean** | 60.00 ± 10.00 | n/a |" in table
     assert aggregate_seeds([rows(50.0, 10.0)])[0]["P@1 std"] == 0.0  # one seed: no spread
+
+
+def _gallery_html(tmp_path, k: int = 10) -> str:
+    """The gallery.html of a report whose example queries show their top ``k``."""
+    df, vecs = _gallery(tmp_path)
+    df = pd.concat([df] * 2, ignore_index=True)  # enough gallery images for a top 10
+    df["id"] = [f"{i}-{x}" for i, x in enumerate(df["id"])]
+    vecs = np.concatenate([vecs] * 2)
+    res = evaluate_pairs(CosineScorer(vecs, device="cpu"), df, ks=(1, k), keep_examples=1,
+                         progress=False)
+    paths = write_report(res, tmp_path / "report", "wide", manifest=df)
+    return paths["gallery_html"].read_text(encoding="utf-8")
+
+
+def test_gallery_rows_never_wrap_a_result_under_the_query(tmp_path):
+    import re
+
+    html = _gallery_html(tmp_path)
+    rules = dict(re.findall(r"(?m)^([.\w][^{\n]*)\{([^}]*)\}", html.split("</style>")[0]))
+    row = dict(d.split(":", 1) for d in rules[".row"].split(";") if d)
+    figure = dict(d.split(":", 1) for d in rules["figure"].split(";") if d)
+    assert row["display"] == "flex" and row["flex-wrap"] == "nowrap"
+    assert row["overflow-x"] == "auto"  # a narrow window scrolls the row sideways
+    assert figure["flex"] == "none"  # tiles keep their size instead of shrinking
+    first = html.split('<div class="row">')[1].split("</div>")[0]
+    assert first.count("<figure") == 11  # the query and its 10 results, in one row
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium on PATH")
+def test_gallery_row_of_ten_results_stays_on_one_line_at_1400px(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    page_file = tmp_path / "gallery.html"
+    page_file.write_text(_gallery_html(tmp_path), encoding="utf-8")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"),
+                                    args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(page_file.as_uri())
+        tops = page.evaluate("() => [...document.querySelector('.row').children]"
+                             ".map(f => f.offsetTop)")
+        browser.close()
+    assert len(tops) == 11 and len(set(tops)) == 1, tops
