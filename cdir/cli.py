@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 
 from cdir.core.errors import CdirError
@@ -78,8 +79,26 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv)
 
 
+def _continuation(argv: list[str], args: argparse.Namespace | None) -> str:
+    """How to go on after an interruption. A training run's folder refuses a plain re-run (it
+    holds a run), so its command is given again with ``--resume auto`` (and no ``--force``,
+    which would move the finished epochs aside); other commands skip their finished work."""
+    if args is None or not hasattr(args, "resume"):
+        return "re-run to continue"
+    words, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--resume":
+            skip = True
+        elif word != "--force" and not word.startswith("--resume="):
+            words.append(word)
+    return f"continue with `{shlex.join(['cdir', *words, '--resume', 'auto'])}`"
+
+
 def _run(argv: list[str] | None) -> int:
     command = "cdir"
+    args = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -92,8 +111,8 @@ def _run(argv: list[str] | None) -> int:
         print(f"{command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as signals.Terminated
-        print(f"{command}: interrupted; finished work is kept, re-run to continue",
-              file=sys.stderr)
+        how = _continuation(sys.argv[1:] if argv is None else list(argv), args)
+        print(f"{command}: interrupted; finished work is kept, {how}", file=sys.stderr)
         return exit_code(e)
     except BrokenPipeError:  # e.g. `cdir search ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML recipe (sections as in `cdir train` recipes)")
     p.add_argument("--out", help="output folder (default WORKSPACE/adapt/METHOD-RECIPE)")
     p.add_argument("--rounds", type=positive_int,
-                   help="mining rounds (epochs = rounds x method.round_epochs)")
+                   help="mining rounds (epochs = rounds x method.round_epochs; with "
+                        "--epochs: that many epochs in this many equal rounds)")
     p.add_argument("--epochs", type=positive_int, help="total epochs (sets optim.epochs)")
     p.add_argument("--batch-size", type=positive_int, help="global batch size")
     p.add_argument("--workers", type=int, help="data loader workers per process")

@@ -138,7 +138,8 @@ def adapt_encoder(
     """Adapt ``encoder`` to the domains of ``workspace`` and return a summary of the call.
 
     ``rounds`` sets the epochs to rounds x ``method.round_epochs`` (``epochs`` sets them
-    directly). ``resume``: a checkpoint, or "auto" for OUT/latest.pt when it exists.
+    directly; given both, the ``epochs`` run in ``rounds`` rounds of equal length).
+    ``resume``: a checkpoint, or "auto" for OUT/latest.pt when it exists.
     The summary has the keys of `cdir.stages.train.train_encoder`'s, plus ``selected``
     (``{"epoch", "criterion", "value", "spec"}``: the label-free choice behind encoder.pt, and
     the spec under which `cdir eval` scores the features it was chosen by)."""
@@ -154,7 +155,13 @@ def adapt_encoder(
     if rounds is not None:
         if rounds < 1:
             raise CdirError(f"--rounds must be at least 1, not {rounds}")
-        cfg.optim.epochs = rounds * _round_epochs(cfg)
+        if epochs is None:
+            cfg.optim.epochs = rounds * _round_epochs(cfg)
+        elif epochs % rounds:  # the epochs given are the epochs run: rounds of equal length
+            raise CdirError(f"--epochs {epochs} do not split into {rounds} rounds of whole "
+                            "epochs: give a multiple of --rounds, or only one of the two")
+        else:
+            cfg.method_kwargs["round_epochs"] = epochs // rounds
     if cfg.train.out is None:
         cfg.train.out = str(ws.root / "adapt" / f"{method}-{cfg.recipe or 'run'}")
     ckpt = None

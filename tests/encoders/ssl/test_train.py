@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -443,7 +444,9 @@ def test_sigterm_stops_training_at_a_resumable_epoch(tmp_path: Path, tiny_images
     assert done >= 2 and _metric_epochs(out) == list(range(1, done + 1))
     assert (f"moco: interrupted in epoch {done + 1}; {out / 'latest.pt'} holds epoch {done}: "
             "continue with --resume auto") in text
-    assert "cdir train: interrupted; finished work is kept, re-run to continue" in text
+    # the command to go on with, ready to paste: a plain re-run would be refused
+    assert ("cdir train: interrupted; finished work is kept, continue with "
+            f"`{shlex.join(['cdir', *args, '--resume', 'auto'])}`") in text
     assert "Traceback" not in text
     assert not (out / "train.lock").exists() and not list(out.glob(".*.tmp"))
 
