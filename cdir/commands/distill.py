@@ -4,7 +4,7 @@ CIFAR/ImageNet testbed with labels, or label-free on a workspace gallery for ret
 
     cdir distill dcd --teacher ckpt:runs/t/best.pt --student resnet8x4 --data cifar100
     torchrun --nproc_per_node 8 -m cdir distill rrd \
-        --config configs/distill/imagenet_r34_r18_rrd.yaml
+        --config configs/distill/imagenet_resnet34_resnet18.yaml
     cdir distill rrd --label-free -w runs/emoji --teacher ckpt:enc.pt --out runs/small
 """
 
@@ -49,7 +49,7 @@ examples:
   cdir train teacher --arch resnet32x4 --data cifar100 --download --out runs/t
   cdir distill dcd --teacher ckpt:runs/t/best.pt --student resnet8x4 --data cifar100 \\
       --alpha 1 --beta 1
-  cdir distill rrd --config configs/distill/cifar100_wrn40_2_wrn16_2_rrd.yaml --seeds 0 1 2
+  cdir distill rrd --config configs/distill/cifar100_wrn_40_2_wrn_16_2.yaml --seeds 0 1 2
   cdir distill rrd --label-free -w runs/emoji \\
       --teacher "ckpt:encoders/weights/emoji_adapted.pt?grid=4&layers=3,4" --out runs/small
 """

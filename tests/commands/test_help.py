@@ -1,0 +1,48 @@
+"""The help of every command tells the truth: each config file it cites exists in the
+repository."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from cdir.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+             ) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """``parser`` and every command below it, by their words."""
+    out = {path: parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out.update(_parsers(sub, (*path, name)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def helps() -> dict[str, str]:
+    """The --help text of every command, as `cdir WORDS --help` prints it on a wide terminal
+    (so that no path is wrapped)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("COLUMNS", "400")
+    try:
+        return {" ".join(("cdir", *words)): p.format_help()
+                for words, p in _parsers(build_parser()).items()}
+    finally:
+        mp.undo()
+
+
+def test_every_config_path_cited_in_help_exists(helps: dict[str, str]) -> None:
+    cited = {(command, m.rstrip(".,;:)")) for command, text in helps.items()
+             for m in re.findall(r"configs/[\w./{}*-]*", text)}
+    assert any(path.endswith(".yaml") for _, path in cited)  # the scan finds files
+    missing = [(command, path) for command, path in sorted(cited)
+               if not ((REPO / path).exists() or "*" in path and any(REPO.glob(path)))]
+    assert not missing, missing
+
