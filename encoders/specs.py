@@ -31,6 +31,19 @@ from urllib.parse import parse_qsl, quote
 
 from cdir.core.errors import CdirError
 
+# the project's root (the folder of the `encoders` package, where encoders/weights/ lives)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def local_file(text: str) -> Path:
+    """A file path written in a spec: as given, from the current folder; a relative path that is
+    not there but is under the project root (the shipped weights) is taken from there, so the
+    README's ``ckpt:encoders/weights/...`` specs work from any folder."""
+    path = Path(text).expanduser()
+    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+        return PROJECT_ROOT / path
+    return path
+
 
 def _lazy(target: str) -> Callable[..., Any]:
     """``module:function``, imported on the first call (the loaders import torch)."""
@@ -186,7 +199,7 @@ class Spec:
     @property
     def checkpoint(self) -> Path | None:
         """The checkpoint file of a ``ckpt:PATH`` spec; None for any other scheme."""
-        return Path(self.body).expanduser() if self.scheme == "ckpt" else None
+        return local_file(self.body) if self.scheme == "ckpt" else None
 
     @property
     def file(self) -> Path | None:
@@ -194,7 +207,7 @@ class Spec:
         of ``ckpt:timm:``; None when it names none (hub models, folders, pixels)."""
         if self.scheme == "ckpt:timm":
             file = self.option("file")
-            return Path(file).expanduser() if file else None
+            return local_file(file) if file else None
         return self.checkpoint
 
     @property

@@ -305,3 +305,39 @@ def test_importing_the_grammar_imports_no_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
                           text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_relative_checkpoint_path_falls_back_to_the_project_root(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    from encoders.specs import PROJECT_ROOT, parse_spec
+
+    shipped = "encoders/weights/emoji_adapted.pt"
+    monkeypatch.chdir(tmp_path)
+    assert parse_spec(f"ckpt:{shipped}?grid=4").checkpoint == PROJECT_ROOT / shipped
+    assert parse_spec(f"ckpt:timm:resnet18?file={shipped}").file == PROJECT_ROOT / shipped
+    assert parse_spec("ckpt:nowhere/enc.pt").checkpoint == Path("nowhere/enc.pt")  # as given
+    local = tmp_path / shipped  # a file of that name here is the one meant
+    local.parent.mkdir(parents=True)
+    local.write_bytes(b"x")
+    assert parse_spec(f"ckpt:{shipped}").checkpoint.resolve() == local
+
+
+def test_the_shipped_encoder_spec_embeds_from_another_folder(tmp_path: Path) -> None:
+    """`cdir embed --encoder ckpt:encoders/weights/...` (as the README writes it) run from a
+    folder outside the repository."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers.cli import REPO, emoji_workspace
+
+    ws = emoji_workspace(tmp_path, 2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cdir", "embed", "-w", str(ws), "--encoder",
+         "ckpt:encoders/weights/emoji_adapted.pt?grid=4&layers=3,4", "--workers", "0",
+         "--no-progress"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
