@@ -279,9 +279,9 @@ def _torch_load(path: Path, spec: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        lines = str(e).strip().splitlines()
-        raise CdirError(f"{spec}: cannot read {path} as a weights-only torch checkpoint "
-                        f"({lines[0][:200] if lines else e.__class__.__name__})") from None
+        from cdir.core.errors import unreadable
+
+        raise CdirError(f"{spec}: {unreadable(path, e)}") from None
 
 
 def _tensor_dicts(obj: Any) -> list[tuple[str, dict]]:

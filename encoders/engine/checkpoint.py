@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from cdir.core.dist import all_gather_object, rank_world
-from cdir.core.errors import CdirError
+from cdir.core.errors import CdirError, unreadable
 from cdir.core.io import atomic_path
 
 SCHEMA_VERSION = 1
@@ -135,9 +135,7 @@ def read_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception:  # noqa: BLE001
-        lines = [ln.strip() for ln in str(first).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
-        raise CdirError(f"cannot read checkpoint {path}: {why}") from first
+        raise unreadable(path, first) from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

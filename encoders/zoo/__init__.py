@@ -158,8 +158,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure becomes one line
-        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise CdirError(f"cannot read teacher checkpoint {path}: {why}") from e
+        from cdir.core.errors import unreadable
+
+        raise unreadable(path, e, "teacher checkpoint") from None
     if isinstance(ckpt, dict):
         for key in ("model", "state_dict"):
             if isinstance(ckpt.get(key), dict):

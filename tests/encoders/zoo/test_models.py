@@ -188,7 +188,7 @@ def test_load_teacher_shape_and_format_errors(tmp_path: Path) -> None:
     with pytest.raises(CdirError, match="no teacher checkpoint"):
         load_teacher(tmp_path / "missing.pth", "resnet8", 10)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CdirError, match="cannot read teacher checkpoint"):
+    with pytest.raises(CdirError, match="junk.pth is not a teacher checkpoint"):
         load_teacher(tmp_path / "junk.pth", "resnet8", 10)
 
 
