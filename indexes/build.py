@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from cdir.core.errors import CdirError
-from indexes.index import CdirIndex, check_rows, check_vectors
+from indexes.index import CdirIndex, check_rows, check_vectors, faiss_quiet
 from indexes.kinds import (
     KINDS,
     choose_device,
@@ -169,7 +169,8 @@ def build_sharded(
             names.append(os.path.join(tmp, f"shard_{s:04d}.faiss"))
             faiss.write_index(part, names[-1])
             del part  # one shard's lists in memory at a time
-        merge_ondisk(trained, names, str(lists))
+        with faiss_quiet():  # the merged lists say they grow
+            merge_ondisk(trained, names, str(lists))
     p["shards"] = int(len(bounds) - 1)
     p["ivfdata"] = lists.name
     log.info("built %s index shard by shard: %d × %d in %d shards, lists in %s", kind, n, d,

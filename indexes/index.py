@@ -35,8 +35,8 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -354,7 +354,8 @@ class CdirIndex:
         if not len(x):
             return
         start = len(self)
-        self._cpu.add(x)
+        with faiss_quiet():  # on-disk lists say they grow
+            self._cpu.add(x)
         if self._gpu is not None:
             self._gpu.index.add(x)  # labels continue from ntotal, like the CPU copy
         self._ids = np.concatenate([self._ids, np.array(ids, dtype=object)])
@@ -407,6 +408,39 @@ class CdirIndex:
             if old.name != keep:  # the lists of an index this one replaced
                 old.unlink(missing_ok=True)
         return files.faiss
+
+
+@contextmanager
+def faiss_quiet() -> Iterator[None]:
+    """FAISS's on-disk inverted lists print lines of their own from C++ ("resizing FILE to N
+    bytes" as they grow, "IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename ..." when read),
+    with no flag to turn them off: while this block runs, the process's stdout and stderr go
+    to /dev/null (C's buffers flushed on both sides, so nothing printed inside leaks later and
+    nothing printed before is lost)."""
+    import ctypes
+    import sys
+
+    try:
+        libc = ctypes.CDLL(None)
+        saved = [os.dup(fd) for fd in (1, 2)]
+    except OSError:  # no C library to flush, or no stdout/stderr to silence: nothing to hide
+        yield
+        return
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    libc.fflush(None)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        yield
+    finally:
+        libc.fflush(None)
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
 
 
 def _write_faiss(index: Any, path: Path) -> None:
@@ -487,7 +521,8 @@ def load_index(
         if flags and not (files.faiss.parent / meta.params["ivfdata"]).exists():
             raise CdirError(f"the inverted lists {meta.params['ivfdata']} of {files.faiss} are "
                             "missing: rebuild with `cdir index build`")
-        cpu_index = faiss.read_index(str(files.faiss), flags)
+        with faiss_quiet():  # on-disk lists name the file they map
+            cpu_index = faiss.read_index(str(files.faiss), flags)
         table = pq.read_table(files.rows, columns=["id", "domain"])
     except Exception as e:  # FAISS raises RuntimeError, pyarrow ArrowInvalid, on corrupt files
         raise CdirError(

@@ -378,3 +378,40 @@ def test_gpu_required_without_gpu_is_a_clear_error(tmp_path):
     index.save(tmp_path / "a.faiss")
     with pytest.raises(CdirError, match="--gpu"):
         load_index(tmp_path / "a.faiss", gpu=True)
+
+
+def test_faiss_prints_nothing_of_its_own_during_build_and_search(tmp_path):
+    """The on-disk lists of a sharded index print from C++ ("resizing ...", "IO_FLAG_ONDISK
+    ...") when built, extended and read: none of it reaches the terminal of `cdir index build`
+    or `cdir search` (a process of its own, so C's buffers are flushed at its exit)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.helpers.cli import REPO, pixels_workspace
+    from tests.helpers.trees import write_shape_tree
+
+    root, ws = pixels_workspace(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def output(*args: object) -> str:
+        proc = subprocess.run([sys.executable, "-m", "cdir", *map(str, args)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout + proc.stderr
+
+    build = ("index", "build", "-w", ws, "--encoder", "pixels", "--type", "ivf", "--shards", 2,
+             "--name", "disk")
+    query = sorted((root / "a" / "circle").iterdir())[0]
+    texts = [output(*build), output("search", "-w", ws, "--index", "disk", "--image", query)]
+    extra = write_shape_tree(tmp_path / "extra", domains=("a", "b"), classes=("ring",),
+                             per_class=2)
+    for dom in ("a", "b"):  # a grown gallery: the on-disk lists are built again
+        shutil.copytree(extra / dom / "ring", root / dom / "ring")
+    texts.append(output("data", "folder", root, "-w", ws))
+    texts.append(output("embed", "-w", ws, "--encoder", "pixels", "--workers", "0"))
+    texts.append(output(*build))
+    texts.append(output("search", "-w", ws, "--index", "disk", "--image", query))
+    assert "built ivf index disk" in texts[0] and str(query) in texts[1]
+    for text in texts:
+        assert "resizing" not in text and "IO_FLAG" not in text, text
