@@ -13,6 +13,7 @@ from cdir.commands.common import (
     add_command,
     add_training_run,
     add_workspace,
+    non_negative_int,
     positive_int,
     recipe_sets,
 )
@@ -61,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--epochs: that many epochs in this many equal rounds)")
     p.add_argument("--epochs", type=positive_int, help="total epochs (sets optim.epochs)")
     p.add_argument("--batch-size", type=positive_int, help="global batch size")
-    p.add_argument("--workers", type=int, help="data loader workers per process")
+    p.add_argument("--workers", type=non_negative_int, help="data loader workers per process")
     p.add_argument("--seed", type=int, help="random seed (sets train.seed)")
     p.add_argument("--normalize", default="domain-whiten",
                    help="per-domain normalisation before mining (none, domain-center, "

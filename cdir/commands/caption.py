@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_command, add_device, add_progress, add_workspace
+from cdir.commands.common import (
+    add_command,
+    add_device,
+    add_progress,
+    add_workspace,
+    non_negative_int,
+    positive_int,
+)
 
 EPILOG = """\
 captioner families (detected from the model's config; hf:/path/to/folder works like a hub id):
@@ -45,19 +52,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="hf:<hub id or folder> (default hf:Salesforce/blip-image-captioning-base)")
     g.add_argument("--prompt", default=None,
                    help="text prefix / task / instruction, depending on the family (see below)")
-    g.add_argument("--batch-size", type=int, default=32,
+    g.add_argument("--batch-size", type=positive_int, default=32,
                    help="images per batch; halved automatically on out-of-memory (default 32)")
-    g.add_argument("--max-new-tokens", type=int, default=30,
+    g.add_argument("--max-new-tokens", type=positive_int, default=30,
                    help="most tokens generated per caption (default 30)")
-    g.add_argument("--min-new-tokens", type=int, default=0,
+    g.add_argument("--min-new-tokens", type=non_negative_int, default=0,
                    help="fewest tokens generated per caption (default 0)")
-    g.add_argument("--num-beams", type=int, default=1,
+    g.add_argument("--num-beams", type=positive_int, default=1,
                    help="beam search width; 1 = greedy (default 1)")
     g.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="weights precision (default: bf16/fp16 on GPU, fp32 on CPU)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model repository's own Python code (e.g. microsoft/Florence-2)")
-    g.add_argument("--limit", type=int, default=None,
+    g.add_argument("--limit", type=positive_int, default=None,
                    help="caption at most N of the missing images (a quick check; re-run to finish)")
     io = p.add_argument_group("import, export, list")
     io.add_argument("--from-file", metavar="FILE",

@@ -51,6 +51,6 @@ def run(args: argparse.Namespace) -> int:
         args.workspace, args.kind, root=getattr(args, "root", None),
         domains=getattr(args, "domains", None), classes=getattr(args, "classes", None),
         split=getattr(args, "split", None) or "all", limit=getattr(args, "limit", None),
-        size=getattr(args, "size", None) or 128, progress=not args.no_progress)
+        size=getattr(args, "size", None), progress=not args.no_progress)
     print(summary["summary"])
     return 0

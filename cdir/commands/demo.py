@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_command, add_device, add_workspace
+from cdir.commands.common import add_command, add_device, add_workspace, non_negative_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; "
                    "0.0.0.0 serves every network this machine is on)")
-    p.add_argument("--port", type=int, default=7860,
+    p.add_argument("--port", type=non_negative_int, default=7860,
                    help="port to listen on (default 7860; 0: the first free one from 7860)")
     add_device(p)
     p.add_argument("--captioner", default=None,

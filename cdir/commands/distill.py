@@ -16,6 +16,7 @@ from cdir.commands.common import (
     add_command,
     add_training_run,
     add_workspace,
+    non_negative_int,
     positive_int,
     recipe_sets,
 )
@@ -71,7 +72,7 @@ def add_labelled_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=positive_int, help="total epochs (sets optim.epochs)")
     p.add_argument("--batch-size", type=positive_int, help="global batch size")
     p.add_argument("--lr", type=float, help="learning rate (sets optim.lr)")
-    p.add_argument("--workers", type=int, help="data loader workers per process")
+    p.add_argument("--workers", type=non_negative_int, help="data loader workers per process")
     seed = p.add_mutually_exclusive_group()
     seed.add_argument("--seed", type=int, help="random seed (sets train.seed)")
     seed.add_argument("--seeds", type=int, nargs="+", metavar="SEED",

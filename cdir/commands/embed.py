@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_command, add_device, add_progress, add_workspace
+from cdir.commands.common import (
+    add_command,
+    add_device,
+    add_progress,
+    add_workspace,
+    non_negative_int,
+    positive_int,
+)
 
 ENCODER_HELP = """\
 image encoder spec:
@@ -49,15 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", metavar="SPEC", help="image encoder spec (see below)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="images per batch (default 64)")
+    p.add_argument("--workers", type=non_negative_int, default=None,
                    help="DataLoader worker processes decoding images (default min(4, CPUs); "
                         "0 = in the main process)")
     add_device(p)
-    p.add_argument("--shard-rows", type=int, default=4096,
+    p.add_argument("--shard-rows", type=positive_int, default=4096,
                    help="rows per shard file: an interruption loses at most one shard "
                         "(default 4096)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="embed at most N of the missing rows (a quick check; re-run to finish)")
     add_progress(p)
 

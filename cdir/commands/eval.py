@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--clip is replaced by each seed (e.g. ckpt:runs/distill/rrd/"
                         "seed_{seed}/best.pt, as `cdir distill --seeds` writes); each seed's "
                         "report in RUN/seed_<seed>/, every figure as mean ± std in RUN/seeds.md")
-    p.add_argument("--examples", type=int, default=4,
+    p.add_argument("--examples", type=non_negative_int, default=4,
                    help="sample queries per pair shown in the retrieval gallery")
     add_device(p)
     add_progress(p)
@@ -94,13 +94,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-data", help="separate labelled folder to evaluate on (knn, linear; "
                                       "default: kNN leave-one-out, linear probe on a held-out "
                                       "stratified fifth)")
-    p.add_argument("--epochs", type=int, help="linear-probe epochs (default 100; transfer 120)")
+    p.add_argument("--epochs", type=positive_int,
+                   help="linear-probe epochs (default 100; transfer 120)")
     p.add_argument("--root", default="data", help="transfer: where named datasets live")
     p.add_argument("--download", action="store_true",
                    help="transfer: download a named dataset that is missing (needs internet)")
     p.add_argument("--cache-features", action="store_true",
                    help="transfer: embed the training images once, no augmentation (fast)")
-    p.add_argument("--workers", type=int, default=0, help="image loader workers (knn, linear)")
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="image loader workers (knn, linear)")
     p.add_argument("--json", help="also write the kNN / linear-probe results to this file (every "
                    "figure in percent: knn.kK.top1/top5, p1 = nearest-neighbour P@1)")
     p.set_defaults(func=run)

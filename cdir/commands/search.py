@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_command, add_device, add_workspace
+from cdir.commands.common import add_command, add_device, add_workspace, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_workspace(p)
     p.add_argument("--image", action="append", required=True, metavar="PATH",
                    help="query image (repeat for several)")
-    p.add_argument("-k", type=int, default=10, help="results per query")
+    p.add_argument("-k", type=positive_int, default=10, help="results per query")
     p.add_argument("--domain", help="only return images of this domain")
     p.add_argument("--query-domain", metavar="D",
                    help="the queries' domain: on a normalised index they get that domain's "
@@ -46,8 +46,6 @@ def run(args: argparse.Namespace) -> int:
     from cdir.core.images import BadImage, load_image
     from cdir.stages.search import Searcher
 
-    if args.k < 1:
-        raise CdirError("-k must be at least 1")
     # a bad query image is listed and skipped: the others are still searched (exit status 1)
     queries, images, bad = [], [], []
     for path in args.image:

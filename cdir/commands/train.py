@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cdir.commands.common import add_training_run, recipe_sets
+from cdir.commands.common import add_training_run, non_negative_int, positive_int, recipe_sets
 from encoders.ssl.plugin import METHODS
 
 
@@ -38,9 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "images of its manifest) or a manifest .parquet/.csv with a path column; "
                        "repeat to train on several (each image once)")
         m.add_argument("--out", help="output folder (default runs/<method>-<recipe>)")
-        m.add_argument("--epochs", type=int, help="total epochs (sets optim.epochs)")
-        m.add_argument("--batch-size", type=int, help="global batch size (sets optim.batch_size)")
-        m.add_argument("--workers", type=int, help="data loader workers per process")
+        m.add_argument("--epochs", type=positive_int, help="total epochs (sets optim.epochs)")
+        m.add_argument("--batch-size", type=positive_int,
+                       help="global batch size (sets optim.batch_size)")
+        m.add_argument("--workers", type=non_negative_int, help="data loader workers per process")
         m.add_argument("--seed", type=int, help="random seed (sets train.seed)")
         m.add_argument("--monitor", help="labelled folder for kNN / P@1 monitoring "
                        "(sets monitor.path)")

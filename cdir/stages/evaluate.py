@@ -175,6 +175,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     ``text_encoder``, ``clip``) is replaced by each seed in turn, each seed's report goes to
     ``RUN/seed_<seed>/``, and ``RUN/seeds.md`` / ``seeds.json`` give every figure as mean ± sample
     standard deviation over the seeds (:func:`evaluate_seeds`)."""
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+        raise CdirError(f"examples must be a whole number of at least 0, got {examples!r}")
     if seeds:
         return evaluate_seeds(**dict(locals()))
     from eval.protocol import default_ks, evaluate_pairs

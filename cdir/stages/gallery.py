@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.PathLike | None = None,
                      domains: str | list[str] | None = None,
                      classes: str | list[str] | None = None, split: str = "all",
-                     limit: int | None = None, size: int = 128,
+                     limit: int | None = None, size: int | None = 128,
                      progress: bool = True) -> dict[str, Any]:
     """Scan the gallery ``kind`` (a key of ``cdir.galleries.KINDS``) and write the manifest.
 
@@ -44,6 +44,10 @@ def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.Pat
     manifest path, counts, fingerprint and the one-line ``summary``."""
     if kind not in KINDS:
         raise CdirError(f"unknown gallery kind {kind!r}: use one of {', '.join(KINDS)}")
+    if size is None:
+        size = 128
+    elif isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise CdirError(f"the image size must be a positive number of pixels, got {size!r}")
     ws = Workspace(os.path.abspath(os.path.expanduser(str(workspace)))).create()
     if isinstance(domains, list | tuple):
         domains = ",".join(domains)
@@ -55,7 +59,6 @@ def describe_gallery(workspace: str | os.PathLike, kind: str, root: str | os.Pat
     gk = KINDS[kind]
     if gk.build:  # rendered into the workspace first: from a source folder, or built in
         source = None if root is None else os.path.abspath(os.path.expanduser(str(root)))
-        size = size or 128
         root = str(ws.root / "gallery")
         params = {"limit": limit, "size": size} | ({"source": source} if source else {})
         gk.render(kind, source, root, size=size, limit=limit, progress=progress)
