@@ -55,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gpu = b.add_mutually_exclusive_group()
     gpu.add_argument("--gpu", dest="gpu", action="store_true", default=None,
                      help="require a GPU (faiss-gpu and a CUDA device)")
-    gpu.add_argument("--cpu", dest="gpu", action="store_false", help="stay on the CPU")
+    # both flags share one dest whose default (None: a GPU when there is one) is --gpu's
+    gpu.add_argument("--cpu", dest="gpu", action="store_false", default=None,
+                     help="stay on the CPU")
     b.add_argument("--nlist", type=positive_int, help="IVF lists (default ≈ 4·√N)")
     b.add_argument("--m", type=positive_int,
                    help="PQ sub-quantizers (ivfpq) or graph degree (hnsw)")

@@ -99,7 +99,15 @@ def run_summary(cfg: Any, res: Any) -> dict[str, Any]:
 
 
 def summary_line(s: dict[str, Any]) -> str:
-    """What a training call did, in one line."""
+    """What a training call did, in one line (where the run stands when it trained nothing:
+    resumed after its last epoch, or at the --stop-at epoch already)."""
+    if not s["epochs_run"]:
+        where = f"{s['epochs_done']}/{s['epochs']} epoch(s) in {s['latest']}"
+        if s["epochs_done"] >= s["epochs"]:
+            return (f"{s['method']}: already finished, {where}; nothing trained"
+                    + (f" (the encoder: {s['encoder']})" if s["encoder"] else ""))
+        return (f"{s['method']}: nothing trained: {where}, the epoch --stop-at stops at "
+                "(continue with --resume auto and a later --stop-at, or none)")
     what = f"{s['encoder']} and {s['latest']}" if s["encoder"] else f"{s['latest']}"
     line = (f"trained {s['method']} for {s['epochs_run']} epoch(s) (now {s['epochs_done']}/"
             f"{s['epochs']}), {s['images_per_s']:.0f} img/s; wrote {what}")

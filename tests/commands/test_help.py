@@ -1,5 +1,5 @@
 """The help of every command tells the truth: each config file it cites exists in the
-repository."""
+repository, and no flag shows a default it does not have."""
 
 from __future__ import annotations
 
@@ -46,3 +46,15 @@ def test_every_config_path_cited_in_help_exists(helps: dict[str, str]) -> None:
                if not ((REPO / path).exists() or "*" in path and any(REPO.glob(path)))]
     assert not missing, missing
 
+
+def test_no_flag_shows_a_default_of_true_or_false(helps: dict[str, str]) -> None:
+    wrong = [(command, line.strip()) for command, text in helps.items()
+             for line in text.splitlines() if re.search(r"default: (True|False)\b", line)]
+    assert not wrong, wrong
+
+
+def test_index_build_cpu_and_gpu_flags() -> None:
+    parse = build_parser().parse_args
+    base = ["index", "build", "-w", "ws", "--encoder", "pixels"]
+    assert parse(base).gpu is None  # a GPU when there is one
+    assert parse([*base, "--cpu"]).gpu is False and parse([*base, "--gpu"]).gpu is True

@@ -89,3 +89,18 @@ def test_an_interrupted_run_prints_a_continuation_that_works(tiny, tmp_path: Pat
     assert "--resume auto" in capsys.readouterr().err
     assert cdir(*command[1:]) == 0  # as printed
     assert load_checkpoint(out / "latest.pt")["epoch"] == 3 and _epochs(out) == [1, 2, 3]
+
+
+def test_resuming_a_finished_run_says_it_is_finished(tiny, tmp_path: Path, capsys) -> None:
+    ws, enc, recipe = tiny
+    out = tmp_path / "done"
+    run = ["adapt", "-w", ws, "--encoder", f"ckpt:{enc}", "--config", recipe, "--out", out,
+           "--no-monitor", "--no-progress", "--epochs", "1"]
+    assert cdir(*run) == 0
+    encoder = (out / "encoder.pt").read_bytes()
+    capsys.readouterr()
+    assert cdir(*run, "--resume", "auto") == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "for 0 epoch" not in line, line
+    assert line.startswith(f"xdomain: already finished, 1/1 epoch(s) in {out / 'latest.pt'}")
+    assert (out / "encoder.pt").read_bytes() == encoder  # nothing re-trained
