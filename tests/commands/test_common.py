@@ -11,7 +11,7 @@ import pytest
 from cdir.cli import build_parser
 from cdir.commands.common import non_negative_int, positive_int
 from cdir.core.errors import CdirError
-from tests.commands.test_help import _parsers
+from tests.helpers.cli import command_parsers
 
 # whole numbers any value of which means something
 ANY_INT = {"seed", "seeds"}
@@ -19,10 +19,10 @@ ANY_INT = {"seed", "seeds"}
 
 def test_every_count_and_size_flag_uses_a_shared_type() -> None:
     plain = [(" ".join(words), a.option_strings[0])
-             for words, p in _parsers(build_parser()).items() for a in p._actions
+             for words, p in command_parsers().items() for a in p._actions
              if a.type is int and a.dest not in ANY_INT]
     assert not plain, plain
-    counts = {a.option_strings[0]: a.type for words, p in _parsers(build_parser()).items()
+    counts = {a.option_strings[0]: a.type for words, p in command_parsers().items()
               for a in p._actions
               if words[:1] in (("data",), ("eval",), ("search",)) and a.option_strings}
     assert counts["--size"] is positive_int and counts["-k"] is positive_int

@@ -3,26 +3,15 @@ repository, and no flag shows a default it does not have."""
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
 import pytest
 
 from cdir.cli import build_parser
+from tests.helpers.cli import command_parsers
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
-             ) -> dict[tuple[str, ...], argparse.ArgumentParser]:
-    """``parser`` and every command below it, by their words."""
-    out = {path: parser}
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                out.update(_parsers(sub, (*path, name)))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +22,7 @@ def helps() -> dict[str, str]:
     mp.setenv("COLUMNS", "400")
     try:
         return {" ".join(("cdir", *words)): p.format_help()
-                for words, p in _parsers(build_parser()).items()}
+                for words, p in command_parsers().items()}
     finally:
         mp.undo()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -86,3 +87,16 @@ def sigterm_when(args: list[str], log: Path, ready: Callable[[str], bool],
             proc.kill()
             proc.wait()
     return log.read_text()
+
+
+def command_parsers(parser: argparse.ArgumentParser | None = None, path: tuple[str, ...] = ()
+                    ) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """The parser of `cdir` (or ``parser``) and of every command below it, by their words:
+    ``()`` is `cdir` itself, ``("index", "build")`` is `cdir index build`."""
+    parser = parser or cli.build_parser()
+    out = {path: parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out.update(command_parsers(sub, (*path, name)))
+    return out
