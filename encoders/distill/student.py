@@ -49,6 +49,8 @@ class Distiller(_Engine):
         self.loss = loss
         self.objective = objective
         self.register_buffer("labels", labels.long(), persistent=False)
+        if loss is not None:
+            loss.set_labels(self.labels)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: not in state_dict
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Distiller:

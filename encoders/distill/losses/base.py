@@ -51,6 +51,10 @@ class DistillLoss(nn.Module):
                 contrast_idx: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        """The training set's labels, one per dataset index, for a loss whose sampling uses
+        them (CRD's negatives); the others ignore them."""
+
 
 class ProjectionLoss(DistillLoss):
     """A loss on linear projections of the student's and the teacher's features to ``feat_dim``

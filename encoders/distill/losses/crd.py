@@ -3,13 +3,19 @@
 
 ``crd`` (Tian et al.; RepDistiller's defaults): two memory banks of n_data x 128, one of student
 and one of teacher embeddings, initialised uniformly in +-1/sqrt(d/3). For each sample i the
-rows ``[idx_i, K negatives]`` (K = 16384; ``contrast_idx`` when the data set supplies them,
-uniform draws otherwise) of the *other* side's bank are scored as exp(v . m / T) / Z (T = 0.07;
+rows ``[idx_i, K negatives]`` (K = 16384; ``contrast_idx`` when the data set supplies them)
+of the *other* side's bank are scored as exp(v . m / T) / Z (T = 0.07;
 Z = mean score x n_data, fixed from the first batch) and fed to NCE with the noise
 distribution 1/n_data (eps 1e-7); the loss is the student-anchored plus the teacher-anchored
 term. After scoring, each bank's rows ``idx`` move towards the new embeddings:
 m <- normalise(0.5 m + 0.5 v). Under DDP the update uses the whole global batch, so every
 rank's banks stay the same.
+
+Negatives, drawn with replacement when no ``contrast_idx`` is given: with labels (the labelled
+testbed, :meth:`CRDLoss.set_labels`), uniformly from the rows of the *other* classes, as
+RepDistiller's contrastive sampler does, so an anchor never contrasts with its own class (nor
+its own row); without labels, uniformly from every row but the anchor's own (its own row would
+be its positive scored as noise; other rows of its class cannot be told apart without labels).
 
 ``crd_fifo``: InfoNCE of the student embedding against its own teacher embedding (positive)
 and a FIFO queue of past teacher embeddings (negatives), T = 0.07. By default the batch is
@@ -59,19 +65,52 @@ class ContrastMemory(nn.Module):
             self.register_buffer(name, (torch.rand(n_data, dim, generator=g) * 2 - 1) * bound)
         self.register_buffer("z_s", torch.tensor(-1.0))
         self.register_buffer("z_t", torch.tensor(-1.0))
+        # the negative sampler (not checkpointed: set again from the data): the rows grouped by
+        # class (``order``), and where each row's class starts in it and how many it has;
+        # without labels every row is its own group, so only the anchor's row is excluded
+        self.register_buffer("order", torch.arange(self.n_data), persistent=False)
+        self.register_buffer("group_start", torch.arange(self.n_data), persistent=False)
+        self.register_buffer("group_size", torch.ones(self.n_data, dtype=torch.long),
+                             persistent=False)
+
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        """Draw each anchor's negatives from the other classes of ``labels`` (one per row);
+        ``None``: from every row but the anchor's."""
+        dev = self.order.device
+        if labels is None:
+            self.order = torch.arange(self.n_data, device=dev)
+            self.group_start = torch.arange(self.n_data, device=dev)
+            self.group_size = torch.ones(self.n_data, dtype=torch.long, device=dev)
+            return
+        labels = torch.as_tensor(labels).long().reshape(-1).cpu()
+        if labels.numel() != self.n_data:
+            raise CdirError(f"crd: {labels.numel()} labels for a memory of {self.n_data} rows")
+        _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        if int(counts.max()) == self.n_data:
+            raise CdirError("crd: every training image has the same label, so there is no other "
+                            "class to draw negatives from")
+        starts = torch.cumsum(counts, 0) - counts
+        self.order = torch.sort(inverse, stable=True).indices.to(dev)
+        self.group_start = starts[inverse].to(dev)
+        self.group_size = counts[inverse].to(dev)
 
     def rows(self, idx: torch.Tensor, contrast_idx: torch.Tensor | None) -> torch.Tensor:
         """(B, 1 + K) bank rows to score: ``contrast_idx`` as given, or ``idx`` followed by K
-        uniform draws."""
+        draws outside the anchor's group (its class, or its own row without labels)."""
         b = idx.shape[0]
         if contrast_idx is not None:
             if contrast_idx.shape != (b, self.k + 1):
                 raise CdirError(f"crd: contrast_idx must be (batch, 1 + K) = ({b}, "
                                 f"{self.k + 1}), got {tuple(contrast_idx.shape)}")
             return contrast_idx.long()
-        rows = torch.randint(0, self.n_data, (b, self.k + 1), device=idx.device)
-        rows[:, 0] = idx
-        return rows
+        idx = idx.long().to(self.order.device)
+        start = self.group_start[idx].unsqueeze(1)
+        size = self.group_size[idx].unsqueeze(1)
+        # a uniform position among the n - size rows outside the group, skipping over it in
+        # ``order`` (the modulo's bias, n / 2**62, is far below anything measurable)
+        draw = torch.randint(0, 2 ** 62, (b, self.k), device=idx.device) % (self.n_data - size)
+        pos = draw + size * (draw >= start)
+        return torch.cat([idx.unsqueeze(1), self.order[pos]], dim=1)
 
     def _score(self, bank: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
                z: torch.Tensor) -> torch.Tensor:
@@ -132,6 +171,11 @@ class CRDLoss(ProjectionLoss):
         super().__init__(s_dim, t_dim, feat_dim)
         self.n_data = int(n_data)
         self.contrast = ContrastMemory(feat_dim, self.n_data, nce_k, temperature, momentum)
+
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        """Negatives from the other classes of ``labels`` (RepDistiller's rule); see the
+        module docstring for what is drawn without them."""
+        self.contrast.set_labels(labels)
 
     def embedding_loss(self, z_s: torch.Tensor, z_t: torch.Tensor, idx: torch.Tensor | None,
                        contrast_idx: torch.Tensor | None) -> torch.Tensor:

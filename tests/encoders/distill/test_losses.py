@@ -370,6 +370,52 @@ def test_crd_input_errors() -> None:
         loss_fn(f_s, f_t, idx=torch.arange(B), contrast_idx=torch.zeros(B, 3, dtype=torch.long))
 
 
+def test_crd_negatives_come_from_other_classes_when_labels_exist() -> None:
+    """RepDistiller's sampler: no negative of an anchor shares its label (so none is its own
+    row), and every row of the other classes can be drawn."""
+    from encoders.distill.losses.objective import StudentObjective
+    from encoders.distill.student import Distiller
+
+    torch.manual_seed(0)
+    labels = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0, 0, 1, 2, 1])
+    n = len(labels)
+    loss_fn = build_loss("crd", S_DIM, T_DIM, n, feat_dim=8, nce_k=64)
+    # the labelled trainer hands its labels to the loss
+    Distiller(torch.nn.Linear(3, 3), labels, StudentObjective.recipe("crd"), loss=loss_fn)
+    idx = torch.arange(n)
+    rows = loss_fn.contrast.rows(idx, None)
+    assert rows.shape == (n, 65) and torch.equal(rows[:, 0], idx)
+    negatives = rows[:, 1:]
+    assert not (labels[negatives] == labels[:, None]).any()
+    for i in range(n):  # 64 draws of 8 rows: each other-class row turns up
+        others = torch.nonzero(labels != labels[i]).flatten()
+        assert set(negatives[i].tolist()) == set(others.tolist())
+    # draws from many anchors of one class are spread evenly over the other classes' rows
+    many = loss_fn.contrast.rows(torch.full((200,), 1), None)[:, 1:].reshape(-1)
+    counts = torch.bincount(many, minlength=n)[labels != 0].float()
+    assert counts.min() > 0.8 * counts.mean()
+    with pytest.raises(CdirError, match="same label"):
+        loss_fn.set_labels(torch.zeros(n, dtype=torch.long))
+    with pytest.raises(CdirError, match="3 labels"):
+        loss_fn.set_labels(torch.zeros(3, dtype=torch.long))
+
+
+def test_crd_without_labels_never_draws_the_anchors_own_row() -> None:
+    torch.manual_seed(0)
+    n = 6
+    loss_fn = build_loss("crd", S_DIM, T_DIM, n, feat_dim=8, nce_k=50)
+    idx = torch.tensor([0, 3, 5, 5, 1, 2, 4, 0])
+    rows = loss_fn.contrast.rows(idx, None)
+    assert not (rows[:, 1:] == idx[:, None]).any()
+    for i, a in enumerate(idx.tolist()):
+        assert set(rows[i, 1:].tolist()) == set(range(n)) - {a}
+    # labels given and then taken away: back to excluding the own row only
+    loss_fn.set_labels(torch.tensor([0, 0, 0, 1, 1, 1]))
+    loss_fn.set_labels(None)
+    rows = loss_fn.contrast.rows(torch.tensor([0]), None)
+    assert set(rows[0, 1:].tolist()) == {1, 2, 3, 4, 5}
+
+
 def test_crd_scores_through_the_whole_bank_equal_the_gathered_rows() -> None:
     """When more rows are drawn than the bank holds, CRD scores the bank once and picks; the
     values and the gradient equal scoring the gathered rows."""
