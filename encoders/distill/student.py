@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.distill.losses.base import DistillLoss
+from encoders.distill.losses.base import DistillLoss, teacher_projection
 from encoders.distill.losses.objective import StudentObjective
 
 
@@ -86,7 +86,10 @@ class Distiller(_Engine):
 class LabelFreeDistiller(_Engine):
     """A student embedding network trained to match given teacher embeddings with a
     relational (RRD) or contrastive (DCD) term. The student outputs its embedding directly, so
-    the loss's student projection is the identity: what is exported is what was distilled."""
+    the loss's student projection is the identity: what is exported is what was distilled.
+    The teacher's vectors reach the loss through a frozen bias-free map
+    (:func:`~encoders.distill.losses.base.teacher_projection`: the identity when the sizes
+    agree, else their principal directions), so the targets keep the teacher's neighbours."""
 
     def __init__(self, student: nn.Module, teacher_feats: torch.Tensor,
                  loss: DistillLoss) -> None:
@@ -95,6 +98,8 @@ class LabelFreeDistiller(_Engine):
         self.loss = loss
         if hasattr(loss, "embed_s"):
             loss.embed_s = nn.Identity()
+        if hasattr(loss, "embed_t"):
+            loss.embed_t = teacher_projection(teacher_feats, loss.embed_t.out_features)
         self.register_buffer("teacher_feats", teacher_feats.float(), persistent=False)
 
     def forward(self, views: list[torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:

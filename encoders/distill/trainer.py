@@ -280,6 +280,10 @@ class _LabelFreeRun(_StudentRun):
         kwargs = {**cfg.model.backbone_kwargs, "embed_dim": cfg.distill.embed_dim}
         student, dim = build_backbone(cfg.model.backbone, **kwargs)
         options = {"feat_dim": dim, **cfg.method_kwargs}
+        if options.get("freeze_teacher_proj") is False:
+            raise CdirError("label-free distillation maps the teacher's vectors with a fixed "
+                            "bias-free projection: method.freeze_teacher_proj=false is for "
+                            "labelled runs only")
         if options["feat_dim"] != dim:
             raise CdirError(f"method.feat_dim ({options['feat_dim']}) must equal "
                             f"distill.embed_dim ({dim}) in label-free distillation")

@@ -80,6 +80,44 @@ class ProjectionLoss(DistillLoss):
         raise NotImplementedError
 
 
+class FixedProjection(nn.Module):
+    """A frozen linear map without bias: ``x @ weight.T``. ``weight`` is a buffer (saved in
+    the checkpoint, never optimised)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.float().contiguous())
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+def teacher_projection(feats: torch.Tensor, dim: int) -> nn.Module:
+    """A bias-free frozen map of teacher vectors ``feats`` (N, d) to ``dim``: the identity when
+    ``dim == d``; otherwise the rows' principal directions (uncentred, so the map stays linear
+    and keeps the origin), largest first: a rotation when ``dim >= d`` (zero rows beyond d: every
+    inner product, hence every cosine ranking, is kept), and the inner-product-preserving rank
+    ``dim`` projection when ``dim < d``. A random map, or a random bias as large as unit vectors,
+    would blur the neighbour structure the student is asked to learn."""
+    d = int(feats.shape[1])
+    if dim == d:
+        return nn.Identity()
+    x = feats.detach().double().cpu()
+    _, vecs = torch.linalg.eigh(x.t() @ x)  # ascending eigenvalues
+    vecs = vecs.flip(1).t()  # (d, d), one direction per row, largest first
+    # a fixed sign per direction (its largest entry positive), so the map is reproducible
+    pick = vecs.abs().argmax(dim=1, keepdim=True)
+    vecs = vecs * torch.sign(vecs.gather(1, pick))
+    weight = torch.zeros(dim, d, dtype=torch.float64)
+    k = min(dim, d)
+    weight[:k] = vecs[:k]
+    return FixedProjection(weight.to(feats.device))
+
+
 def embed(proj: nn.Module, f: torch.Tensor) -> torch.Tensor:
     """A projection's output, L2-normalised per row, in float32."""
     return F.normalize(proj(f.float()), dim=1)

@@ -16,7 +16,8 @@ The teacher projection receives no gradient through this loss (p_t is detached a
 is not differentiated), so by default it is frozen: a fixed random projection of the teacher's
 features, as the reference code ends up with. ``freeze_teacher_proj=False`` trains it through
 the one path there is: the current keys' rows of M in the student's similarities (this needs
-``enqueue_before_loss``).
+``enqueue_before_loss``). Label-free runs replace the random teacher projection by a fixed
+bias-free one (``encoders.distill.student.LabelFreeDistiller``).
 """
 
 from __future__ import annotations

@@ -87,3 +87,52 @@ def test_eval_mode_leaves_the_queue_alone() -> None:
     start = loss.queue.feats.clone()
     loss(torch.randn(4, 12), torch.randn(4, 10))
     assert torch.equal(loss.queue.feats, start) and int(loss.queue.ptr) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# the label-free teacher projection
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Each row's neighbours by cosine, nearest first (itself excluded)."""
+    z = torch.nn.functional.normalize(x.double(), dim=1)
+    sim = z @ z.t()
+    sim.fill_diagonal_(-2.0)
+    return sim.argsort(dim=1, descending=True)[:, :-1]
+
+
+@pytest.mark.parametrize("name", ["dcd", "rrd", "crd_fifo"])
+@pytest.mark.parametrize("feat_dim", [6, 9])
+def test_label_free_teacher_projection_is_bias_free_and_keeps_the_neighbours(
+        name: str, feat_dim: int) -> None:
+    """Whitened-like unit teacher vectors: the projected targets rank every row's neighbours
+    exactly as the teacher does (an orthogonal map when the student is at least as wide; the
+    principal directions when the vectors span no more than its width), and no bias exists."""
+    from encoders.distill.student import LabelFreeDistiller
+
+    g = torch.Generator().manual_seed(0)
+    # 30 unit vectors in 9 dims that span only 6 of them (so the 6-wide map is exact too)
+    basis = torch.linalg.qr(torch.randn(9, 6, generator=g, dtype=torch.float64))[0]
+    teacher = torch.nn.functional.normalize(torch.randn(30, 6, generator=g,
+                                                        dtype=torch.float64) @ basis.t(), dim=1)
+    loss = build_loss(name, feat_dim, 9, 30, feat_dim=feat_dim)
+    assert loss.embed_t.bias is not None  # the labelled head has one ...
+    LabelFreeDistiller(torch.nn.Linear(3, feat_dim), teacher.float(), loss)
+    names = [n for n, _ in loss.named_parameters()] + [n for n, _ in loss.named_buffers()]
+    assert not any(n.startswith("embed_t.") and n != "embed_t.weight" for n in names)
+    assert not any(n.startswith("embed_t.") for n, _ in loss.named_parameters())  # frozen
+    projected = loss.embed_t(teacher.float()).double()
+    assert torch.equal(_ranks(projected), _ranks(teacher))
+    if feat_dim >= 9:  # a rotation (with zero rows): every inner product kept
+        torch.testing.assert_close(projected @ projected.t(), teacher @ teacher.t(),
+                                   rtol=0, atol=1e-5)
+
+
+def test_label_free_teacher_projection_is_the_identity_when_sizes_agree() -> None:
+    from encoders.distill.student import LabelFreeDistiller
+
+    teacher = torch.nn.functional.normalize(torch.randn(12, 8), dim=1)
+    loss = build_loss("rrd", 8, 8, 12, feat_dim=8, queue_size=16)
+    LabelFreeDistiller(torch.nn.Linear(3, 8), teacher, loss)
+    assert isinstance(loss.embed_t, torch.nn.Identity)
+    assert torch.equal(loss.embed_t(teacher), teacher)
