@@ -226,3 +226,39 @@ def load_normalizer(path: str | os.PathLike, meta: IndexMeta, hint: str | None =
                         f"was built with ({norm.method} {norm.fingerprint}, the sidecar says "
                         f"{meta.normalize} {meta.normalize_fingerprint}): {rebuild}")
     return norm
+
+
+# -------------------------------------------------------------------------------------------------
+# compatible query encoders
+# -------------------------------------------------------------------------------------------------
+# the key of a query encoder's checkpoint that names the index it was trained for
+COMPATIBLE_KEY = "compatible"
+
+
+def compatibility(meta: IndexMeta, path: str | os.PathLike) -> dict[str, Any]:
+    """What a query encoder trained into the space of the index at ``path`` records of it:
+    the encoder and normalisation that made its vectors, their size, and the sha256 of its
+    FAISS file (so a rebuilt or regrown index, whose vectors may be others, is not taken for
+    it)."""
+    faiss_name = index_files(path).faiss.name
+    return {"encoder_spec": meta.encoder_spec, "normalize": meta.normalize,
+            "normalize_dim": int(meta.normalize_dim),
+            "normalize_fingerprint": meta.normalize_fingerprint, "dim": int(meta.dim),
+            "content_sha256": str((meta.files.get(faiss_name) or {}).get("sha256", ""))}
+
+
+def check_compatible(record: Any, meta: IndexMeta, path: str | os.PathLike, query: str,
+                     name: str) -> None:
+    """Refuse (one line) a query encoder ``query`` whose ``record`` is not this index's
+    :func:`compatibility`."""
+    if not isinstance(record, dict) or not record:
+        raise CdirError(f"{query} is not recorded as compatible with any index: train one into "
+                        f"index {name}'s space with `cdir distill rrd -w WORKSPACE --compatible "
+                        f"{name}`")
+    now = compatibility(meta, path)
+    differ = [k for k in now if record.get(k) != now[k]]
+    if differ:
+        raise CdirError(f"{query} is not compatible with index {name}: it was trained for an "
+                        f"index of {record.get('encoder_spec')} ({record.get('normalize')}) "
+                        f"whose {differ[0]} was {record.get(differ[0])!r}, this one has "
+                        f"{now[differ[0]]!r}; distil it again with --compatible {name}")

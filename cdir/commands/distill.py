@@ -44,7 +44,10 @@ spec (ckpt:, clip:, ...) whose embeddings of the workspace images come from its 
 (computed first when missing), the student a ResNet backbone with an embedding head
 (--student resnet18 --set model.backbone_kwargs.width=0.25 by default), the loss the method
 term alone (dcd, rrd or crd_fifo). OUT/student.pt is an ordinary encoder: `cdir embed -w WS
---encoder ckpt:OUT/student.pt`, then index and evaluate as usual.
+--encoder ckpt:OUT/student.pt`, then index and evaluate as usual. --compatible INDEX (implies
+--label-free) trains it into that index's space instead: `cdir search -w WS --index INDEX
+--query-encoder ckpt:OUT/student.pt` encodes the queries with the student against the big
+encoder's index.
 
 examples:
   cdir train teacher --arch resnet32x4 --data cifar100 --download --out runs/t
@@ -53,6 +56,7 @@ examples:
   cdir distill rrd --config configs/distill/cifar100_wrn_40_2_wrn_16_2.yaml --seeds 0 1 2
   cdir distill rrd --label-free -w runs/emoji \\
       --teacher "ckpt:encoders/weights/emoji_adapted.pt?grid=4&layers=3,4" --out runs/small
+  cdir distill rrd -w runs/emoji --compatible emoji_adapted --out runs/query-encoder
 """
 
 
@@ -109,6 +113,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_workspace(m, "label-free: the workspace with the gallery", required=False)
         m.add_argument("--embed-dim", type=positive_int,
                        help="label-free: the student's embedding size (default 256)")
+        m.add_argument("--compatible", metavar="INDEX",
+                       help="label-free: train the student into index INDEX's space (its "
+                       "encoder is the teacher, its normalisation applied, the student as wide "
+                       "as its vectors); `cdir search --query-encoder ckpt:OUT/student.pt` then "
+                       "encodes queries with it against that index")
         m.add_argument("--teacher-normalize", choices=("none", "domain-whiten"),
                        help="label-free: distil the teacher's embeddings as stored (none, "
                        "the default) or per-domain whitened")
@@ -133,16 +142,18 @@ def run(args: argparse.Namespace) -> int:
     from cdir.stages.distill import distill_label_free_run, distill_run, summary_line
 
     sets = recipe_sets(args)
-    if args.label_free:
+    if args.label_free or args.compatible:
         given = [f"--{k.replace('_', '-')}" for k in LABELLED_ONLY
                  if getattr(args, k) not in (None, False)]
         if given:
             raise CdirError(f"{', '.join(given)} do not apply to --label-free runs")
-        if not args.workspace or not args.teacher:
-            raise CdirError("--label-free needs -w WORKSPACE and --teacher SPEC")
+        if not args.workspace or not (args.teacher or args.compatible):
+            raise CdirError("--label-free needs -w WORKSPACE and --teacher SPEC (or "
+                            "--compatible INDEX)")
         summary = distill_label_free_run(
             args.method, args.workspace, args.teacher, args.config, sets, resume=args.resume,
             stop_at=args.stop_at, force=args.force, progress=not args.no_progress,
+            compatible=args.compatible,
             out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             workers=args.workers, seed=args.seed, student=args.student,
             embed_dim=args.embed_dim, teacher_normalize=args.teacher_normalize)

@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: the domain of the nearest gallery centroid, named on stderr)")
     p.add_argument("--index", help="index name (default: the only index, or the --encoder one)")
     p.add_argument("--encoder", help="pick the index built with this encoder")
+    p.add_argument("--query-encoder", metavar="SPEC",
+                   help="encode the queries with this small encoder instead of the index's: a "
+                        "student of `cdir distill ... --compatible INDEX` trained for this very "
+                        "index (anything else is refused)")
     p.add_argument("--mode", choices=SINGLE_MODES,
                    help="for caption indexes: caption the query (cm-text) or use the CLIP image "
                         "tower (cm-image)")
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cdir search: error: query skipped: {reason}", file=sys.stderr)
     searcher = Searcher(args.workspace, index=args.index, encoder=args.encoder, mode=args.mode,
                         captioner=args.captioner, device=args.device,
-                        allow_missing=args.allow_missing)
+                        allow_missing=args.allow_missing, query_encoder=args.query_encoder)
     if searcher.missing is not None:
         print(f"note: searching without the images not indexed: {searcher.missing.describe()}",
               file=sys.stderr)
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
            else f"all {got} results{where} (fewer than -k {args.k})")
     normalized = f" ({searcher.normalize})" if searcher.normalizer is not None else ""
     skipped = f"; {len(bad)} skipped (unreadable)" if bad else ""
+    by = f" with queries by {args.query_encoder}" if args.query_encoder else ""
     print(f"{len(images)} quer{'y' if len(images) == 1 else 'ies'}, {top}, "
-          f"{searcher.mode} search of {searcher.spec}{normalized}{skipped}")
+          f"{searcher.mode} search of {searcher.spec}{normalized}{by}{skipped}")
     return 1 if bad else 0

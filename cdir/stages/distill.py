@@ -205,6 +205,55 @@ TEACHER_NORMALIZE = ("none", "domain-whiten")
 LABEL_FREE_METHODS = ("dcd", "rrd", "crd_fifo")
 
 
+def _stored_rows(ws: Any, teacher: str, progress: bool) -> tuple[Any, Any]:
+    """(manifest rows, their stored vectors of ``teacher``), embedding what is missing first;
+    images the teacher could not read are left out."""
+    from cdir.core.rows import print_summary
+    from cdir.core.store import EmbeddingStore
+    from cdir.stages.embed import embed_images
+
+    embedded = embed_images(ws, teacher, progress=progress)
+    if progress:  # a step of the run's progress, as the training's own log lines are
+        print_summary(embedded)
+    df = ws.manifest()
+    x, valid = EmbeddingStore(ws.embeddings_dir(teacher)).load(df)
+    return df[valid].reset_index(drop=True), x[valid]
+
+
+def index_rows(ws: Any, name: str, progress: bool = True
+               ) -> tuple[list[str], Any, str, dict[str, Any]]:
+    """(image paths, the vectors index ``name`` holds for them, a key naming them, the index's
+    compatibility record): the index encoder's stored vectors of the indexed rows, through the
+    index's normalisation and L2-normalised, as the index was built from them."""
+    import hashlib
+
+    import numpy as np
+
+    from cdir.core.workspace import split_caption_spec
+    from cdir.stages.index import open_index
+    from indexes.meta import compatibility
+
+    index, name = open_index(ws, name, named=True)
+    meta = index.meta
+    if split_caption_spec(meta.encoder_spec):
+        raise CdirError(f"index {name} holds caption embeddings ({meta.encoder_spec}): a "
+                        "compatible query encoder is trained for an index of image embeddings")
+    df, x = _stored_rows(ws, meta.encoder_spec, progress)
+    keep = df["id"].astype(str).isin(set(map(str, index.ids))).to_numpy()
+    df, x = df[keep].reset_index(drop=True), np.asarray(x[keep], dtype=np.float32)
+    if not len(df):
+        raise CdirError(f"index {name} holds none of the workspace's stored vectors of "
+                        f"{meta.encoder_spec}")
+    if index.normalizer is not None:
+        x = index.normalizer.transform(x, df["domain"].astype(str).to_numpy())
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    record = {"index": name, **compatibility(meta, ws.index_path(name))}
+    key = (f"index {name}|{record['content_sha256'][:16]}|"
+           f"{hashlib.sha256(x.tobytes()).hexdigest()[:16]}")
+    return df["path"].astype(str).tolist(), x, key, record
+
+
 def teacher_rows(ws: Any, teacher: str, normalize: str, progress: bool = True
                  ) -> tuple[list[str], Any, str]:
     """(image paths, teacher embeddings per image, a key naming them) from the workspace's
@@ -213,20 +262,10 @@ def teacher_rows(ws: Any, teacher: str, normalize: str, progress: bool = True
 
     import numpy as np
 
-    from cdir.core.rows import print_summary
-    from cdir.core.store import EmbeddingStore
-    from cdir.stages.embed import embed_images
-
     if normalize not in TEACHER_NORMALIZE:
         raise CdirError(f"teacher normalisation must be one of {', '.join(TEACHER_NORMALIZE)}, "
                         f"got {normalize!r}")
-    embedded = embed_images(ws, teacher, progress=progress)
-    if progress:  # a step of the run's progress, as the training's own log lines are
-        print_summary(embedded)
-    df = ws.manifest()
-    store = EmbeddingStore(ws.embeddings_dir(teacher))
-    x, valid = store.load(df)
-    df, x = df[valid].reset_index(drop=True), x[valid]
+    df, x = _stored_rows(ws, teacher, progress)
     if normalize != "none":
         from indexes.normalize import fit_normalizer
 
@@ -255,12 +294,17 @@ def _teacher_input(teacher: str) -> dict[str, Any]:
 
 
 @graceful()
-def distill_label_free_run(method: str, workspace: str | os.PathLike, teacher: str,
+def distill_label_free_run(method: str, workspace: str | os.PathLike, teacher: str | None,
                            config: str | os.PathLike | None = None, sets: Iterable[str] = (),
                            *, resume: str | None = None, stop_at: int | None = None,
                            force: bool = False, progress: bool = True,
-                           **given: Any) -> dict[str, Any]:
-    """Distil ``teacher`` (an encoder spec) into a small student on a workspace, no labels."""
+                           compatible: str | None = None, **given: Any) -> dict[str, Any]:
+    """Distil ``teacher`` (an encoder spec) into a small student on a workspace, no labels.
+
+    ``compatible``: the name of a workspace index; the student is trained into that index's
+    space (its encoder is the teacher, its normalisation applied, the student as wide as its
+    vectors) and ``student.pt`` records the index, so `cdir search --query-encoder` can encode
+    queries with it against that index."""
     from cdir.core.config import deep_merge, load_yaml
     from cdir.core.workspace import Workspace
     from encoders.distill.trainer import distill_label_free
@@ -273,6 +317,24 @@ def distill_label_free_run(method: str, workspace: str | os.PathLike, teacher: s
         raise CdirError(f"label-free distillation uses an embedding term "
                         f"({', '.join(LABEL_FREE_METHODS)}), not {method}")
     ws = Workspace(workspace).require()
+    target = None
+    if compatible is not None:
+        from indexes.meta import read_meta
+
+        meta = read_meta(ws.index_path(compatible))
+        if teacher is not None and teacher.strip() != meta.encoder_spec:
+            raise CdirError(f"index {compatible} was built with {meta.encoder_spec}, not "
+                            f"--teacher {teacher}: drop --teacher (the index's encoder is it)")
+        if given.get("teacher_normalize") not in (None, "none"):
+            raise CdirError(f"--compatible distils index {compatible}'s vectors with its own "
+                            f"normalisation ({meta.normalize}): drop --teacher-normalize")
+        if given.get("embed_dim") not in (None, meta.dim):
+            raise CdirError(f"--compatible {compatible}: the student embeds into the index's "
+                            f"{meta.dim} dims, not --embed-dim {given['embed_dim']}")
+        teacher, given["embed_dim"] = meta.encoder_spec, meta.dim
+        target = index_rows(ws, compatible, progress)
+    if not teacher:
+        raise CdirError("label-free distillation needs --teacher SPEC (or --compatible INDEX)")
     raw = deep_merge(LABEL_FREE_BASE, {"aug": _teacher_input(teacher)})
     stem = "label-free"
     if config:
@@ -286,14 +348,25 @@ def distill_label_free_run(method: str, workspace: str | os.PathLike, teacher: s
     cfg = Config.from_dict(with_values(cfg.to_dict(), values))
     if cfg.distill.embed_dim < 1:
         raise CdirError("label-free distillation needs distill.embed_dim >= 1")
-    paths, feats, key = teacher_rows(ws, teacher, cfg.distill.teacher_normalize, progress)
+    if target is not None:
+        from indexes.meta import COMPATIBLE_KEY
+
+        if cfg.distill.embed_dim != given["embed_dim"]:  # a recipe's or a --set's
+            raise CdirError(f"--compatible {compatible}: the student embeds into the index's "
+                            f"{given['embed_dim']} dims, not distill.embed_dim "
+                            f"{cfg.distill.embed_dim}")
+        paths, feats, key, record = target
+        extra = {COMPATIBLE_KEY: record}
+    else:
+        paths, feats, key = teacher_rows(ws, teacher, cfg.distill.teacher_normalize, progress)
+        extra = None
     if resume == "auto":
         from encoders.engine.config import run_dir
 
         latest = run_dir(cfg) / "latest.pt"
         resume = str(latest) if latest.exists() else None
     res = distill_label_free(cfg, paths, feats, key, resume=resume, stop_at=stop_at,
-                             force=force)
+                             force=force, export_extra=extra)
     summary = run_summary(cfg, res)
     summary["student"] = str(Path(res.out) / "student.pt") if res.encoder else None
     summary["teacher"] = teacher

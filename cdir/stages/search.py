@@ -10,6 +10,12 @@ A normalised index (`cdir index build --normalize`) holds vectors transformed wi
 gallery statistics; a query vector gets the transform of its domain (``query_domain``), or of
 the domain whose gallery centroid is nearest when none is given, and that domain is returned.
 
+A compatible query encoder (``query_encoder``: a student of `cdir distill --compatible INDEX`)
+encodes the queries instead of the index's encoder: it was trained into the index's space as the
+index stores it (after its normalisation), so its vectors are searched as they are (no
+normaliser, no per-domain statistics). Its checkpoint records the index it was trained for
+(encoder, normalisation, content hash); any other index refuses it.
+
 An index of an image encoder with ``?bn=domain`` (AdaBN) holds vectors embedded with each
 domain's own BatchNorm statistics; a query is embedded with those of ``query_domain``, or, when
 none is given, once with each domain's and given the domain whose stored-vector centroid is
@@ -69,7 +75,7 @@ class Searcher:
     def __init__(self, workspace: str, index: str | None = None, encoder: str | None = None,
                  mode: str | None = None, captioner: str | None = None,
                  device: str | None = None, gpu: bool | None = None,
-                 allow_missing: bool = False):
+                 allow_missing: bool = False, query_encoder: str | None = None):
         from cdir.stages.index import open_index
 
         self.ws = Workspace(workspace).require()
@@ -95,6 +101,10 @@ class Searcher:
             raise CdirError(f"index {self.spec} holds image embeddings: only mode visual applies")
         self.normalizer = self.index.normalizer
         self.normalize = self.index.meta.normalize
+        self.query_encoder = query_encoder
+        if query_encoder is not None:
+            self._check_query_encoder(query_encoder)
+            self.normalizer = None  # its vectors are already in the index's normalised space
         if self.normalizer is not None and MODES[self.mode].cross_modal:
             # the statistics are of caption vectors: an image-tower query has others
             raise CdirError(f"index {self.index.meta.encoder_spec} is {self.normalize}-normalised "
@@ -102,10 +112,30 @@ class Searcher:
                             "plain index for cm-image")
         self.captioner_spec = captioner
         self._image_encoder = self._text_encoder = self._captioner = None
-        self.domain_bn = self.caption_source is None and wants_domain_bn(self.spec)
+        self.domain_bn = (self.caption_source is None and query_encoder is None
+                          and wants_domain_bn(self.spec))
         self._bn: tuple[dict, dict] | None = None  # per domain: statistics, unit centroid
         if self.domain_bn:
             self._check_domain_bn()
+
+    def _check_query_encoder(self, spec: str) -> None:
+        """Refuse a query encoder that its checkpoint does not record as trained for this
+        index (its encoder, normalisation and content), and any on a caption index."""
+        from encoders.engine.checkpoint import read_file
+        from indexes.meta import COMPATIBLE_KEY, check_compatible
+
+        if self.caption_source is not None:
+            raise CdirError(f"index {self.index_name} holds caption embeddings: a query "
+                            "encoder replaces an image encoder only")
+        path = parse_spec(spec).checkpoint
+        if path is None:
+            raise CdirError(f"{spec} is not recorded as compatible with index "
+                            f"{self.index_name}: a query encoder is a checkpoint (ckpt:PATH) of "
+                            f"`cdir distill rrd -w WORKSPACE --compatible {self.index_name}`")
+        ckpt = read_file(path)
+        record = ckpt.get(COMPATIBLE_KEY) if isinstance(ckpt, dict) else None
+        check_compatible(record, self.index.meta, self.ws.index_path(self.index_name), spec,
+                         self.index_name)
 
     def _check_coverage(self, allow_missing: bool) -> None:
         """An index built over a partial store (``index build --allow-missing``) is refused
@@ -257,8 +287,8 @@ class Searcher:
                 raise CdirError(f"{self.mode} needs an index of CLIP text embeddings of "
                                 "captions")
             return self._encode_images(images, self.text_spec), None
-        if not mode.captions_query:  # the index's own image encoder
-            return self._encode_images(images, self.spec), None
+        if not mode.captions_query:  # the index's own image encoder, or its compatible one
+            return self._encode_images(images, self.query_encoder or self.spec), None
         from encoders.text import load_text_encoder
 
         captions = self.caption(images)

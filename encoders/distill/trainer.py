@@ -58,15 +58,19 @@ def distill(cfg: Config, resume: str | os.PathLike | dict | None = None,
 
 def distill_label_free(cfg: Config, paths: list[str], teacher_feats: np.ndarray,
                        teacher_key: str, resume: str | os.PathLike | dict | None = None,
-                       stop_at: int | None = None, force: bool = False) -> TrainResult:
+                       stop_at: int | None = None, force: bool = False,
+                       export_extra: dict[str, Any] | None = None) -> TrainResult:
     """Distil ``teacher_feats`` (one row per image of ``paths``) into a student embedding
     network with the method term alone. ``teacher_key`` names what the rows are (the teacher
-    spec, its store key and normalisation): a resumed run must be given the same."""
+    spec, its store key and normalisation): a resumed run must be given the same.
+    ``export_extra``: entries written into ``student.pt`` beside the weights (the record of
+    the index whose vectors ``teacher_feats`` are, for a compatible query encoder)."""
     if len(paths) != len(teacher_feats):
         raise CdirError(f"{len(paths)} images but {len(teacher_feats)} teacher embeddings")
 
     def make(cfg: Config, d: Any, resume: Any, monitor: Any) -> Run:
-        return _LabelFreeRun(cfg, d, resume, monitor, paths, teacher_feats, teacher_key)
+        return _LabelFreeRun(cfg, d, resume, monitor, paths, teacher_feats, teacher_key,
+                             export_extra)
 
     return train(cfg, resume=resume, stop_at=stop_at, force=force, run=make)
 
@@ -266,8 +270,10 @@ class _LabelFreeRun(_StudentRun):
     """A label-free run: workspace images, stored teacher embeddings, a student embedder."""
 
     def __init__(self, cfg: Config, d: Any, resume: Any, monitor: Any, paths: list[str],
-                 teacher_feats: np.ndarray, teacher_key: str) -> None:
+                 teacher_feats: np.ndarray, teacher_key: str,
+                 export_extra: dict[str, Any] | None = None) -> None:
         self.paths_in, self.teacher_key = list(paths), teacher_key
+        self.export_extra = export_extra
         self.feats_in = torch.from_numpy(np.ascontiguousarray(teacher_feats, dtype=np.float32))
         super().__init__(cfg, d, resume, monitor)
 
@@ -325,4 +331,5 @@ class _LabelFreeRun(_StudentRun):
     def export(self, out_path: Path) -> Path:
         from encoders.engine.checkpoint import export_encoder
 
-        return export_encoder(self.latest, self.out / "student.pt")
+        return export_encoder(self.latest, self.out / "student.pt",
+                              extra=self.export_extra)

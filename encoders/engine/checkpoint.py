@@ -168,10 +168,10 @@ def encoder_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def export_encoder(
     ckpt_path: str | os.PathLike | dict[str, Any], out_path: str | os.PathLike,
-    half: bool = False,
+    half: bool = False, extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the small encoder-only file of a training checkpoint (a path, or the checkpoint's
-    dict); ``half`` stores fp16."""
+    dict); ``half`` stores fp16; ``extra``: more top-level entries (plain data)."""
     ckpt = ckpt_path if isinstance(ckpt_path, dict) else read_file(Path(ckpt_path))
     if not isinstance(ckpt, dict) or "encoder_arch" not in ckpt:
         raise CdirError(f"{ckpt_path} is not a checkpoint written by `cdir train`")
@@ -185,6 +185,7 @@ def export_encoder(
         "encoder_arch": ckpt["encoder_arch"],
         "encoder": {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()},
         "epoch": ckpt.get("epoch"),
+        **(extra or {}),
     }
     return save_checkpoint(out_path, out)
 
