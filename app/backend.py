@@ -27,7 +27,7 @@ from cdir.core.io import atomic_write, sha256_file
 from cdir.core.workspace import Workspace, split_caption_spec
 from cdir.stages.index import list_indexes
 from cdir.stages.modes import MODES
-from cdir.stages.search import Hit, Searcher
+from cdir.stages.search import Hit, Searcher, compatible_record
 from encoders.specs import parse_spec
 from indexes.normalize import NORMALIZERS
 
@@ -111,7 +111,7 @@ class DemoBackend:
     request, and the gallery's names, content hashes and thumbnails."""
 
     def __init__(self, workspace: str | Path, device: str | None = None,
-                 captioner: str | None = None):
+                 captioner: str | None = None, query_encoder: str | None = None):
         self.ws = Workspace(workspace).require()
         self.device, self.captioner = device, captioner
         rows = [r for r in list_indexes(self.ws.root) if r["current"]]
@@ -121,6 +121,14 @@ class DemoBackend:
         if not self.indexes:
             raise CdirError(f"no up-to-date index in {self.ws.root}: build one with "
                             f"`cdir index build -w {self.ws.root} --encoder SPEC`")
+        # a compatible query encoder encodes the image queries of the index it was trained for
+        # (the Searcher checks that index's content); the other indexes keep their own encoders
+        self.query_encoder, self.query_index = query_encoder, None
+        if query_encoder is not None:
+            self.query_index = str(compatible_record(query_encoder).get("index"))
+            if self.query_index not in {i.name for i in self.indexes}:
+                raise CdirError(f"{query_encoder} was trained for index {self.query_index}, "
+                                f"which {self.ws.root} has not (up to date)")
         m = self.ws.manifest()
         self.domains = sorted(m["domain"].astype(str).unique())
         self.rows = m.set_index("id", drop=False)
@@ -251,10 +259,15 @@ class DemoBackend:
         with self._lock:
             key = (index, mode)
             if key not in self._searchers:
+                # image queries against image vectors: where a query encoder stands in
+                m = MODES.get(mode)
+                compatible = (index == self.query_index and m is not None
+                              and (m.query, m.gallery) == ("image", "image"))
                 self._searchers[key] = Searcher(
                     str(self.ws.root), index=index, device=self.device,
                     mode=None if mode in ("visual", TEXT) else mode,
-                    captioner=self.captioner if _captions_query(mode) else None)
+                    captioner=self.captioner if _captions_query(mode) else None,
+                    query_encoder=self.query_encoder if compatible else None)
             return self._searchers[key]
 
     def search(self, query: Query, mode: str, index: str | None, caption_index: str | None,

@@ -449,12 +449,13 @@ def serve(backend: DemoBackend, host: str = "127.0.0.1", port: int | None = 7860
 
 def launch(workspace: str | Path, host: str = "127.0.0.1", port: int | None = 7860,
            device: str | None = None, captioner: str | None = None, share: bool = False,
-           max_upload: str = MAX_UPLOAD) -> None:
+           max_upload: str = MAX_UPLOAD, query_encoder: str | None = None) -> None:
     """`cdir demo`: uploads go to a private temporary folder (GRADIO_TEMP_DIR, set by the
     command before Gradio is imported), removed at exit; while it runs, uploads older than an
     hour are deleted every ten minutes."""
     try:
-        serve(DemoBackend(workspace, device, captioner), host, port, share, max_upload)
+        serve(DemoBackend(workspace, device, captioner, query_encoder), host, port, share,
+              max_upload)
     finally:
         uploads = os.environ.get("GRADIO_TEMP_DIR", "")
         if Path(uploads).name.startswith("cdir-demo-"):

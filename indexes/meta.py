@@ -247,14 +247,10 @@ def compatibility(meta: IndexMeta, path: str | os.PathLike) -> dict[str, Any]:
             "content_sha256": str((meta.files.get(faiss_name) or {}).get("sha256", ""))}
 
 
-def check_compatible(record: Any, meta: IndexMeta, path: str | os.PathLike, query: str,
-                     name: str) -> None:
+def check_compatible(record: dict[str, Any], meta: IndexMeta, path: str | os.PathLike,
+                     query: str, name: str) -> None:
     """Refuse (one line) a query encoder ``query`` whose ``record`` is not this index's
     :func:`compatibility`."""
-    if not isinstance(record, dict) or not record:
-        raise CdirError(f"{query} is not recorded as compatible with any index: train one into "
-                        f"index {name}'s space with `cdir distill rrd -w WORKSPACE --compatible "
-                        f"{name}`")
     now = compatibility(meta, path)
     differ = [k for k in now if record.get(k) != now[k]]
     if differ:

@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device(p)
     p.add_argument("--captioner", default=None,
                    help="captioner for cm-text queries on imported captions (hf:ID-OR-PATH)")
+    p.add_argument("--query-encoder", metavar="SPEC",
+                   help="encode image queries of the index it was trained for with this small "
+                   "student of `cdir distill ... --compatible INDEX` (the other indexes keep "
+                   "their own encoders)")
     p.add_argument("--max-upload", default="10mb",
                    help="largest upload accepted, e.g. 10mb (default) or 500kb")
     p.add_argument("--share", action="store_true", help="also open a public Gradio link")
@@ -59,5 +63,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"cdir demo: listening on {args.host}: anyone who can reach this machine can "
               "search the gallery and see its images", file=sys.stderr)
     launch(workspace, host=args.host, port=args.port or None, device=args.device,
-           captioner=args.captioner, share=args.share, max_upload=args.max_upload)
+           captioner=args.captioner, share=args.share, max_upload=args.max_upload,
+           query_encoder=args.query_encoder)
     return 0

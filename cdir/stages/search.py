@@ -53,6 +53,26 @@ def _check_encoder(ws: Workspace, index: str, encoder: str) -> None:
                         f"--encoder, or choose the index of {encoder}")
 
 
+def compatible_record(spec: str, index: str = "INDEX") -> dict:
+    """The index record that query encoder ``spec`` (a ``ckpt:`` student of `cdir distill
+    --compatible`) was trained for; refused in one line when it has none (``index``: the index
+    it was asked for, for the message)."""
+    from encoders.engine.checkpoint import read_file
+    from indexes.meta import COMPATIBLE_KEY
+
+    how = (f"train one with `cdir distill rrd -w WORKSPACE --compatible {index}` and pass "
+           "ckpt:OUT/student.pt")
+    path = parse_spec(spec).checkpoint
+    if path is None:
+        raise CdirError(f"{spec} is not recorded as compatible with any index: a query "
+                        f"encoder is a checkpoint; {how}")
+    ckpt = read_file(path)
+    record = ckpt.get(COMPATIBLE_KEY) if isinstance(ckpt, dict) else None
+    if not isinstance(record, dict) or not record:
+        raise CdirError(f"{spec} is not recorded as compatible with any index: {how}")
+    return record
+
+
 @dataclass
 class Hit:
     """One search result: its rank (1 = best), cosine score and gallery row; what a caller shows
@@ -121,21 +141,13 @@ class Searcher:
     def _check_query_encoder(self, spec: str) -> None:
         """Refuse a query encoder that its checkpoint does not record as trained for this
         index (its encoder, normalisation and content), and any on a caption index."""
-        from encoders.engine.checkpoint import read_file
-        from indexes.meta import COMPATIBLE_KEY, check_compatible
+        from indexes.meta import check_compatible
 
         if self.caption_source is not None:
             raise CdirError(f"index {self.index_name} holds caption embeddings: a query "
                             "encoder replaces an image encoder only")
-        path = parse_spec(spec).checkpoint
-        if path is None:
-            raise CdirError(f"{spec} is not recorded as compatible with index "
-                            f"{self.index_name}: a query encoder is a checkpoint (ckpt:PATH) of "
-                            f"`cdir distill rrd -w WORKSPACE --compatible {self.index_name}`")
-        ckpt = read_file(path)
-        record = ckpt.get(COMPATIBLE_KEY) if isinstance(ckpt, dict) else None
-        check_compatible(record, self.index.meta, self.ws.index_path(self.index_name), spec,
-                         self.index_name)
+        check_compatible(compatible_record(spec, self.index_name), self.index.meta,
+                         self.ws.index_path(self.index_name), spec, self.index_name)
 
     def _check_coverage(self, allow_missing: bool) -> None:
         """An index built over a partial store (``index build --allow-missing``) is refused

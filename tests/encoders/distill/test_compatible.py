@@ -123,3 +123,45 @@ def test_anything_not_recorded_as_compatible_is_refused_in_one_line(
     capsys.readouterr()
     rc = cdir(*search, f"ckpt:{student}", "--index", "white")
     _one_line_error(capsys, rc, "not compatible with index white")
+
+
+def test_the_demo_encodes_queries_of_that_index_with_the_student(
+        trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """`cdir demo --query-encoder`: image queries of the index the student was trained for are
+    encoded by it (the answer equals `cdir search --query-encoder`'s); other indexes keep their
+    own encoder; an encoder without the record is refused."""
+    import shutil
+
+    from PIL import Image
+
+    from app.backend import ALL_DOMAINS, DemoBackend, Query
+    from cdir.core.errors import CdirError
+    from cdir.stages.search import Searcher
+
+    gallery, ws, student = trained
+    # a workspace of its own: the last refusal test rebuilds "white" in the shared one
+    ws2 = tmp_path / "ws"
+    shutil.copytree(ws, ws2)
+    assert cdir("index", "build", "-w", ws2, "--encoder", "pixels", "--normalize",
+                "domain-whiten", "--normalize-dim", 8, "--name", "white", "--cpu",
+                "--force") == 0
+    out = tmp_path / "student"
+    assert cdir("distill", "rrd", "-w", ws2, "--compatible", "white", *TRAIN, "--epochs", 1,
+                "--out", out) == 0
+    spec = f"ckpt:{out / 'student.pt'}"
+    backend = DemoBackend(ws2, query_encoder=spec)
+    query = sorted(p for p in gallery.rglob("*") if p.is_file())[-1]
+    copy = tmp_path / "query.png"  # not a gallery file: encoded, not looked up
+    Image.open(query).convert("RGB").save(copy)
+    answer = backend.search(Query(path=str(copy)), "visual", "white", None, target=ALL_DOMAINS, k=3)
+    assert not answer.error, answer.message
+    assert backend.searcher("white", "visual").query_encoder == spec
+    hits, _, _ = Searcher(str(ws2), index="white", query_encoder=spec).search(
+        [Image.open(copy).convert("RGB")], k=3)
+    assert [h.id for h in answer.hits] == [h.id for h in hits[0]]
+    np.testing.assert_allclose([h.score for h in answer.hits], [h.score for h in hits[0]],
+                               atol=1e-5)
+    plain = next(i.name for i in backend.indexes if i.name != "white")
+    assert backend.searcher(plain, "visual").query_encoder is None
+    with pytest.raises(CdirError, match="not recorded as compatible"):
+        DemoBackend(ws2, query_encoder="pixels")
