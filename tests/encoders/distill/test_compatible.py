@@ -33,6 +33,26 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
     return gallery, ws, out / "student.pt"
 
 
+@pytest.fixture(scope="module")
+def second(trained: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory
+           ) -> tuple[Path, str]:
+    """(a copy of the workspace with "white" built again as at first, a student trained into
+    it): the refusal test rebuilds "white" in the shared one."""
+    import shutil
+
+    _, ws, _ = trained
+    parent = tmp_path_factory.mktemp("compatible2")
+    ws2 = parent / "ws"
+    shutil.copytree(ws, ws2)
+    assert cdir("index", "build", "-w", ws2, "--encoder", "pixels", "--normalize",
+                "domain-whiten", "--normalize-dim", 8, "--name", "white", "--cpu",
+                "--force") == 0
+    out = parent / "student"
+    assert cdir("distill", "rrd", "-w", ws2, "--compatible", "white", *TRAIN, "--epochs", 1,
+                "--out", out) == 0
+    return ws2, f"ckpt:{out / 'student.pt'}"
+
+
 def _one_line_error(capsys: pytest.CaptureFixture, rc: int, text: str) -> None:
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and text in err[0], err
@@ -126,34 +146,24 @@ def test_anything_not_recorded_as_compatible_is_refused_in_one_line(
 
 
 def test_the_demo_encodes_queries_of_that_index_with_the_student(
-        trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+        trained: tuple[Path, Path, Path], second: tuple[Path, str], tmp_path: Path) -> None:
     """`cdir demo --query-encoder`: image queries of the index the student was trained for are
     encoded by it (the answer equals `cdir search --query-encoder`'s); other indexes keep their
     own encoder; an encoder without the record is refused."""
-    import shutil
-
     from PIL import Image
 
     from app.backend import ALL_DOMAINS, DemoBackend, Query
     from cdir.core.errors import CdirError
     from cdir.stages.search import Searcher
 
-    gallery, ws, student = trained
-    # a workspace of its own: the last refusal test rebuilds "white" in the shared one
-    ws2 = tmp_path / "ws"
-    shutil.copytree(ws, ws2)
-    assert cdir("index", "build", "-w", ws2, "--encoder", "pixels", "--normalize",
-                "domain-whiten", "--normalize-dim", 8, "--name", "white", "--cpu",
-                "--force") == 0
-    out = tmp_path / "student"
-    assert cdir("distill", "rrd", "-w", ws2, "--compatible", "white", *TRAIN, "--epochs", 1,
-                "--out", out) == 0
-    spec = f"ckpt:{out / 'student.pt'}"
+    gallery = trained[0]
+    ws2, spec = second
     backend = DemoBackend(ws2, query_encoder=spec)
     query = sorted(p for p in gallery.rglob("*") if p.is_file())[-1]
     copy = tmp_path / "query.png"  # not a gallery file: encoded, not looked up
     Image.open(query).convert("RGB").save(copy)
-    answer = backend.search(Query(path=str(copy)), "visual", "white", None, target=ALL_DOMAINS, k=3)
+    answer = backend.search(Query(path=str(copy)), "visual", "white", None, target=ALL_DOMAINS,
+                            k=3)
     assert not answer.error, answer.message
     assert backend.searcher("white", "visual").query_encoder == spec
     hits, _, _ = Searcher(str(ws2), index="white", query_encoder=spec).search(
@@ -165,3 +175,27 @@ def test_the_demo_encodes_queries_of_that_index_with_the_student(
     assert backend.searcher(plain, "visual").query_encoder is None
     with pytest.raises(CdirError, match="not recorded as compatible"):
         DemoBackend(ws2, query_encoder="pixels")
+
+
+def test_the_bench_reports_p1_and_latency_of_both(second: tuple[Path, str]) -> None:
+    """bench/compatible_query.py on the tiny index: a table row per encoder, with a P@1 and a
+    positive latency, and the ratio line."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers.cli import REPO
+
+    ws2, spec = second
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "bench/compatible_query.py", "-w", str(ws2), "--index",
+                        "white", "--student", spec, "--queries", "2", "--repeats", "1"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = {ln.split("|")[1].strip(): ln for ln in r.stdout.splitlines()
+            if ln.startswith(("| teacher", "| student"))}
+    assert set(rows) == {"teacher", "student"}
+    for ln in rows.values():
+        p1, ms = (float(c) for c in ln.split("|")[2:4])
+        assert 0 <= p1 <= 100 and ms > 0
+    assert "faster per query" in r.stdout
