@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
     if searcher.missing is not None:
         print(f"note: searching without the images not indexed: {searcher.missing.describe()}",
               file=sys.stderr)
-    if args.query_domain is not None and not searcher.infers_domain:
+    if args.query_domain is not None and args.query_encoder:
+        print(f"note: --query-domain {args.query_domain} changes nothing with --query-encoder: "
+              "its vectors are already in the index's normalised space", file=sys.stderr)
+    elif args.query_domain is not None and not searcher.infers_domain:
         print(f"note: --query-domain {args.query_domain} changes nothing on index "
               f"{searcher.index_name}: it is not normalised per domain and its encoder has no "
               "per-domain statistics", file=sys.stderr)

@@ -107,6 +107,12 @@ def test_search_encodes_queries_with_the_compatible_student(
                 "--json") == 0
     own = json.loads(capsys.readouterr().out)[0]["results"]
     assert [h["score"] for h in own] != [h["score"] for h in got]
+    # no per-domain transform of the student's queries, so --query-domain changes nothing
+    assert cdir("search", "-w", ws, "--index", "white", "--image", query, "-k", 3,
+                "--query-encoder", f"ckpt:{student}", "--query-domain", "a", "--json") == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)[0]["results"] == got
+    assert "--query-domain a changes nothing with --query-encoder" in out.err
 
 
 def test_anything_not_recorded_as_compatible_is_refused_in_one_line(
