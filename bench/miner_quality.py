@@ -55,7 +55,8 @@ def spearman(a: list[float], b: list[float]) -> float:
 def measure(x: np.ndarray, labels: np.ndarray, doms: np.ndarray, cycle: str | None
             ) -> tuple[float, float, int]:
     m = mine(x, doms, cycle=cycle)
-    return estimate_precision(x, doms, m.pairs), pair_precision(m.pairs, labels), len(m.pairs)
+    return (estimate_precision(x, doms, m.pairs, m.maps), pair_precision(m.pairs, labels),
+            len(m.pairs))
 
 
 def report(name: str, rows: list[tuple[str, float, float, int]]) -> None:
