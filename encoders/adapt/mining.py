@@ -323,11 +323,13 @@ def nn_maps(x: np.ndarray, domains: Sequence[str] | np.ndarray, block: int = DEF
 class Mining:
     """The result of :func:`mine`: the kept pairs (global rows of ``x``; ``a`` from the
     byte-earlier domain), per domain pair their counts before/after each filter, and the
-    criteria of :func:`mining_stats`."""
+    criteria of :func:`mining_stats`; ``maps``: the nearest-neighbour maps (local indices) of
+    every ordered domain pair."""
 
     pairs: Pairs
     per_pair: dict[str, dict]
     stats: dict
+    maps: dict[tuple[str, str], np.ndarray] | None = None  # the nearest-neighbour maps read
 
 
 def mine(x: np.ndarray, domains: Sequence[str] | np.ndarray, method: str = "mutual-nn",
@@ -373,7 +375,7 @@ def mine(x: np.ndarray, domains: Sequence[str] | np.ndarray, method: str = "mutu
         kept.append(p.remap(rows[s], rows[t]))
     pairs = Pairs.concat(kept, method)
     stats = mining_stats(x, domains, pairs, block=block, maps=maps)
-    return Mining(pairs, per_pair, stats)
+    return Mining(pairs, per_pair, stats, maps)
 
 
 def mining_stats(x: np.ndarray, domains: Sequence[str] | np.ndarray,

@@ -38,6 +38,7 @@ from cdir.core.errors import CdirError
 from cdir.core.images import ImageList
 from encoders.adapt.groups import PairedImages, components, group_stats
 from encoders.adapt.mining import MATCHERS, Pairs, mine
+from encoders.adapt.quality import estimate_precision
 from encoders.engine.config import Config
 from encoders.engine.run import Monitor, Run, TrainResult, train
 from encoders.ssl.trainer import SSLRun
@@ -284,6 +285,9 @@ class _AdaptRun(SSLRun):
         if getattr(cfg, "soft_weight", 0):
             self._set_soft(feats, rows, x, names)
         rec = {f"mine_{k}": v for k, v in res.stats.items() if k != "per_pair"}
+        # no pair kept: the estimate of the candidates the filters rejected still tells
+        rec["mine_estimated_precision"] = estimate_precision(
+            x, names, res.pairs if len(res.pairs) else None, res.maps)
         rec.update({f"mine_{k}": v for k, v in group_stats(groups, self.codes).items()})
         if self.report is not None and self.d.main:
             rec.update({f"report_{k}": v for k, v in self.report(pairs, groups).items()})
@@ -295,6 +299,35 @@ class _AdaptRun(SSLRun):
             rep = " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k.startswith("report_"))
             print(f"{self.cfg.method} round at epoch {epoch}: {shown}"
                   + (f" [labels, report only: {rep}]" if rep else ""), file=sys.stderr)
+        self._guard(epoch, rec["mine_estimated_precision"])
+
+    def _guard(self, epoch: int, estimate: float) -> None:
+        """The pair-quality guard (``method.guard``): when this round's label-free precision
+        estimate falls ``guard_drop`` below the best of the earlier rounds, or below
+        ``guard_floor``, the run says so and, with ``stop``, trains no further: the next rounds
+        would train on worse pairs. ``encoder.pt`` is then the best encoder so far by the
+        selection criterion (the starting one is a candidate, so never a worse one)."""
+        cfg = self.model.cfg
+        guard = getattr(cfg, "guard", "off")
+        st = self.selection_state
+        best = st.get("estimate_best")
+        if not math.isfinite(estimate):
+            return
+        if best is None or estimate > best:
+            st["estimate_best"] = estimate
+        fell = best is not None and estimate < best - cfg.guard_drop
+        if not (fell or estimate < cfg.guard_floor):
+            return
+        why = (f"{cfg.guard_drop:g} below the best earlier round's {best:.3f}" if fell
+               else f"below guard_floor {cfg.guard_floor:g}")
+        if guard == "stop":
+            self.stop_early = True
+        if self.d.main:
+            then = ("training stops here (method.guard=stop); encoder.pt: the best encoder "
+                    f"so far by {self.selection}" if guard == "stop"
+                    else "training goes on (method.guard=off)")
+            print(f"{self.cfg.method}: the estimated precision of the mined pairs fell to "
+                  f"{estimate:.3f} at epoch {epoch}, {why}: {then}", file=sys.stderr)
 
     def _set_soft(self, feats: np.ndarray, rows: np.ndarray, x: np.ndarray,
                   names: np.ndarray) -> None:

@@ -49,6 +49,8 @@ from encoders.ssl.heads import mlp
 from encoders.ssl.moco import SSLMethod
 
 NEGATIVES = {"domain": "only the positive's domain", "batch": "the whole batch"}
+GUARDS = {"off": "log the pair-precision estimate only",
+          "stop": "end training when it falls (encoder.pt: the best so far)"}
 
 
 @dataclass
@@ -73,6 +75,10 @@ class XDomainConfig:
     both_ways: bool = True
     quantile: float = 0.0  # drop the least confident share of each domain pair's pairs
     min_confidence: float | None = None
+    # the pair-quality guard (encoders.adapt.trainer): off | stop
+    guard: str = "stop"
+    guard_drop: float = 0.05  # fires when the precision estimate falls this far below its best
+    guard_floor: float = 0.0  # or below this value
     # the cross-domain neighbour targets (module docstring); 0 turns them off
     soft_weight: float = 0.0
     soft_k: int = 10
@@ -100,6 +106,9 @@ class XDomainConfig:
             raise CdirError("xdomain: soft_teacher_t and soft_student_t must be positive")
         if self.soft_weight and self.freeze != "none":
             raise CdirError("xdomain: soft_weight needs freeze=none")
+        if self.guard not in GUARDS:
+            raise CdirError(f"xdomain: guard must be one of {', '.join(GUARDS)}, "
+                            f"not {self.guard!r}")
         if self.round_epochs < 1:
             raise CdirError(f"xdomain: round_epochs must be >= 1, not {self.round_epochs}")
 

@@ -189,6 +189,7 @@ class Run:
         if o.batch_size % d.world:
             raise CdirError(f"batch size {o.batch_size} is not divisible by {d.world} processes")
         self.per_rank = o.batch_size // d.world
+        self.stop_early = False  # set by a before_epoch hook: no more epochs
         self.out = run_dir(cfg)
         self.latest = self.out / "latest.pt"
         self.monitor = monitor if d.main else None
@@ -270,7 +271,9 @@ class Run:
             load_init(self.model, self.cfg.model.init)
 
     def before_epoch(self, epoch: int) -> None:
-        """Called on every rank before the data of ``epoch`` (0-based) is loaded."""
+        """Called on every rank before the data of ``epoch`` (0-based) is loaded. Setting
+        ``self.stop_early = True`` here (on every rank alike) ends training before that epoch;
+        the run then exports as if it had finished."""
 
     def forward(self, views: list[torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model on one batch (under autocast): ``{"loss": ..., other scalar logs}``;
@@ -348,8 +351,11 @@ class Run:
         self.saved = 0  # the epoch this call last wrote to latest.pt (0: none yet)
         try:
             for epoch in range(self.start_epoch, end_epoch):
-                ep, elapsed = self._epoch(epoch)
-                self.end_epoch(epoch + 1, ep, elapsed)
+                done = self._epoch(epoch)
+                if done is None:  # a hook ended training before this epoch
+                    end_epoch = epoch
+                    break
+                self.end_epoch(epoch + 1, *done)
                 barrier()
         except KeyboardInterrupt:
             if d.main:
@@ -368,7 +374,7 @@ class Run:
 
         encoder_path = None
         if d.main:
-            if end_epoch >= o.epochs and self.latest.exists():
+            if (end_epoch >= o.epochs or self.stop_early) and self.latest.exists():
                 encoder_path = self.export(self.out / "encoder.pt")
         return TrainResult(
             out=self.out, epochs_done=end_epoch, steps=self.step, losses=self.losses,
@@ -377,11 +383,14 @@ class Run:
             skipped=sorted(self.skipped), rank=d.rank, state=self.extra_state(),
         )
 
-    def _epoch(self, epoch: int) -> tuple[torch.Tensor, float]:
-        """One epoch of optimizer steps: (per-step losses on CPU, seconds)."""
+    def _epoch(self, epoch: int) -> tuple[torch.Tensor, float] | None:
+        """One epoch of optimizer steps: (per-step losses on CPU, seconds); None when
+        ``before_epoch`` ended training."""
         cfg, d, o, t = self.cfg, self.d, self.cfg.optim, self.cfg.train
         self.model.set_epoch(epoch)
         self.before_epoch(epoch)
+        if self.stop_early:
+            return None
         self.model.train()
         self.sampler.set_epoch(epoch)
         gen = torch.Generator()
