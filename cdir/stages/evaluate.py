@@ -213,7 +213,7 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     variants = [(m, n, r) for m in modes for n in norms for r in reranks]
     settings = report_settings(modes, cfg, ks, pairs, sweep, examples, norms, reranks, csls_k,
                                split)
-    settings.update(weights_settings(settings))
+    settings.update(weights_settings(settings, ws))
     missing = _coverage(ws, manifest, modes, cfg, allow_missing)
     partial = "; ".join(cov.describe() for covs in missing.values() for cov in covs
                         if cov.n_missing)
@@ -385,7 +385,7 @@ def evaluate_seeds(workspace: str | os.PathLike, seeds: Sequence[int],
         for seed in seeds:  # and after each seed's weights: retrained ones get another folder
             named.update({f"{k}_{seed}": v for k, v in weights_settings(
                 {k: str(given[k]).replace(SEED_FIELD, str(seed))
-                 for k in SEEDED_MODELS if given.get(k)}).items()})
+                 for k in SEEDED_MODELS if given.get(k)}, Workspace(workspace)).items()})
         run = spec_key("seeds=" + ",".join(map(str, seeds)) + "|"
                        + "|".join(f"{k}={v}" for k, v in sorted(named.items(), key=str)))
     lines, say = _recorder(echo)
@@ -457,16 +457,23 @@ def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
     return out
 
 
-def weights_settings(settings: dict[str, str]) -> dict[str, str]:
+def weights_settings(settings: dict[str, str], ws: Workspace | None = None) -> dict[str, str]:
     """``<model>_weights``: the content hash of the weights of each model ``settings`` names
     (where it has weights to hash): a checkpoint retrained at the same path is another model,
-    so its report records another hash and, by default, goes to another folder."""
+    so its report records another hash and, by default, goes to another folder. With ``ws``,
+    the hash its embeddings recorded is reused while the file's size and mtime match it (no
+    re-hashing of an unchanged checkpoint)."""
+    from cdir.core.store import EmbeddingStore
     from encoders.hub import model_identity
 
     out = {}
     for key in (MODES[m].model for m in SINGLE_MODES):
         if key in settings:
-            ident = model_identity(settings[key]).id
+            hints = None
+            if ws is not None and ws.embeddings_dir(settings[key]).joinpath("info.json").exists():
+                hints = EmbeddingStore(ws.embeddings_dir(settings[key])).info().get(
+                    "weights_files")
+            ident = model_identity(settings[key], hints=hints).id
             if ident is not None:
                 out[f"{key}_weights"] = ident
     return out
