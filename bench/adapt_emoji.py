@@ -104,7 +104,9 @@ def adapt(workspace: str, args: argparse.Namespace, seed: int, out: Path) -> dic
     if not summary.get("encoder"):
         raise CdirError(f"the adaptation into {out} wrote no encoder.pt")
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    last = float(lines[-1].get(CRITERION, math.nan)) if lines else math.nan
+    # the final encoder's value has a key of its own (select_final_...)
+    final = CRITERION.replace("select_", "select_final_", 1)
+    last = float(lines[-1].get(final, lines[-1].get(CRITERION, math.nan))) if lines else math.nan
     first = float(lines[0].get("mine_" + CRITERION[len("select_"):], math.nan)) if lines \
         else math.nan
     chosen = encoder_settings(summary["encoder"])["epoch"]
@@ -120,6 +122,7 @@ def cell(x: float, digits: int = 2) -> str:
 
 
 def mean_std(values: list[float], digits: int = 2) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "-"
     std = statistics.stdev(values) if len(values) > 1 else math.nan
@@ -154,7 +157,8 @@ def seeds_table(args: argparse.Namespace, out: Path) -> None:
     crits = [run["criterion"] for _, _, run in runs]
     print("| adapted mean ± std | " + " | ".join(mean_std(cols[n]) for n in names)
           + f" | {mean_std([run['wall'] for _, _, run in runs], 0)} | {mean_std(crits, 4)} | - |")
-    ratio = statistics.fmean(crits) / start_crit if start_crit else math.nan
+    known = [c for c in crits if math.isfinite(c)]
+    ratio = statistics.fmean(known) / start_crit if start_crit and known else math.nan
     print("| adapted mean / start | "
           + " | ".join(cell(statistics.fmean(cols[n]) / start[n], 3) if start[n] else "-"
                        for n in names) + f" | - | {cell(ratio, 3)} | - |")
