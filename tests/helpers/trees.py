@@ -290,3 +290,16 @@ def manifest_rows(base: str | Path) -> list[dict]:
             rows.append({"id": rel.as_posix(), "path": str(p), "domain": rel.parts[0],
                          "class_name": rel.parts[1]})
     return rows
+
+
+def permute_labels(manifest: Path, seed: int = 0) -> None:
+    """Shuffle a workspace manifest's labels (and class names) over its rows, in place: the same
+    images with wrong labels, for tests that labels cannot change a label-free run."""
+    import numpy as np
+    import pandas as pd
+
+    df = pd.read_parquet(manifest)
+    order = np.random.default_rng(seed).permutation(len(df))
+    for col in ("label", "class_name"):
+        df[col] = df[col].to_numpy()[order]
+    df.to_parquet(manifest)

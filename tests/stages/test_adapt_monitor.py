@@ -14,13 +14,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 from tests.helpers.cli import cdir
 from tests.helpers.tiny_models import write_tiny_encoder
-from tests.helpers.trees import write_shape_tree
+from tests.helpers.trees import permute_labels, write_shape_tree
 
 torch.set_num_threads(1)
 
@@ -34,7 +33,6 @@ NORM = "domain-whiten"
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(workspace over 3 domains x 5 shapes x 2 images, the same images with their labels
     permuted over the rows, tiny encoder file)."""
-    import pandas as pd
 
     parent = tmp_path_factory.mktemp("monitor")
     root = write_shape_tree(parent / "gallery", domains=("a", "b", "c"), classes=CLASSES,
@@ -42,12 +40,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     ws, shuffled = parent / "ws", parent / "ws_permuted"
     for w in (ws, shuffled):
         assert cdir("data", "folder", root, "-w", w) == 0
-    path = shuffled / "manifest.parquet"
-    df = pd.read_parquet(path)
-    order = np.random.default_rng(0).permutation(len(df))
-    for col in ("label", "class_name"):
-        df[col] = df[col].to_numpy()[order]
-    df.to_parquet(path)
+    permute_labels(shuffled / "manifest.parquet")
     return ws, shuffled, write_tiny_encoder(parent / "enc.pt")
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.helpers.cli import cdir
-from tests.helpers.trees import write_shape_tree
+from tests.helpers.trees import permute_labels, write_shape_tree
 
 torch.set_num_threads(1)
 
@@ -25,7 +25,6 @@ TIMING = ("img_per_s", "seconds")
 def galleries(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(workspace over 2 domains x 3 shapes x 2 images, the same images with their labels
     permuted over the rows)."""
-    import pandas as pd
 
     parent = tmp_path_factory.mktemp("label_free")
     root = write_shape_tree(parent / "gallery", domains=("a", "b"),
@@ -34,12 +33,7 @@ def galleries(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     ws, shuffled = parent / "ws", parent / "ws_permuted"
     for w in (ws, shuffled):
         assert cdir("data", "folder", root, "-w", w) == 0
-    path = shuffled / "manifest.parquet"
-    df = pd.read_parquet(path)
-    order = np.random.default_rng(0).permutation(len(df))
-    for col in ("label", "class_name"):
-        df[col] = df[col].to_numpy()[order]
-    df.to_parquet(path)
+    permute_labels(shuffled / "manifest.parquet")
     return ws, shuffled
 
 

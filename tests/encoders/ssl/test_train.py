@@ -497,10 +497,9 @@ def test_labels_cannot_influence_training(tmp_path: Path, tiny_images: Path) -> 
     monitor's label-based figures differ (so the comparison can fail)."""
     import shutil
 
-    import pandas as pd
-
     from cdir.cli import main
     from encoders.engine.checkpoint import load_checkpoint
+    from tests.helpers.trees import permute_labels
 
     gallery = tmp_path / "gallery"
     for domain, classes in (("d1", ("c0", "c1")), ("d2", ("c2", "c3"))):
@@ -512,11 +511,7 @@ def test_labels_cannot_influence_training(tmp_path: Path, tiny_images: Path) -> 
         assert main(["data", "folder", str(gallery), "-w", str(ws), "--no-progress"]) == 0
         manifest = ws / "manifest.parquet"
         if name == "permuted":
-            df = pd.read_parquet(manifest)
-            order = np.random.default_rng(0).permutation(len(df))
-            for col in ("label", "class_name"):
-                df[col] = df[col].to_numpy()[order]
-            df.to_parquet(manifest)
+            permute_labels(manifest)
         (tmp_path / name).mkdir()
         recipe = _write_recipe(tmp_path / name, tiny_images, epochs=2)
         out = tmp_path / f"run-{name}"
