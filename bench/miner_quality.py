@@ -22,34 +22,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoders.adapt.mining import mine, pair_precision  # noqa: E402
-from encoders.adapt.quality import estimate_precision  # noqa: E402
+from encoders.adapt.quality import estimate_precision, spearman, synthetic_gallery  # noqa: E402
 
 
 def l2(z: np.ndarray) -> np.ndarray:
     return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-
-
-def synthetic(n: int, noise: float, families: int = 0, d: int = 64, seed: int = 0
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """3 domains, one item per category each: category centre + a domain offset + noise;
-    ``families`` > 0 draws the centres around that many family centres (confusable groups)."""
-    rng = np.random.default_rng(seed)
-    if families:
-        fam = l2(rng.normal(size=(families, d)))
-        centres = l2(fam[rng.integers(0, families, n)] + 0.6 * rng.normal(size=(n, d)) / d**0.5)
-    else:
-        centres = l2(rng.normal(size=(n, d)))
-    xs, doms = [], []
-    for t in range(3):
-        z = centres + 0.5 * l2(rng.normal(size=(1, d))) + noise * rng.normal(size=(n, d)) / d**0.5
-        xs.append(l2(z - z.mean(0)))
-        doms += [f"d{t}"] * n
-    return np.concatenate(xs).astype(np.float32), np.tile(np.arange(n), 3), np.array(doms)
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = (np.argsort(np.argsort(v)).astype(float) for v in (a, b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def measure(x: np.ndarray, labels: np.ndarray, doms: np.ndarray, cycle: str | None
@@ -78,7 +55,7 @@ def main() -> None:
     for families in (0, 30):
         rows = []
         for noise in (0.7, 0.9, 1.1, 1.3, 1.5, 1.8, 2.2):
-            x, lab, dom = synthetic(300, noise, families)
+            x, lab, dom = synthetic_gallery(noise, families)
             rows.append((f"noise {noise}", *measure(x, lab, dom, cycle)))
         report(f"synthetic (families {families}, cycle {args.cycle})", rows)
 
