@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 WS     ?= runs/emoji
-# the emoji encoder (SynCo, then `cdir adapt`); grid=4&layers=3,4: the maps of layers 3 and 4
-# pooled to 4x4 cells (the layout kept), not one global vector (README, section 5)
-ENCODER ?= ckpt:encoders/weights/emoji_adapted.pt?grid=4&layers=3,4
+# the emoji encoder: SynCo, then `cdir adapt` (emoji_adapted.pt, 128 px), distilled without labels
+# into its own trunk at 64 px (README, sections 7 and 8)
+ENCODER ?= ckpt:encoders/weights/emoji_student.pt
 
 .PHONY: run test lint bench gpu clean
 

@@ -20,13 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT = "ckpt:encoders/weights/emoji_adapted.pt?grid=4&layers=3,4"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-w", "--workspace", default="runs/emoji")
-    ap.add_argument("--encoder", default=DEFAULT)
+    ap.add_argument("--encoder", default=None, help="default: the default offline encoder")
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: "
@@ -41,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     from cdir.core.workspace import Workspace
     from cdir.stages.embed import default_workers, embed_images
     from encoders.image import load_image_encoder
+    from encoders.weights import default_encoder
 
+    args.encoder = args.encoder or default_encoder()
     src = Workspace(args.workspace).require()
     rows = src.manifest().iloc[:args.images]
     enc = load_image_encoder(args.encoder)

@@ -58,15 +58,16 @@ def throughput(encoders: dict, images: list, batch: int, repeats: int) -> dict[s
     return {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
 
 
-def mean_p1(workspace: str, spec: str) -> dict[str, float]:
+def mean_p1(workspace: str, spec: str, split: str, normalize_dim: int | None) -> dict[str, float]:
     from cdir.stages.embed import embed_images
     from cdir.stages.evaluate import evaluate
 
     embed_images(workspace, spec, progress=False)
-    # whitening at each encoder's full width: a shared PCA to one size for a teacher and a student
-    # of other widths would not compare like for like (and the recorded figures are full width)
+    # teacher and student get the same normalisation: the index default (a shared PCA to
+    # 512 dims before per-domain whitening) unless --normalize-dim says otherwise
     res = evaluate(workspace, encoder=spec, normalize="none,domain-whiten",
-                   rerank="none,csls", progress=False, examples=0, normalize_dim=0)
+                   rerank="none,csls", progress=False, examples=0, split=split,
+                   normalize_dim=normalize_dim)
     out = {}
     for key, rows in res["results"].items():
         mean = next(r for r in rows if r["pair"] == "mean")
@@ -83,6 +84,11 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-eval", action="store_true", help="throughput and FLOPs only")
+    p.add_argument("--split", default="test", choices=("dev", "test", "all"),
+                   help="the categories P@1 is computed on (default: test)")
+    p.add_argument("--normalize-dim", type=int, default=None,
+                   help="shared PCA before whitening, for both encoders (default: the index "
+                        "default; 0: full width)")
     args = p.parse_args()
 
     import torch
@@ -98,10 +104,12 @@ def main() -> int:
     images = [load_image(x) for x in paths]
     flops = {n: flops_per_image(e) for n, e in encoders.items()}
     speed = throughput(encoders, images, args.batch_size, args.repeats)
-    p1 = {} if args.no_eval else {n: mean_p1(args.workspace, s) for n, s in
+    p1 = {} if args.no_eval else {n: mean_p1(args.workspace, s, args.split, args.normalize_dim)
+                                  for n, s in
                                   (("teacher", args.teacher), ("student", args.student))}
 
-    print(f"\n{len(images)} images, batch {args.batch_size}, median of {args.repeats}\n")
+    print(f"\n{len(images)} images, batch {args.batch_size}, median of {args.repeats}; "
+          f"P@1 on {args.split} categories\n")
     print("| encoder | dim | MFLOPs / image | img/s end to end | img/s model only |"
           + "".join(f" {k} |" for k in p1.get("teacher", {})))
     print("|---|---:|---:|---:|---:|" + "---:|" * len(p1.get("teacher", {})))

@@ -1,15 +1,14 @@
-"""The encoders shipped with the project, usable offline (no model hub): ``emoji_adapted.pt``,
-trained with SynCo and then `cdir adapt` on the emoji gallery, and ``emoji_synco.pt``, the SynCo
-encoder it started from. ``default_encoder()`` is the spec the demo and `make run` use."""
+"""The encoders shipped with the project, usable offline (no model hub): ``emoji_student.pt``,
+the default (64 px, 512-d), distilled without labels from ``emoji_adapted.pt`` (128 px, trained
+with SynCo and then `cdir adapt` on the emoji gallery), and ``emoji_synco.pt``, the SynCo encoder
+the adapted one started from. ``default_encoder()`` is the spec the demo and `make run` use."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-DEFAULT_WEIGHTS = "emoji_adapted.pt"
-# the features of the default encoder: a 4x4 grid of pooled stage-3 and stage-4 maps
-DEFAULT_OPTIONS = "grid=4&layers=3,4"
+DEFAULT_WEIGHTS = "emoji_student.pt"
 
 
 def shipped(name: str) -> str:
@@ -21,5 +20,6 @@ def shipped(name: str) -> str:
 
 
 def default_encoder() -> str:
-    """The spec of the default offline encoder: ``ckpt:<emoji_adapted.pt>?grid=4&layers=3,4``."""
-    return f"ckpt:{shipped(DEFAULT_WEIGHTS)}?{DEFAULT_OPTIONS}"
+    """The spec of the default offline encoder: ``ckpt:<emoji_student.pt>`` (its embedding is
+    its own 512-d output: no feature options)."""
+    return f"ckpt:{shipped(DEFAULT_WEIGHTS)}"

@@ -14,7 +14,8 @@ torch.set_num_threads(1)
 WEIGHTS = Path(__file__).resolve().parents[2] / "encoders" / "weights"
 
 
-@pytest.mark.parametrize("encoder", ["emoji_adapted.pt?grid=4&layers=3,4", "emoji_synco.pt"])
+@pytest.mark.parametrize("encoder", ["emoji_student.pt", "emoji_adapted.pt?grid=4&layers=3,4",
+                                     "emoji_synco.pt"])
 def test_shipped_encoder_beats_pixels_on_every_pair(tmp_path, encoder):
     ws = tmp_path / "ws"
     assert main(["data", "emoji", "-w", str(ws), "--limit", "200"]) == 0
