@@ -25,10 +25,11 @@ image encoder spec:
                          re-estimated on its own images (AdaBN)
   pixels                 32x32 greyscale pixels: the sanity floor
 
-offline (no model hub needed): "ckpt:encoders/weights/emoji_adapted.pt?grid=4&layers=3,4", the
-encoder this project trained (SynCo, then `cdir adapt`) on the emoji gallery, what `make run`
-uses; encoders/weights/emoji_synco.pt, the SynCo encoder it started from; or pixels. clip: tags
-need their weights in the local Hugging Face cache.
+offline (no model hub needed): ckpt:encoders/weights/emoji_student.pt, the encoder this project
+trained without labels on the emoji gallery (SynCo, `cdir adapt`, then distilled to 64 px), what
+`make run` uses; "ckpt:encoders/weights/emoji_adapted.pt?grid=4&layers=3,4", its 128 px teacher;
+encoders/weights/emoji_synco.pt, the SynCo encoder they started from; or pixels. clip: tags need
+their weights in the local Hugging Face cache.
 
 caption embeddings (for the cm-text and cm-image modes of `cdir eval`):
   cdir embed -w WS --captions SOURCE --text-encoder st:all-MiniLM-L6-v2

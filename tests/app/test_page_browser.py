@@ -1,4 +1,4 @@
-"""The demo on the default workspace (the emoji gallery, the project's own encoder, the one
+"""The demo on the default workspace (the emoji gallery, the project's 128 px encoder, the one
 whitened index `make run` builds; a few categories), in Debian's Chromium driven by playwright:
 the text box says why text search is off and how to turn it on, the status shows the encoder
 spec's `&` as it is, and the result thumbnails load. Screenshots go to the test's folder (and to
@@ -16,6 +16,7 @@ from tests.app.test_demo_browser import CHROMIUM, FLAGS, _shot, _status, _wait_s
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: "
                                 "apt-get install chromium; .ci/run installs it)")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+TEACHER = "ckpt:encoders/weights/emoji_adapted.pt?grid=4&layers=3,4"
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,9 @@ def site(tmp_path_factory: pytest.TempPathFactory):
     from app.default_workspace import ensure_default_workspace
     from app.demo import serve
 
-    ws = ensure_default_workspace(tmp_path_factory.mktemp("default") / "emoji", limit=8)
+    # the shipped teacher's spec: its '&' checks that the status line is not HTML-escaped
+    ws = ensure_default_workspace(tmp_path_factory.mktemp("default") / "emoji", limit=8,
+                                  encoder=TEACHER)
     demo = serve(DemoBackend(ws), port=None, block=False)
     yield ws, demo.local_url
     demo.close()
@@ -50,7 +53,7 @@ def test_default_workspace_text_box_and_an_image_query(site, tmp_path: Path) -> 
         old = _status(page)
         page.set_input_files("#query input[type=file]", str(query))
         status = _wait_status(page, old)
-        assert "grid=4&layers=3,4" in status and "&amp;" not in status, status
+        assert "?grid=4&layers=3,4" in status and "&amp;" not in status, status
         assert "query domain twemoji" in status
         page.wait_for_function("() => { const im = document.querySelectorAll('#results img'); "
                                "return im.length > 0 && [...im].every(i => i.complete && "

@@ -401,11 +401,11 @@ def test_workspace_that_is_a_file_or_cannot_be_created_is_one_line(tmp_path, cap
 
 
 def test_embed_without_encoder_names_the_offline_default(ws, capsys):
-    line = fails(capsys, "embed", "-w", ws, match="emoji_adapted.pt")
+    line = fails(capsys, "embed", "-w", ws, match="emoji_student.pt")
     assert "pixels" in line
     from cdir.commands.embed import ENCODER_HELP
 
-    assert "offline" in ENCODER_HELP and "emoji_adapted.pt" in ENCODER_HELP
+    assert "offline" in ENCODER_HELP and "emoji_student.pt" in ENCODER_HELP
 
 
 def test_reproduce_after_a_retrain_re_embeds_and_re_evaluates(tmp_path, capsys):
