@@ -1,4 +1,4 @@
-"""The offline encoders shipped in the repository (the default, adapted one with the features
+"""The offline encoders shipped in the repository (the default distilled one, the adapted one with the features
 `make run` uses, and the SynCo one it started from): each loads through the `ckpt:` spec and
 beats the raw-pixel baseline on every directed pair of an emoji subset."""
 
