@@ -1,6 +1,7 @@
-"""The offline encoders shipped in the repository (the default distilled one, the adapted one with the features
-`make run` uses, and the SynCo one it started from): each loads through the `ckpt:` spec and
-beats the raw-pixel baseline on every directed pair of an emoji subset."""
+"""The offline encoders shipped in the repository (the default, distilled one; the adapted one
+it was distilled from, with the features its tests use; the SynCo one they started from): each
+loads through the `ckpt:` spec and beats the raw-pixel baseline on every directed pair of an
+emoji subset."""
 
 import json
 from pathlib import Path
