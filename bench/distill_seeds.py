@@ -19,7 +19,6 @@ start. Labels are read only by the evaluation; the distillation never sees them.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-TEACHER = "ckpt:encoders/weights/emoji_adapted.pt?grid=4&layers=3,4"
+from distill_emoji import TEACHER, mean_p1  # noqa: E402  (the same scoring as that bench)
+
+# the modes distill_emoji.mean_p1 reports, as this table names them
 VARIANTS = {"plain": "visual", "CSLS": "visual+csls", "whitened": "visual+domain-whiten",
             "whitened + CSLS": "visual+domain-whiten+csls"}
 
@@ -37,19 +38,10 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def mean_p1(workspace: str, spec: str, split: str) -> dict[str, float]:
-    from cdir.stages.embed import embed_images
-    from cdir.stages.evaluate import evaluate
-
-    embed_images(workspace, spec, progress=False)
-    res = evaluate(workspace, encoder=spec, normalize="none,domain-whiten", rerank="none,csls",
-                   examples=0, progress=False, split=split)
-    out = {}
-    for name, key in VARIANTS.items():
-        rows = json.loads((Path(res["report"]) / key / "results.json").read_text())["results"]
-        assert rows[-1]["pair"] == "mean"
-        out[name] = float(rows[-1]["P@1"])
-    return out
+def scores(workspace: str, spec: str, split: str) -> dict[str, float]:
+    """Mean P@1 (%) of each variant, whitening after the default shared PCA."""
+    p1 = mean_p1(workspace, spec, split, None)
+    return {name: p1[key] for name, key in VARIANTS.items()}
 
 
 def row(name: str, p1: dict[str, float], extra: str = "") -> str:
@@ -72,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from cdir.stages.distill import distill_label_free_run
 
     start_spec = args.teacher + ("&" if "?" in args.teacher else "?") + "size=64"
-    rows = [row("teacher (128 px)", mean_p1(args.workspace, args.teacher, args.split)),
-            row("start: the teacher at 64 px", start := mean_p1(args.workspace, start_spec,
+    rows = [row("teacher (128 px)", scores(args.workspace, args.teacher, args.split)),
+            row("start: the teacher at 64 px", start := scores(args.workspace, start_spec,
                                                                 args.split))]
     runs = []
     for seed in args.seeds:
@@ -82,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                                      resume="auto", progress=False, seed=seed,
                                      epochs=args.epochs, out=f"{args.out}/seed-{seed}")
         wall = time.perf_counter() - t0
-        p1 = mean_p1(args.workspace, f"ckpt:{res['student']}", args.split)
+        p1 = scores(args.workspace, f"ckpt:{res['student']}", args.split)
         say(f"seed {seed}: {p1} ({wall:.0f} s)")
         runs.append(p1)
         rows.append(row(f"student, seed {seed}", p1, f"{wall / 60:.1f} min"))
