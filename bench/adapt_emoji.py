@@ -8,8 +8,9 @@ Needs the emoji workspace (``cdir data emoji -w runs/emoji``). Every evaluation 
 encoder (spec ``ckpt:PATH?FEATURES``, ``--features`` default ``grid=4&layers=3,4`` as `make run`;
 empty: global pooling) into the workspace and runs
 `cdir.stages.evaluate.evaluate` with ``normalize="none,domain-whiten"`` and
-``rerank="none,csls"``; the figures are UCDIR P@1 (%), the mean over the evaluated directed
-pairs, for plain cosine, domain-whitened vectors, and domain-whitened vectors with CSLS.
+``rerank="none,csls,isoft"``; the figures are UCDIR P@1 (%), the mean over the evaluated
+directed pairs, for plain cosine, domain-whitened vectors, and domain-whitened vectors with CSLS
+or with the inverted softmax.
 
 1. Seeds: the starting encoder, then one `adapt_encoder` run per seed (``--epochs`` epochs,
    default 2; ``--steps`` caps the steps per epoch via ``train.max_steps_per_epoch``; ``--set``
@@ -50,7 +51,8 @@ from cdir.core.errors import CdirError  # noqa: E402
 from cdir.core.workspace import Workspace  # noqa: E402
 
 VARIANTS = {"plain": "visual", "whitened": "visual+domain-whiten",
-            "whitened+CSLS": "visual+domain-whiten+csls"}
+            "whitened+CSLS": "visual+domain-whiten+csls",
+            "whitened+isoft": "visual+domain-whiten+isoft"}
 CRITERION = "select_mutual_nn_rate"
 
 
@@ -75,7 +77,8 @@ def scores(workspace: str, encoder: str, features: str,
     spec = encoder + (f"?{features}" if features else "")
     t = time.perf_counter()
     emb = embed_images(workspace, spec, progress=False)
-    res = evaluate(workspace, encoder=spec, normalize="none,domain-whiten", rerank="none,csls",
+    res = evaluate(workspace, encoder=spec, normalize="none,domain-whiten",
+                   rerank="none,csls,isoft",
                    pairs=[f"{a}:{b}" for a, b in pairs] if pairs else None, examples=0,
                    progress=False, split=split, normalize_dim=0)  # full width, as recorded
     out = {}

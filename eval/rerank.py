@@ -8,6 +8,13 @@ y to its k nearest images of the *query domain* (all of them, whatever queries a
 by `cdir.core.knn.neighbourhood_mean` once per (query domain, gallery rows) and cached, so the
 protocol's pair loop pays for them once per directed pair. No labels are used.
 
+``isoft``, the inverted softmax (Smith et al., 2017): beta cos(x, y) - log sum_x' exp(beta
+cos(x', y)), the sum over the *query domain's* images x' (all of them, as r_S above): each gallery
+item's scores normalised over the collection that queries it, so a hub's high cosines are shared
+out among everything it is close to. The log-normaliser is a per-item term like r_S, cached the
+same way. beta 30 (a temperature of 1/30): on the emoji gallery's dev categories the mean P@1 was
+flat from 1/33 to 1/20 and fell beyond 1/15 (bench/README.md).
+
 numpy and torch are imported inside the functions: the command line reads `RERANKERS` while it
 builds its parser.
 """
@@ -25,10 +32,13 @@ if TYPE_CHECKING:
     from eval.topk import CosineScorer
 
 DEFAULT_CSLS_K = 10
+DEFAULT_ISOFT_BETA = 30.0
 
 
 class CSLSScorer:
-    """CSLS over a `CosineScorer` (same rows); ``domains`` names each row's domain."""
+    """CSLS over a `CosineScorer` (same rows); ``domains`` names each row's domain. Subclasses
+    change the per-row terms (:meth:`_compute`) and how they combine with the cosine
+    (:meth:`_combine`)."""
 
     def __init__(self, base: CosineScorer, domains: np.ndarray, k: int = DEFAULT_CSLS_K):
         import numpy as np
@@ -57,12 +67,10 @@ class CSLSScorer:
         import numpy as np
         import torch
 
-        from indexes.normalize import csls_terms
-
         key = (domain, hashlib.sha1(np.ascontiguousarray(gallery_rows).tobytes()).digest())
         if key not in self._cache:
             bank = np.flatnonzero(self.domains == domain)
-            r_q, r_g = csls_terms(self._q[bank], self._g[gallery_rows], self.k)
+            r_q, r_g = self._compute(self._q[bank], self._g[gallery_rows])
             full = np.full(self.num_rows, np.nan, np.float32)
             full[bank] = r_q
             if len(self._cache) > 4:  # the pair loop moves on: old pairs are not asked again
@@ -84,6 +92,15 @@ class CSLSScorer:
         full, r_g = self._terms(str(names[0]), gallery_rows)
         cos = self.base.scores(query_rows, gallery_rows)
         r_q = torch.from_numpy(full[query_rows]).to(cos.device)
+        return self._combine(cos, r_q, r_g)
+
+    def _compute(self, bank: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(r_T of the query domain's rows ``bank``, r_S of the ``gallery`` rows)."""
+        from indexes.normalize import csls_terms
+
+        return csls_terms(bank, gallery, self.k)
+
+    def _combine(self, cos: torch.Tensor, r_q: torch.Tensor, r_g: torch.Tensor) -> torch.Tensor:
         return 2.0 * cos - r_q[:, None] - r_g[None, :]
 
     def _mixed(self, query_rows: np.ndarray, gallery_rows: np.ndarray) -> torch.Tensor:
@@ -99,6 +116,26 @@ class CSLSScorer:
                                   device=part.device)
             out[torch.from_numpy(at).to(part.device)] = part
         return out
+
+
+class InvertedSoftmaxScorer(CSLSScorer):
+    """The inverted softmax over a `CosineScorer` (module docstring); ``k`` is not used."""
+
+    def __init__(self, base: CosineScorer, domains: np.ndarray, k: int = DEFAULT_CSLS_K,
+                 beta: float = DEFAULT_ISOFT_BETA):
+        super().__init__(base, domains, k)
+        self.beta = float(beta)
+
+    def _compute(self, bank: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
+        from indexes.normalize import inverted_softmax_log_norm
+
+        log_norm = inverted_softmax_log_norm(gallery, bank, self.beta).astype(np.float32)
+        return np.zeros(len(bank), np.float32), log_norm
+
+    def _combine(self, cos: torch.Tensor, r_q: torch.Tensor, r_g: torch.Tensor) -> torch.Tensor:
+        return self.beta * cos - r_g[None, :]
 
 
 def _plain(base: CosineScorer, domains: np.ndarray, k: int) -> CosineScorer:
@@ -117,4 +154,5 @@ class Reranker:
 RERANKERS: dict[str, Reranker] = {
     "none": Reranker(_plain, uses_k=False),
     "csls": Reranker(CSLSScorer, uses_k=True),
+    "isoft": Reranker(InvertedSoftmaxScorer, uses_k=False),
 }
