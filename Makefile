@@ -16,10 +16,11 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 NORMALIZE ?= domain-whiten
-RERANK  ?= csls
+RERANK  ?= csls,dual-softmax
 
 # Emoji gallery -> embeddings -> index (per-domain whitened) -> every directed domain pair, plain
-# and with the label-free per-domain normalisation and CSLS side by side, on the test categories
+# and with the label-free per-domain normalisation and hubness corrections (CSLS, the dual
+# softmax) side by side, on the test categories
 # (what the README reports) and on all categories -> reports.
 run: $(BIN)/.installed
 	$(BIN)/cdir data emoji -w $(WS)

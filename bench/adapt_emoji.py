@@ -8,9 +8,9 @@ Needs the emoji workspace (``cdir data emoji -w runs/emoji``). Every evaluation 
 encoder (spec ``ckpt:PATH?FEATURES``, ``--features`` default ``grid=4&layers=3,4`` as `make run`;
 empty: global pooling) into the workspace and runs
 `cdir.stages.evaluate.evaluate` with ``normalize="none,domain-whiten"`` and
-``rerank="none,csls,isoft"``; the figures are UCDIR P@1 (%), the mean over the evaluated
+``rerank="none,csls,dual-softmax"``; the figures are UCDIR P@1 (%), the mean over the evaluated
 directed pairs, for plain cosine, domain-whitened vectors, and domain-whitened vectors with CSLS
-or with the inverted softmax.
+or with the dual softmax.
 
 1. Seeds: the starting encoder, then one `adapt_encoder` run per seed (``--epochs`` epochs,
    default 2; ``--steps`` caps the steps per epoch via ``train.max_steps_per_epoch``; ``--set``
@@ -52,7 +52,7 @@ from cdir.core.workspace import Workspace  # noqa: E402
 
 VARIANTS = {"plain": "visual", "whitened": "visual+domain-whiten",
             "whitened+CSLS": "visual+domain-whiten+csls",
-            "whitened+isoft": "visual+domain-whiten+isoft"}
+            "whitened+dual-softmax": "visual+domain-whiten+dual-softmax"}
 CRITERION = "select_mutual_nn_rate"
 
 
@@ -78,7 +78,7 @@ def scores(workspace: str, encoder: str, features: str,
     t = time.perf_counter()
     emb = embed_images(workspace, spec, progress=False)
     res = evaluate(workspace, encoder=spec, normalize="none,domain-whiten",
-                   rerank="none,csls,isoft",
+                   rerank="none,csls,dual-softmax",
                    pairs=[f"{a}:{b}" for a, b in pairs] if pairs else None, examples=0,
                    progress=False, split=split, normalize_dim=0)  # full width, as recorded
     out = {}

@@ -8,12 +8,13 @@ y to its k nearest images of the *query domain* (all of them, whatever queries a
 by `cdir.core.knn.neighbourhood_mean` once per (query domain, gallery rows) and cached, so the
 protocol's pair loop pays for them once per directed pair. No labels are used.
 
-``isoft``, the inverted softmax (Smith et al., 2017): beta cos(x, y) - log sum_x' exp(beta
-cos(x', y)), the sum over the *query domain's* images x' (all of them, as r_S above): each gallery
-item's scores normalised over the collection that queries it, so a hub's high cosines are shared
-out among everything it is close to. The log-normaliser is a per-item term like r_S, cached the
-same way. beta 30 (a temperature of 1/30): on the emoji gallery's dev categories the mean P@1 was
-flat from 1/33 to 1/20 and fell beyond 1/15 (bench/README.md).
+``dual-softmax``: log softmax_y(beta cos(x, y)) + log softmax_x(beta cos(x, y)), the first over
+the *gallery domain's* images (the query's own normalisation, as r_T), the second over the *query
+domain's* images (each gallery item's, as r_S): a soft mutual nearest neighbour. The second term is
+the inverted softmax (Smith et al., 2017): a hub's high cosines are shared out among everything it
+is close to. Both log-normalisers are per-row terms, computed and cached as CSLS's. beta 25 (a
+temperature of 0.04), chosen on the emoji gallery's dev categories: the mean P@1 was flat from
+0.03 to 0.05 and fell beyond (bench/README.md).
 
 numpy and torch are imported inside the functions: the command line reads `RERANKERS` while it
 builds its parser.
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from eval.topk import CosineScorer
 
 DEFAULT_CSLS_K = 10
-DEFAULT_ISOFT_BETA = 30.0
+DEFAULT_DUAL_SOFTMAX_BETA = 25.0
 
 
 class CSLSScorer:
@@ -118,11 +119,11 @@ class CSLSScorer:
         return out
 
 
-class InvertedSoftmaxScorer(CSLSScorer):
-    """The inverted softmax over a `CosineScorer` (module docstring); ``k`` is not used."""
+class DualSoftmaxScorer(CSLSScorer):
+    """The dual softmax over a `CosineScorer` (module docstring); ``k`` is not used."""
 
     def __init__(self, base: CosineScorer, domains: np.ndarray, k: int = DEFAULT_CSLS_K,
-                 beta: float = DEFAULT_ISOFT_BETA):
+                 beta: float = DEFAULT_DUAL_SOFTMAX_BETA):
         super().__init__(base, domains, k)
         self.beta = float(beta)
 
@@ -131,11 +132,11 @@ class InvertedSoftmaxScorer(CSLSScorer):
 
         from indexes.normalize import inverted_softmax_log_norm
 
-        log_norm = inverted_softmax_log_norm(gallery, bank, self.beta).astype(np.float32)
-        return np.zeros(len(bank), np.float32), log_norm
+        return (inverted_softmax_log_norm(bank, gallery, self.beta).astype(np.float32),
+                inverted_softmax_log_norm(gallery, bank, self.beta).astype(np.float32))
 
     def _combine(self, cos: torch.Tensor, r_q: torch.Tensor, r_g: torch.Tensor) -> torch.Tensor:
-        return self.beta * cos - r_g[None, :]
+        return 2.0 * self.beta * cos - r_q[:, None] - r_g[None, :]
 
 
 def _plain(base: CosineScorer, domains: np.ndarray, k: int) -> CosineScorer:
@@ -154,5 +155,5 @@ class Reranker:
 RERANKERS: dict[str, Reranker] = {
     "none": Reranker(_plain, uses_k=False),
     "csls": Reranker(CSLSScorer, uses_k=True),
-    "isoft": Reranker(InvertedSoftmaxScorer, uses_k=False),
+    "dual-softmax": Reranker(DualSoftmaxScorer, uses_k=False),
 }

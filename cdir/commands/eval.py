@@ -58,8 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "default as there; 0: the full dimension)")
     p.add_argument("--rerank", metavar="NAMES",
                    help=f"comma-separated scoring: {', '.join(RERANKERS)} (hubness "
-                        "corrections per directed pair: csls, CSLS; isoft, the inverted softmax "
-                        "over the query domain's images; default: none)")
+                        "corrections per directed pair: csls, CSLS; dual-softmax, a softmax "
+                        "over the gallery domain times one over the query domain; default: "
+                        "none)")
     p.add_argument("--csls-k", type=positive_int, default=DEFAULT_CSLS_K,
                    help="CSLS neighbourhood size")
     p.add_argument("--protocol", choices=("ucdir",), default="ucdir",

@@ -24,7 +24,7 @@ from cdir.stages.modes import (
     require_coverage,
     vectors_scorer,
 )
-from eval.rerank import DEFAULT_CSLS_K, DEFAULT_ISOFT_BETA, RERANKERS
+from eval.rerank import DEFAULT_CSLS_K, DEFAULT_DUAL_SOFTMAX_BETA, RERANKERS
 from indexes.normalize import DEFAULT_PCA_DIM, NORMALIZERS
 
 if TYPE_CHECKING:
@@ -262,8 +262,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
         title = f"{key}: " + ", ".join(mode_models(mode, cfg)) + f" [split {split}]"
         if RERANKERS[rr].uses_k:
             title += f" ({rr.upper()} k={csls_k})"
-        elif rr == "isoft":
-            title += f" (inverted softmax, beta {DEFAULT_ISOFT_BETA:g})"
+        elif rr == "dual-softmax":
+            title += f" (dual softmax, beta {DEFAULT_DUAL_SOFTMAX_BETA:g})"
         if any(c.n_missing for c in missing[mode]):
             title += " — partial: " + "; ".join(c.describe() for c in missing[mode])
         if sub_q is not None:

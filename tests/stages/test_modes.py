@@ -23,4 +23,4 @@ def test_a_recipe_reports_the_papers_own_mode_first() -> None:
 
 def test_only_csls_depends_on_its_neighbourhood() -> None:
     assert {name: r.uses_k for name, r in RERANKERS.items()} == {
-        "none": False, "csls": True, "isoft": False}
+        "none": False, "csls": True, "dual-softmax": False}
