@@ -4,7 +4,7 @@ the same vectors, and the CPU latency of one query end to end (read, encode, nor
 index does, search) with each.
 
     python bench/compatible_query.py -w runs/emoji --index NAME \\
-        --student ckpt:runs/query-enc/student.pt
+        --student ckpt:runs/query-enc/student.pt [--split test]
 
 The student is a `cdir distill ... --compatible NAME` checkpoint. P@1: every indexed image is a
 query (in its domain) against the index's vectors of each other domain, the evaluation's directed
@@ -26,8 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def mean_p1(workspace: str, index: str, student: str) -> dict[str, float]:
-    """Mean P@1 (%) of the teacher's and the student's queries against index ``index``."""
+def mean_p1(workspace: str, index: str, student: str, split: str = "test") -> dict[str, float]:
+    """Mean P@1 (%) of the teacher's and the student's queries against index ``index``, both
+    over the indexed images of the ``split`` categories (``all``: every indexed image)."""
     import numpy as np
 
     from cdir.core.store import EmbeddingStore
@@ -47,6 +48,10 @@ def mean_p1(workspace: str, index: str, student: str) -> dict[str, float]:
     row = {p: i for i, p in enumerate(m["path"].astype(str))}
     rows = np.array([row[p] for p in paths])
     keep = ok[rows]
+    if split != "all":  # queries and gallery alike, as `cdir eval --split`
+        if split not in set(m["split"].astype(str)):
+            raise SystemExit(f"--split {split}: the manifest has no such split")
+        keep &= m["split"].astype(str).to_numpy()[rows] == split
     rows, gallery = rows[keep], gallery[keep]
     manifest = m.iloc[rows].reset_index(drop=True)
     out = {}
@@ -88,15 +93,17 @@ def main() -> int:
     p.add_argument("--student", required=True)
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--split", default="test",
+                   help="the categories scored: test (default), dev or all")
     args = p.parse_args()
 
     import torch
 
     print(f"torch threads {torch.get_num_threads()}", file=sys.stderr)
-    p1 = mean_p1(args.workspace, args.index, args.student)
+    p1 = mean_p1(args.workspace, args.index, args.student, args.split)
     ms = latency(args.workspace, args.index, args.student, args.queries, args.repeats)
-    print(f"\nindex {args.index}; {args.queries} queries one at a time, median of "
-          f"{args.repeats}\n")
+    print(f"\nindex {args.index}; P@1 on the {args.split} categories; {args.queries} queries "
+          f"one at a time, median of {args.repeats}\n")
     print("| queries by | mean P@1 vs the index's gallery | ms / query (CPU, end to end) |")
     print("|---|---:|---:|")
     for n in ("teacher", "student"):

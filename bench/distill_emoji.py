@@ -1,7 +1,7 @@
 """The label-free distilled emoji student against its teacher, in one run: FLOPs per image,
 embedding throughput (the encoders as retrieval runs them: preprocessing + model, and the
 model alone on prepared tensors), and mean cross-domain P@1 over the six directed pairs,
-plain and with the label-free per-domain whitening + CSLS.
+plain and with the label-free per-domain whitening, CSLS and the dual softmax.
 
     python bench/distill_emoji.py --student ckpt:runs/emoji-student/student.pt
 
@@ -66,7 +66,7 @@ def mean_p1(workspace: str, spec: str, split: str, normalize_dim: int | None) ->
     # teacher and student get the same normalisation: the index default (a shared PCA to
     # 512 dims before per-domain whitening) unless --normalize-dim says otherwise
     res = evaluate(workspace, encoder=spec, normalize="none,domain-whiten",
-                   rerank="none,csls", progress=False, examples=0, split=split,
+                   rerank="none,csls,dual-softmax", progress=False, examples=0, split=split,
                    normalize_dim=normalize_dim)
     out = {}
     for key, rows in res["results"].items():

@@ -11,9 +11,10 @@ student's weights give before distillation: the teacher's own features at the st
 run per seed with the recipe's settings and ``--epochs`` epochs (the schedule shrunk to fit:
 warm-up and cosine over those epochs), each student embedded and scored. Every row is scored by
 `cdir eval` on the ``--split`` categories with the same normalisation (whitening after the
-default shared PCA to 512 dims): mean P@1 (%) over the six directed pairs, plain, whitened, and
-whitened + CSLS; the last rows are mean ± sample std over the seeds and the mean's gain over the
-start. Labels are read only by the evaluation; the distillation never sees them.
+default shared PCA to 512 dims): mean P@1 (%) over the six directed pairs, plain and whitened,
+each alone, with CSLS and with the dual softmax; the last rows are mean ± sample std over the
+seeds and the mean's gain over the start. Labels are read only by the evaluation; the
+distillation never sees them.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from distill_emoji import TEACHER, mean_p1  # noqa: E402  (the same scoring as that bench)
 
 # the modes distill_emoji.mean_p1 reports, as this table names them
-VARIANTS = {"plain": "visual", "CSLS": "visual+csls", "whitened": "visual+domain-whiten",
-            "whitened + CSLS": "visual+domain-whiten+csls"}
+VARIANTS = {"plain": "visual", "CSLS": "visual+csls", "dual softmax": "visual+dual-softmax",
+            "whitened": "visual+domain-whiten", "whitened + CSLS": "visual+domain-whiten+csls",
+            "whitened + dual softmax": "visual+domain-whiten+dual-softmax"}
 
 
 def say(text: str) -> None:
