@@ -124,7 +124,11 @@ class DualSoftmaxScorer(CSLSScorer):
 
     def __init__(self, base: CosineScorer, domains: np.ndarray, k: int = DEFAULT_CSLS_K,
                  beta: float = DEFAULT_DUAL_SOFTMAX_BETA):
+        from cdir.core.errors import CdirError
+
         super().__init__(base, domains, k)
+        if isinstance(beta, bool) or not float(beta) > 0:
+            raise CdirError(f"the dual softmax's beta must be a positive number, not {beta!r}")
         self.beta = float(beta)
 
     def _compute(self, bank: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -139,21 +143,32 @@ class DualSoftmaxScorer(CSLSScorer):
         return 2.0 * self.beta * cos - r_q[:, None] - r_g[None, :]
 
 
-def _plain(base: CosineScorer, domains: np.ndarray, k: int) -> CosineScorer:
+def _plain(base: CosineScorer, domains: np.ndarray, k: int, beta: float) -> CosineScorer:
     return base
+
+
+def _csls(base: CosineScorer, domains: np.ndarray, k: int, beta: float) -> CSLSScorer:
+    return CSLSScorer(base, domains, k)
+
+
+def _dual_softmax(base: CosineScorer, domains: np.ndarray, k: int, beta: float
+                  ) -> DualSoftmaxScorer:
+    return DualSoftmaxScorer(base, domains, beta=beta)
 
 
 @dataclass(frozen=True)
 class Reranker:
-    """``build(cosine scorer, row domains, neighbourhood k)``: the scorer the protocol uses;
-    ``uses_k``: whether the neighbourhood size changes it (a report then names it)."""
+    """``build(cosine scorer, row domains, neighbourhood k, beta)``: the scorer the protocol
+    uses; ``uses_k`` / ``uses_beta``: whether the CSLS neighbourhood size / the dual softmax's
+    beta changes it (a report then names it)."""
 
     build: Callable[..., object]
     uses_k: bool
+    uses_beta: bool = False
 
 
 RERANKERS: dict[str, Reranker] = {
     "none": Reranker(_plain, uses_k=False),
-    "csls": Reranker(CSLSScorer, uses_k=True),
-    "dual-softmax": Reranker(DualSoftmaxScorer, uses_k=False),
+    "csls": Reranker(_csls, uses_k=True),
+    "dual-softmax": Reranker(_dual_softmax, uses_k=False, uses_beta=True),
 }

@@ -91,3 +91,16 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 # argparse ``type``s, refused at the flag, before any work
 non_negative_int = _int_at_least(0)
 positive_int = _int_at_least(1)
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type`` for numbers above 0 (finite)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value

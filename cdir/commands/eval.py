@@ -11,6 +11,7 @@ from cdir.commands.common import (
     add_progress,
     add_workspace,
     non_negative_int,
+    positive_float,
     positive_int,
 )
 
@@ -20,7 +21,7 @@ KINDS = ("retrieval", "knn", "linear", "transfer")
 def register(sub: argparse._SubParsersAction) -> None:
     from cdir.stages.modes import MODES
     from eval.fusion import FUSION_METHODS
-    from eval.rerank import DEFAULT_CSLS_K, RERANKERS
+    from eval.rerank import DEFAULT_CSLS_K, DEFAULT_DUAL_SOFTMAX_BETA, RERANKERS
     from indexes.normalize import NORMALIZERS
 
     p = add_command(
@@ -63,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "none)")
     p.add_argument("--csls-k", type=positive_int, default=DEFAULT_CSLS_K,
                    help="CSLS neighbourhood size")
+    p.add_argument("--dual-softmax-beta", type=positive_float, default=DEFAULT_DUAL_SOFTMAX_BETA,
+                   metavar="BETA", help="the dual softmax's inverse temperature (default "
+                                        f"{DEFAULT_DUAL_SOFTMAX_BETA:g})")
     p.add_argument("--protocol", choices=("ucdir",), default="ucdir",
                    help="ucdir: the UCDIR-family protocol (P@k with t=min(k,R)), beside standard "
                         "precision@k, recall@k, mAP@R and mAP@All")
@@ -128,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         fusion_method=args.fusion_method, sweep=args.sweep, ks=args.ks, pairs=args.pairs,
         run=args.run, examples=args.examples, device=args.device,
         progress=not args.no_progress, echo=print, normalize=args.normalize,
-        rerank=args.rerank, csls_k=args.csls_k, split=args.split,
+        rerank=args.rerank, csls_k=args.csls_k, dual_softmax_beta=args.dual_softmax_beta,
+        split=args.split,
         allow_missing=args.allow_missing, seeds=args.seeds, normalize_dim=args.normalize_dim)
     print(summary["summary"])
     return 0

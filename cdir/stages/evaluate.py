@@ -145,17 +145,19 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
              rerank: str | Sequence[str] | None = None,
              csls_k: int = DEFAULT_CSLS_K, split: str | None = None,
              allow_missing: bool = False, seeds: Sequence[int] | None = None,
-             normalize_dim: int | None = None) -> dict[str, Any]:
+             normalize_dim: int | None = None,
+             dual_softmax_beta: float = DEFAULT_DUAL_SOFTMAX_BETA) -> dict[str, Any]:
     """Evaluate every mode in ``modes`` (default: each mode the models given configure) on the
     directed pairs ``pairs`` (default: all) at ``ks`` (default: the dataset's), and write the
     reports to ``WORKSPACE/reports/RUN/`` (one folder per mode when there are several, and a
     comparison). ``fuse``, ``weights`` and ``fusion_method`` configure ``fusion``; ``sweep``
     chooses its weights on a held-out half of the queries. ``normalize`` (names of
     `indexes.normalize.NORMALIZERS`) and ``rerank`` (names of `eval.rerank.RERANKERS`, ``csls``
-    with neighbourhood ``csls_k``) each give one evaluation per name and mode, side by side in
-    the comparison; the statistics are fitted on all the evaluated rows, without labels, after
-    a shared PCA to ``normalize_dim`` dims (None: the default `cdir index build` uses, 0: none),
-    so the figure is the one a normalised index serves.
+    with neighbourhood ``csls_k``, ``dual-softmax`` with ``dual_softmax_beta``) each give one
+    evaluation per name and mode, side by side in the comparison; the statistics are fitted on
+    all the evaluated rows, without labels, after a shared PCA to ``normalize_dim`` dims (None:
+    the default `cdir index build` uses, 0: none), so the figure is the one a normalised index
+    serves.
     ``split`` evaluates only the manifest rows of that split (``dev``/``test`` categories of a
     gallery with a category split; default ``all``): queries and gallery alike. Stored vectors
     that do not cover the evaluated rows (images not embedded yet; unreadable ones do not count)
@@ -207,12 +209,16 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     reranks = _choices(rerank, RERANKERS, "--rerank")
     if isinstance(csls_k, bool) or not isinstance(csls_k, int) or csls_k < 1:
         raise CdirError(f"--csls-k must be a positive integer, got {csls_k!r}")
+    if isinstance(dual_softmax_beta, bool) or not isinstance(dual_softmax_beta, (int, float)) \
+            or not dual_softmax_beta > 0:
+        raise CdirError(f"--dual-softmax-beta must be a positive number, got "
+                        f"{dual_softmax_beta!r}")
     if normalize_dim is not None and (isinstance(normalize_dim, bool)
                                       or not isinstance(normalize_dim, int) or normalize_dim < 0):
         raise CdirError(f"--normalize-dim must be a non-negative integer, got {normalize_dim!r}")
     variants = [(m, n, r) for m in modes for n in norms for r in reranks]
     settings = report_settings(modes, cfg, ks, pairs, sweep, examples, norms, reranks, csls_k,
-                               split)
+                               split, dual_softmax_beta)
     settings.update(weights_settings(settings, ws))
     missing = _coverage(ws, manifest, modes, cfg, allow_missing)
     partial = "; ".join(cov.describe() for covs in missing.values() for cov in covs
@@ -238,7 +244,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     for mode, norm, rr in variants:
         key = variant_name(mode, norm, rr)
         scorer, ok = build_scorer(ws, manifest, mode, cfg, device=device, normalize=norm,
-                                  rerank=rr, csls_k=csls_k, normalize_dim=normalize_dim)
+                                  rerank=rr, csls_k=csls_k, normalize_dim=normalize_dim,
+                                  beta=dual_softmax_beta)
         sub = manifest[ok].reset_index(drop=True)
         if (~ok).any() and (norm, rr) == (norms[0], reranks[0]):  # once per mode
             gaps = min(int((~ok).sum()), max((c.n_missing for c in missing[mode]), default=0))
@@ -262,8 +269,8 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
         title = f"{key}: " + ", ".join(mode_models(mode, cfg)) + f" [split {split}]"
         if RERANKERS[rr].uses_k:
             title += f" ({rr.upper()} k={csls_k})"
-        elif rr == "dual-softmax":
-            title += f" (dual softmax, beta {DEFAULT_DUAL_SOFTMAX_BETA:g})"
+        elif RERANKERS[rr].uses_beta:
+            title += f" ({rr}, beta {dual_softmax_beta:g})"
         if any(c.n_missing for c in missing[mode]):
             title += " — partial: " + "; ".join(c.describe() for c in missing[mode])
         if sub_q is not None:
@@ -426,7 +433,8 @@ def evaluate_seeds(workspace: str | os.PathLike, seeds: Sequence[int],
 def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
                     pairs: list[tuple[str, str]] | None, sweep: bool, examples: int,
                     normalize: Sequence[str] = ("none",), rerank: Sequence[str] = ("none",),
-                    csls_k: int = DEFAULT_CSLS_K, split: str = "all") -> dict[str, str]:
+                    csls_k: int = DEFAULT_CSLS_K, split: str = "all",
+                    dual_softmax_beta: float = DEFAULT_DUAL_SOFTMAX_BETA) -> dict[str, str]:
     """Every setting that changes a report, as text (in the report, and in its default name):
     the modes, their models, the split of the rows evaluated, ks, pairs, the fusion settings
     when fusion runs, the normalisation and rerank when not plain (so plain runs keep their
@@ -455,6 +463,8 @@ def report_settings(modes: list[str], cfg: ModeConfig, ks: tuple[int, ...],
         out["rerank"] = ",".join(rerank)
         if any(RERANKERS[r].uses_k for r in rerank):
             out["csls_k"] = str(csls_k)
+        if any(RERANKERS[r].uses_beta for r in rerank):
+            out["dual_softmax_beta"] = f"{dual_softmax_beta:g}"
     out["examples"] = str(examples)
     return out
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cdir.core.errors import CdirError
-from eval.rerank import DEFAULT_CSLS_K
+from eval.rerank import DEFAULT_CSLS_K, DEFAULT_DUAL_SOFTMAX_BETA
 
 if TYPE_CHECKING:
     import numpy as np
@@ -342,7 +342,8 @@ def gallery_normalizer(x: np.ndarray, domains: np.ndarray, method: str,
 
 def vectors_scorer(q: np.ndarray, g: np.ndarray | None, domains: np.ndarray,
                    normalize: str = "none", rerank: str = "none", csls_k: int = DEFAULT_CSLS_K,
-                   device: str | None = None, normalize_dim: int | None = None
+                   device: str | None = None, normalize_dim: int | None = None,
+                   beta: float = DEFAULT_DUAL_SOFTMAX_BETA
                    ):  # noqa: ANN201 - a scorer of eval.topk
     """The scorer of unit query vectors ``q`` against gallery vectors ``g`` (None: ``q`` itself)
     of the same rows, whose manifest domains are ``domains``: per-domain ``normalize`` fitted on
@@ -361,19 +362,21 @@ def vectors_scorer(q: np.ndarray, g: np.ndarray | None, domains: np.ndarray,
         q = gallery if g is None else gallery_normalizer(
             q, domains, normalize, normalize_dim).transform(q, domains)
     return RERANKERS[rerank].build(
-        CosineScorer(q, None if g is None else gallery, device=device), domains, csls_k)
+        CosineScorer(q, None if g is None else gallery, device=device), domains, csls_k, beta)
 
 
 def build_scorer(ws: Workspace, manifest: pd.DataFrame, mode: str, cfg: ModeConfig,
                  device: str | None = None, normalize: str = "none", rerank: str = "none",
-                 csls_k: int = DEFAULT_CSLS_K, normalize_dim: int | None = None
+                 csls_k: int = DEFAULT_CSLS_K, normalize_dim: int | None = None,
+                 beta: float = DEFAULT_DUAL_SOFTMAX_BETA
                  ) -> tuple[CosineScorer | FusionScorer, np.ndarray]:
     """A scorer for ``mode`` over the rows that have every vector it needs.
 
     ``normalize``: the vectors are first normalised per domain with statistics fitted on all
     the scored rows (transductive, no labels), after a shared PCA to ``normalize_dim`` (see
     `gallery_normalizer`); ``rerank``: a key of `eval.rerank.RERANKERS`
-    (``csls`` with neighbourhood ``csls_k``), applied to each single mode's cosine scores.
+    (``csls`` with neighbourhood ``csls_k``, ``dual-softmax`` with ``beta``), applied to each
+    single mode's cosine scores.
     Returns (scorer, valid): rows without vectors (unreadable images, missing captions) are left
     out; the scorer is indexed by positions in ``manifest[valid]``.
     """
@@ -383,7 +386,7 @@ def build_scorer(ws: Workspace, manifest: pd.DataFrame, mode: str, cfg: ModeConf
 
     def scorer(q: np.ndarray, g: np.ndarray, ok: np.ndarray):
         return vectors_scorer(q[ok], None if q is g else g[ok], all_domains[ok], normalize,
-                              rerank, csls_k, device, normalize_dim)
+                              rerank, csls_k, device, normalize_dim, beta)
 
     if mode != "fusion":
         q, g, ok = mode_vectors(ws, manifest, mode, cfg)

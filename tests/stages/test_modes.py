@@ -21,6 +21,7 @@ def test_a_recipe_reports_the_papers_own_mode_first() -> None:
     assert sorted(MODES[m].report_row for m in MODES) == list(range(len(MODES)))
 
 
-def test_only_csls_depends_on_its_neighbourhood() -> None:
+def test_only_csls_depends_on_its_neighbourhood_and_the_dual_softmax_on_beta() -> None:
     assert {name: r.uses_k for name, r in RERANKERS.items()} == {
         "none": False, "csls": True, "dual-softmax": False}
+    assert [name for name, r in RERANKERS.items() if r.uses_beta] == ["dual-softmax"]
