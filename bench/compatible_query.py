@@ -4,7 +4,7 @@ the same vectors, and the CPU latency of one query end to end (read, encode, nor
 index does, search) with each.
 
     python bench/compatible_query.py -w runs/emoji --index NAME \\
-        --student ckpt:runs/query-enc/student.pt [--split test]
+        --student ckpt:runs/query-enc/student.pt [--split test|dev|all]
 
 The student is a `cdir distill ... --compatible NAME` checkpoint. P@1: every indexed image is a
 query (in its domain) against the index's vectors of each other domain, the evaluation's directed
@@ -26,9 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def mean_p1(workspace: str, index: str, student: str, split: str = "test") -> dict[str, float]:
-    """Mean P@1 (%) of the teacher's and the student's queries against index ``index``, both
-    over the indexed images of the ``split`` categories (``all``: every indexed image)."""
+def mean_p1(workspace: str, index: str, student: str, split: str | None = None
+            ) -> tuple[dict[str, float], str]:
+    """(mean P@1 (%) of the teacher's and the student's queries against index ``index``, the
+    split scored): both over the indexed images of the ``split`` categories (``all``: every
+    indexed image; None: ``test`` where the manifest has a split column, else ``all``)."""
     import numpy as np
 
     from cdir.core.store import EmbeddingStore
@@ -48,8 +50,11 @@ def mean_p1(workspace: str, index: str, student: str, split: str = "test") -> di
     row = {p: i for i, p in enumerate(m["path"].astype(str))}
     rows = np.array([row[p] for p in paths])
     keep = ok[rows]
+    have = set(m["split"].astype(str)) if "split" in m.columns else set()
+    if split is None:
+        split = "test" if "test" in have else "all"
     if split != "all":  # queries and gallery alike, as `cdir eval --split`
-        if split not in set(m["split"].astype(str)):
+        if split not in have:
             raise SystemExit(f"--split {split}: the manifest has no such split")
         keep &= m["split"].astype(str).to_numpy()[rows] == split
     rows, gallery = rows[keep], gallery[keep]
@@ -60,7 +65,7 @@ def mean_p1(workspace: str, index: str, student: str, split: str = "test") -> di
                              manifest, ks=(1,), progress=False)
         p1 = float(next(r for r in res if r["pair"] == "mean")["P@1"])
         out[name] = 100 * p1 if p1 <= 1 else p1
-    return out
+    return out, split
 
 
 def latency(workspace: str, index: str, student: str, queries: int,
@@ -93,16 +98,17 @@ def main() -> int:
     p.add_argument("--student", required=True)
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--split", default="test",
-                   help="the categories scored: test (default), dev or all")
+    p.add_argument("--split", default=None,
+                   help="the categories scored: test, dev or all (default: test where the "
+                        "gallery has a split of categories, else all)")
     args = p.parse_args()
 
     import torch
 
     print(f"torch threads {torch.get_num_threads()}", file=sys.stderr)
-    p1 = mean_p1(args.workspace, args.index, args.student, args.split)
+    p1, split = mean_p1(args.workspace, args.index, args.student, args.split)
     ms = latency(args.workspace, args.index, args.student, args.queries, args.repeats)
-    print(f"\nindex {args.index}; P@1 on the {args.split} categories; {args.queries} queries "
+    print(f"\nindex {args.index}; P@1 on the {split} categories; {args.queries} queries "
           f"one at a time, median of {args.repeats}\n")
     print("| queries by | mean P@1 vs the index's gallery | ms / query (CPU, end to end) |")
     print("|---|---:|---:|")
