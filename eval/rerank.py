@@ -36,19 +36,18 @@ DEFAULT_CSLS_K = 10
 DEFAULT_DUAL_SOFTMAX_BETA = 25.0
 
 
-class CSLSScorer:
-    """CSLS over a `CosineScorer` (same rows); ``domains`` names each row's domain. Subclasses
-    change the per-row terms (:meth:`_compute`) and how they combine with the cosine
-    (:meth:`_combine`)."""
+class _RowTermsScorer:
+    """A `CosineScorer` (same rows; ``domains`` names each row's domain) corrected by a term per
+    query row over the gallery domain and one per gallery row over the query domain, cached per
+    (query domain, gallery rows). Subclasses say what the terms are (:meth:`_compute`) and how
+    they combine with the cosine (:meth:`_combine`)."""
 
-    def __init__(self, base: CosineScorer, domains: np.ndarray, k: int = DEFAULT_CSLS_K):
+    def __init__(self, base: CosineScorer, domains: np.ndarray):
         import numpy as np
 
         from cdir.core.errors import CdirError
 
-        if isinstance(k, bool) or int(k) < 1:
-            raise CdirError(f"the CSLS neighbourhood k must be a positive integer, not {k!r}")
-        self.base, self.k = base, int(k)
+        self.base = base
         self.domains = np.asarray(domains).astype(str)
         if self.domains.shape != (base.num_rows,):
             raise CdirError(f"{base.num_rows} scorer rows but {self.domains.size} domain names")
@@ -96,13 +95,11 @@ class CSLSScorer:
         return self._combine(cos, r_q, r_g)
 
     def _compute(self, bank: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(r_T of the query domain's rows ``bank``, r_S of the ``gallery`` rows)."""
-        from indexes.normalize import csls_terms
-
-        return csls_terms(bank, gallery, self.k)
+        """(the term of each query-domain row of ``bank``, that of each ``gallery`` row)."""
+        raise NotImplementedError
 
     def _combine(self, cos: torch.Tensor, r_q: torch.Tensor, r_g: torch.Tensor) -> torch.Tensor:
-        return 2.0 * cos - r_q[:, None] - r_g[None, :]
+        raise NotImplementedError
 
     def _mixed(self, query_rows: np.ndarray, gallery_rows: np.ndarray) -> torch.Tensor:
         import numpy as np
@@ -119,16 +116,39 @@ class CSLSScorer:
         return out
 
 
-class DualSoftmaxScorer(CSLSScorer):
-    """The dual softmax over a `CosineScorer` (module docstring); ``k`` is not used."""
+class CSLSScorer(_RowTermsScorer):
+    """CSLS over a `CosineScorer` with neighbourhood ``k`` (module docstring)."""
 
-    def __init__(self, base: CosineScorer, domains: np.ndarray, k: int = DEFAULT_CSLS_K,
-                 beta: float = DEFAULT_DUAL_SOFTMAX_BETA):
+    def __init__(self, base: CosineScorer, domains: np.ndarray, k: int = DEFAULT_CSLS_K):
         from cdir.core.errors import CdirError
 
-        super().__init__(base, domains, k)
-        if isinstance(beta, bool) or not float(beta) > 0:
+        if isinstance(k, bool) or int(k) < 1:
+            raise CdirError(f"the CSLS neighbourhood k must be a positive integer, not {k!r}")
+        super().__init__(base, domains)
+        self.k = int(k)
+
+    def _compute(self, bank: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from indexes.normalize import csls_terms
+
+        return csls_terms(bank, gallery, self.k)
+
+    def _combine(self, cos: torch.Tensor, r_q: torch.Tensor, r_g: torch.Tensor) -> torch.Tensor:
+        return 2.0 * cos - r_q[:, None] - r_g[None, :]
+
+
+class DualSoftmaxScorer(_RowTermsScorer):
+    """The dual softmax over a `CosineScorer` with inverse temperature ``beta`` (module
+    docstring)."""
+
+    def __init__(self, base: CosineScorer, domains: np.ndarray,
+                 beta: float = DEFAULT_DUAL_SOFTMAX_BETA):
+        import math
+
+        from cdir.core.errors import CdirError
+
+        if isinstance(beta, bool) or not (math.isfinite(float(beta)) and float(beta) > 0):
             raise CdirError(f"the dual softmax's beta must be a positive number, not {beta!r}")
+        super().__init__(base, domains)
         self.beta = float(beta)
 
     def _compute(self, bank: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

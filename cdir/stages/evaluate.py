@@ -3,6 +3,7 @@ directed pairs → report under ``WORKSPACE/reports/RUN/``)."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -210,7 +211,7 @@ def evaluate(workspace: str | os.PathLike, encoder: str | None = None,
     if isinstance(csls_k, bool) or not isinstance(csls_k, int) or csls_k < 1:
         raise CdirError(f"--csls-k must be a positive integer, got {csls_k!r}")
     if isinstance(dual_softmax_beta, bool) or not isinstance(dual_softmax_beta, (int, float)) \
-            or not dual_softmax_beta > 0:
+            or not (math.isfinite(dual_softmax_beta) and dual_softmax_beta > 0):
         raise CdirError(f"--dual-softmax-beta must be a positive number, got "
                         f"{dual_softmax_beta!r}")
     if normalize_dim is not None and (isinstance(normalize_dim, bool)
