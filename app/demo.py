@@ -381,6 +381,11 @@ def build_demo(workspace: str | Path | None = None, device: str | None = None,
             return render(a)
 
         gr.api(search_item, api_name="search_item")
+    # Gradio's queue rebuilds a pandas summary of every event it keeps (up to 10,000) after
+    # each event, for a monitoring page the demo does not serve: a cost that grows with
+    # the events served. Once per 1,000 events, over the last 1,000, unless the user says.
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return demo
 

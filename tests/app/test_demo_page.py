@@ -101,6 +101,19 @@ def test_text_box_says_why_and_how_without_a_text_route(ws: Path, backend) -> No
     assert shown == [note]
 
 
+def test_the_queue_does_not_summarise_every_event(backend, monkeypatch) -> None:
+    # Gradio rebuilt a pandas summary of up to 10,000 kept events after each one (18 % of the
+    # server's time under load); the demo asks for one per 1,000 events, a user's choice kept
+    from app.demo import build_demo
+
+    monkeypatch.delenv("GRADIO_ANALYTICS_CACHE_FREQUENCY", raising=False)
+    monkeypatch.delenv("GRADIO_ANALYTICS_MAX_EVENTS", raising=False)
+    q = build_demo(backend=backend)._queue
+    assert q.ANAYLTICS_CACHE_FREQUENCY >= 1000 and q.ANALYTICS_MAX_EVENTS <= 1000
+    monkeypatch.setenv("GRADIO_ANALYTICS_CACHE_FREQUENCY", "7")
+    assert build_demo(backend=backend)._queue.ANAYLTICS_CACHE_FREQUENCY == 7
+
+
 def test_own_domain_search_leaves_the_query_out_and_says_so(ws: Path, backend) -> None:
     from app.backend import ALL_DOMAINS
 
