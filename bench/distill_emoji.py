@@ -1,6 +1,6 @@
-"""The label-free distilled emoji student against its teacher, in one run: FLOPs per image,
-embedding throughput (the encoders as retrieval runs them: preprocessing + model, and the
-model alone on prepared tensors), and mean cross-domain P@1 over the six directed pairs,
+"""The label-free distilled emoji student against its teacher, in one run: the parameters the
+embedding uses, FLOPs per image, embedding throughput (the encoders as retrieval runs them:
+preprocessing + model, and the model alone on prepared tensors), and mean cross-domain P@1 over the six directed pairs,
 plain and with the label-free per-domain whitening, CSLS and the dual softmax.
 
     python bench/distill_emoji.py --student ckpt:runs/emoji-student/student.pt
@@ -32,6 +32,20 @@ def flops_per_image(enc) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         enc.model.eval()(torch.zeros(1, 3, size, size))
     return float(counter.get_total_flops())
+
+
+def parameters_used(enc) -> int:
+    """Parameters the embedding depends on: those a backward pass from it reaches (a checkpoint's
+    unused heads do not count)."""
+    import torch
+
+    size = int(enc.params.get("size", 224))
+    model = enc.model.eval()
+    model.zero_grad(set_to_none=True)
+    model(torch.zeros(2, 3, size, size)).float().sum().backward()
+    n = sum(p.numel() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    return n
 
 
 def throughput(encoders: dict, images: list, batch: int, repeats: int) -> dict[str, dict]:
@@ -103,6 +117,7 @@ def main() -> int:
     paths = Workspace(args.workspace).manifest()["path"].tolist()[:args.images]
     images = [load_image(x) for x in paths]
     flops = {n: flops_per_image(e) for n, e in encoders.items()}
+    params = {n: parameters_used(e) for n, e in encoders.items()}
     speed = throughput(encoders, images, args.batch_size, args.repeats)
     p1 = {} if args.no_eval else {n: mean_p1(args.workspace, s, args.split, args.normalize_dim)
                                   for n, s in
@@ -110,15 +125,16 @@ def main() -> int:
 
     print(f"\n{len(images)} images, batch {args.batch_size}, median of {args.repeats}; "
           f"P@1 on {args.split} categories\n")
-    print("| encoder | dim | MFLOPs / image | img/s end to end | img/s model only |"
+    print("| encoder | dim | M parameters | MFLOPs / image | img/s end to end | img/s model only |"
           + "".join(f" {k} |" for k in p1.get("teacher", {})))
-    print("|---|---:|---:|---:|---:|" + "---:|" * len(p1.get("teacher", {})))
+    print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(p1.get("teacher", {})))
     for n, enc in encoders.items():
         cells = "".join(f" {v:.2f} |" for v in p1.get(n, {}).values())
-        print(f"| {n} | {enc.dim} | {flops[n] / 1e6:.1f} | {speed[n]['end_to_end']:.0f} | "
+        print(f"| {n} | {enc.dim} | {params[n] / 1e6:.2f} | {flops[n] / 1e6:.1f} | {speed[n]['end_to_end']:.0f} | "
               f"{speed[n]['model']:.0f} |{cells}")
     t, s = speed["teacher"], speed["student"]
-    print(f"\nstudent / teacher: FLOPs {flops['teacher'] / flops['student']:.2f}x fewer, "
+    print(f"\nstudent / teacher: parameters {params['student'] / params['teacher']:.2f}x, "
+          f"FLOPs {flops['teacher'] / flops['student']:.2f}x fewer, "
           f"throughput {s['end_to_end'] / t['end_to_end']:.2f}x end to end, "
           f"{s['model'] / t['model']:.2f}x model only")
     for key in p1.get("teacher", {}):

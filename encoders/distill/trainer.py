@@ -311,10 +311,16 @@ class _LabelFreeRun(_StudentRun):
             from encoders.engine.checkpoint import load_encoder
 
             src, _ = load_encoder(self.cfg.model.init)
-            sd = {k: v for k, v in src.state_dict().items() if not k.startswith("embed.")}
-            got = self.model.student.load_state_dict(sd, strict=False)
+            student = self.model.student
+            # a shallower student (backbone depths) starts from the first blocks of each stage
+            blocks = {".".join(k.split(".")[:2]) for k in student.state_dict()
+                      if k.startswith("layer")}
+            sd = {k: v for k, v in src.state_dict().items()
+                  if not k.startswith(("embed.", "cell."))
+                  and (not k.startswith("layer") or ".".join(k.split(".")[:2]) in blocks)}
+            got = student.load_state_dict(sd, strict=False)
             if got.unexpected_keys or [k for k in got.missing_keys
-                                       if not k.startswith("embed.")]:
+                                       if not k.startswith(("embed.", "cell."))]:
                 raise CdirError(f"{self.cfg.model.init} does not fit the student "
                                 f"{self.cfg.model.backbone}: missing {got.missing_keys[:4]}, "
                                 f"unexpected {got.unexpected_keys[:4]}")

@@ -39,6 +39,7 @@ class ResNetTrunk(nn.Module):
         stem: str = "imagenet",
         embed_dim: int = 0,
         embed_grid: int = 1,
+        cell_dim: int = 0,
     ) -> None:
         super().__init__()
         if width <= 0:
@@ -68,10 +69,20 @@ class ResNetTrunk(nn.Module):
         if embed_grid < 1 or (embed_grid > 1 and not embed_dim):
             raise CdirError(f"embed_grid must be 1, or more with an embed_dim, got {embed_grid}")
         self.avgpool = nn.AdaptiveAvgPool2d(int(embed_grid))
+        # cell_dim > 0 maps every cell's channels to that many (a 1x1 convolution shared by
+        # the cells) before the embedding: a head of C x cell_dim + cell_dim x n^2 x embed_dim
+        # parameters instead of C x n^2 x embed_dim
+        self.cell: nn.Module | None = None
+        if cell_dim < 0 or (cell_dim and not embed_dim):
+            raise CdirError(f"cell_dim must be 0, or positive with an embed_dim, got {cell_dim}")
         if embed_dim:
             if embed_dim < 1:
                 raise CdirError(f"embed_dim must be positive, got {embed_dim}")
-            self.embed = nn.Linear(self.out_dim * int(embed_grid) ** 2, int(embed_dim))
+            cells = self.out_dim
+            if cell_dim:
+                self.cell = nn.Conv2d(self.out_dim, int(cell_dim), 1, bias=False)
+                cells = int(cell_dim)
+            self.embed = nn.Linear(cells * int(embed_grid) ** 2, int(embed_dim))
             self.out_dim = int(embed_dim)
         self.layer_dims = [c * unit.expansion for c in widths]  # channels of layer1..layer4
         # Same initialisation as torchvision's ResNet (zero_init_residual=False).
@@ -99,7 +110,10 @@ class ResNetTrunk(nn.Module):
         return maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.flatten(self.avgpool(self.feature_map(x)), 1)
+        pooled = self.avgpool(self.feature_map(x))
+        if self.cell is not None:
+            pooled = self.cell(pooled)
+        pooled = torch.flatten(pooled, 1)
         return pooled if self.embed is None else self.embed(pooled)
 
 
@@ -137,14 +151,19 @@ def build_backbone(name: str, **kwargs: object) -> tuple[nn.Module, int]:
     """Build a ResNet feature extractor by name; returns ``(module, feature_dim)``.
 
     Keyword options: ``width`` (float, channel multiplier, default 1.0), ``small_stem`` (bool,
-    3x3 stride-2 stem without max-pool; only for the ImageNet-stem names), ``embed_dim``
-    (int, a linear embedding of that size after the pooling; 0: none) and ``embed_grid`` (int,
-    the last map pooled to that many cells a side before the embedding; default 1: global).
+    3x3 stride-2 stem without max-pool; only for the ImageNet-stem names), ``depths`` (four
+    ints, the residual blocks of each stage, at most the named model's: a shallower trunk whose
+    blocks are the first ones of the named model's stages), ``embed_dim`` (int, a linear
+    embedding of that size after the pooling; 0: none), ``embed_grid`` (int, the last map
+    pooled to that many cells a side before the embedding; default 1: global) and ``cell_dim``
+    (int, each cell's channels mapped to that many by a shared 1x1 convolution before the
+    embedding; default 0: none).
     """
-    unknown = set(kwargs) - {"width", "small_stem", "embed_dim", "embed_grid"}
+    valid = ("width", "small_stem", "depths", "embed_dim", "embed_grid", "cell_dim")
+    unknown = set(kwargs) - set(valid)
     if unknown:
         raise CdirError(f"unknown backbone option(s) {sorted(unknown)} for {name!r}; valid: "
-                        "width, small_stem, embed_dim, embed_grid")
+                        + ", ".join(valid))
     width = float(kwargs.get("width", 1.0))  # type: ignore[arg-type]
     small_stem = bool(kwargs.get("small_stem", False))
     entry = MODELS[canonical_name(name, BACKBONE)]
@@ -156,6 +175,18 @@ def build_backbone(name: str, **kwargs: object) -> tuple[nn.Module, int]:
         stem = "small"
     embed_dim = int(kwargs.get("embed_dim", 0) or 0)  # type: ignore[call-overload]
     embed_grid = int(kwargs.get("embed_grid", 1) or 1)  # type: ignore[call-overload]
-    model = ResNetTrunk(entry.kwargs["block"], entry.kwargs["layers"], width=width, stem=stem,
-                        embed_dim=embed_dim, embed_grid=embed_grid)
+    cell_dim = int(kwargs.get("cell_dim", 0) or 0)  # type: ignore[call-overload]
+    layers = tuple(entry.kwargs["layers"])
+    depths = kwargs.get("depths")
+    if depths is not None:
+        try:
+            depths = tuple(int(d) for d in depths)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            depths = ()
+        if len(depths) != 4 or not all(1 <= d <= n for d, n in zip(depths, layers, strict=True)):
+            raise CdirError(f"depths must be four block counts, each from 1 to {name!r}'s "
+                            f"{list(layers)}, got {kwargs.get('depths')!r}")
+        layers = depths
+    model = ResNetTrunk(entry.kwargs["block"], layers, width=width, stem=stem,
+                        embed_dim=embed_dim, embed_grid=embed_grid, cell_dim=cell_dim)
     return model, model.out_dim

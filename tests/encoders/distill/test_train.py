@@ -224,6 +224,61 @@ def test_backbone_embedding_head_and_grid_refusal() -> None:
         build_backbone("resnet18", width=0.125, embed_grid=2)
 
 
+def test_a_shallower_student_with_a_cell_head() -> None:
+    """depths: fewer blocks per stage than the named model; cell_dim: a shared 1x1 convolution
+    on every cell before the linear embedding (far fewer head parameters)."""
+    from cdir.core.errors import CdirError
+    from encoders.zoo.backbones import build_backbone
+
+    full, _ = build_backbone("resnet18", width=0.25, small_stem=True, embed_dim=32,
+                             embed_grid=2)
+    small, dim = build_backbone("resnet18", width=0.25, small_stem=True, depths=[2, 2, 2, 1],
+                                embed_dim=32, embed_grid=2, cell_dim=8)
+    assert dim == 32 and len(small.layer4) == 1 and len(full.layer4) == 2
+    assert small.cell.weight.shape == (8, 128, 1, 1) and small.embed.in_features == 8 * 4
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(small) < count(full) - count(full.layer4[1])
+    small.eval()
+    x = torch.randn(2, 3, 32, 32)
+    cells = small.cell(torch.nn.functional.adaptive_avg_pool2d(small.feature_map(x), 2))
+    assert torch.allclose(small(x), small.embed(cells.flatten(1)), atol=1e-5)
+    for bad in ([2, 2, 2, 3], [2, 2, 2], [0, 2, 2, 2], "two"):
+        with pytest.raises(CdirError, match="depths"):
+            build_backbone("resnet18", depths=bad)
+    with pytest.raises(CdirError, match="cell_dim"):
+        build_backbone("resnet18", cell_dim=8)
+
+
+def test_a_shallower_student_starts_from_the_first_blocks_of_its_init(tmp_path: Path) -> None:
+    """model.init into a student with fewer blocks: each stage's first blocks are copied, the
+    rest of the checkpoint left out, the head new (lr 0: nothing moves but BatchNorm's
+    running statistics)."""
+    from tests.helpers.cli import pixels_workspace
+
+    from encoders.engine.checkpoint import load_encoder
+
+    _, ws = pixels_workspace(tmp_path)
+    init = Path(__file__).parents[3] / "encoders" / "weights" / "emoji_adapted.pt"
+    out = tmp_path / "shallow"
+    assert cdir("distill", "rrd", "--label-free", "-w", ws, "--teacher", "pixels", "--student",
+                "resnet18", "--set", "model.backbone_kwargs.width=0.5", "--set",
+                "model.backbone_kwargs.small_stem=true", "--set",
+                "model.backbone_kwargs.depths=[2,2,2,1]", "--set",
+                "model.backbone_kwargs.embed_grid=2", "--set",
+                "model.backbone_kwargs.cell_dim=8", "--set", f"model.init={init}",
+                "--set", "aug.size=32", "--set", "optim.lr=0", "--set", "optim.weight_decay=0",
+                "--set", "method.queue_size=8",
+                "--embed-dim", 16, "--epochs", 1, "--batch-size", 4, "--workers", 0,
+                "--no-progress", "--out", out) == 0
+    src = load_encoder(init)[0].state_dict()
+    weights = load_encoder(out / "student.pt")[0].state_dict()
+    convs = [k for k in src if k.endswith("conv1.weight") or k.endswith("conv2.weight")]
+    assert all(torch.equal(weights[k].float(), src[k].float())
+               for k in convs if not k.startswith("layer4.1."))
+    assert not any(k.startswith("layer4.1.") for k in weights)
+    assert weights["cell.weight"].shape == (8, 256, 1, 1)
+
+
 def test_every_distillation_recipe_resolves(tmp_path: Path) -> None:
     """configs/distill/: each CIFAR-100 pair for every method, with the testbed's schedule and
     the small lr of the mobile students; the ImageNet recipe for its methods and its teacher."""
