@@ -1,7 +1,7 @@
 """The label-free distilled emoji student against its teacher, in one run: the parameters the
 embedding uses, FLOPs per image, embedding throughput (the encoders as retrieval runs them:
-preprocessing + model, and the model alone on prepared tensors), and mean cross-domain P@1 over the six directed pairs,
-plain and with the label-free per-domain whitening, CSLS and the dual softmax.
+preprocessing + model, and the model alone on prepared tensors), and mean cross-domain P@1
+over the six directed pairs, plain and with the label-free per-domain whitening, CSLS and the dual softmax.
 
     python bench/distill_emoji.py --student ckpt:runs/emoji-student/student.pt
 
@@ -130,8 +130,8 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(p1.get("teacher", {})))
     for n, enc in encoders.items():
         cells = "".join(f" {v:.2f} |" for v in p1.get(n, {}).values())
-        print(f"| {n} | {enc.dim} | {params[n] / 1e6:.2f} | {flops[n] / 1e6:.1f} | {speed[n]['end_to_end']:.0f} | "
-              f"{speed[n]['model']:.0f} |{cells}")
+        print(f"| {n} | {enc.dim} | {params[n] / 1e6:.2f} | {flops[n] / 1e6:.1f} | "
+              f"{speed[n]['end_to_end']:.0f} | {speed[n]['model']:.0f} |{cells}")
     t, s = speed["teacher"], speed["student"]
     print(f"\nstudent / teacher: parameters {params['student'] / params['teacher']:.2f}x, "
           f"FLOPs {flops['teacher'] / flops['student']:.2f}x fewer, "

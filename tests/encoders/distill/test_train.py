@@ -253,9 +253,8 @@ def test_a_shallower_student_starts_from_the_first_blocks_of_its_init(tmp_path: 
     """model.init into a student with fewer blocks: each stage's first blocks are copied, the
     rest of the checkpoint left out, the head new (lr 0: nothing moves but BatchNorm's
     running statistics)."""
-    from tests.helpers.cli import pixels_workspace
-
     from encoders.engine.checkpoint import load_encoder
+    from tests.helpers.cli import pixels_workspace
 
     _, ws = pixels_workspace(tmp_path)
     init = Path(__file__).parents[3] / "encoders" / "weights" / "emoji_adapted.pt"
