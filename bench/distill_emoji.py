@@ -1,7 +1,8 @@
 """The label-free distilled emoji student against its teacher, in one run: the parameters the
 embedding uses, FLOPs per image, embedding throughput (the encoders as retrieval runs them:
 preprocessing + model, and the model alone on prepared tensors), and mean cross-domain P@1
-over the six directed pairs, plain and with the label-free per-domain whitening, CSLS and the dual softmax.
+over the six directed pairs, plain and with the label-free per-domain whitening, CSLS and the
+dual softmax.
 
     python bench/distill_emoji.py --student ckpt:runs/emoji-student/student.pt
 
