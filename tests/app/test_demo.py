@@ -183,6 +183,19 @@ def test_thumbnails_are_made_once(backend, tmp_path):
     assert small.startswith(str(backend.thumb_dir)) and small.endswith(".png")
 
 
+def test_a_starting_server_prepares_the_thumbnails(backend, monkeypatch):
+    paths = [str(p) for p in backend.rows["path"]]
+    assert backend.warm_thumbnails(limit=len(paths)) == len(paths)
+    ready = {p: backend.thumbnail(p) for p in paths}
+
+    def made(*_):
+        raise AssertionError("a thumbnail made or looked up at answer time")
+
+    monkeypatch.setattr(backend, "_make_thumbnail", made)
+    assert all(backend.thumbnail(p) == t for p, t in ready.items())
+    assert all(t.startswith(str(backend.thumb_dir)) for t in ready.values())
+
+
 def test_backend_needs_an_index(tmp_path):
     from app.backend import DemoBackend
 
