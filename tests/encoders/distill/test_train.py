@@ -303,6 +303,24 @@ def test_every_distillation_recipe_resolves(tmp_path: Path) -> None:
     from cdir.core.config import load_yaml
 
     assert load_yaml(lf)["distill"]["teacher_normalize"] == "domain-whiten"
+    # the smaller student: fewer parameters than the teacher's trunk, fewer FLOPs at one size
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from encoders.engine.checkpoint import load_encoder
+    from encoders.zoo.backbones import build_backbone
+
+    small = load_yaml(REPO / "configs" / "distill" / "emoji_small_student.yaml")
+    net, _ = build_backbone(small["model"]["backbone"], **small["model"]["backbone_kwargs"],
+                            embed_dim=small["distill"]["embed_dim"])
+    teacher = load_encoder(REPO / small["model"]["init"])[0]
+    flops = []
+    for m in (net, teacher):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            m.eval()(torch.zeros(1, 3, 64, 64))
+        flops.append(counter.get_total_flops())
+    assert sum(p.numel() for p in net.parameters()) < 0.8 * sum(
+        p.numel() for p in teacher.parameters())
+    assert flops[0] < 0.9 * flops[1]
 
 
 def test_transfer_probe_of_a_student_from_the_cli(teacher: Path, colours: Path, tmp_path: Path,
