@@ -5,7 +5,7 @@ budget, against its start, in one run.
         [--config configs/distill/emoji_label_free.yaml] [--split test]
         [--out runs/bench-distill-seeds]
 
-Rows: the teacher (the adapted encoder at 128 px, the stage's input); the start, i.e. what the
+Rows: the teacher (the adapted encoder at its ``size``, the stage's input); the start, i.e. what the
 student's weights give before distillation: the teacher's own features at the student's 64 px
 (``&size=64``, the same trunk and input, no training); then one `cdir distill rrd --label-free`
 run per seed with the recipe's settings and ``--epochs`` epochs (the schedule shrunk to fit:
@@ -46,6 +46,13 @@ def scores(workspace: str, spec: str, split: str) -> dict[str, float]:
     return {name: p1[key] for name, key in VARIANTS.items()}
 
 
+def at_size(spec: str, size: int) -> str:
+    """``spec`` with its ``size`` option set to ``size`` (added, or replacing the one it has)."""
+    base, _, query = spec.partition("?")
+    options = [o for o in query.split("&") if o and not o.startswith("size=")]
+    return f"{base}?{'&'.join([*options, f'size={size}'])}"
+
+
 def row(name: str, p1: dict[str, float], extra: str = "") -> str:
     return f"| {name} | " + " | ".join(f"{v:.2f}" for v in p1.values()) + f" | {extra} |"
 
@@ -65,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from cdir.stages.distill import distill_label_free_run
 
-    start_spec = args.teacher + ("&" if "?" in args.teacher else "?") + "size=64"
-    rows = [row("teacher (128 px)", scores(args.workspace, args.teacher, args.split)),
+    start_spec = at_size(args.teacher, 64)
+    size = next((o.split("=", 1)[1] for o in args.teacher.partition("?")[2].split("&")
+                 if o.startswith("size=")), "128")
+    rows = [row(f"teacher ({size} px)", scores(args.workspace, args.teacher, args.split)),
             row("start: the teacher at 64 px", start := scores(args.workspace, start_spec,
                                                                 args.split))]
     runs = []
