@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 WS     ?= runs/emoji
 # the emoji encoder: SynCo, then `cdir adapt` (emoji_adapted.pt, 128 px), distilled without labels
-# into its own trunk at 64 px (README, sections 7 and 8)
+# into its own trunk at 64 px from its 192 px features (README, sections 7 and 8)
 ENCODER ?= ckpt:encoders/weights/emoji_student.pt
 
 .PHONY: run test lint bench gpu clean

@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TEACHER = "ckpt:encoders/weights/emoji_adapted.pt?grid=4&layers=3,4"
+# the default student's teacher: the adapted encoder at 192 px (README, section 8)
+TEACHER = "ckpt:encoders/weights/emoji_adapted.pt?grid=4&layers=3,4&size=192"
 
 
 def flops_per_image(enc) -> float:
