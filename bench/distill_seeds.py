@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     from cdir.stages.distill import distill_label_free_run
 
     start_spec = at_size(args.teacher, 64)
-    size = next((o.split("=", 1)[1] for o in args.teacher.partition("?")[2].split("&")
-                 if o.startswith("size=")), "128")
+    from encoders.image import load_image_encoder
+
+    size = load_image_encoder(args.teacher, "cpu").params["size"]  # the spec's, or the file's
     rows = [row(f"teacher ({size} px)", scores(args.workspace, args.teacher, args.split)),
             row("start: the teacher at 64 px", start := scores(args.workspace, start_spec,
                                                                 args.split))]
